@@ -1,0 +1,384 @@
+"""A reverse-mode autograd engine whose every backward formula is written by hand.
+
+Two classes carry it:
+
+* :class:`Tensor` holds an array (``data``), its gradient (``grad``), whether it needs one
+  (``requires_grad``) and, when an op produced it, the :class:`Function` node that did.
+* :class:`Function` is one node of the graph. Its ``forward`` and ``backward`` work on raw
+  arrays (NumPy or CuPy). Before ``forward`` runs, the node is told which inputs need a
+  gradient (``needs_input_grad``), and ``backward`` computes only those: this is where
+  LoRA's savings come from, since a frozen weight never gets a weight-gradient matmul.
+
+``loss.backward()`` sorts the graph iteratively (a graph thousands of nodes deep works;
+Python's recursion limit never comes into it), walks it once in reverse topological order,
+and sums the gradients of a tensor that feeds several ops (LoRA's ``x`` feeds both ``W``
+and ``B·A``). Derivations of each op's backward are in ``docs/math.md``.
+
+Semantics, following PyTorch:
+
+* Only leaf tensors (created by the user, ``requires_grad=True``) keep ``.grad``.
+  Gradients *accumulate*: a second ``backward`` through a new graph adds to ``.grad``;
+  call ``zero_grad`` (on a module or optimizer) or set ``t.grad = None`` between steps.
+* ``backward`` frees the arrays each node saved, so a second ``backward`` through the
+  *same* graph raises ``RuntimeError``; pass ``retain_graph=True`` to keep them.
+* Inside ``with no_grad():`` ops build no graph at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from minilora import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run ops without recording a graph (evaluation, optimizer updates, merging)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+class Tensor:
+    """An array plus what autograd needs to know about it.
+
+    ``Tensor(data, requires_grad=False, dtype=None, device="cpu")``: ``data`` may be an
+    array, a Python number or nested list, or another ``Tensor`` (its data is shared).
+    Floating data defaults to float32; integer data (token ids) stays integer.
+    """
+
+    __array_priority__ = 1000  # make ``ndarray + Tensor`` call Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None, device: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if device is None:
+            device = backend.device_of(data)
+        if dtype is None and not hasattr(data, "dtype"):
+            # Python data: floats become float32, ints stay int64
+            probe = backend.array(data)
+            dtype = backend.DEFAULT_DTYPE if backend.is_floating(probe) else probe.dtype
+        self.data = backend.array(data, dtype=dtype, device=device)
+        self.grad = None
+        self._ctx: Function | None = None  # the node that produced this tensor, if any
+        self.requires_grad = False
+        if requires_grad:
+            self.requires_grad_(True)
+
+    @classmethod
+    def _from_op(cls, data, ctx: Function | None) -> Tensor:
+        """Wrap an op's output array without copying or re-validating it."""
+        t = cls.__new__(cls)
+        t.data, t.grad, t._ctx = data, None, ctx
+        t.requires_grad = ctx is not None
+        return t
+
+    # ---- metadata -------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self) -> str:
+        return backend.device_of(self.data)
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = f", device='{self.device}'" if self.device != "cpu" else ""
+        return f"Tensor({backend.to_numpy(self.data)!r}{grad}{dev})"
+
+    # ---- autograd -------------------------------------------------------------------
+
+    def requires_grad_(self, requires_grad: bool = True) -> Tensor:
+        """Mark a leaf tensor as trainable (``True``) or frozen (``False``), in place."""
+        if requires_grad and not backend.is_floating(self.data):
+            raise TypeError(
+                f"requires_grad=True needs floating-point data, but this tensor has dtype "
+                f"{self.dtype}; only float tensors can have gradients"
+            )
+        if not requires_grad and self._ctx is not None:
+            raise RuntimeError(
+                "requires_grad_(False) is only allowed on leaf tensors; use detach()"
+            )
+        self.requires_grad = bool(requires_grad)
+        return self
+
+    def detach(self) -> Tensor:
+        """A new leaf tensor sharing this data, cut off from the graph."""
+        return Tensor._from_op(self.data, None)
+
+    def numpy(self):
+        """This tensor's data as a NumPy array (copied to the host if on a GPU)."""
+        return backend.to_numpy(self.data)
+
+    def item(self) -> float:
+        if self.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def to(self, device: str) -> Tensor:
+        """This tensor on ``device`` (itself if already there), keeping ``requires_grad``."""
+        if backend.check_device(device) == self.device:
+            return self
+        out = Tensor(backend.to_device(self.data, device))
+        out.requires_grad = self.requires_grad
+        return out
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into the ``.grad`` of every leaf that requires it.
+
+        ``grad`` is the upstream gradient (same shape as ``self``); it may be omitted only
+        for a tensor with one element (a loss), where it defaults to 1.
+        """
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() called on a tensor that does not require grad: no input of the "
+                "ops that produced it has requires_grad=True (did you freeze everything, or "
+                "compute it under no_grad()?)"
+            )
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise ValueError(
+                    f"backward() without a gradient needs a tensor with one element, got shape "
+                    f"{self.shape}; pass grad= with that shape"
+                )
+            grad = xp.ones(self.data.shape, dtype=self.dtype)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            if tuple(grad.shape) != self.shape:
+                raise ValueError(
+                    f"grad has shape {tuple(grad.shape)}, expected {self.shape} (the shape of "
+                    f"the tensor backward() is called on)"
+                )
+
+        grads = {id(self): grad}  # gradient accumulated so far, per tensor
+        for t in reversed(_topological_order(self)):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            fn = t._ctx
+            if fn is None:  # a leaf: accumulate into .grad (copied: g may be shared)
+                g = g.astype(t.dtype, copy=True)
+                t.grad = g if t.grad is None else t.grad + g
+                continue
+            if fn.released:
+                raise RuntimeError(
+                    f"backward() through a {type(fn).__name__} node whose saved arrays were "
+                    "already freed by an earlier backward(); pass retain_graph=True to the "
+                    "first call to backward through the same graph twice"
+                )
+            input_grads = fn.backward(g)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for inp, need, ig in zip(fn.inputs, fn.needs_input_grad, input_grads, strict=True):
+                if not need:
+                    continue
+                if ig is None or tuple(ig.shape) != inp.shape:
+                    got = None if ig is None else tuple(ig.shape)
+                    raise RuntimeError(
+                        f"{type(fn).__name__}.backward returned a gradient of shape {got} for "
+                        f"an input of shape {inp.shape}"
+                    )
+                prev = grads.get(id(inp))
+                grads[id(inp)] = ig if prev is None else prev + ig
+            if not retain_graph:
+                fn.release()
+
+    # ---- operators (the ops themselves live in functional.py) --------------------------
+
+    def __add__(self, other):
+        return F.add(self, other)
+
+    def __radd__(self, other):
+        return F.add(other, self)
+
+    def __sub__(self, other):
+        return F.sub(self, other)
+
+    def __rsub__(self, other):
+        return F.sub(other, self)
+
+    def __mul__(self, other):
+        return F.mul(self, other)
+
+    def __rmul__(self, other):
+        return F.mul(other, self)
+
+    def __truediv__(self, other):
+        return F.div(self, other)
+
+    def __rtruediv__(self, other):
+        return F.div(other, self)
+
+    def __neg__(self):
+        return F.neg(self)
+
+    def __pow__(self, exponent):
+        return F.pow(self, exponent)
+
+    def __matmul__(self, other):
+        return F.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return F.matmul(other, self)
+
+    def __getitem__(self, index):
+        return F.getitem(self, index)
+
+    def reshape(self, *shape):
+        return F.reshape(self, *shape)
+
+    def permute(self, *dims):
+        return F.permute(self, *dims)
+
+    def transpose(self, dim0: int, dim1: int):
+        """Swap two dimensions (PyTorch's ``transpose``)."""
+        dims = list(range(self.ndim))
+        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+        return F.permute(self, *dims)
+
+    @property
+    def T(self):
+        return F.permute(self, *reversed(range(self.ndim)))
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return F.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        return F.mean(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis=None, keepdims: bool = False):
+        return F.max(self, axis=axis, keepdims=keepdims)
+
+    def exp(self):
+        return F.exp(self)
+
+    def log(self):
+        return F.log(self)
+
+    def tanh(self):
+        return F.tanh(self)
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors that lead to ``root`` (needing grad), every input before its consumers.
+
+    An iterative depth-first search: each tensor is pushed once to be expanded and once
+    more to be emitted after everything it depends on has been emitted.
+    """
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._ctx is not None:
+            for inp in t._ctx.inputs:
+                if inp is not None and inp.requires_grad and id(inp) not in visited:
+                    stack.append((inp, False))
+    return order
+
+
+class Function:
+    """One differentiable op: ``forward`` and ``backward`` on raw arrays.
+
+    Subclasses implement
+
+    * ``forward(self, *arrays) -> array``: compute the output, and save (as attributes)
+      what the backward needs. ``self.needs_input_grad[i]`` already says whether input ``i``
+      will need a gradient, so nothing is saved or computed for frozen inputs.
+    * ``backward(self, grad_output) -> tuple``: one gradient array per input, ``None``
+      where ``needs_input_grad`` is False. Gradients have exactly the input's shape.
+
+    Non-tensor settings (an axis, a probability) go to the constructor. Use an op as
+    ``Sum(axis=0)(x)`` or the shortcut ``Sum.apply(x, axis=0)``.
+    """
+
+    inputs: tuple
+    needs_input_grad: tuple
+    released = False
+
+    @classmethod
+    def apply(cls, *inputs, **settings) -> Tensor:
+        return cls(**settings)(*inputs)
+
+    def __call__(self, *inputs) -> Tensor:
+        tensors = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
+        _check_devices_and_dtypes(type(self).__name__, tensors)
+        self.needs_input_grad = tuple(
+            _grad_enabled and t is not None and t.requires_grad for t in tensors
+        )
+        out = self.forward(*(None if t is None else t.data for t in tensors))
+        if any(self.needs_input_grad):
+            self.inputs = tensors
+            return Tensor._from_op(out, self)
+        return Tensor._from_op(out, None)  # nothing to differentiate: no graph node
+
+    def forward(self, *arrays):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop saved arrays once the backward has run (frees activation memory)."""
+        inputs = self.inputs
+        self.__dict__.clear()
+        self.inputs, self.needs_input_grad, self.released = inputs, (), True
+
+
+def _check_devices_and_dtypes(op: str, tensors) -> None:
+    """Refuse to mix devices (never copy silently) or floating dtypes in one op."""
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) > 1:
+        raise ValueError(
+            f"{op}: inputs are on different devices {sorted(devices)}; move them to one device "
+            "with .to(device) first"
+        )
+    float_dtypes = {str(t.dtype) for t in present if backend.is_floating(t.data)}
+    if len(float_dtypes) > 1:
+        raise TypeError(
+            f"{op}: inputs have different floating dtypes {sorted(float_dtypes)}; cast them to "
+            "one dtype first (minilora never promotes silently)"
+        )
+
+
+# The ops need Tensor and Function, defined above; Tensor's operators look them up at call
+# time, so this import sits at the bottom on purpose.
+from minilora import functional as F  # noqa: E402

@@ -1,0 +1,881 @@
+"""Differentiable ops: each a :class:`Function` with its forward and hand-written backward.
+
+Conventions, shared by every op:
+
+* ``forward`` and ``backward`` receive raw arrays; ``xp`` is the array module (NumPy or
+  CuPy) that owns them, looked up from the inputs.
+* ``g`` is the upstream gradient dL/d(output); ``d<name>`` is dL/d(<name>).
+* A gradient is computed only when ``self.needs_input_grad`` asks for it.
+* Matrix products go through ``backend.matmul`` with a name, so tests can count them.
+
+The derivation of every backward is in ``docs/math.md``; each docstring gives the result.
+Ops are fused at the size a porter would write a kernel: ``linear``, ``layer_norm``,
+``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``, ``embedding``,
+``dropout``, and ``lora_linear`` (in this file, used by ``lora.LoRALinear``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from minilora import backend
+from minilora.autograd import Function, Tensor
+
+mm = backend.matmul
+
+
+def _as_tensor(x, like: Tensor | None = None) -> Tensor:
+    """Wrap a Python number or array; numbers take the dtype/device of ``like``."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None and isinstance(x, (int, float)):
+        return Tensor(backend.array(x, dtype=like.dtype, device=like.device))
+    return Tensor(x)
+
+
+def unbroadcast(grad, shape: tuple):
+    """Sum ``grad`` over the axes that broadcasting added or stretched to reach ``shape``.
+
+    If ``a`` of shape (3, 1) was broadcast against (2, 3, 4), the output and its gradient
+    are (2, 3, 4); ``a``'s gradient sums over axis 0 (added) and axis 2 (stretched from 1).
+    """
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    stretched = tuple(
+        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1
+    )
+    return grad.sum(axis=tuple(range(extra)) + stretched, keepdims=True).reshape(shape)
+
+
+def _broadcast_shape(op: str, a, b) -> None:
+    xp = backend.get_array_module(a, b)
+    try:
+        xp.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(
+            f"{op}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be broadcast together"
+        ) from None
+
+
+def _require_float(op: str, name: str, a) -> None:
+    if not backend.is_floating(a):
+        raise TypeError(f"{op}: {name} must be a floating-point array, got dtype {a.dtype}")
+
+
+# ======================================================================================
+# Elementwise arithmetic (with broadcasting)
+# ======================================================================================
+
+
+class Add(Function):
+    """y = a + b;  da = g,  db = g  (each summed back to its own shape)."""
+
+    def forward(self, a, b):
+        _broadcast_shape("add", a, b)
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        na, nb = self.needs_input_grad
+        return (unbroadcast(g, sa) if na else None, unbroadcast(g, sb) if nb else None)
+
+
+class Sub(Function):
+    """y = a - b;  da = g,  db = -g."""
+
+    def forward(self, a, b):
+        _broadcast_shape("sub", a, b)
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        na, nb = self.needs_input_grad
+        return (unbroadcast(g, sa) if na else None, unbroadcast(-g, sb) if nb else None)
+
+
+class Mul(Function):
+    """y = a * b;  da = g * b,  db = g * a."""
+
+    def forward(self, a, b):
+        _broadcast_shape("mul", a, b)
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        na, nb = self.needs_input_grad
+        da = unbroadcast(g * self.b, self.a.shape) if na else None
+        db = unbroadcast(g * self.a, self.b.shape) if nb else None
+        return da, db
+
+
+class Div(Function):
+    """y = a / b;  da = g / b,  db = -g * a / b²."""
+
+    def forward(self, a, b):
+        _broadcast_shape("div", a, b)
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        na, nb = self.needs_input_grad
+        da = unbroadcast(g / self.b, self.a.shape) if na else None
+        db = unbroadcast(-g * self.a / (self.b * self.b), self.b.shape) if nb else None
+        return da, db
+
+
+class Neg(Function):
+    """y = -a;  da = -g."""
+
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return (-g,)
+
+
+class Pow(Function):
+    """y = a ** p for a constant exponent p;  da = g * p * a^(p-1)."""
+
+    def __init__(self, exponent: float):
+        if not isinstance(exponent, (int, float)):
+            raise TypeError(f"pow: exponent={exponent!r} must be a Python number")
+        self.p = exponent
+
+    def forward(self, a):
+        self.a = a
+        return a**self.p
+
+    def backward(self, g):
+        return (g * self.p * self.a ** (self.p - 1),)
+
+
+class Exp(Function):
+    """y = exp(a);  da = g * y."""
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        self.y = xp.exp(a)
+        return self.y
+
+    def backward(self, g):
+        return (g * self.y,)
+
+
+class Log(Function):
+    """y = log(a);  da = g / a."""
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        self.a = a
+        return xp.log(a)
+
+    def backward(self, g):
+        return (g / self.a,)
+
+
+class Tanh(Function):
+    """y = tanh(a);  da = g * (1 - y²)."""
+
+    def forward(self, a):
+        xp = backend.get_array_module(a)
+        self.y = xp.tanh(a)
+        return self.y
+
+    def backward(self, g):
+        return (g * (1 - self.y * self.y),)
+
+
+def add(a, b) -> Tensor:
+    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    return Add()(a, b)
+
+
+def sub(a, b) -> Tensor:
+    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    return Sub()(a, b)
+
+
+def mul(a, b) -> Tensor:
+    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    return Mul()(a, b)
+
+
+def div(a, b) -> Tensor:
+    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    return Div()(a, b)
+
+
+def neg(a: Tensor) -> Tensor:
+    return Neg()(a)
+
+
+def pow(a: Tensor, exponent: float) -> Tensor:  # noqa: A001  (mirrors torch.pow)
+    return Pow(exponent)(a)
+
+
+def exp(a: Tensor) -> Tensor:
+    return Exp()(a)
+
+
+def log(a: Tensor) -> Tensor:
+    return Log()(a)
+
+
+def tanh(a: Tensor) -> Tensor:
+    return Tanh()(a)
+
+
+# ======================================================================================
+# Reductions and shape ops
+# ======================================================================================
+
+
+def _keepdims_shape(shape: tuple, axis) -> tuple:
+    """The shape a reduction over ``axis`` has with keepdims=True."""
+    if axis is None:
+        return (1,) * len(shape)
+    axes = {a % len(shape) for a in (axis if isinstance(axis, tuple) else (axis,))}
+    return tuple(1 if i in axes else n for i, n in enumerate(shape))
+
+
+class Sum(Function):
+    """y = sum(a, axis);  da = g broadcast back over the summed axes."""
+
+    def __init__(self, axis=None, keepdims: bool = False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        self.shape = a.shape
+        return a.sum(axis=self.axis, keepdims=self.keepdims)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        g = g.reshape(_keepdims_shape(self.shape, self.axis))
+        return (xp.broadcast_to(g, self.shape).copy(),)
+
+
+class Mean(Function):
+    """y = mean(a, axis);  da = g / n broadcast back, n = number of averaged elements."""
+
+    def __init__(self, axis=None, keepdims: bool = False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        self.shape = a.shape
+        out = a.mean(axis=self.axis, keepdims=self.keepdims)
+        self.n = a.size // out.size  # elements averaged into each output
+        return out
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        g = g.reshape(_keepdims_shape(self.shape, self.axis)) / self.n
+        return (xp.broadcast_to(g, self.shape).copy(),)
+
+
+class Max(Function):
+    """y = max(a, axis);  da = g at the maximum (split equally between ties), 0 elsewhere."""
+
+    def __init__(self, axis=None, keepdims: bool = False):
+        self.axis, self.keepdims = axis, keepdims
+
+    def forward(self, a):
+        y = a.max(axis=self.axis, keepdims=True)
+        share = (a == y).astype(a.dtype)  # 1 at the maximum (a.shape)
+        self.share = share / share.sum(axis=self.axis, keepdims=True)
+        return y if self.keepdims else y.reshape(a.max(axis=self.axis).shape)
+
+    def backward(self, g):
+        g = g.reshape(_keepdims_shape(self.share.shape, self.axis))
+        return (g * self.share,)
+
+
+class Reshape(Function):
+    """y = a viewed with a new shape;  da = g reshaped back."""
+
+    def __init__(self, shape: tuple):
+        self.new_shape = shape
+
+    def forward(self, a):
+        self.shape = a.shape
+        try:
+            return a.reshape(self.new_shape)
+        except ValueError:
+            raise ValueError(
+                f"reshape: cannot reshape an array of shape {tuple(a.shape)} "
+                f"({a.size} elements) into shape {self.new_shape}"
+            ) from None
+
+    def backward(self, g):
+        return (g.reshape(self.shape),)
+
+
+class Permute(Function):
+    """y = a with its axes reordered by ``dims``;  da = g with the inverse order."""
+
+    def __init__(self, dims: tuple):
+        self.dims = dims
+
+    def forward(self, a):
+        if sorted(d % a.ndim for d in self.dims) != list(range(a.ndim)):
+            raise ValueError(
+                f"permute: dims={self.dims} is not a permutation of the {a.ndim} axes of an "
+                f"array of shape {tuple(a.shape)}"
+            )
+        return a.transpose(self.dims)
+
+    def backward(self, g):
+        inverse = [0] * len(self.dims)
+        for i, d in enumerate(self.dims):
+            inverse[d % len(self.dims)] = i
+        return (g.transpose(inverse),)
+
+
+class GetItem(Function):
+    """y = a[index];  da = zeros with g added at ``index`` (repeated indices accumulate)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def forward(self, a):
+        self.shape, self.dtype = a.shape, a.dtype
+        return a[self.index]
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        da = xp.zeros(self.shape, dtype=self.dtype)
+        backend.scatter_add(da, self.index, g)
+        return (da,)
+
+
+def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Sum(axis, keepdims)(a)
+
+
+def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
+    return Mean(axis, keepdims)(a)
+
+
+def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Max(axis, keepdims)(a)
+
+
+def reshape(a: Tensor, *shape) -> Tensor:
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape(tuple(shape))(a)
+
+
+def permute(a: Tensor, *dims) -> Tensor:
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return Permute(tuple(dims))(a)
+
+
+def getitem(a: Tensor, index) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return GetItem(index)(a)
+
+
+# ======================================================================================
+# Matrix products
+# ======================================================================================
+
+
+def _swap(a):
+    """Transpose the last two axes: the matrix transpose of a batch of matrices."""
+    return a.swapaxes(-1, -2)
+
+
+class MatMul(Function):
+    """y = a @ b (batched, with broadcasting of the batch axes).
+
+    da = g @ bᵀ,  db = aᵀ @ g  (each summed back over broadcast batch axes).
+    """
+
+    def forward(self, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ValueError(
+                f"matmul: both inputs need at least 2 dimensions, got shapes {tuple(a.shape)} "
+                f"and {tuple(b.shape)}"
+            )
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(
+                f"matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not match: "
+                f"a has {a.shape[-1]} columns but b has {b.shape[-2]} rows"
+            )
+        self.a, self.b = a, b
+        return mm(a, b, "matmul")
+
+    def backward(self, g):
+        na, nb = self.needs_input_grad
+        da = unbroadcast(mm(g, _swap(self.b), "matmul.da"), self.a.shape) if na else None
+        db = unbroadcast(mm(_swap(self.a), g, "matmul.db"), self.b.shape) if nb else None
+        return da, db
+
+
+def matmul(a, b) -> Tensor:
+    return MatMul()(_as_tensor(a), _as_tensor(b))
+
+
+class LinearFunction(Function):
+    """y = x @ Wᵀ + b with x (..., in), W (out, in), b (out,).
+
+    Flattening the leading axes to N rows, with g (N, out):
+    dx = g @ W (N, in),  dW = gᵀ @ x (out, in),  db = Σ_rows g (out,).
+    """
+
+    def forward(self, x, weight, bias):
+        _check_linear_shapes("linear", x, weight, bias)
+        self.x_shape = x.shape
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if self.needs_input_grad[1]:
+            self.x2 = x2
+        if self.needs_input_grad[0]:
+            self.weight = weight
+        y = mm(x2, weight.T, "linear")  # (N, out)
+        if bias is not None:
+            y += bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(self, g):
+        need_x, need_w, need_b = self.needs_input_grad
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        dx = mm(g2, self.weight, "linear.dinput").reshape(self.x_shape) if need_x else None
+        dw = mm(g2.T, self.x2, "linear.dweight") if need_w else None
+        db = g2.sum(axis=0) if need_b else None
+        return dx, dw, db
+
+
+def _check_linear_shapes(op: str, x, weight, bias) -> None:
+    _require_float(op, "input", x)
+    if weight.ndim != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: input has shape {tuple(x.shape)} (last dim {x.shape[-1]}) but weight has "
+            f"shape {tuple(weight.shape)}, which expects in_features={weight.shape[1]}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},) to match "
+            f"weight {tuple(weight.shape)}"
+        )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """PyTorch's ``F.linear``: ``x @ weight.T + bias``."""
+    return LinearFunction()(x, weight, bias)
+
+
+class LoRALinearFunction(Function):
+    """LoRA's fused layer: y = x @ Wᵀ + b + s · (d @ Aᵀ) @ Bᵀ.
+
+    x (..., in), W (out, in), b (out,), A (r, in), B (out, r), s = scaling, and d is the
+    bypass input: ``x`` itself, or ``dropout(x)`` passed separately as ``x_lora``. Flatten
+    the leading axes to N rows; u = d @ Aᵀ (N, r) is the low-rank code. With g (N, out):
+
+        gB = g @ B                 (N, r)   shared by dA and the bypass part of dx
+        dW = gᵀ @ x                (out, in)   only if W trains (it does not in LoRA)
+        db = Σ_rows g              (out,)
+        dB = s · gᵀ @ u            (out, r)
+        dA = s · gBᵀ @ d           (r, in)
+        dx = g @ W  [+ s · gB @ A when d is x]   (N, in)
+        dd = s · gB @ A            (N, in)   when the bypass input is separate
+
+    Derivation: docs/math.md#lora-linear. Frozen W costs one fewer (out × in × N) matmul.
+    """
+
+    def __init__(self, scaling: float):
+        self.s = float(scaling)
+
+    def forward(self, x, weight, bias, lora_A, lora_B, x_lora=None):
+        _check_linear_shapes("lora_linear", x, weight, bias)
+        r = lora_A.shape[0]
+        if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
+            raise ValueError(
+                f"lora_linear: lora_A has shape {tuple(lora_A.shape)} and lora_B "
+                f"{tuple(lora_B.shape)}; for weight {tuple(weight.shape)} expected "
+                f"({r}, {weight.shape[1]}) and ({weight.shape[0]}, {r})"
+            )
+        if x_lora is not None and x_lora.shape != x.shape:
+            raise ValueError(
+                f"lora_linear: x_lora has shape {tuple(x_lora.shape)}, expected {tuple(x.shape)}"
+            )
+        self.x_shape = x.shape
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        d2 = x2 if x_lora is None else x_lora.reshape(x2.shape)  # (N, in) bypass input
+        u = mm(d2, lora_A.T, "lora.A")  # (N, r)
+        y = mm(x2, weight.T, "linear")  # (N, out)
+        y += self.s * mm(u, lora_B.T, "lora.B")  # (N, out)
+        if bias is not None:
+            y += bias
+        need_x, need_w, _, need_A, need_B, need_d = self.needs_input_grad
+        self.separate = x_lora is not None
+        self.x2 = x2 if need_w else None
+        self.d2 = d2 if need_A else None
+        self.u = u if need_B else None
+        self.weight = weight if need_x else None
+        self.A = lora_A if (need_x or need_d) else None
+        self.B = lora_B if (need_x or need_d or need_A) else None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    def backward(self, g):
+        need_x, need_w, need_b, need_A, need_B, need_d = self.needs_input_grad
+        s = self.s
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gB = mm(g2, self.B, "lora.dB_path") if (need_x or need_A or need_d) else None  # (N, r)
+        dw = mm(g2.T, self.x2, "linear.dweight") if need_w else None
+        db = g2.sum(axis=0) if need_b else None
+        dB = s * mm(g2.T, self.u, "lora.dB") if need_B else None
+        dA = s * mm(gB.T, self.d2, "lora.dA") if need_A else None
+        dbypass = s * mm(gB, self.A, "lora.dinput") if (need_x or need_d) else None  # (N, in)
+        dx = dd = None
+        if need_x:
+            dx = mm(g2, self.weight, "linear.dinput")
+            if not self.separate:
+                dx += dbypass
+            dx = dx.reshape(self.x_shape)
+        if need_d:
+            dd = dbypass.reshape(self.x_shape)
+        return dx, dw, db, dA, dB, dd
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) -> Tensor:
+    """``x @ weight.T + bias + scaling * (x_lora @ lora_A.T) @ lora_B.T`` (x_lora defaults to x)."""
+    return LoRALinearFunction(scaling)(x, weight, bias, lora_A, lora_B, x_lora)
+
+
+# ======================================================================================
+# Activations, normalisation, softmax
+# ======================================================================================
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Function):
+    """GPT-2's tanh GELU: y = ½ x (1 + tanh(u)),  u = c (x + 0.044715 x³),  c = √(2/π).
+
+    dx = g · [½ (1 + t) + ½ x (1 - t²) · c (1 + 3·0.044715 x²)],  t = tanh(u).
+    """
+
+    def forward(self, x):
+        _require_float("gelu", "input", x)
+        xp = backend.get_array_module(x)
+        self.x = x
+        self.t = xp.tanh(_GELU_C * (x + 0.044715 * x**3))
+        return 0.5 * x * (1.0 + self.t)
+
+    def backward(self, g):
+        x, t = self.x, self.t
+        du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+        return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du),)
+
+
+def gelu(x: Tensor) -> Tensor:
+    return GELU()(x)
+
+
+class LayerNormFunction(Function):
+    """y = x̂ · w + b over the last axis, x̂ = (x - μ) · rstd, rstd = 1/√(σ² + eps).
+
+    With C = size of the last axis and ĝ = g · w:
+    dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)),  dw = Σ g · x̂,  db = Σ g
+    (means over the last axis, sums over all leading axes).
+    """
+
+    def __init__(self, eps: float = 1e-5):
+        self.eps = eps
+
+    def forward(self, x, weight, bias):
+        _require_float("layer_norm", "input", x)
+        C = x.shape[-1]
+        for name, p in (("weight", weight), ("bias", bias)):
+            if p is not None and tuple(p.shape) != (C,):
+                raise ValueError(
+                    f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({C},) to match "
+                    f"input {tuple(x.shape)}"
+                )
+        xp = backend.get_array_module(x)
+        mu = x.mean(axis=-1, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
+        self.xhat = xc * self.rstd  # (..., C)
+        self.weight = weight
+        y = self.xhat if weight is None else self.xhat * weight
+        return y if bias is None else y + bias
+
+    def backward(self, g):
+        need_x, need_w, need_b = self.needs_input_grad
+        xhat, rstd = self.xhat, self.rstd
+        lead = tuple(range(g.ndim - 1))
+        dw = (g * xhat).sum(axis=lead) if need_w else None
+        db = g.sum(axis=lead) if need_b else None
+        dx = None
+        if need_x:
+            gh = g if self.weight is None else g * self.weight  # dL/dx̂
+            dx = rstd * (
+                gh - gh.mean(axis=-1, keepdims=True) - xhat * (gh * xhat).mean(-1, keepdims=True)
+            )
+        return dx, dw, db
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    return LayerNormFunction(eps)(x, weight, bias)
+
+
+def _softmax(x, axis: int):
+    xp = backend.get_array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))  # shift by the max: no overflow
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+class Softmax(Function):
+    """y = exp(x) / Σ exp(x) along ``axis``;  dx = y · (g - Σ g·y)."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+
+    def forward(self, x):
+        _require_float("softmax", "input", x)
+        self.y = _softmax(x, self.axis)
+        return self.y
+
+    def backward(self, g):
+        y = self.y
+        return (y * (g - (g * y).sum(axis=self.axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    """y = x - log Σ exp(x) along ``axis``;  dx = g - softmax(x) · Σ g."""
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+
+    def forward(self, x):
+        _require_float("log_softmax", "input", x)
+        xp = backend.get_array_module(x)
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        self.y = y
+        return y
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        return (g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True),)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return Softmax(axis)(x)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return LogSoftmax(axis)(x)
+
+
+class SoftmaxCrossEntropy(Function):
+    """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...).
+
+    L = -(1/n) Σ_valid log softmax(logits)[target], n = number of targets that are not
+    ``ignore_index``.  dlogits = g · (softmax(logits) - onehot(target)) / n, and 0 on
+    ignored rows.
+    """
+
+    def __init__(self, ignore_index: int = -100):
+        self.ignore_index = ignore_index
+
+    def forward(self, logits, targets):
+        _require_float("softmax_cross_entropy", "logits", logits)
+        if not backend.is_integer(targets):
+            raise TypeError(
+                f"softmax_cross_entropy: targets must be integer class ids, got dtype "
+                f"{targets.dtype}"
+            )
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"softmax_cross_entropy: targets have shape {tuple(targets.shape)}, expected "
+                f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)} without the last axis)"
+            )
+        xp = backend.get_array_module(logits)
+        V = logits.shape[-1]
+        logits2 = logits.reshape(-1, V)  # (N, V)
+        t = targets.reshape(-1)  # (N,)
+        valid = t != self.ignore_index
+        bad = valid & ((t < 0) | (t >= V))
+        if bool(bad.any()):
+            value = int(t[bad][0])
+            raise ValueError(
+                f"softmax_cross_entropy: target {value} is outside [0, {V}) and is not "
+                f"ignore_index={self.ignore_index}"
+            )
+        n = int(valid.sum())
+        if n == 0:
+            raise ValueError(
+                f"softmax_cross_entropy: every target equals ignore_index={self.ignore_index}; "
+                "the mean loss over no targets is undefined"
+            )
+        rows = xp.arange(t.shape[0])
+        safe_t = xp.where(valid, t, 0)
+        shifted = logits2 - logits2.max(axis=1, keepdims=True)
+        logsumexp = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
+        nll = (logsumexp - shifted[rows, safe_t]) * valid  # (N,)
+        self.shape, self.rows, self.t, self.valid, self.n = logits.shape, rows, safe_t, valid, n
+        self.probs = xp.exp(shifted - logsumexp[:, None])  # (N, V) softmax
+        return xp.asarray(nll.sum() / n, dtype=logits.dtype)
+
+    def backward(self, g):
+        dlogits = self.probs.copy()
+        dlogits[self.rows, self.t] -= 1.0
+        dlogits *= (self.valid * (g / self.n))[:, None].astype(dlogits.dtype)
+        return dlogits.reshape(self.shape), None
+
+
+def softmax_cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
+    return SoftmaxCrossEntropy(ignore_index)(logits, _as_tensor(targets))
+
+
+# ======================================================================================
+# Embedding and dropout
+# ======================================================================================
+
+
+class EmbeddingFunction(Function):
+    """y = W[ids] with ids (...) integers, W (V, C) -> y (..., C).
+
+    dW = zeros (V, C) with each row g[i] added at row ids[i]; a token that appears several
+    times gets the sum of its rows' gradients (scatter-add, no Python loop).
+    """
+
+    def forward(self, ids, weight):
+        if not backend.is_integer(ids):
+            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        V = weight.shape[0]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"embedding: id {bad} is outside the vocabulary [0, {V})")
+        self.ids, self.weight_shape = ids, weight.shape
+        return weight[ids]
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        dw = xp.zeros(self.weight_shape, dtype=g.dtype)
+        backend.scatter_add(dw, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
+        return None, dw
+
+
+def embedding(ids, weight: Tensor) -> Tensor:
+    return EmbeddingFunction()(_as_tensor(ids), weight)
+
+
+class DropoutFunction(Function):
+    """y = x · m / (1 - p), m ~ Bernoulli(1 - p) per element;  dx = g · m / (1 - p)."""
+
+    def __init__(self, p: float, generator: backend.Generator):
+        self.p, self.generator = p, generator
+
+    def forward(self, x):
+        keep = self.generator.random(x.shape, dtype=x.dtype, device=backend.device_of(x))
+        self.mask = (keep >= self.p).astype(x.dtype) * (1.0 / (1.0 - self.p))  # scaled mask
+        return x * self.mask
+
+    def backward(self, g):
+        return (g * self.mask,)
+
+
+def dropout(x: Tensor, p: float, training: bool = True, generator=None) -> Tensor:
+    """Zero each element with probability ``p`` and scale the rest by 1/(1-p).
+
+    The identity (the same tensor, no graph node) when ``training`` is False or p == 0.
+    Masks come from ``generator`` (default: the global seeded generator, see
+    :func:`minilora.manual_seed`), so runs are reproducible.
+    """
+    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p={p!r} must be a number in [0, 1)")
+    if not training or p == 0.0:
+        return x
+    return DropoutFunction(p, generator or default_generator())(x)
+
+
+_default_generator = backend.Generator(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the global generator used for initialisation and dropout (like torch's)."""
+    global _default_generator
+    _default_generator = backend.Generator(seed)
+
+
+def default_generator() -> backend.Generator:
+    return _default_generator
+
+
+# ======================================================================================
+# Attention
+# ======================================================================================
+
+_causal_masks: dict = {}
+
+
+def _causal_mask(T: int, xp):
+    """Boolean (T, T) mask, True above the diagonal (the future); cached per size/module."""
+    key = (T, xp.__name__)
+    if key not in _causal_masks:
+        _causal_masks[key] = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    return _causal_masks[key]
+
+
+class CausalSelfAttention(Function):
+    """Multi-head causal attention on q, k, v of shape (B, nh, T, hs).
+
+    S = q @ kᵀ / √hs, future positions set to -inf;  P = softmax(S);  y = P @ v.
+    With g (B, nh, T, hs):
+        dv = Pᵀ @ g,  dP = g @ vᵀ,  dS = P · (dP - Σ_row dP·P) / √hs,
+        dq = dS @ k,  dk = dSᵀ @ q.
+    Masked entries have P = 0, so they get no gradient without a second mask.
+    """
+
+    def forward(self, q, k, v):
+        if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+            raise ValueError(
+                f"causal_self_attention: q, k, v must all have shape (B, n_head, T, head_size), "
+                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        xp = backend.get_array_module(q)
+        T, hs = q.shape[2], q.shape[3]
+        self.scale = 1.0 / math.sqrt(hs)
+        scores = mm(q, _swap(k), "attention.scores") * self.scale  # (B, nh, T, T)
+        scores[..., _causal_mask(T, xp)] = -xp.inf
+        self.P = _softmax(scores, axis=-1)  # (B, nh, T, T)
+        self.q, self.k, self.v = q, k, v
+        return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
+
+    def backward(self, g):
+        need_q, need_k, need_v = self.needs_input_grad
+        P = self.P
+        dv = mm(_swap(P), g, "attention.dv") if need_v else None
+        dq = dk = None
+        if need_q or need_k:
+            dP = mm(g, _swap(self.v), "attention.dP")  # (B, nh, T, T)
+            dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True)) * self.scale
+            dq = mm(dS, self.k, "attention.dq") if need_q else None
+            dk = mm(_swap(dS), self.q, "attention.dk") if need_k else None
+        return dq, dk, dv
+
+
+def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return CausalSelfAttention()(q, k, v)
+
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "tanh",
+    "sum", "mean", "max", "reshape", "permute", "getitem", "matmul",
+    "linear", "lora_linear", "gelu", "layer_norm", "softmax", "log_softmax",
+    "softmax_cross_entropy", "embedding", "dropout", "causal_self_attention",
+    "manual_seed", "default_generator", "unbroadcast",
+]  # fmt: skip
