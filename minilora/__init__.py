@@ -4,16 +4,47 @@ from minilora import functional
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
 from minilora.functional import manual_seed
 from minilora.gradcheck import GradcheckError, gradcheck
+from minilora.lora import (
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    disable_adapters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from minilora.model import GPT, GPTConfig
+from minilora.nn import Linear, Module, Parameter
+from minilora.optim import SGD, AdamW, clip_grad_norm_
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
+    "SGD",
+    "AdamW",
     "Function",
+    "GPTConfig",
     "GradcheckError",
+    "Linear",
+    "LoRAConfig",
+    "LoRALinear",
+    "Module",
+    "Parameter",
     "Tensor",
+    "apply_lora",
+    "clip_grad_norm_",
+    "disable_adapters",
     "functional",
     "gradcheck",
     "is_grad_enabled",
+    "lora_state_dict",
     "manual_seed",
+    "mark_only_lora_as_trainable",
+    "merge_and_unload",
+    "merge_lora",
     "no_grad",
+    "unmerge_lora",
 ]

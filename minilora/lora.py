@@ -1,0 +1,325 @@
+"""LoRA: a frozen weight plus a trainable low-rank bypass (Hu et al. 2021, arXiv 2106.09685).
+
+    h = W0 x + s · B A x,   W0 (out, in) frozen,  A (r, in),  B (out, r),  s = lora_alpha / r
+
+``A`` starts random and ``B`` at zero, so right after :func:`apply_lora` the model computes
+exactly what the base model computed. Only ``A`` and ``B`` train: the fused
+``functional.lora_linear`` never computes a gradient for ``W0`` and the optimizer keeps no
+state for it. For serving, :meth:`LoRALinear.merge` folds the update into the weight,
+``W = W0 + s·B·A``, so inference costs one matmul, as before.
+
+Names follow PEFT (``LoraConfig``, ``lora_A``, ``lora_B``, ``target_modules``,
+``merge_and_unload``) and loralib (``mark_only_lora_as_trainable``, ``lora_state_dict``).
+The math, derivations and choices are in docs/math.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+
+from minilora import backend
+from minilora import functional as F
+from minilora.autograd import Tensor, is_grad_enabled
+from minilora.nn import Linear, Module, Parameter
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = ("gaussian", "kaiming")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA settings, with PEFT's field names (``peft.LoraConfig``)."""
+
+    r: int = 8  # rank of the update B·A
+    lora_alpha: float = 8  # scaling s = lora_alpha / r (or / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the bypass input only, training only
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"  # which biases train: "none", "all", or "lora_only" (adapted layers)
+    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
+    init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (paper) or "kaiming" (loralib/PEFT)
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"LoRAConfig: r={self.r!r} must be a positive integer")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(
+                f"LoRAConfig: lora_alpha={self.lora_alpha!r} must be a positive number"
+            )
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"LoRAConfig: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(
+                f"LoRAConfig: target_modules={self.target_modules!r} must be a non-empty list of "
+                "module names such as ['q_proj', 'v_proj']"
+            )
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoRAConfig: bias={self.bias!r} must be one of {BIAS_MODES}")
+        if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
+            self.init_lora_weights = "kaiming"
+        if self.init_lora_weights not in INIT_MODES:
+            raise ValueError(
+                f"LoRAConfig: init_lora_weights={self.init_lora_weights!r} must be one of "
+                f"{INIT_MODES}"
+            )
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = α / r, or α / √r with rsLoRA: keeps the update's size stable as r changes."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear(Linear):
+    """A ``Linear`` with a LoRA bypass: ``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ``.
+
+    Keeps ``weight`` and ``bias`` under their usual names (a base checkpoint still loads)
+    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: str = "gaussian",
+        dtype=backend.DEFAULT_DTYPE,
+        device: str = "cpu",
+        generator=None,
+    ):
+        super().__init__(in_features, out_features, bias, dtype=dtype, device=device,
+                         generator=generator)  # fmt: skip
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
+
+    @classmethod
+    def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
+        """Wrap an existing ``Linear``: the same weight and bias objects, plus the adapter."""
+        layer = cls.__new__(cls)
+        vars(layer).update(vars(linear))  # shares weight/bias (no copy), keeps training mode
+        layer._init_lora(
+            config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
+            config.init_lora_weights, generator,
+        )  # fmt: skip
+        return layer
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
+        out_f, in_f = self.weight.shape
+        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(out_f, in_f):
+            raise ValueError(
+                f"r={r!r} must be an integer in [1, {min(out_f, in_f)}] for a layer with weight "
+                f"shape {self.weight.shape} (the rank cannot exceed min(out, in))"
+            )
+        if init_lora_weights not in INIT_MODES:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}")
+        gen = generator or F.default_generator()
+        dtype, device = self.weight.dtype, self.weight.device
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(lora_alpha, r, use_rslora)
+        self.lora_dropout = lora_dropout
+        if init_lora_weights == "gaussian":  # PEFT's "gaussian": N(0, (1/r)²)
+            A = gen.normal((r, in_f), std=1.0 / r, dtype=dtype, device=device)
+        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in)
+            bound = 1.0 / math.sqrt(in_f)
+            A = gen.uniform((r, in_f), -bound, bound, dtype=dtype, device=device)
+        self.lora_A = Parameter(A)  # (r, in)
+        self.lora_B = Parameter(backend.zeros((out_f, r), dtype, device))  # (out, r): zero
+        # The bypass dropout draws from its own generator so that adding LoRA does not shift
+        # the random stream the base model's dropouts draw from (zero-init stays bitwise).
+        self.lora_generator = backend.Generator(int(gen.integers(0, 2**31 - 1, ()).item()))
+        self.merged = False
+        self.disable_adapters = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            adapters_train = self.lora_A.requires_grad or self.lora_B.requires_grad
+            if adapters_train and is_grad_enabled():
+                raise RuntimeError(
+                    "this LoRALinear is merged (its weight already contains s·B·A), so a "
+                    "gradient would not reach lora_A/lora_B; call unmerge() before training, "
+                    "or run inference under no_grad()"
+                )
+            return F.linear(x, self.weight, self.bias)
+        if self.disable_adapters:
+            return F.linear(x, self.weight, self.bias)
+        x_lora = None
+        if self.lora_dropout > 0 and self.training:
+            x_lora = F.dropout(x, self.lora_dropout, True, self.lora_generator)
+        return F.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                             x_lora)  # fmt: skip
+
+    def get_delta_weight(self):
+        """ΔW = s · B @ A, shape (out, in): what merging adds to the weight."""
+        return self.scaling * backend.matmul(self.lora_B.data, self.lora_A.data, "lora.merge")
+
+    def merge(self, safe_merge: bool = True) -> None:
+        """Fold the adapter into the weight: W ← W + s·B·A. Warns and does nothing if merged.
+
+        With ``safe_merge`` (default) a result with NaN or inf is refused and W is unchanged.
+        """
+        if self.merged:
+            warnings.warn("LoRALinear.merge(): already merged; nothing was done", stacklevel=2)
+            return
+        merged = self.weight.data + self.get_delta_weight()
+        xp = backend.get_array_module(merged)
+        if safe_merge and not bool(xp.isfinite(merged).all()):
+            raise ValueError(
+                "merge refused: W + s·B·A contains NaN or inf (the adapter has diverged); the "
+                "weight was left unchanged"
+            )
+        self.weight.data[...] = merged  # in place: optimizers keep their references
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the adapter back out: W ← W - s·B·A. Warns and does nothing if not merged."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge(): not merged; nothing was done", stacklevel=2)
+            return
+        self.weight.data -= self.get_delta_weight()
+        self.merged = False
+
+    def to_linear(self) -> Linear:
+        """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
+        linear = Linear.__new__(Linear)
+        vars(linear).update(
+            {k: v for k, v in vars(self).items() if k in ("in_features", "out_features",
+                                                          "weight", "bias", "training")}
+        )  # fmt: skip
+        return linear
+
+    def extra_repr(self) -> str:
+        lora = f"r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
+        return f"{super().extra_repr()}, {lora}"
+
+
+# ======================================================================================
+# Model-level helpers
+# ======================================================================================
+
+
+def lora_layers(model: Module):
+    """(path, layer) for every ``LoRALinear`` in ``model``."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
+    """Replace every ``Linear`` whose leaf name is in ``config.target_modules`` by a
+    ``LoRALinear`` wrapping it, then freeze all but the adapters (and biases per
+    ``config.bias``). Returns the replaced module paths.
+
+    Raises ``ValueError`` listing the available names when a target matches nothing.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    linears = [(path, m) for path, m in model.named_modules() if type(m) is Linear and path]
+    available = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
+    unmatched = [t for t in config.target_modules if t not in available]
+    if unmatched:
+        raise ValueError(
+            f"target_modules {unmatched} match no Linear layer in the model; available "
+            f"names: {available}"
+        )
+    chosen = [(p, m) for p, m in linears if p.rsplit(".", 1)[-1] in config.target_modules]
+    for path, m in chosen:  # check every rank first, so a bad config changes nothing
+        if config.r > min(m.weight.shape):
+            raise ValueError(
+                f"r={config.r} is larger than min(out, in)={min(m.weight.shape)} of {path} "
+                f"(weight shape {m.weight.shape})"
+            )
+    for path, m in chosen:
+        parent_path, _, name = path.rpartition(".")
+        setattr(
+            model.get_submodule(parent_path), name, LoRALinear.from_linear(m, config, generator)
+        )
+    mark_only_lora_as_trainable(model, config.bias)
+    return [p for p, _ in chosen]
+
+
+def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
+    """Freeze everything but ``lora_A``/``lora_B``; ``bias`` says which biases also train:
+    ``"none"``, ``"all"`` biases, or ``"lora_only"`` (biases of adapted layers)."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias={bias!r} must be one of {BIAS_MODES}")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name.rsplit(".", 1)[-1])
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for _, layer in lora_layers(model):
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+
+
+def lora_state_dict(model: Module, bias: str = "none") -> dict:
+    """The adapter's arrays (copies): every ``lora_A``/``lora_B``, plus biases per ``bias``."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias={bias!r} must be one of {BIAS_MODES}")
+    lora_paths = {path for path, _ in lora_layers(model)}
+    out = {}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        owner = name.rpartition(".")[0]
+        if leaf in ("lora_A", "lora_B") or (
+            leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_paths))
+        ):
+            out[name] = p.data.copy()
+    return out
+
+
+def merge_lora(model: Module, safe_merge: bool = True) -> None:
+    """Merge every adapter into its weight (see :meth:`LoRALinear.merge`)."""
+    for _, layer in lora_layers(model):
+        layer.merge(safe_merge)
+
+
+def unmerge_lora(model: Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
+    """Merge every adapter and put plain ``Linear`` layers back (in place; returns model).
+
+    The result is an ordinary GPT: same outputs as the adapted model, no LoRA parameters.
+    """
+    for path, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge(safe_merge)
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, layer.to_linear())
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: Module):
+    """Run the base model: inside the block every adapter is bypassed (PEFT's
+    ``disable_adapter``). Merged layers cannot be disabled; unmerge them first."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [path for path, layer in lora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable adapters that are merged: {merged}; unmerge first")
+    previous = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, prev in zip(layers, previous, strict=True):
+            layer.disable_adapters = prev

@@ -1,0 +1,201 @@
+"""A tiny GPT: a pre-LayerNorm decoder-only Transformer with learned positions.
+
+The structure and names follow nanoGPT and the Hugging Face models PEFT targets, so LoRA
+targets are named as in PEFT (``target_modules=["q_proj", "v_proj"]``)::
+
+    tok_emb, pos_emb                          token and position embeddings
+    blocks.{i}.ln1                            LayerNorm before attention
+    blocks.{i}.attn.{q_proj,k_proj,v_proj}    (C -> C) projections
+    blocks.{i}.attn.o_proj                    (C -> C) output projection
+    blocks.{i}.ln2                            LayerNorm before the MLP
+    blocks.{i}.mlp.fc1, .fc2                  (C -> 4C -> C) with GELU between
+    ln_f, lm_head                             final LayerNorm, (C -> vocab) without bias
+
+Shapes: B = batch, T = time (sequence length), C = n_embd, nh = n_head, hs = C // nh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from minilora import backend
+from minilora import functional as F
+from minilora.autograd import Tensor, no_grad
+from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 16  # number of token ids
+    block_size: int = 32  # longest sequence the model accepts (positions learned)
+    n_layer: int = 2  # Transformer blocks
+    n_head: int = 2  # attention heads per block
+    n_embd: int = 32  # width C of the residual stream; must divide by n_head
+    dropout: float = 0.0  # on embeddings and residual branches, training only
+    bias: bool = True  # biases in Linear layers and LayerNorms
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig: {name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be a number in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, config: GPTConfig, dtype, device):
+        C, bias = config.n_embd, config.bias
+        self.n_head = config.n_head
+        self.q_proj = Linear(C, C, bias, dtype=dtype, device=device)
+        self.k_proj = Linear(C, C, bias, dtype=dtype, device=device)
+        self.v_proj = Linear(C, C, bias, dtype=dtype, device=device)
+        # GPT-2 scales the init of projections into the residual stream by 1/sqrt(2 n_layer)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.o_proj = Linear(C, C, bias, init_std=residual_std, dtype=dtype, device=device)
+        self.resid_dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        nh = self.n_head
+
+        def heads(t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
+            return t.reshape(B, T, nh, C // nh).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        y = F.causal_self_attention(q, k, v)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(Module):
+    def __init__(self, config: GPTConfig, dtype, device):
+        C, bias = config.n_embd, config.bias
+        self.fc1 = Linear(C, 4 * C, bias, dtype=dtype, device=device)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        self.fc2 = Linear(4 * C, C, bias, init_std=residual_std, dtype=dtype, device=device)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(Module):
+    def __init__(self, config: GPTConfig, dtype, device):
+        self.ln1 = LayerNorm(config.n_embd, bias=config.bias, dtype=dtype, device=device)
+        self.attn = CausalSelfAttention(config, dtype, device)
+        self.ln2 = LayerNorm(config.n_embd, bias=config.bias, dtype=dtype, device=device)
+        self.mlp = MLP(config, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))  # (B, T, C)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(Module):
+    """``GPT(config)(idx, targets=None) -> (logits, loss)``.
+
+    ``idx``: integer token ids (B, T) with T <= block_size. ``logits``: (B, T, vocab_size).
+    ``loss``: mean cross-entropy against ``targets`` (B, T) (positions with target -100
+    are ignored), or None without targets.
+    """
+
+    def __init__(self, config: GPTConfig, *, dtype=backend.DEFAULT_DTYPE, device: str = "cpu"):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = Embedding(config.vocab_size, C, dtype=dtype, device=device)
+        self.pos_emb = Embedding(config.block_size, C, dtype=dtype, device=device)
+        self.drop = Dropout(config.dropout)
+        self.blocks = ModuleList([Block(config, dtype, device) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(C, bias=config.bias, dtype=dtype, device=device)
+        self.lm_head = Linear(C, config.vocab_size, bias=False, dtype=dtype, device=device)
+
+    @property
+    def device(self) -> str:
+        return self.tok_emb.weight.device
+
+    def _check_ids(self, name: str, ids, allow_ignore: bool = False):
+        data = ids.data if isinstance(ids, Tensor) else backend.array(ids)
+        if not backend.is_integer(data):
+            raise ValueError(f"{name} must hold integer token ids, got dtype {data.dtype}")
+        if data.ndim != 2:
+            raise ValueError(f"{name} must have shape (batch, time), got {tuple(data.shape)}")
+        T, V = data.shape[1], self.config.vocab_size
+        if T > self.config.block_size:
+            raise ValueError(
+                f"{name} has {T} positions but block_size is {self.config.block_size}; "
+                "crop the sequence or use a model with a larger block_size"
+            )
+        valid = data if not allow_ignore else data[data != -100]
+        if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= V):
+            bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+            raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {V})")
+        return backend.to_device(data, self.device)
+
+    def forward(self, idx, targets=None) -> tuple[Tensor, Tensor | None]:
+        idx = self._check_ids("idx", idx)
+        B, T = idx.shape
+        positions = backend.to_device(backend.array(range(T), dtype=backend.int64), self.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C) + (T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            targets = self._check_ids("targets", targets, allow_ignore=True)
+            if targets.shape != idx.shape:
+                raise ValueError(
+                    f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} "
+                    "(the shape of idx)"
+                )
+            loss = F.softmax_cross_entropy(logits, targets)
+        return logits, loss
+
+    def generate(
+        self,
+        idx,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: backend.Generator | None = None,
+    ):
+        """Append ``max_new_tokens`` sampled ids to ``idx`` (B, T); returns (B, T + new).
+
+        ``temperature=0`` picks the most likely token (greedy); ``top_k`` samples only among
+        the k most likely. Runs without a graph, in whatever mode the model is in.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k={top_k!r} must be in [1, vocab_size={self.config.vocab_size}]")
+        idx = self._check_ids("idx", idx)
+        xp = backend.get_array_module(idx)
+        gen = generator or F.default_generator()
+        with no_grad():
+            for _ in range(max_new_tokens):
+                window = idx[:, -self.config.block_size :]  # crop to the context the model has
+                logits = self(window)[0].data[:, -1, :]  # (B, vocab) at the last position
+                if temperature == 0:
+                    nxt = logits.argmax(axis=-1)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = xp.sort(logits, axis=-1)[:, -top_k][:, None]
+                        logits = xp.where(logits < kth, -xp.inf, logits)
+                    probs = F.softmax(Tensor(logits)).data  # (B, vocab)
+                    u = gen.random((probs.shape[0], 1), dtype=probs.dtype, device=self.device)
+                    # inverse-CDF sampling: the first id whose cumulative probability exceeds u
+                    nxt = (xp.cumsum(probs, axis=-1) < u).sum(axis=-1)
+                    nxt = xp.minimum(nxt, probs.shape[-1] - 1)
+                idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
+        return idx
