@@ -163,6 +163,19 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
 
 
+def set_num_threads(n: int):
+    """Limit the BLAS threads NumPy uses (returns the limiter; ``None`` restores nothing).
+
+    minilora's matrices are small: one BLAS thread per process is usually fastest, and on a
+    shared or busy machine extra threads spin and can make each matmul ten times slower.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"threads={n!r} must be a positive integer")
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415  (only needed here)
+
+    return threadpool_limits(limits=n, user_api="blas")
+
+
 # --------------------------------------------------------------------------------------
 # Seeded random numbers, identical on every device
 # --------------------------------------------------------------------------------------
