@@ -1,6 +1,7 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
 from minilora import functional
+from minilora.accounting import print_trainable_parameters
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
 from minilora.functional import manual_seed
 from minilora.gradcheck import GradcheckError, gradcheck
@@ -46,5 +47,6 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "no_grad",
+    "print_trainable_parameters",
     "unmerge_lora",
 ]

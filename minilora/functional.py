@@ -29,7 +29,9 @@ def _as_tensor(x, like: Tensor | None = None) -> Tensor:
     if isinstance(x, Tensor):
         return x
     if like is not None and isinstance(x, (int, float)):
-        return Tensor(backend.array(x, dtype=like.dtype, device=like.device))
+        # a float never takes an integer tensor's dtype (that would truncate 0.5 to 0)
+        dtype = like.dtype if backend.is_floating(like.data) or isinstance(x, int) else None
+        return Tensor(backend.array(x, dtype=dtype, device=like.device))
     return Tensor(x)
 
 
@@ -517,24 +519,27 @@ class LoRALinearFunction(Function):
             y += bias
         need_x, need_w, _, need_A, need_B, need_d = self.needs_input_grad
         self.separate = x_lora is not None
+        # the bypass input's gradient s·(g B) A goes to x, or to x_lora when it is separate
+        self.need_bypass = need_d or (need_x and not self.separate)
         self.x2 = x2 if need_w else None
         self.d2 = d2 if need_A else None
         self.u = u if need_B else None
         self.weight = weight if need_x else None
-        self.A = lora_A if (need_x or need_d) else None
-        self.B = lora_B if (need_x or need_d or need_A) else None
+        self.A = lora_A if self.need_bypass else None
+        self.B = lora_B if (self.need_bypass or need_A) else None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
         need_x, need_w, need_b, need_A, need_B, need_d = self.needs_input_grad
         s = self.s
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gB = mm(g2, self.B, "lora.dB_path") if (need_x or need_A or need_d) else None  # (N, r)
+        need_bypass = self.need_bypass
+        gB = mm(g2, self.B, "lora.dB_path") if (need_bypass or need_A) else None  # (N, r)
         dw = mm(g2.T, self.x2, "linear.dweight") if need_w else None
         db = g2.sum(axis=0) if need_b else None
         dB = s * mm(g2.T, self.u, "lora.dB") if need_B else None
         dA = s * mm(gB.T, self.d2, "lora.dA") if need_A else None
-        dbypass = s * mm(gB, self.A, "lora.dinput") if (need_x or need_d) else None  # (N, in)
+        dbypass = s * mm(gB, self.A, "lora.dinput") if need_bypass else None  # (N, in)
         dx = dd = None
         if need_x:
             dx = mm(g2, self.weight, "linear.dinput")
@@ -835,8 +840,8 @@ class CausalSelfAttention(Function):
 
     S = q @ kᵀ / √hs, future positions set to -inf;  P = softmax(S);  y = P @ v.
     With g (B, nh, T, hs):
-        dv = Pᵀ @ g,  dP = g @ vᵀ,  dS = P · (dP - Σ_row dP·P) / √hs,
-        dq = dS @ k,  dk = dSᵀ @ q.
+        dv = Pᵀ @ g,  dP = g @ vᵀ,  dS = P · (dP - Σ_row dP·P),
+        dq = (dS / √hs) @ k,  dk = (dS / √hs)ᵀ @ q   (the code folds 1/√hs into dS).
     Masked entries have P = 0, so they get no gradient without a second mask.
     """
 

@@ -39,7 +39,7 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"  # which biases train: "none", "all", or "lora_only" (adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
-    init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (paper) or "kaiming" (loralib/PEFT)
+    init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian") or "kaiming"
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
@@ -175,6 +175,10 @@ class LoRALinear(Linear):
         if self.merged:
             warnings.warn("LoRALinear.merge(): already merged; nothing was done", stacklevel=2)
             return
+        self._set_merged(self.merged_weight(safe_merge))
+
+    def merged_weight(self, safe_merge: bool = True):
+        """W + s·B·A as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
         merged = self.weight.data + self.get_delta_weight()
         xp = backend.get_array_module(merged)
         if safe_merge and not bool(xp.isfinite(merged).all()):
@@ -182,6 +186,9 @@ class LoRALinear(Linear):
                 "merge refused: W + s·B·A contains NaN or inf (the adapter has diverged); the "
                 "weight was left unchanged"
             )
+        return merged
+
+    def _set_merged(self, merged) -> None:
         self.weight.data[...] = merged  # in place: optimizers keep their references
         self.merged = True
 
@@ -284,9 +291,14 @@ def lora_state_dict(model: Module, bias: str = "none") -> dict:
 
 
 def merge_lora(model: Module, safe_merge: bool = True) -> None:
-    """Merge every adapter into its weight (see :meth:`LoRALinear.merge`)."""
-    for _, layer in lora_layers(model):
-        layer.merge(safe_merge)
+    """Merge every unmerged adapter into its weight (see :meth:`LoRALinear.merge`).
+
+    All or nothing: every merged weight is computed and checked before any is written.
+    """
+    layers = [layer for _, layer in lora_layers(model) if not layer.merged]
+    merged = [layer.merged_weight(safe_merge) for layer in layers]
+    for layer, weight in zip(layers, merged, strict=True):
+        layer._set_merged(weight)
 
 
 def unmerge_lora(model: Module) -> None:
@@ -299,9 +311,8 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
 
     The result is an ordinary GPT: same outputs as the adapted model, no LoRA parameters.
     """
+    merge_lora(model, safe_merge)
     for path, layer in lora_layers(model):
-        if not layer.merged:
-            layer.merge(safe_merge)
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, layer.to_linear())
     return model

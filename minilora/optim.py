@@ -154,5 +154,10 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> float:
 
 
 def _check_nonneg(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a non-negative number")
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite non-negative number")

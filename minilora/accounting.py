@@ -1,0 +1,844 @@
+"""Closed-form accounting: parameters, training memory and FLOPs, from a tiny model to GPT-3.
+
+Everything here is integer arithmetic on a model *shape*; no array is allocated, so the
+same functions answer for a 2-layer toy and for GPT-3 175B. The formulas are derived in
+docs/accounting.md, and the property tests in tests/test_accounting.py check each one
+against what an instantiated minilora model actually has and does (parameters counted,
+gradient and optimizer-state bytes read from the arrays, matrix products recorded by
+``backend.counting()``, arrays saved for the backward pass).
+
+Two things are described:
+
+* a :class:`ModelShape`: minilora's GPT (``n_layer``, ``n_embd``, ``n_head``,
+  ``vocab_size``, ``block_size``, ``bias``) plus ``tied``: whether ``lm_head`` shares the
+  token embedding, as in the released GPT-2 and GPT-3 (minilora's own GPT is untied);
+* a :class:`LoRASpec`: target leaf names, a rank per target (one ``r`` or a dict), and
+  the bias mode (``"none"``, ``"all"``, ``"lora_only"``, as ``lora.mark_only_lora_as_trainable``).
+  ``lora=None`` means full fine-tuning (every parameter trains).
+
+Shapes: C = n_embd, V = vocab_size, L = n_layer, nh = n_head, B = batch, T = sequence
+length, N = B·T rows through every linear layer. Weights are (out, in), as in PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+from minilora.lora import BIAS_MODES, LoRAConfig
+from minilora.model import GPTConfig
+
+#: The leaf names LoRA can target, in model order.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "lm_head")
+
+#: Bytes per element of the dtypes the accounting knows (bfloat16 for the record: minilora
+#: itself computes in float16/32/64).
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+#: Optimizer state arrays kept per trainable parameter, each the parameter's size.
+OPTIMIZER_STATES = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
+
+
+# ======================================================================================
+# Shapes and LoRA settings
+# ======================================================================================
+
+
+def _check_positive_int(owner: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a GPT as minilora builds it (see ``model.py``), plus weight tying.
+
+    ``tied=True``: ``lm_head.weight`` *is* ``tok_emb.weight`` (GPT-2, GPT-3), so the
+    (V, C) matrix is counted, stored and updated once. ``dropout`` (model dropout, training
+    mode) only changes the activation estimate: each active dropout saves its mask.
+    """
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    block_size: int
+    bias: bool = True
+    tied: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
+            _check_positive_int("ModelShape", name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"ModelShape: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelShape: dropout={self.dropout!r} must be a number in [0, 1)")
+
+    @classmethod
+    def from_config(cls, config: GPTConfig, tied: bool = False) -> ModelShape:
+        """The shape of ``GPT(config)`` (untied, as minilora builds it, unless ``tied``)."""
+        return cls(
+            config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.block_size,
+            bias=config.bias, tied=tied, dropout=config.dropout,
+        )  # fmt: skip
+
+    def module_shape(self, name: str) -> tuple[int, int]:
+        """The weight shape (out, in) of the linear layer with leaf name ``name``."""
+        C = self.n_embd
+        shapes = {
+            "q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C),
+            "fc1": (4 * C, C), "fc2": (C, 4 * C), "lm_head": (self.vocab_size, C),
+        }  # fmt: skip
+        if name not in shapes:
+            raise ValueError(f"unknown module {name!r}; valid names: {', '.join(TARGET_MODULES)}")
+        return shapes[name]
+
+    def module_count(self, name: str) -> int:
+        """How many layers carry this leaf name: one per block, one lm_head."""
+        self.module_shape(name)
+        return 1 if name == "lm_head" else self.n_layer
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LoRASpec:
+    """Which linear layers get an adapter, with which rank, and which biases train.
+
+    ``r`` is one rank for every target, or a dict ``{leaf_name: rank}`` (per-module ranks;
+    ``target_modules`` then defaults to its keys and, if given, must name the same modules).
+    Ranks are checked against a model shape by :meth:`ranks`, where each target's weight
+    shape is known. ``lora_dropout`` > 0 only changes the activation estimate.
+    """
+
+    target_modules: list[str] | None = None
+    r: int | dict[str, int] = 8
+    bias: str = "none"
+    lora_dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if self.target_modules is None:
+            self.target_modules = list(self.r) if isinstance(self.r, dict) else ["q_proj", "v_proj"]
+        self.target_modules = list(dict.fromkeys(self.target_modules))  # drop repeats
+        if not self.target_modules:
+            raise ValueError("LoRASpec: target_modules is empty; name at least one module")
+        names = list(self.target_modules) + (list(self.r) if isinstance(self.r, dict) else [])
+        unknown = [t for t in dict.fromkeys(names) if t not in TARGET_MODULES]
+        if unknown:
+            raise ValueError(
+                f"unknown target module(s) {', '.join(map(repr, unknown))}; valid names: "
+                f"{', '.join(TARGET_MODULES)}"
+            )
+        if isinstance(self.r, dict) and set(self.r) != set(self.target_modules):
+            raise ValueError(
+                f"LoRASpec: per-module ranks name {sorted(self.r)} but target_modules is "
+                f"{sorted(self.target_modules)}; give a rank for exactly the targeted modules"
+            )
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoRASpec: bias={self.bias!r} must be one of {BIAS_MODES}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"LoRASpec: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+
+    @classmethod
+    def from_config(cls, config: LoRAConfig) -> LoRASpec:
+        return cls(list(config.target_modules), config.r, config.bias, config.lora_dropout)
+
+    def ranks(self, shape: ModelShape) -> dict[str, int]:
+        """``{target: r}`` in model order, each rank checked against the target's weight."""
+        out = {}
+        for name in TARGET_MODULES:
+            if name not in self.target_modules:
+                continue
+            r = self.r[name] if isinstance(self.r, dict) else self.r
+            out_f, in_f = shape.module_shape(name)
+            where = f"r={r!r} for {name} (weight shape ({out_f}, {in_f}) = (out, in))"
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+                raise ValueError(
+                    f"{where} is not a positive integer; r must be an integer in "
+                    f"[1, {min(out_f, in_f)}]"
+                )
+            if r > min(out_f, in_f):
+                raise ValueError(
+                    f"{where} is larger than min(out, in) = {min(out_f, in_f)}; the rank of "
+                    "B·A cannot exceed it"
+                )
+            out[name] = r
+        return out
+
+
+def _shape(shape) -> ModelShape:
+    if isinstance(shape, ModelShape):
+        return shape
+    if isinstance(shape, Preset):
+        return shape.shape
+    if isinstance(shape, GPTConfig):
+        return ModelShape.from_config(shape)
+    raise TypeError(f"expected a ModelShape or GPTConfig, got {type(shape).__name__}")
+
+
+def _spec(lora) -> LoRASpec | None:
+    if lora is None or isinstance(lora, LoRASpec):
+        return lora
+    if isinstance(lora, LoRAConfig):
+        return LoRASpec.from_config(lora)
+    raise TypeError(f"expected a LoRASpec, LoRAConfig or None, got {type(lora).__name__}")
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element: ``"float16"``, a NumPy dtype or scalar type (anything named)."""
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", None)
+    if name is None:
+        name = getattr(dtype, "__name__", None)
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not known; expected one of {list(DTYPE_BYTES)}")
+    return DTYPE_BYTES[name]
+
+
+# ======================================================================================
+# Presets: real decoder shapes
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    shape: ModelShape
+    published_params: int  # the size the authors publish, to compare against
+    source: str
+
+
+_GPT2_SOURCE = (
+    "Radford et al. 2019, 'Language Models are Unsupervised Multitask Learners': Table 2 "
+    "(layers, d_model) and section 2.3 (vocabulary 50,257, context 1024); heads from the "
+    "released checkpoints' hparams.json (openai/gpt-2). Published sizes as corrected in the "
+    "openai/gpt-2 README ('our original parameter counts were wrong', so the paper's "
+    "117M/345M/762M/1542M read 124M/355M/774M/1558M), which the released checkpoints match "
+    "with lm_head tied to the token embedding."
+)
+_GPT3_SOURCE = (
+    "Brown et al. 2020, 'Language Models are Few-Shot Learners': Table 2.1 (n_params 175.0B, "
+    "n_layers 96, d_model 12288, n_heads 96, d_head 128) and section 2.1 (context window "
+    "2048; the GPT-2 model and tokenization, hence vocabulary 50257). GPT-3 alternates dense "
+    "and locally banded sparse attention, which changes no parameter count; the FLOP count "
+    "here assumes dense attention."
+)
+
+
+def _gpt2(L, C, nh):
+    return ModelShape(L, C, nh, vocab_size=50257, block_size=1024, bias=True, tied=True)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("gpt2-small", "GPT-2 small", _gpt2(12, 768, 12), 124_000_000, _GPT2_SOURCE),
+        Preset("gpt2-medium", "GPT-2 medium", _gpt2(24, 1024, 16), 355_000_000, _GPT2_SOURCE),
+        Preset("gpt2-large", "GPT-2 large", _gpt2(36, 1280, 20), 774_000_000, _GPT2_SOURCE),
+        Preset("gpt2-xl", "GPT-2 XL", _gpt2(48, 1600, 25), 1_558_000_000, _GPT2_SOURCE),
+        Preset(
+            "gpt3-175b",
+            "GPT-3 175B",
+            ModelShape(96, 12288, 96, vocab_size=50257, block_size=2048, bias=True, tied=True),
+            175_000_000_000,
+            _GPT3_SOURCE,
+        ),
+    )
+}
+PRESET_ALIASES = {"gpt2": "gpt2-small", "gpt3": "gpt3-175b"}
+
+
+def get_preset(name: str) -> Preset:
+    """A preset by name (``"gpt2"`` and ``"gpt3"`` are aliases); unknown names list the known."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        aliases = ", ".join(f"{a} = {b}" for a, b in PRESET_ALIASES.items())
+        raise ValueError(
+            f"unknown preset {name!r}; known presets: {', '.join(PRESETS)} (aliases: {aliases})"
+        )
+    return PRESETS[key]
+
+
+# ======================================================================================
+# Parameter counts
+# ======================================================================================
+
+
+def block_params(shape: ModelShape) -> int:
+    """One Transformer block: 12·C² weights, plus 13·C with biases (9C linear, 4C norms) or
+    2·C without (the two LayerNorm weights)."""
+    C = shape.n_embd
+    return 12 * C * C + (13 * C if shape.bias else 2 * C)
+
+
+def total_params(shape, tied: bool | None = None) -> int:
+    """All parameters of the base model (no adapter): embeddings V·C + block·C, L blocks,
+    ln_f, and lm_head V·C unless tied to the token embedding."""
+    s = _shape(shape)
+    tied = s.tied if tied is None else tied
+    C, V = s.n_embd, s.vocab_size
+    ln_f = 2 * C if s.bias else C
+    return V * C + s.block_size * C + s.n_layer * block_params(s) + ln_f + (0 if tied else V * C)
+
+
+def bias_params(shape) -> int:
+    """Every bias (what ``bias="all"`` trains): per block 9·C in linears + 2·C in norms,
+    plus ln_f's C. Zero for a model built with ``bias=False``."""
+    s = _shape(shape)
+    return (s.n_layer * 11 * s.n_embd + s.n_embd) if s.bias else 0
+
+
+def lora_params(shape, lora) -> int:
+    """Adapter parameters: r·(in + out) per adapted matrix (|Θ| = 2·L̂·d·r when square)."""
+    s, spec = _shape(shape), _spec(lora)
+    total = 0
+    for name, r in spec.ranks(s).items():
+        out_f, in_f = s.module_shape(name)
+        total += s.module_count(name) * r * (in_f + out_f)
+    return total
+
+
+def trainable_bias_params(shape, lora) -> int:
+    """The biases a LoRA setup trains: none, all of them, or those of adapted layers."""
+    s, spec = _shape(shape), _spec(lora)
+    if not s.bias or spec.bias == "none":
+        return 0
+    if spec.bias == "all":
+        return bias_params(s)
+    return sum(  # "lora_only": lm_head has no bias
+        s.module_count(n) * s.module_shape(n)[0] for n in spec.ranks(s) if n != "lm_head"
+    )
+
+
+def trainable_params(shape, lora=None) -> int:
+    """Parameters that train: all of them under full fine-tuning (``lora=None``), else the
+    adapters plus the biases the bias mode trains."""
+    s, spec = _shape(shape), _spec(lora)
+    if spec is None:
+        return total_params(s)
+    return lora_params(s, spec) + trainable_bias_params(s, spec)
+
+
+def all_params(shape, lora=None) -> int:
+    """The model's parameters with the adapter included (PEFT's "all params")."""
+    s, spec = _shape(shape), _spec(lora)
+    return total_params(s) + (0 if spec is None else lora_params(s, spec))
+
+
+def param_counts(shape, lora=None) -> dict:
+    s, spec = _shape(shape), _spec(lora)
+    base = total_params(s)
+    adapter = 0 if spec is None else lora_params(s, spec)
+    trainable = trainable_params(s, spec)
+    return {
+        "total_params": base,
+        "total_params_tied": total_params(s, tied=True),
+        "total_params_untied": total_params(s, tied=False),
+        "lora_params": adapter,
+        "all_params": base + adapter,
+        "trainable_params": trainable,
+        "trainable_fraction": trainable / (base + adapter),
+    }
+
+
+# ======================================================================================
+# A symbolic training step: what minilora's engine computes and saves
+# ======================================================================================
+
+
+@dataclass
+class StepTrace:
+    """What one forward + backward of minilora's engine does, derived without arrays.
+
+    ``records``: one ``(phase, name, flops)`` per matrix product, named as ``functional.py``
+    names them (``"linear"``, ``"linear.dweight"``, ``"lora.dA"``, ``"attention.dq"`` ...),
+    flops counted as ``backend.matmul`` does (2·m·k·n). ``saved``: every floating array the
+    graph keeps for the backward pass (activations, not parameters), key -> elements.
+    """
+
+    batch_size: int
+    seq_len: int
+    records: list[tuple[str, str, int]] = field(default_factory=list)
+    saved: dict[str, int] = field(default_factory=dict)
+
+    def flops(self, phase: str | None = None, name: str | None = None) -> int:
+        return sum(f for p, n, f in self.records if phase in (None, p) and name in (None, n))
+
+    def by_name(self, phase: str | None = None) -> Counter:
+        """``Counter((name, flops))`` of the products, for comparison with a real count."""
+        return Counter((n, f) for p, n, f in self.records if phase in (None, p))
+
+    @property
+    def activation_elements(self) -> int:
+        return sum(self.saved.values())
+
+
+def _trainability(s: ModelShape, spec: LoRASpec | None):
+    """Functions saying which parameters train, for full fine-tuning or a LoRA spec."""
+    ranks = {} if spec is None else spec.ranks(s)
+
+    def linear(name):  # -> (weight trains, bias trains, LoRA rank or 0)
+        has_bias = s.bias and name != "lm_head"
+        if spec is None:
+            return True, has_bias, 0
+        r = ranks.get(name, 0)
+        return False, has_bias and (spec.bias == "all" or (spec.bias == "lora_only" and r)), r
+
+    # LayerNorm weight trains / bias trains; embeddings train
+    ln = (True, s.bias) if spec is None else (False, s.bias and spec.bias == "all")
+    return linear, ln, spec is None
+
+
+def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None) -> StepTrace:
+    """Walk minilora's GPT forward + backward symbolically (see the class docstring).
+
+    A node exists, and saves what its backward needs, only when one of its inputs requires
+    a gradient (``autograd.Function``): under LoRA (bias="none") the embeddings and block
+    0's first LayerNorm are frozen and nothing flows into them, so block 0's k_proj has no
+    backward at all, and its q/v adapters need no input gradient. Each rule below mirrors
+    one ``Function`` in functional.py; tests compare the result with a real step, exactly.
+    Dropout masks are counted when ``shape.dropout`` / ``lora.lora_dropout`` are non-zero
+    (training mode); they change no matrix product.
+    """
+    s, spec = _shape(shape), _spec(lora)
+    B = batch_size
+    T = s.block_size if seq_len is None else seq_len
+    _check_positive_int("trace_step", "batch_size", B)
+    _check_positive_int("trace_step", "seq_len", T)
+    if T > s.block_size:
+        raise ValueError(f"seq_len={T} is larger than block_size={s.block_size}")
+    N, C, V, nh = B * T, s.n_embd, s.vocab_size, s.n_head
+    linear_train, (ln_w, ln_b), emb_train = _trainability(s, spec)
+    lora_drop = spec is not None and spec.lora_dropout > 0
+    drop = s.dropout > 0
+    tr = StepTrace(B, T)
+
+    def mm(phase, name, flops):
+        tr.records.append((phase, name, flops))
+
+    def save(key, elements):
+        tr.saved[key] = elements
+
+    def dropout(key, rg):  # DropoutFunction saves its scaled mask, when it is a node
+        if drop and rg:
+            save(key + ".mask", N * C)
+
+    def layer_norm(key, x_rg):  # LayerNormFunction saves xhat (N, C) and rstd (N, 1)
+        if x_rg or ln_w or ln_b:
+            save(key + ".xhat", N * C)
+            save(key + ".rstd", N)
+            return key + ".out", True
+        return key + ".out", False
+
+    def linear(key, leaf, x, x_rg, n_in, n_out):
+        w, b, r = linear_train(leaf)
+        if not r:  # LinearFunction: x2 saved for dW; dx needs only the weight
+            mm("forward", "linear", 2 * N * n_in * n_out)
+            if not (x_rg or w or b):
+                return key + ".out", False
+            if w:
+                save(x, N * n_in)
+                mm("backward", "linear.dweight", 2 * N * n_out * n_in)
+            if x_rg:
+                mm("backward", "linear.dinput", 2 * N * n_out * n_in)
+            return key + ".out", True
+        # LoRALinearFunction: A and B always train, so the node always exists
+        d = x  # the bypass input: x itself, or its dropout (a new array, plus a mask)
+        if lora_drop:
+            d = key + ".lora_dropout.out"
+            if x_rg:
+                save(key + ".lora_dropout.mask", N * n_in)
+        mm("forward", "lora.A", 2 * N * n_in * r)
+        mm("forward", "linear", 2 * N * n_in * n_out)
+        mm("forward", "lora.B", 2 * N * r * n_out)
+        save(d, N * n_in)  # for dA
+        save(key + ".lora_u", N * r)  # u = d Aᵀ, for dB
+        mm("backward", "lora.dB_path", 2 * N * n_out * r)  # g B, shared by dA and dx
+        if w:
+            save(x, N * n_in)
+            mm("backward", "linear.dweight", 2 * N * n_out * n_in)
+        mm("backward", "lora.dB", 2 * N * n_out * r)
+        mm("backward", "lora.dA", 2 * N * r * n_in)
+        if x_rg:
+            mm("backward", "lora.dinput", 2 * N * r * n_in)
+            mm("backward", "linear.dinput", 2 * N * n_out * n_in)
+        return key + ".out", True
+
+    def attention(key, q, k, v):  # CausalSelfAttention saves P (B, nh, T, T) and q, k, v
+        square = 2 * B * T * T * C  # each product over the full T×T square, all heads
+        mm("forward", "attention.scores", square)
+        mm("forward", "attention.values", square)
+        (q, q_rg), (k, k_rg), (v, v_rg) = q, k, v
+        if not (q_rg or k_rg or v_rg):
+            return key + ".out", False
+        save(key + ".P", B * nh * T * T)
+        for t in (q, k, v):
+            save(t, N * C)
+        if v_rg:
+            mm("backward", "attention.dv", square)
+        if q_rg or k_rg:
+            mm("backward", "attention.dP", square)
+        if q_rg:
+            mm("backward", "attention.dq", square)
+        if k_rg:
+            mm("backward", "attention.dk", square)
+        return key + ".out", True  # (B, T, C) after merging heads: a new array
+
+    def block(i, x_rg):
+        p = f"blocks.{i}"
+        h, h_rg = layer_norm(p + ".ln1", x_rg)
+        qkv = [linear(f"{p}.attn.{n}", n, h, h_rg, C, C) for n in ("q_proj", "k_proj", "v_proj")]
+        a, a_rg = attention(p + ".attn", *qkv)
+        _, o_rg = linear(p + ".attn.o_proj", "o_proj", a, a_rg, C, C)
+        dropout(p + ".attn.resid_dropout", o_rg)
+        x_rg = x_rg or o_rg
+        h, h_rg = layer_norm(p + ".ln2", x_rg)
+        f, f_rg = linear(p + ".mlp.fc1", "fc1", h, h_rg, C, 4 * C)
+        if f_rg:  # GELU saves its input (fc1's output) and tanh(u), both (N, 4C)
+            save(f, N * 4 * C)
+            save(p + ".mlp.gelu.t", N * 4 * C)
+        _, f_rg = linear(p + ".mlp.fc2", "fc2", p + ".mlp.gelu.out", f_rg, 4 * C, C)
+        dropout(p + ".mlp.dropout", f_rg)
+        return x_rg or f_rg
+
+    x_rg = emb_train  # the embedding sum needs a gradient only if an embedding trains
+    dropout("drop", x_rg)
+    for i in range(s.n_layer):
+        x_rg = block(i, x_rg)
+    h, h_rg = layer_norm("ln_f", x_rg)
+    _, logits_rg = linear("lm_head", "lm_head", h, h_rg, C, V)
+    if not logits_rg:  # cannot happen for full fine-tuning or a LoRA spec
+        raise ValueError("nothing trains: the loss would not require a gradient")
+    save("loss.probs", N * V)  # SoftmaxCrossEntropy keeps softmax(logits) (N, V)
+    return tr
+
+
+# ======================================================================================
+# FLOPs
+# ======================================================================================
+
+
+def flops_per_token(shape, lora=None, seq_len: int | None = None) -> dict:
+    """Matmul FLOPs per token of one training step (forward, backward, total).
+
+    Every product scales with N = B·T rows except attention's, which scale with B·T²; per
+    token both are exact integers and do not depend on the batch size.
+    """
+    s = _shape(shape)
+    tr = trace_step(s, lora, 1, seq_len)
+    n = tr.seq_len
+    fwd, bwd = tr.flops("forward"), tr.flops("backward")
+    return {
+        "forward": fwd // n,
+        "backward": bwd // n,
+        "total": (fwd + bwd) // n,
+        "weight_gradient": tr.flops("backward", "linear.dweight") // n,
+        "seq_len": n,
+    }
+
+
+def flops_comparison(shape, lora, seq_len: int | None = None) -> dict:
+    """Full fine-tuning vs LoRA, per token, and the share of backward work LoRA removes.
+
+    ``weight_gradient_share``: the part of full fine-tuning's backward that is weight
+    gradients (``linear.dweight``), all of which LoRA skips for its frozen weights.
+    ``backward_share_removed``: the net saving, 1 - backward(LoRA) / backward(full), which
+    also counts the input gradients nothing needs under LoRA (below the first adapter) and
+    the adapters' own small products.
+    """
+    full = flops_per_token(shape, None, seq_len)
+    lo = flops_per_token(shape, lora, seq_len)
+    return {
+        "full_ft": full,
+        "lora": lo,
+        "weight_gradient_share": full["weight_gradient"] / full["backward"],
+        "backward_share_removed": 1 - lo["backward"] / full["backward"],
+        "step_share_removed": 1 - lo["total"] / full["total"],
+    }
+
+
+# ======================================================================================
+# Memory
+# ======================================================================================
+
+
+def activation_bytes(
+    shape, lora=None, dtype="float32", batch_size: int = 1, seq_len: int | None = None
+) -> int:
+    """Bytes of the floating arrays the graph saves for the backward pass, in ``dtype``.
+
+    Full fine-tuning, dropout off, per block: (20·C + 2)·N + nh·B·T² elements (see
+    docs/accounting.md), plus ln_f and the softmax: 2·N·C + N + N·V. Not included: the
+    integer token ids and targets, the logits the model returns, and the transient
+    gradient arrays of the backward pass itself.
+    """
+    return trace_step(shape, lora, batch_size, seq_len).activation_elements * dtype_bytes(dtype)
+
+
+def optimizer_state_bytes(trainable: int, dtype="float32", optimizer: str = "adamw") -> int:
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer={optimizer!r} must be one of {list(OPTIMIZER_STATES)}")
+    return OPTIMIZER_STATES[optimizer] * trainable * dtype_bytes(dtype)
+
+
+def train_memory(
+    shape,
+    lora=None,
+    dtype="float32",
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    optimizer: str = "adamw",
+) -> dict:
+    """Training memory in bytes with everything in one ``dtype``: weights (all, adapter
+    included), gradients and optimizer state (trainable only), saved activations.
+
+    Mixed precision differs: a float16/bfloat16 run usually keeps float32 master weights and
+    float32 Adam moments, i.e. more bytes per trainable parameter than this counts.
+    """
+    s, spec = _shape(shape), _spec(lora)
+    nbytes = dtype_bytes(dtype)
+    trainable = trainable_params(s, spec)
+    out = {
+        "weights": all_params(s, spec) * nbytes,
+        "gradients": trainable * nbytes,
+        "optimizer_state": optimizer_state_bytes(trainable, dtype, optimizer),
+        "activations": activation_bytes(s, spec, dtype, batch_size, seq_len),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def adapter_bytes(shape, lora, dtype="float32") -> int:
+    """Size of the adapter's tensors (what ``lora_state_dict`` holds and a PEFT folder
+    stores): trainable parameters × bytes per element. The safetensors file adds a small
+    JSON header (8 bytes + a few hundred)."""
+    s, spec = _shape(shape), _spec(lora)
+    if spec is None:
+        raise ValueError("adapter_bytes needs a LoRA spec (full fine-tuning saves the model)")
+    return trainable_params(s, spec) * dtype_bytes(dtype)
+
+
+# ======================================================================================
+# Everything at once (what ``minilora count`` prints)
+# ======================================================================================
+
+
+def report(
+    shape,
+    lora,
+    dtype="float32",
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    optimizer: str = "adamw",
+) -> dict:
+    """Parameters, memory (full fine-tuning and LoRA) and FLOPs per token, as one dict.
+
+    ``shape`` may be a :class:`Preset`; its name and published size are then included.
+    """
+    preset = shape if isinstance(shape, Preset) else None
+    s, spec = _shape(shape), _spec(lora)
+    T = s.block_size if seq_len is None else seq_len
+    counts = param_counts(s, spec)
+    full_mem = train_memory(s, None, dtype, batch_size, T, optimizer)
+    lora_mem = train_memory(s, spec, dtype, batch_size, T, optimizer)
+    fl = flops_comparison(s, spec, T)
+    named = (
+        {}
+        if preset is None
+        else {
+            "preset": preset.name,
+            "preset_title": preset.title,
+            "published_params": preset.published_params,
+        }
+    )
+    return {
+        **named,
+        "shape": s.to_dict(),
+        "lora": {"ranks": spec.ranks(s), "bias": spec.bias, "lora_dropout": spec.lora_dropout},
+        "dtype": dtype if isinstance(dtype, str) else str(dtype),
+        "bytes_per_element": dtype_bytes(dtype),
+        "optimizer": optimizer,
+        "batch_size": batch_size,
+        "seq_len": T,
+        **counts,
+        "trainable_params_full_ft": trainable_params(s, None),
+        "adapter_bytes": adapter_bytes(s, spec, dtype),
+        "full_ft_train_bytes": full_mem["total"],
+        "lora_train_bytes": lora_mem["total"],
+        "memory_full_ft": full_mem,
+        "memory_lora": lora_mem,
+        "flops_per_token_full_ft": fl["full_ft"]["total"],
+        "flops_per_token_lora": fl["lora"]["total"],
+        "flops_full_ft": fl["full_ft"],
+        "flops_lora": fl["lora"],
+        "weight_gradient_share": fl["weight_gradient_share"],
+        "backward_share_removed": fl["backward_share_removed"],
+        "step_share_removed": fl["step_share_removed"],
+    }
+
+
+def resolve_shape(preset: str | None = None, **flags) -> Preset | ModelShape:
+    """A preset by name, a shape from ``ModelShape`` fields, or a preset with some fields
+    overridden (then no longer the published model: a plain ``ModelShape``). Fields given
+    as None are ignored; without a preset every size field is required."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if preset is not None:
+        found = get_preset(preset)
+        return ModelShape(**{**found.shape.to_dict(), **given}) if given else found
+    sizes = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")
+    missing = [k for k in sizes if k not in given]
+    if missing:
+        names = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise ValueError(
+            f"give --preset ({', '.join(PRESETS)}) or every shape flag; missing: {names}"
+        )
+    return ModelShape(**given)
+
+
+def parse_ranks(text: str):
+    """``"4"`` -> 4; ``"q_proj=4,v_proj=8"`` -> ``{"q_proj": 4, "v_proj": 8}``. A value that
+    is not an integer is kept as text, so that :meth:`LoRASpec.ranks` refuses it with a
+    message naming the module and its shape."""
+
+    def number(value: str):
+        value = value.strip()
+        return int(value) if value.lstrip("-").isdigit() else value
+
+    if "=" not in text:
+        return number(text)
+    ranks = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--r: {item!r} should look like name=rank, e.g. q_proj=4")
+        ranks[name.strip()] = number(value)
+    return ranks
+
+
+def format_report(rep: dict) -> str:
+    """The table ``minilora count`` prints, from a :func:`report` dict."""
+    s, lo = rep["shape"], rep["lora"]
+    title = f"{rep['preset']} ({rep['preset_title']})" if "preset" in rep else "shape from flags"
+    ranks = ", ".join(f"{k}={v}" for k, v in lo["ranks"].items())
+    lines = [
+        f"minilora count: {title}",
+        f"  n_layer={s['n_layer']} n_embd={s['n_embd']} n_head={s['n_head']} "
+        f"vocab_size={s['vocab_size']} block_size={s['block_size']} bias={s['bias']} "
+        f"tied={s['tied']}",
+        f"  LoRA ranks: {ranks}; bias={lo['bias']}",
+        f"  dtype={rep['dtype']} ({rep['bytes_per_element']} bytes), optimizer="
+        f"{rep['optimizer']}, batch_size={rep['batch_size']}, seq_len={rep['seq_len']}",
+        "",
+        "Parameters",
+    ]
+
+    def row(label, n, note=""):
+        return f"  {label:<34}{n:>20,}  {human_count(n):>7}{'  ' + note if note else ''}"
+
+    total = rep["total_params"]
+    note = "tied embeddings" if s["tied"] else "untied embeddings"
+    if "published_params" in rep:
+        published = rep["published_params"]
+        note += (
+            f"; published {human_count(published)} ({100 * (total - published) / published:+.2f}%)"
+        )
+    other = ("base model, untied", "total_params_untied")
+    if not s["tied"]:
+        other = ("base model, tied", "total_params_tied")
+    lines += [
+        row("base model", total, note),
+        row(other[0], rep[other[1]]),
+        row("LoRA adapter matrices", rep["lora_params"]),
+        row("all (base + adapter)", rep["all_params"]),
+        row("trainable, full fine-tuning", rep["trainable_params_full_ft"]),
+        row(
+            "trainable, LoRA",
+            rep["trainable_params"],
+            f"{100 * rep['trainable_fraction']:.4f}% of all",
+        ),
+        "",
+        f"Training memory, bytes            {'full fine-tuning':>22}{'LoRA':>22}",
+    ]
+    full, lm = rep["memory_full_ft"], rep["memory_lora"]
+    labels = {
+        "weights": "weights",
+        "gradients": "gradients",
+        "optimizer_state": f"optimizer state ({rep['optimizer']})",
+        "activations": "activations (saved for backward)",
+        "total": "total",
+    }
+    for key, label in labels.items():
+        lines.append(f"  {label:<34}{human_bytes(full[key]):>20}  {human_bytes(lm[key]):>20}")
+    lines += [
+        f"  {'full / LoRA':<34}{full['total'] / lm['total']:>42.2f}x",
+        "",
+        f"Adapter checkpoint                {human_bytes(rep['adapter_bytes']):>20}"
+        f"  ({rep['adapter_bytes']:,} bytes of tensors)",
+        "",
+        f"FLOPs per token (matmuls)         {'full fine-tuning':>22}{'LoRA':>22}",
+    ]
+    ff, fl = rep["flops_full_ft"], rep["flops_lora"]
+    for key, label in (("forward", "forward"), ("backward", "backward"), ("total", "step")):
+        lines.append(f"  {label:<34}{human_flops(ff[key]):>20}  {human_flops(fl[key]):>20}")
+    lines += [
+        f"  weight gradients in full fine-tuning's backward: "
+        f"{100 * rep['weight_gradient_share']:.1f}% (LoRA computes none for frozen weights)",
+        f"  backward work LoRA removes, net: {100 * rep['backward_share_removed']:.1f}%; "
+        f"whole step: {100 * rep['step_share_removed']:.1f}%",
+    ]
+    return "\n".join(lines)
+
+
+# ======================================================================================
+# A live model
+# ======================================================================================
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """``(trainable, all)`` parameters of a live model; shared parameters count once and
+    adapters are included in "all" (as PEFT's ``get_nb_trainable_parameters``)."""
+    params = model.parameters()
+    return sum(p.size for p in params if p.requires_grad), sum(p.size for p in params)
+
+
+def print_trainable_parameters(model) -> None:
+    """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+
+# ======================================================================================
+# Human-readable numbers
+# ======================================================================================
+
+
+def human_count(n: int) -> str:
+    """174604259328 -> '174.6B' (decimal, 4 significant digits, as sizes are quoted)."""
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g}{unit}"
+    return str(n)
+
+
+def human_flops(n: int) -> str:
+    """358791143424 -> '358.8 GFLOP'; 1076373430272 -> '1.076 TFLOP'."""
+    for unit, size in (("PFLOP", 10**15), ("TFLOP", 10**12), ("GFLOP", 10**9),
+                       ("MFLOP", 10**6), ("kFLOP", 10**3)):  # fmt: skip
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} FLOP"
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units, as papers quote them ('350GB' for 175B float16 weights)."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
