@@ -95,7 +95,7 @@ def save_model(model: GPT, path) -> None:
         "format_version": MODEL_FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
-    _atomic_write([(path, _serialize(tensors, metadata))])
+    atomic_write([(path, _serialize(tensors, metadata))])
 
 
 def load_model(path, device: str = "cpu") -> GPT:
@@ -222,7 +222,7 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
     weights = _serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
     text = json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n"
     # Both files are written in full before either replaces its predecessor.
-    _atomic_write(
+    atomic_write(
         [(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text.encode())]
     )
 
@@ -564,7 +564,7 @@ def _check_destination(path: Path, caller: str) -> Path:
     return path
 
 
-def _atomic_write(files: list[tuple[Path, bytes]]) -> None:
+def atomic_write(files: list[tuple[Path, bytes]]) -> None:
     """Write each (destination, bytes) to a temporary file beside it, flushed and fsync'ed,
     then move them into place with ``os.replace``. Nothing is replaced until every
     temporary file is complete; on any error the temporary files are removed and the

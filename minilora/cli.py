@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
-from minilora import accounting
+from minilora import accounting, backend, checkpoint, demo
+from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
+from minilora.lora import merge_and_unload
+from minilora.train import evaluate
 
 
 def _add_count_command(sub) -> None:
@@ -113,19 +118,218 @@ def _cmd_count(args) -> int:
     return 0
 
 
+# ======================================================================================
+# The job: demo, pretrain, finetune, merge, eval, generate
+# ======================================================================================
+
+
+def _common(p, out_help: str | None = None) -> None:
+    """Flags every training or inference command shares."""
+    p.add_argument(
+        "--device",
+        default=os.environ.get("MINILORA_DEVICE", "cpu"),
+        help="cpu or cuda (default: $MINILORA_DEVICE or cpu)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS threads (default 1: minilora's matrices are small, and extra threads "
+        "slow them down on a busy machine)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if out_help:
+        p.add_argument("--out", required=out_help.startswith("(required)"), help=out_help)
+
+
+def _model_args(p) -> None:
+    p.add_argument(
+        "--model", help="a model .safetensors file (default: the pretrained base in the package)"
+    )
+    p.add_argument("--adapter", help="a PEFT adapter folder to load on top of the model")
+
+
+def _add_job_commands(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole LoRA story in a few minutes (the main job)",
+        description="Fine-tune the shipped base model to sort descending, fully and with LoRA "
+        "at several ranks; print a table; save, merge and time the adapter.",
+    )
+    _common(p, "output folder (default: minilora-demo)")
+    p.add_argument("--quick", action="store_true", help="a smoke run (under 30 seconds)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train the base model (reproduces the one shipped in the package)",
+        description="Pretrain the tiny GPT on copy, reverse and sort-ascending.",
+    )
+    _common(p, "where to write the model (default: minilora/assets/base.safetensors)")
+    p.add_argument("--steps", type=int, default=demo.PretrainRecipe.steps)
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a task, fully or with LoRA",
+        description="Fine-tune on a digit task. LoRA writes a PEFT adapter folder; full "
+        "fine-tuning writes a model file.",
+    )
+    _common(p, "(required) adapter folder (lora) or model file (full)")
+    p.add_argument("--base", help="base model file (default: the pretrained base)")
+    p.add_argument("--method", choices=("lora", "full"), default="lora")
+    p.add_argument("--task", choices=sorted(TASKS), default=DOWNSTREAM_TASK)
+    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2·r)")
+    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (lora), 1e-3 (full)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base model and save a plain model",
+        description="base + adapter folder -> merged model file (W = W0 + s·B·A).",
+    )
+    p.add_argument("--base", help="base model file (default: the pretrained base)")
+    p.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    p.add_argument("--out", required=True, help="merged model file to write")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("eval", help="exact-match accuracy of a model on a task")
+    _common(p)
+    _model_args(p)
+    p.add_argument("--task", choices=sorted(TASKS), default=DOWNSTREAM_TASK)
+    p.add_argument("--examples", type=int, default=512)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="complete a prompt such as 'D 3 1 4 ='")
+    _common(p)
+    _model_args(p)
+    p.add_argument("--prompt", required=True, help="task letter, digits and '=', e.g. 'S 3 1 4 ='")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: as many as digits+1")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _setup(args) -> None:
+    backend.set_num_threads(args.threads)
+    backend.check_device(args.device)
+
+
+def _load(args):
+    model = (
+        checkpoint.load_model(args.model, args.device)
+        if args.model
+        else demo.load_base(args.device)
+    )
+    if args.adapter:
+        checkpoint.load_adapter(model, args.adapter)
+    return model
+
+
+def _cmd_demo(args) -> int:
+    _setup(args)
+    settings = (
+        demo.DemoSettings.quick(args.seed) if args.quick else demo.DemoSettings(seed=args.seed)
+    )
+    demo.run_demo(settings, Path(args.out or "minilora-demo"), args.device, not args.no_progress)
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    _setup(args)
+    recipe = demo.PretrainRecipe(steps=args.steps, seed=args.seed)
+    model, history = demo.pretrain(recipe, args.device, not args.no_progress)
+    out = Path(args.out) if args.out else demo.base_model_path()
+    checkpoint.save_model(model, out)
+    last = history[-1]
+    print(f"pretrained {recipe.steps} steps: loss {last['loss']:.4f}, "
+          f"accuracy {last.get('accuracy', float('nan')):.1%}; wrote {out}")  # fmt: skip
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    _setup(args)
+    base = (
+        checkpoint.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
+    )
+    settings = demo.DemoSettings(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr_full=args.lr or 1e-3,
+        lr_lora=args.lr or 1e-2,
+        targets=tuple(t for t in args.targets.split(",") if t),
+        seed=args.seed,
+    )
+    rank = args.r if args.method == "lora" else None
+    model, opt, config, history = demo.finetune(
+        base, args.method, settings, rank, not args.no_progress, task=args.task, alpha=args.alpha
+    )
+    if args.method == "lora":
+        checkpoint.save_adapter(model, args.out, config)
+    else:
+        checkpoint.save_model(model, args.out)
+    x, y = DigitTasks((args.task,)).eval_set(seed=2024, n=512, device=args.device)
+    acc = evaluate(model, x, y)["accuracy"]
+    print(f"{args.method} fine-tuning on task {args.task}: final loss {history[-1]['loss']:.4f}, "
+          f"accuracy {acc:.1%}; wrote {args.out}")  # fmt: skip
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    base = checkpoint.load_model(args.base) if args.base else demo.load_base()
+    checkpoint.load_adapter(base, args.adapter)
+    merged = merge_and_unload(base)
+    checkpoint.save_model(merged, args.out)
+    print(f"merged {args.adapter} into the base; wrote {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    _setup(args)
+    model = _load(args)
+    x, y = DigitTasks((args.task,)).eval_set(seed=2024, n=args.examples, device=args.device)
+    result = evaluate(model, x, y)
+    print(f"task {args.task}: accuracy {result['accuracy']:.1%}, loss {result['eval_loss']:.4f} "
+          f"({args.examples} examples)")  # fmt: skip
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    _setup(args)
+    model = _load(args)
+    ids = encode(args.prompt)
+    n_digits = sum(ch.isdigit() for ch in args.prompt)
+    new = args.max_new_tokens or n_digits + 1
+    idx = backend.array([ids], dtype=backend.int64, device=args.device)
+    model.eval()
+    out = model.generate(idx, new, temperature=args.temperature,
+                         generator=backend.Generator(args.seed))  # fmt: skip
+    print(" ".join(decode(backend.to_numpy(out)[0])))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minilora",
         description="LoRA from nothing: a tiny GPT, hand-written autograd, low-rank adapters.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_job_commands(sub)
     _add_count_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a trace
+        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,14 +42,11 @@ class LoRAConfig:
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian") or "kaiming"
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"LoRAConfig: r={self.r!r} must be a positive integer")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise ValueError(
-                f"LoRAConfig: lora_alpha={self.lora_alpha!r} must be a positive number"
-            )
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"LoRAConfig: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
+            self.init_lora_weights = "kaiming"
+        check_lora_settings(
+            "LoRAConfig", self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights
+        )
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.target_modules = list(self.target_modules)
@@ -60,13 +57,6 @@ class LoRAConfig:
             )
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig: bias={self.bias!r} must be one of {BIAS_MODES}")
-        if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
-            self.init_lora_weights = "kaiming"
-        if self.init_lora_weights not in INIT_MODES:
-            raise ValueError(
-                f"LoRAConfig: init_lora_weights={self.init_lora_weights!r} must be one of "
-                f"{INIT_MODES}"
-            )
 
     @property
     def scaling(self) -> float:
@@ -74,6 +64,24 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weights) -> None:
+    """Refuse settings that would give a NaN, infinite or meaningless adapter."""
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{owner}: r={r!r} must be a positive integer")
+    if not number(lora_alpha) or lora_alpha <= 0:
+        raise ValueError(f"{owner}: lora_alpha={lora_alpha!r} must be a finite positive number")
+    if not number(lora_dropout) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"{owner}: lora_dropout={lora_dropout!r} must be a number in [0, 1)")
+    if init_lora_weights not in INIT_MODES:
+        raise ValueError(
+            f"{owner}: init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}"
+        )
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -119,14 +127,13 @@ class LoRALinear(Linear):
         return layer
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
+        check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
         out_f, in_f = self.weight.shape
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(out_f, in_f):
+        if r > min(out_f, in_f):
             raise ValueError(
-                f"r={r!r} must be an integer in [1, {min(out_f, in_f)}] for a layer with weight "
-                f"shape {self.weight.shape} (the rank cannot exceed min(out, in))"
+                f"r={r!r} must be at most {min(out_f, in_f)} for a layer with weight shape "
+                f"{self.weight.shape} (the rank cannot exceed min(out, in))"
             )
-        if init_lora_weights not in INIT_MODES:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}")
         gen = generator or F.default_generator()
         dtype, device = self.weight.dtype, self.weight.device
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora

@@ -193,9 +193,11 @@ class GPT(Module):
                         kth = xp.sort(logits, axis=-1)[:, -top_k][:, None]
                         logits = xp.where(logits < kth, -xp.inf, logits)
                     probs = F.softmax(Tensor(logits)).data  # (B, vocab)
+                    cdf = xp.cumsum(probs, axis=-1)
                     u = gen.random((probs.shape[0], 1), dtype=probs.dtype, device=self.device)
-                    # inverse-CDF sampling: the first id whose cumulative probability exceeds u
-                    nxt = (xp.cumsum(probs, axis=-1) < u).sum(axis=-1)
+                    # inverse-CDF sampling: the first id whose cumulative probability exceeds
+                    # u; u is scaled by the total so that rounding in cdf never overshoots it
+                    nxt = (cdf <= u * cdf[:, -1:]).sum(axis=-1)
                     nxt = xp.minimum(nxt, probs.shape[-1] - 1)
                 idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
         return idx

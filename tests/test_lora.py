@@ -117,6 +117,7 @@ def snapshot(model) -> dict:
         ({"r": True}, "r=True"),
         ({"lora_alpha": 0}, "lora_alpha=0"),
         ({"lora_alpha": -2.0}, "lora_alpha=-2.0"),
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan"),
         ({"lora_dropout": 1.0}, "lora_dropout=1.0"),
         ({"lora_dropout": -0.5}, "lora_dropout=-0.5"),
         ({"bias": "some"}, "bias='some'"),
@@ -160,9 +161,7 @@ def test_scaling_is_alpha_over_r_or_over_sqrt_r(r, alpha):
 @st.composite
 def gpt_and_lora(draw, dropout=None, lora_dropout=None, bias=None, targets=None):
     config = draw(gpt_configs(dropout=dropout))
-    lora_config = draw(
-        lora_configs(config, targets=targets, lora_dropout=lora_dropout, bias=bias)
-    )
+    lora_config = draw(lora_configs(config, targets=targets, lora_dropout=lora_dropout, bias=bias))
     return config, lora_config
 
 
@@ -184,6 +183,10 @@ def test_apply_lora_replaces_exactly_the_targets(case, seed, dtype):
             # the base weight and bias keep their names and values
             base_layer = base.get_submodule(path)
             assert np.array_equal(m.weight.data, base_layer.weight.data)
+            if config.bias and path != "lm_head":
+                assert np.array_equal(m.bias.data, base_layer.bias.data)
+            else:
+                assert m.bias is None
         elif isinstance(m, Linear):
             assert type(m) is Linear
     # the base model's paths all still exist (a base checkpoint still loads), plus adapters
@@ -228,6 +231,24 @@ def test_rank_above_min_in_out_is_refused_naming_module_and_shape(
     assert f"r={r}" in str(info.value)
     assert snapshot(model) == before, "a refused apply_lora changed the model"
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"lora_alpha": 0}, "lora_alpha=0"),
+        ({"lora_alpha": -1.0}, "lora_alpha=-1.0"),
+        ({"lora_alpha": float("nan")}, "lora_alpha=nan"),
+        ({"lora_dropout": 1.0}, "lora_dropout=1.0"),
+        ({"lora_dropout": -0.1}, "lora_dropout=-0.1"),
+    ],
+)
+def test_lora_linear_constructor_refuses_what_lora_config_refuses(kwargs, named):
+    """LoRALinear can be built without a LoRAConfig: it must check the same fields, at
+    construction (not at the first training forward, or never)."""
+    with pytest.raises(ValueError) as info:
+        LoRALinear(5, 3, r=1, **kwargs)
+    assert named in str(info.value)
 
 
 def test_lora_linear_constructor_refuses_rank_above_min_in_out():
@@ -314,8 +335,9 @@ def test_merge_matches_unmerged_and_unmerge_restores_w(case, seed, dtype, batch)
         # W + s·B·A in the layer's dtype: an r-term dot product (r roundings, each at most
         # eps·Σ|B||A|), the scaling and the sum add one rounding each
         eps = np.finfo(dtype).eps
-        bound = (r_ := layer.r + 2) * eps * (np.abs(W0[p]) + layer.scaling * np.abs(B64) @ np.abs(A64))
-        assert (np.abs(layer.weight.data - expected) <= bound).all(), (p, r_)
+        size = np.abs(W0[p]) + layer.scaling * (np.abs(B64) @ np.abs(A64))
+        bound = (layer.r + 2) * eps * size
+        assert (np.abs(layer.weight.data - expected) <= bound).all(), p
     merged = logits_of(model, idx)
     assert close_to(merged, unmerged, MERGE_RTOL[dtype])
     unmerge_lora(model)
@@ -464,8 +486,9 @@ def closed_form_counts(config, lora_config):
     if lora_config.bias == "all":
         # per block: q, k, v, o (C each), fc1 (4C), fc2 (C), ln1, ln2 (C each); plus ln_f
         return adapters, config.n_layer * (4 * C + 4 * C + C + 2 * C) + C
-    return adapters, sum(out_f for (out_f, _), p in zip(shapes, paths, strict=True)
-                         if p != "lm_head")  # fmt: skip
+    # "lora_only": the biases of the adapted layers (lm_head has none)
+    with_bias = [out_f for (out_f, _), p in zip(shapes, paths, strict=True) if p != "lm_head"]
+    return adapters, sum(with_bias)
 
 
 @given(case=gpt_and_lora(), seed=seeds)

@@ -272,9 +272,7 @@ def test_generate_sampling_is_seeded_and_stays_in_the_vocabulary():
 
 
 @settings(max_examples=10)
-@given(
-    config=gpt_configs(dropout=st.sampled_from([0.1, 0.5])), seed=seeds, batch=st.data()
-)
+@given(config=gpt_configs(dropout=st.sampled_from([0.1, 0.5])), seed=seeds, batch=st.data())
 def test_dropout_is_random_in_training_and_off_in_eval(config, seed, batch):
     idx, targets = batch.draw(token_batches(config, min_len=2, max_batch=3))
     model = make_gpt(config, seed)

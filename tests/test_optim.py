@@ -259,9 +259,7 @@ def test_zero_grad_clears_every_group():
 
 
 @given(shapes=param_shapes, seed=seeds, max_norm=st.floats(0.01, 10.0), dtype=float_dtypes)
-def test_clip_grad_norm_returns_pre_clip_norm_and_scales_to_max_norm(
-    shapes, seed, max_norm, dtype
-):
+def test_clip_grad_norm_returns_pre_clip_norm_and_scales_to_max_norm(shapes, seed, max_norm, dtype):
     params = make_params(seed, shapes, dtype) + make_params(seed, [(2,)], dtype)
     rng = np.random.default_rng(seed + 1)
     for p in params[:-1]:  # the last one has no gradient and is ignored

@@ -1,0 +1,90 @@
+"""The main job end to end: `minilora demo --quick` and the other commands, run for real."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import backend, checkpoint, demo
+from minilora.cli import main
+from minilora.data import DigitTasks
+from minilora.train import NonFiniteLossError, train
+
+
+def test_demo_quick_runs_and_writes_its_files(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = [(r["method"], r["rank"]) for r in results["runs"]]
+    assert methods == [("full", None), ("lora", 1), ("lora", 4)]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    full, lora1 = results["runs"][0], results["runs"][1]
+    # LoRA trains a small fraction and AdamW keeps 2 float32 moments per trainable parameter
+    assert lora1["trainable_params"] < full["trainable_params"] / 20
+    for run in results["runs"]:
+        assert run["optimizer_state_bytes"] == 2 * 4 * run["trainable_params"]
+    assert results["merge_max_abs_diff"] < 1e-4
+    assert results["pretrain_accuracy_after"]["lora_disabled"] == results["base_pretrain_accuracy"]
+    assert "verdict:" in out and "merged vs unmerged" in out
+
+
+def test_finetune_is_deterministic_for_a_seed():
+    base = demo.load_base()
+    settings = demo.DemoSettings(steps=5, batch_size=8, seed=3)
+    runs = [demo.finetune(base, "lora", settings, 2, progress=False)[3] for _ in range(2)]
+    assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
+    other = demo.finetune(base, "lora", demo.DemoSettings(steps=5, batch_size=8, seed=4), 2,
+                          progress=False)[3]  # fmt: skip
+    assert [h["loss"] for h in other] != [h["loss"] for h in runs[0]]
+
+
+def test_finetune_merge_eval_generate_commands(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    merged = tmp_path / "merged.safetensors"
+    assert main(["finetune", "--steps", "3", "--batch-size", "8", "--out", str(adapter),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["merge", "--adapter", str(adapter), "--out", str(merged)]) == 0
+    assert main(["eval", "--adapter", str(adapter), "--examples", "32"]) == 0
+    assert main(["eval", "--model", str(merged), "--examples", "32"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task D")]
+    assert lines[0].split(",")[0] == lines[1].split(",")[0]  # merged == base + adapter accuracy
+    assert main(["generate", "--prompt", "S 3 1 2 ="]) == 0
+    assert capsys.readouterr().out.strip() == "S 3 1 2 = 1 2 3 ."  # the base model can sort
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "X 1 2 ="]) == 2
+    assert "'X'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--method", "half"])
+
+
+def test_non_finite_loss_stops_training_and_names_the_step():
+    ml.manual_seed(0)
+    tasks = DigitTasks()
+    model = ml.GPT(ml.GPTConfig(vocab_size=tasks.vocab_size, block_size=tasks.block_size,
+                                n_layer=1, n_head=1, n_embd=8))  # fmt: skip
+    gen = backend.Generator(0)
+    opt = ml.SGD(model.parameters(), lr=1e6)  # diverges within a few steps
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+") as err:
+        train(model, opt, lambda s: tasks.batch(gen, 4), 50, grad_clip=None, progress=False)
+    assert 1 < err.value.step <= 50 and not math.isfinite(err.value.loss)
+
+
+def test_shipped_base_model_solves_the_pretraining_tasks_and_not_the_downstream_one():
+    base = demo.load_base()
+    for task, low, high in (("C", 0.95, 1.0), ("R", 0.95, 1.0), ("S", 0.95, 1.0), ("D", 0, 0.1)):
+        x, y = DigitTasks((task,)).eval_set(seed=99, n=256)
+        with ml.no_grad():
+            logits, _ = base(x, y)
+        from minilora.data import exact_match
+
+        acc = exact_match(logits.data, y)
+        assert low <= acc <= high, (task, acc)
+    assert checkpoint.load_model(demo.base_model_path()).config == base.config
+    assert np.isfinite(base.lm_head.weight.numpy()).all()
