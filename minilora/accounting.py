@@ -500,9 +500,8 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
         x_rg = x_rg or o_rg
         h, h_rg = layer_norm(p + ".ln2", x_rg)
         f, f_rg = linear(p + ".mlp.fc1", "fc1", h, h_rg, C, 4 * C)
-        if f_rg:  # GELU saves its input (fc1's output) and tanh(u), both (N, 4C)
-            save(f, N * 4 * C)
-            save(p + ".mlp.gelu.t", N * 4 * C)
+        if f_rg:  # GELU saves dy/dx (N, 4C), computed in its forward
+            save(p + ".mlp.gelu.dydx", N * 4 * C)
         _, f_rg = linear(p + ".mlp.fc2", "fc2", p + ".mlp.gelu.out", f_rg, 4 * C, C)
         dropout(p + ".mlp.dropout", f_rg)
         return x_rg or f_rg
@@ -573,7 +572,7 @@ def activation_bytes(
 ) -> int:
     """Bytes of the floating arrays the graph saves for the backward pass, in ``dtype``.
 
-    Full fine-tuning, dropout off, per block: (20·C + 2)·N + nh·B·T² elements (see
+    Full fine-tuning, dropout off, per block: (16·C + 2)·N + nh·B·T² elements (see
     docs/accounting.md), plus ln_f and the softmax: 2·N·C + N + N·V. Not included: the
     integer token ids and targets, the logits the model returns, and the transient
     gradient arrays of the backward pass itself.

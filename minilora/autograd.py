@@ -363,18 +363,24 @@ class Function:
 
 
 def _check_devices_and_dtypes(op: str, tensors) -> None:
-    """Refuse to mix devices (never copy silently) or floating dtypes in one op."""
-    present = [t for t in tensors if t is not None]
-    devices = {t.device for t in present}
-    if len(devices) > 1:
-        raise ValueError(
-            f"{op}: inputs are on different devices {sorted(devices)}; move them to one device "
-            "with .to(device) first"
-        )
-    float_dtypes = {str(t.dtype) for t in present if backend.is_floating(t.data)}
+    """Refuse to mix devices (never copy silently) or floating dtypes in one op.
+
+    This runs for every op, so it starts with cheap tests: arrays of one type live on one
+    device, and dtype.kind "f" marks floating dtypes.
+    """
+    arrays = [t.data for t in tensors if t is not None]
+    if len({type(a) for a in arrays}) > 1:
+        devices = {backend.device_of(a) for a in arrays}
+        if len(devices) > 1:
+            raise ValueError(
+                f"{op}: inputs are on different devices {sorted(devices)}; move them to one "
+                "device with .to(device) first"
+            )
+    float_dtypes = {a.dtype for a in arrays if a.dtype.kind == "f"}
     if len(float_dtypes) > 1:
+        names = sorted(str(d) for d in float_dtypes)
         raise TypeError(
-            f"{op}: inputs have different floating dtypes {sorted(float_dtypes)}; cast them to "
+            f"{op}: inputs have different floating dtypes {names}; cast them to "
             "one dtype first (minilora never promotes silently)"
         )
 

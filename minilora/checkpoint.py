@@ -490,7 +490,7 @@ def _tensor_problems(tensors: dict, expected: dict, r: int) -> list[str]:
 # ======================================================================================
 
 
-def _serialize(tensors: dict, metadata: dict) -> bytes:
+def serialize(tensors: dict, metadata: dict) -> bytes:
     """safetensors bytes with a canonical header, so equal inputs give equal bytes.
 
     The safetensors library lays out the data and writes the header, but its
@@ -505,6 +505,9 @@ def _serialize(tensors: dict, metadata: dict) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+_serialize = serialize  # the name it had while private
 
 
 def _read_safetensors(path: Path, caller: str) -> tuple[dict, dict]:
@@ -641,4 +644,5 @@ __all__ = [
     "load_model",
     "save_adapter",
     "save_model",
+    "serialize",
 ]

@@ -118,6 +118,8 @@ def exact_match(logits, y) -> float:
     ``logits`` (B, T, V) array, ``y`` (B, T) int array.
     """
     xp = backend.get_array_module(logits)
+    if backend.device_of(y) == "cpu":  # host targets (a list, a NumPy array) go to the logits
+        y = backend.array(y, device=backend.device_of(logits))
     pred = logits.argmax(axis=-1)
     scored = y != IGNORE_INDEX
     wrong = (pred != y) & scored

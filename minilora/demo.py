@@ -158,8 +158,10 @@ def _latency(fns: dict, x, repeats: int) -> dict:
             fn(x)
         for _ in range(repeats):
             for name, fn in fns.items():
+                backend.synchronize()  # a GPU runs asynchronously: wait before reading the clock
                 t0 = time.perf_counter()
                 fn(x)
+                backend.synchronize()
                 times[name].append(time.perf_counter() - t0)
     return {name: median(ts) for name, ts in times.items()}
 

@@ -125,7 +125,15 @@ class GPT(Module):
         return self.tok_emb.weight.device
 
     def _check_ids(self, name: str, ids, allow_ignore: bool = False):
-        data = ids.data if isinstance(ids, Tensor) else backend.array(ids)
+        """Validate token ids; host ids (a list, a NumPy array) move to the model's device,
+        ids on another device are refused (they would be copied through the host)."""
+        data = ids.data if isinstance(ids, Tensor) else backend.array(ids)  # stays on its device
+        where = backend.device_of(data)
+        if where not in ("cpu", self.device):
+            raise ValueError(
+                f"{name} is on device {where!r} but the model is on {self.device!r}; move "
+                f"one of them with .to({self.device!r}) or .to({where!r}) first"
+            )
         if not backend.is_integer(data):
             raise ValueError(f"{name} must hold integer token ids, got dtype {data.dtype}")
         if data.ndim != 2:
@@ -145,7 +153,7 @@ class GPT(Module):
     def forward(self, idx, targets=None) -> tuple[Tensor, Tensor | None]:
         idx = self._check_ids("idx", idx)
         B, T = idx.shape
-        positions = backend.to_device(backend.array(range(T), dtype=backend.int64), self.device)
+        positions = backend.arange(T, dtype=backend.int64, device=self.device)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C) + (T, C)
         for block in self.blocks:
             x = block(x)

@@ -23,8 +23,8 @@ from minilora.autograd import Tensor
 class Parameter(Tensor):
     """A leaf tensor that a module owns; ``requires_grad=True`` unless frozen."""
 
-    def __init__(self, data, requires_grad: bool = True):
-        super().__init__(data, requires_grad=requires_grad)
+    def __init__(self, data, requires_grad: bool = True, device: str | None = None):
+        super().__init__(data, requires_grad=requires_grad, device=device)
 
     def __repr__(self) -> str:
         return (

@@ -132,8 +132,12 @@ class AdamW(Optimizer):
                 v *= b2
                 v += (1.0 - b2) * g * g
                 step_size = lr / (1.0 - b1**t)
-                denom = xp.sqrt(v) / math.sqrt(1.0 - b2**t) + eps
-                p.data -= step_size * (m / denom)
+                denom = xp.sqrt(v)  # then in place: √v / √(1-β2^t) + eps
+                denom /= math.sqrt(1.0 - b2**t)
+                denom += eps
+                update = m / denom
+                update *= step_size
+                p.data -= update
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> float:
@@ -145,7 +149,9 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> float:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    total = math.sqrt(sum(float((g.astype(backend.float64) ** 2).sum()) for g in grads))
+    # the squares are summed where the gradients live; float() then reads one number back
+    # (one GPU synchronisation per call, not one per parameter)
+    total = math.sqrt(float(sum((g.astype(backend.float64) ** 2).sum() for g in grads)))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads:

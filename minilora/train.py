@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
+from minilora import backend
 from minilora.autograd import no_grad
 from minilora.data import exact_match
 from minilora.optim import Optimizer, clip_grad_norm_
@@ -56,6 +57,7 @@ def train(
         if lr_schedule is not None:
             for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * lr_schedule(step)
+        backend.synchronize()  # on a GPU, time this step's work, not the previous one's
         t0 = time.perf_counter()
         _, loss = model(x, y)
         value = loss.item()
@@ -66,6 +68,7 @@ def train(
         loss.backward()
         norm = clip_grad_norm_(params, grad_clip) if grad_clip else None
         optimizer.step()
+        backend.synchronize()
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": value, "seconds": dt, "grad_norm": norm}
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == steps):

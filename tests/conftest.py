@@ -2,7 +2,10 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from minilora import backend
 
 # --- Hypothesis profiles -------------------------------------------------------------
 # "ci" (the default): derandomized, so every run checks the same examples.
@@ -18,3 +21,38 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # --- Fixtures ------------------------------------------------------------------------
+
+
+# --- Devices -------------------------------------------------------------------------
+# One fixture runs a test on every device: "cpu" always; "standin" always (a CPU stand-in
+# for a GPU whose arrays refuse implicit conversion to NumPy, so host fallbacks fail here
+# as they would on CuPy; see minilora/backend.py); "cuda" when CuPy and a GPU are present.
+# Without them the "cuda" case is skipped with a reason, or FAILS when MINILORA_REQUIRE_GPU=1
+# (set on a GPU machine, so that a broken CuPy install cannot pass as "skipped").
+# Select or deselect the GPU cases with the marker: -m gpu, -m "not gpu".
+
+DEVICES = ["cpu", "standin", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def require_cuda() -> None:
+    """Skip the calling test without a usable GPU, or fail it under MINILORA_REQUIRE_GPU=1."""
+    if backend.cuda_available():
+        return
+    reason = "CuPy with a CUDA device is not available"
+    if os.environ.get("MINILORA_REQUIRE_GPU") == "1":
+        pytest.fail(f"MINILORA_REQUIRE_GPU=1 but {reason} (is cupy installed for this CUDA?)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def cuda_requirement():
+    """The check the ``device`` fixture makes for "cuda" (for tests of the check itself)."""
+    return require_cuda
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """A device name: each test using this fixture runs once per device."""
+    if request.param == "cuda":
+        require_cuda()
+    return request.param

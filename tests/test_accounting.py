@@ -288,7 +288,7 @@ def test_closed_forms_in_the_docs(shape, B, data):
     fwd = 2 * (12 * C * C * L + C * V) + 4 * T * C * L
     full = acc.flops_per_token(shape, None, T)
     assert (full["forward"], full["backward"]) == (fwd, 2 * fwd)
-    act = L * (20 * N * C + 2 * N + nh * B * T * T) + 2 * N * C + N + N * V
+    act = L * (16 * N * C + 2 * N + nh * B * T * T) + 2 * N * C + N + N * V
     assert acc.activation_bytes(shape, None, "float32", B, T) == 4 * act
 
     # LoRA on q_proj and v_proj, rank r, no bias
@@ -298,8 +298,8 @@ def test_closed_forms_in_the_docs(shape, B, data):
     block0 = 18 * C * C + 6 * T * C + 12 * C * r
     rest = 24 * C * C + 8 * T * C + 16 * C * r
     assert lo["backward"] == block0 + (L - 1) * rest + 2 * C * V
-    act0 = 13 * N * C + 2 * N * r + N + nh * B * T * T
-    act_rest = 14 * N * C + 2 * N * r + 2 * N + nh * B * T * T
+    act0 = 9 * N * C + 2 * N * r + N + nh * B * T * T
+    act_rest = 10 * N * C + 2 * N * r + 2 * N + nh * B * T * T
     expected = act0 + (L - 1) * act_rest + N * C + N + N * V
     assert acc.activation_bytes(shape, spec, "float16", B, T) == 2 * expected
 

@@ -1,0 +1,90 @@
+"""A training step of minilora against the same model in PyTorch eager, on the CPU.
+
+Forward, backward and an AdamW update, float32, the same weights (loaded into
+``examples/torch_gpt.py``'s port by name), the same batch and the same thread count, for
+the tiny, small and medium configurations. The two steps alternate in one run; the table
+gives medians and minilora / PyTorch ratios (target: <= 1.0 on the small configuration).
+
+    python benchmarks/train_step.py [--quick] [--threads N] [--configs tiny,small,medium]
+"""
+
+from __future__ import annotations
+
+import common
+from common import CONFIGS, ms
+
+from minilora import AdamW
+
+DEFAULT_REPEATS = {"tiny": 40, "small": 20, "medium": 10}
+
+
+def run(name: str, repeats: int) -> dict:
+    bench = CONFIGS[name]
+    model = common.build_model(bench)
+    x, y = common.batch(bench)
+    twin, twin_opt = common.torch_twin(model)  # built before training changes the weights
+    steps = {
+        "minilora": common.minilora_step(model, AdamW(model.parameters(), lr=1e-3), x, y),
+        "torch": common.torch_step(twin, twin_opt, x, y),
+    }
+    first = {k: f() for k, f in steps.items()}  # the first step's losses: same weights
+    times = common.alternate(steps, repeats, warmup=1)
+    return {
+        "config": name,
+        "shape": bench.describe(),
+        "tokens_per_step": bench.tokens,
+        "first_loss": first,
+        "minilora": common.summary(times["minilora"]),
+        "torch": common.summary(times["torch"]),
+        **common.ratio(times, "minilora", "torch"),
+    }
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--configs", default="tiny,small,medium", help="comma-separated names")
+    args = p.parse_args(argv)
+    if common.optional_torch() is None:
+        raise SystemExit("train_step.py needs PyTorch (pip install 'minilora[oracle]')")
+    common.set_threads(args.threads)
+    names = ["tiny"] if args.quick else args.configs.split(",")
+    rows = []
+    for name in names:
+        repeats = 3 if args.quick else (args.repeats or DEFAULT_REPEATS.get(name, 10))
+        rows.append(run(name, repeats))
+        r = rows[-1]
+        print(
+            f"{name}: minilora {ms(r['minilora']['median_s']):.1f} ms, "
+            f"torch {ms(r['torch']['median_s']):.1f} ms, ratio {r['ratio']:.2f}",
+            flush=True,
+        )
+    table_rows = [
+        {
+            "config": r["config"],
+            "shape": r["shape"],
+            "minilora": ms(r["minilora"]["median_s"]),
+            "torch": ms(r["torch"]["median_s"]),
+            "ratio": r["ratio"],
+            "paired": r["paired"],
+        }
+        for r in rows
+    ]
+    print(f"\ntraining step, float32, {args.threads} thread(s); medians in ms")
+    print(
+        common.table(
+            table_rows,
+            [("config", "config"), ("shape", "shape"), ("minilora", "minilora ms"),
+             ("torch", "torch ms"), ("ratio", "minilora/torch"), ("paired", "paired ratio")],
+        )  # fmt: skip
+    )
+    result = {"rows": rows, "target": {"config": "small", "ratio_at_most": 1.0}}
+    small = [r for r in rows if r["config"] == "small"]
+    if small:
+        result["target"]["ratio"] = small[0]["ratio"]
+        result["target"]["met"] = small[0]["ratio"] <= 1.0
+    common.write_json(args.out, "train_step", result, args)
+    return result
+
+
+if __name__ == "__main__":
+    main()

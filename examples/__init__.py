@@ -1,0 +1,1 @@
+"""Worked examples that the tests import: ``from examples.torch_gpt import TorchGPT``."""

@@ -1,0 +1,153 @@
+"""minilora's GPT, ported to PyTorch: the worked example of docs/porting.md.
+
+The module tree and parameter names are minilora's (``blocks.0.attn.q_proj.weight``, ...),
+so a minilora state dict loads by name (:func:`load_minilora_state`) and PEFT targets
+``q_proj``/``v_proj`` exactly as it would on a Hugging Face model::
+
+    from examples.torch_gpt import TorchGPT, load_minilora_state
+
+    port = TorchGPT(model.config)                          # model: a minilora GPT
+    load_minilora_state(port, model.state_dict())
+    peft_model = peft.get_peft_model(port, peft.LoraConfig(r=4, lora_alpha=8,
+                                     target_modules=["q_proj", "v_proj"]))
+
+Every line mirrors minilora/model.py: pre-LayerNorm blocks, GELU with the tanh
+approximation, causal attention computed explicitly (scores, mask, softmax, values) rather
+than with ``scaled_dot_product_attention``, so the two compute the same numbers in the same
+order. ``config`` is any object with minilora's ``GPTConfig`` fields (a ``GPTConfig`` works).
+Shapes: B batch, T time, C = n_embd, nh = n_head, hs = C // nh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.n_head = config.n_head
+        self.q_proj = nn.Linear(C, C, bias=bias)
+        self.k_proj = nn.Linear(C, C, bias=bias)
+        self.v_proj = nn.Linear(C, C, bias=bias)
+        self.o_proj = nn.Linear(C, C, bias=bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        mask = torch.triu(torch.ones(config.block_size, config.block_size, dtype=torch.bool), 1)
+        self.register_buffer("future", mask, persistent=False)  # True above the diagonal
+
+    def forward(self, x):
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+
+        def heads(t):  # (B, T, C) -> (B, nh, T, hs)
+            return t.view(B, T, nh, hs).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, T)
+        scores = scores.masked_fill(self.future[:T, :T], float("-inf"))
+        y = F.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, bias = config.n_embd, config.bias
+        self.fc1 = nn.Linear(C, 4 * C, bias=bias)
+        self.fc2 = nn.Linear(4 * C, C, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))  # pre-LN: normalise the branch input, not the sum
+        return x + self.mlp(self.ln2(x))
+
+
+class TorchGPT(nn.Module):
+    """``TorchGPT(config)(idx, targets=None) -> (logits, loss)``, as minilora's ``GPT``.
+
+    Parameters are created in float32 (``.double()`` for float64) with PyTorch's default
+    init; load real weights with :func:`load_minilora_state`.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.tok_emb = nn.Embedding(config.vocab_size, C)
+        self.pos_emb = nn.Embedding(config.block_size, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(C, eps=1e-5, bias=config.bias)
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"idx has {T} positions but block_size is {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C) + (T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:  # mean over targets that are not -100, as minilora
+            V = logits.shape[-1]
+            loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+
+def minilora_name(torch_name: str) -> str:
+    """The minilora parameter path of a PyTorch parameter, plain or wrapped by PEFT:
+    ``base_model.model.<path>.base_layer.weight`` -> ``<path>.weight`` and
+    ``base_model.model.<path>.lora_A.<adapter>.weight`` -> ``<path>.lora_A``."""
+    name = torch_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") and parts[-1] == "weight":
+        return ".".join(parts[:-2])  # drop the adapter name and ".weight"
+    return name
+
+
+def load_minilora_state(torch_model: nn.Module, state: dict) -> list[str]:
+    """Copy minilora arrays (``GPT.state_dict()``: path -> NumPy array) into a
+    ``TorchGPT``, plain or wrapped by PEFT, by name; cast to each parameter's dtype.
+
+    Strict: every PyTorch parameter must get an array and every array must find a
+    parameter of the same shape; otherwise ``ValueError`` lists every problem and nothing
+    is copied. Returns the PyTorch names that were loaded.
+    """
+    params = dict(torch_model.named_parameters())
+    by_minilora = {minilora_name(n): n for n in params}
+    problems = [f"unexpected key {k!r}" for k in sorted(set(state) - set(by_minilora))]
+    problems += [
+        f"missing key {k!r} (PyTorch name {by_minilora[k]!r})"
+        for k in sorted(set(by_minilora) - set(state))
+    ]
+    for k in sorted(set(state) & set(by_minilora)):
+        want, got = tuple(params[by_minilora[k]].shape), tuple(state[k].shape)
+        if want != got:
+            problems.append(f"{k} has shape {got}, expected {want}")
+    if problems:
+        raise ValueError("load_minilora_state refused the state:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for k, array in state.items():
+            p = params[by_minilora[k]]
+            p.copy_(torch.as_tensor(array).to(p.dtype))
+    return [by_minilora[k] for k in state]

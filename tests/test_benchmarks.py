@@ -1,0 +1,110 @@
+"""The benchmark scripts still run (``--quick``) and write the JSON the docs rely on.
+
+Nothing here times anything or asserts a speed: benchmarks measure, tests check that the
+measuring code has not rotted, and that the optimizer-state bytes a real step holds equal
+the accounting formula (an exact check, not a timing).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_module():
+    """Import a benchmark script as a module (they import their neighbour ``common``)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def run_quick(bench_module, name: str, out: Path, *extra) -> dict:
+    result = bench_module(name).main(["--quick", "--out", str(out), *extra])
+    written = json.loads((out / f"{name}.json").read_text())
+    assert written["benchmark"] == name
+    assert written["quick"] is True and written["threads"] == 1
+    for key in ("cpu", "cpu_count", "numpy", "numpy_blas", "python"):
+        assert key in written["machine"]
+    assert written["command"].startswith(f"python benchmarks/{name}.py")
+    return result
+
+
+def check_summary(s: dict) -> None:
+    assert s["n"] >= 1 and 0 < s["min_s"] <= s["median_s"]
+
+
+@pytest.mark.oracle
+def test_train_step_quick(bench_module, tmp_path):
+    pytest.importorskip("torch", reason="the PyTorch side of the comparison needs torch")
+    result = run_quick(bench_module, "train_step", tmp_path)
+    (row,) = result["rows"]
+    assert row["config"] == "tiny"
+    check_summary(row["minilora"])
+    check_summary(row["torch"])
+    assert row["ratio"] > 0 and row["paired"] > 0
+    # the same weights and batch: the first step's losses agree
+    assert row["first_loss"]["minilora"] == pytest.approx(row["first_loss"]["torch"], rel=1e-4)
+
+
+def test_lora_vs_full_quick_and_optimizer_state_equals_the_formula(bench_module, tmp_path):
+    result = run_quick(bench_module, "lora_vs_full", tmp_path)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert "full" in rows and any(r["targets"] for r in result["rows"])
+    for r in rows.values():
+        assert r["optimizer_state_bytes"] == r["optimizer_state_bytes_formula"]
+        assert r["optimizer_state_bytes"] == 2 * 4 * r["trainable_params"]  # AdamW, float32
+        assert r["peak_step_bytes"] > 0
+        check_summary(r["step"])
+    assert rows["full"]["ratio"] == 1.0
+    lora = [r for r in rows.values() if r["targets"]]
+    assert all(r["optimizer_state_bytes"] < rows["full"]["optimizer_state_bytes"] for r in lora)
+    assert result["target"]["optimizer_state_exact"] is True
+
+
+def test_inference_quick(bench_module, tmp_path):
+    result = run_quick(bench_module, "inference", tmp_path)
+    for row in result["rows"]:
+        assert row["merged_matches_unmerged"]
+        for key in ("base", "unmerged", "merged"):
+            check_summary(row[key])
+        assert row["merged_over_base"]["ratio"] > 0
+    assert "worst" in result["target"]
+
+
+def test_breakdown_quick(bench_module, tmp_path):
+    result = run_quick(bench_module, "breakdown", tmp_path, "--no-torch")
+    (row,) = result["rows"]
+    assert set(row["categories"]) == {"matmul", "other_ops", "optimizer", "engine"}
+    assert 0 < row["matmul_share"] < 1
+    assert row["matmuls_per_step"] == len(row["matmul_shapes"]) > 0
+    assert any(op["op"] == "LinearFunction" and op["matmul_s"] > 0 for op in row["ops"])
+    check_summary(row["matmuls_alone"])
+
+
+def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
+    """The report reads what the scripts wrote (here a stand-in result) and prints the
+    GPU comparison when its JSON is there; scripts are skipped so nothing is timed."""
+    (tmp_path / "lora_vs_full.json").write_text(
+        json.dumps(
+            {
+                "config": "wide",
+                "target": {"qv_ratios": [0.6], "worst_lora_ratio": 0.7, "met": True,
+                           "optimizer_state_exact": True},
+            }  # fmt: skip
+        )
+    )
+    (tmp_path / "gpu_vs_cpu.json").write_text(json.dumps({"speedup": 3.0}))
+    skip = "train_step,lora_vs_full,inference,breakdown"
+    report = run_quick(bench_module, "report", tmp_path, "--skip", skip)
+    assert report["gpu_vs_cpu"] == {"speedup": 3.0}
+    assert [t["met"] for t in report["targets"]] == ["met", "met"]
+    assert report["failed_scripts"] == []
