@@ -188,9 +188,7 @@ def run(name: str, repeats: int, with_torch: bool) -> dict:
         "config": name,
         "shape": bench.describe(),
         "matmuls_per_step": len(shapes),
-        "matmul_flops": sum(
-            2 * a[-1] * _prod(_out_shape(a, b)) for _, a, b in shapes
-        ),
+        "matmul_flops": sum(2 * a[-1] * _prod(_out_shape(a, b)) for _, a, b in shapes),
         "step": common.summary(times["step"]),
         "instrumented_step": common.summary(times["instrumented"]),
         "instrumentation_overhead": statistics.median(times["instrumented"]) / step_s,

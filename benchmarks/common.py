@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 
 from minilora import GPT, GPTConfig, backend, manual_seed  # noqa: E402
 
+backend.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -11,15 +11,14 @@ merged / base <= 1.02. Also checks that merged and unmerged outputs agree.
 
 from __future__ import annotations
 
-import numpy as np
-
 import common
+import numpy as np
 from common import CONFIGS, ms
 
 from minilora import LoRAConfig, apply_lora, merge_lora, no_grad
 
 BATCHES = (1, 16)
-DEFAULT_REPEATS = {"tiny": 200, "small": 60, "medium": 20}
+DEFAULT_REPEATS = {"tiny": 300, "small": 100, "medium": 30}
 
 
 def models(bench, r: int = 8):
@@ -100,15 +99,31 @@ def main(argv=None) -> dict:
     print(
         common.table(
             table,
-            [("config", "config"), ("batch", "batch"), ("base", "base ms"),
-             ("unmerged", "unmerged ms"), ("merged", "merged ms"), ("u/b", "unmerged/base"),
-             ("m/b", "merged/base"), ("m/b paired", "paired"), ("same", "merged==unmerged")],
+            [
+                ("config", "config"),
+                ("batch", "batch"),
+                ("base", "base ms"),
+                ("unmerged", "unmerged ms"),
+                ("merged", "merged ms"),
+                ("u/b", "unmerged/base"),
+                ("m/b", "merged/base"),
+                ("m/b paired", "paired"),
+                ("same", "merged==unmerged"),
+            ],
         )  # fmt: skip
     )
-    worst = max(r["merged_over_base"]["ratio"] for r in rows)
+    # Base and merged run the very same code, so the per-round (paired) ratio is the measure:
+    # it cancels the load that drifts between rounds on a shared machine.
+    worst = max(r["merged_over_base"]["paired"] for r in rows)
     result = {
         "rows": rows,
-        "target": {"merged_over_base_at_most": 1.02, "worst": worst, "met": worst <= 1.02},
+        "target": {
+            "merged_over_base_at_most": 1.02,
+            "measure": "paired",
+            "worst": worst,
+            "worst_ratio_of_medians": max(r["merged_over_base"]["ratio"] for r in rows),
+            "met": worst <= 1.02,
+        },
     }
     common.write_json(args.out, "inference", result, args)
     return result

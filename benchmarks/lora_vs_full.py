@@ -85,8 +85,7 @@ def run(config: str, variants, repeats: int) -> list[dict]:
                 "optimizer_state_bytes_formula": expected,
                 "optimizer_state_matches": measured == expected,
                 "peak_step_bytes": peak_bytes(step),
-                "activations_plus_gradients_formula": memory["activations"]
-                + memory["gradients"],
+                "activations_plus_gradients_formula": memory["activations"] + memory["gradients"],
             }
         )
         steps[name] = step
@@ -123,9 +122,16 @@ def main(argv=None) -> dict:
     print(
         common.table(
             table,
-            [("variant", "variant"), ("trainable", "trainable"), ("ms", "step ms"),
-             ("ratio", "/ full"), ("state", "AdamW state B"), ("formula", "formula"),
-             ("peak", "peak MiB"), ("est", "act+grad MiB (formula)")],
+            [
+                ("variant", "variant"),
+                ("trainable", "trainable"),
+                ("ms", "step ms"),
+                ("ratio", "/ full"),
+                ("state", "AdamW state B"),
+                ("formula", "formula"),
+                ("peak", "peak MiB"),
+                ("est", "act+grad MiB (formula)"),
+            ],
         )  # fmt: skip
     )
     lora_rows = [r for r in rows if r["targets"] is not None]

@@ -73,8 +73,14 @@ def main(argv=None) -> dict:
     print(
         common.table(
             table_rows,
-            [("config", "config"), ("shape", "shape"), ("minilora", "minilora ms"),
-             ("torch", "torch ms"), ("ratio", "minilora/torch"), ("paired", "paired ratio")],
+            [
+                ("config", "config"),
+                ("shape", "shape"),
+                ("minilora", "minilora ms"),
+                ("torch", "torch ms"),
+                ("ratio", "minilora/torch"),
+                ("paired", "paired ratio"),
+            ],
         )  # fmt: skip
     )
     result = {"rows": rows, "target": {"config": "small", "ratio_at_most": 1.0}}

@@ -26,7 +26,7 @@ import safetensors.numpy
 import torch
 from torch.nn import functional as F
 
-from examples.torch_gpt import TorchGPT, minilora_name, load_minilora_state
+from examples.torch_gpt import TorchGPT, load_minilora_state, minilora_name
 
 
 def _attention(t, a):
@@ -64,8 +64,10 @@ OPS = {
     "getitem": lambda t, a: t["a"][t["index"]],
     "matmul": lambda t, a: t["a"] @ t["b"],
     "linear": lambda t, a: F.linear(t["x"], t["weight"], t["bias"]),
-    "lora_linear": lambda t, a: F.linear(t["x"], t["weight"], t["bias"])
-    + a["scaling"] * ((t["x"] @ t["lora_A"].T) @ t["lora_B"].T),
+    "lora_linear": lambda t, a: (
+        F.linear(t["x"], t["weight"], t["bias"])
+        + a["scaling"] * ((t["x"] @ t["lora_A"].T) @ t["lora_B"].T)
+    ),
     "gelu": lambda t, a: F.gelu(t["x"], approximate="tanh"),
     "layer_norm": lambda t, a: F.layer_norm(
         t["x"], t["x"].shape[-1:], t["weight"], t["bias"], a["eps"]
@@ -134,9 +136,7 @@ def run_gpt(t: dict, a: dict):
     load_minilora_state(model, {k: v.numpy() for k, v in params.items()})
     logits, loss = model(t["idx"], t["targets"])
     loss.backward(t["grad_output"])
-    grads = {
-        minilora_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None
-    }
+    grads = {minilora_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
     return {"logits": logits, "loss": loss}, grads
 
 

@@ -108,6 +108,15 @@ class Tensor:
     def is_leaf(self) -> bool:
         return self._ctx is None
 
+    @property
+    def grad_fn(self) -> Function | None:
+        """The graph node (a :class:`Function`) that produced this tensor; None for a leaf.
+
+        Its ``inputs`` are the tensors it was applied to (a :class:`GraphInput`, without
+        the array, for those another node produced), so the graph can be walked by hand.
+        """
+        return self._ctx
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -345,7 +354,14 @@ class Function:
         )
         out = self.forward(*(None if t is None else t.data for t in tensors))
         if any(self.needs_input_grad):
-            self.inputs = tensors
+            # The node keeps its inputs to route gradients back. An input another node made
+            # is kept as a GraphInput (its node and shape, not its array): an activation
+            # that no backward saved, and that the caller no longer holds, is then freed
+            # during the forward instead of living until the backward. Leaves are kept as
+            # they are (their .grad is set at the end).
+            self.inputs = tuple(
+                t if t is None or t._ctx is None else GraphInput.of(t) for t in tensors
+            )
             return Tensor._from_op(out, self)
         return Tensor._from_op(out, None)  # nothing to differentiate: no graph node
 
@@ -360,6 +376,35 @@ class Function:
         inputs = self.inputs
         self.__dict__.clear()
         self.inputs, self.needs_input_grad, self.released = inputs, (), True
+
+
+class GraphInput:
+    """What a graph node keeps of an input that another node produced.
+
+    The producing node (``_ctx``), the shape and dtype: all that ``backward`` needs to
+    route a gradient, without the array. One per tensor (cached on it), so that a tensor
+    used by several ops is one input everywhere and its gradients add up.
+    """
+
+    __slots__ = ("_ctx", "shape", "dtype")
+    requires_grad = True
+    is_leaf = False
+    grad = None
+
+    @classmethod
+    def of(cls, t: Tensor) -> GraphInput:
+        handle = t.__dict__.get("_graph_input")
+        if handle is None:
+            handle = t._graph_input = cls.__new__(cls)
+            handle._ctx, handle.shape, handle.dtype = t._ctx, t.shape, t.dtype
+        return handle
+
+    @property
+    def grad_fn(self) -> Function:
+        return self._ctx
+
+    def __repr__(self) -> str:
+        return f"GraphInput(shape={self.shape}, grad_fn={type(self._ctx).__name__})"
 
 
 def _check_devices_and_dtypes(op: str, tensors) -> None:

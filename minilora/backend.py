@@ -258,14 +258,18 @@ def keep_freed_host_memory() -> bool:
     serves big requests with fresh ``mmap`` pages and hands freed memory at the top of the
     heap back to the OS, so the next step touches brand-new pages: each 4 KiB page costs a
     page fault and a zero fill, which on our (virtualised) machines cost several times the
-    arithmetic of an elementwise op (GELU's backward measured 8.3 ms with the default and
-    1.4 ms with this; docs/performance.md). Raising the two thresholds keeps that memory
-    in the process for the next step, as PyTorch's caching allocators do; the price is
-    that the process's resident memory stays near its peak.
+    arithmetic of an elementwise op (GELU's forward inside a training step measured 7.1 ms
+    with the default and 1.8 ms with this; docs/performance.md). Raising the two thresholds
+    keeps that memory in the process for the next step, as PyTorch's caching allocators
+    do; the price is that the process's resident memory stays near its peak.
 
-    Called once when minilora is imported, unless the environment variable
-    ``MINILORA_KEEP_FREED_MEMORY`` is ``0``. Returns True when the setting was applied.
+    The ``minilora`` command and the benchmarks call it; importing minilora does not (a
+    library should not change its user's allocator behind their back). It does nothing
+    when the environment variable ``MINILORA_KEEP_FREED_MEMORY`` is ``0``. Returns True
+    when the setting was applied.
     """
+    if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     import ctypes  # noqa: PLC0415  (only needed here)
 
     try:
@@ -275,13 +279,9 @@ def keep_freed_host_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
     # mmap only requests above 32 MiB (glibc's largest allowed value); give memory back to
     # the OS only when 1 GiB at the top of the heap is free
-    return bool(mallopt(m_mmap_threshold, 32 * 2**20)) and bool(
-        mallopt(m_trim_threshold, 2**30)
-    )
+    mmap_ok = mallopt(m_mmap_threshold, 32 * 2**20)
+    return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 2**30))
 
-
-if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1") != "0":
-    keep_freed_host_memory()
 
 
 # --------------------------------------------------------------------------------------

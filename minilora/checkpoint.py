@@ -11,7 +11,8 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
       adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, ...}
       adapter_model.safetensors    base_model.model.<module path>.lora_A.weight   (r, in)
                                    base_model.model.<module path>.lora_B.weight   (out, r)
-                                   base_model.model.<module path>.bias            (per ``bias``)
+                                   base_model.model.<module path>.bias            (per ``bias``;
+                                   <path>.base_layer.bias for an adapted layer, as PEFT)
 
 Three promises, each tested in tests/test_checkpoint.py:
 
@@ -215,10 +216,9 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     tensors = {}
+    adapted = {p for p, _ in lora_layers(model)}
     for name, arr in _lora_state_dict(model, config.bias).items():
-        owner, _, leaf = name.rpartition(".")
-        key = f"{owner}.{leaf}.weight" if leaf in ("lora_A", "lora_B") else name
-        tensors[PEFT_PREFIX + key] = _host_copy(arr)
+        tensors[_peft_key(name, adapted)] = _host_copy(arr)
     weights = _serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
     text = json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n"
     # Both files are written in full before either replaces its predecessor.
@@ -442,10 +442,11 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
 def _param_name(key: str) -> str | None:
     """The model's parameter path for a PEFT key, or None when the key is not PEFT's:
     ``base_model.model.<path>.lora_A.weight`` -> ``<path>.lora_A``,
-    ``base_model.model.<path>.bias`` -> ``<path>.bias``."""
+    ``base_model.model.<path>.base_layer.bias`` -> ``<path>.bias`` (PEFT's spelling of an
+    adapted layer's own bias) and ``base_model.model.<path>.bias`` -> ``<path>.bias``."""
     if not key.startswith(PEFT_PREFIX):
         return None
-    name = key[len(PEFT_PREFIX) :]
+    name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
     owner, _, leaf = name.rpartition(".")
     if owner.endswith((".lora_A", ".lora_B")) and leaf == "weight":
         return owner
@@ -454,10 +455,15 @@ def _param_name(key: str) -> str | None:
     return name
 
 
-def _peft_key(name: str) -> str:
-    """The inverse of :func:`_param_name`."""
-    leaf = name.rpartition(".")[2]
-    return PEFT_PREFIX + (f"{name}.weight" if leaf in ("lora_A", "lora_B") else name)
+def _peft_key(name: str, adapted=frozenset()) -> str:
+    """The inverse of :func:`_param_name`; ``adapted``: the paths of the LoRA layers, whose
+    own bias PEFT keeps under ``base_layer`` (as its wrapper holds the original Linear)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf in ("lora_A", "lora_B"):
+        return f"{PEFT_PREFIX}{name}.weight"
+    if owner in adapted:
+        return f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"
+    return PEFT_PREFIX + name
 
 
 def _tensor_problems(tensors: dict, expected: dict, r: int) -> list[str]:
@@ -479,9 +485,12 @@ def _tensor_problems(tensors: dict, expected: dict, r: int) -> list[str]:
         else:
             what = f"{leaf} for {owner}" if leaf in ("lora_A", "lora_B") else name
             problems.append(f"{what} has shape {got}, expected {want}")
-    present = {_param_name(key) for key in tensors}
-    for name in sorted(set(expected) - present):
-        problems.append(f"missing key {_peft_key(name)!r}")
+    present = [_param_name(key) for key in tensors]
+    for name in sorted({n for n in present if present.count(n) > 1} - {None}):
+        problems.append(f"{name} is given twice (with and without .base_layer)")
+    adapted = {n.rpartition(".")[0] for n in expected if n.endswith(".lora_A")}
+    for name in sorted(set(expected) - set(present)):
+        problems.append(f"missing key {_peft_key(name, adapted)!r}")
     return problems
 
 

@@ -217,6 +217,7 @@ def _add_job_commands(sub) -> None:
 
 def _setup(args) -> None:
     backend.set_num_threads(args.threads)
+    backend.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
     backend.check_device(args.device)
 
 

@@ -571,10 +571,13 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 _BLOCK_ELEMENTS = 65536
 
 
-def _blocks(flat) -> list:
-    """Slices that cover the 1-D array ``flat`` block by block (one slice on a GPU)."""
-    n = flat.shape[0]
-    step = max(n, 1) if backend.device_of(flat) == "cuda" else _BLOCK_ELEMENTS
+def _blocks(a) -> list:
+    """Slices of ``a``'s first axis, each holding about _BLOCK_ELEMENTS elements (all of
+    ``a`` in one slice on a GPU)."""
+    n = a.shape[0]
+    per_row = a.size // n if n else 1
+    step = n if backend.device_of(a) == "cuda" else _BLOCK_ELEMENTS // per_row
+    step = step or 1  # (``max`` is this module's differentiable op, not the builtin)
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
@@ -583,7 +586,7 @@ class GELU(Function):
 
     dx = g · [½ (1 + t) + ½ x (1 - t²) · c (1 + 3·0.044715 x²)],  t = tanh(u).
 
-    For speed, the forward computes the bracket, dy/dx, while x² and t are at hand and
+    For speed, the forward computes the bracket, dy/dx, while t = tanh(u) is at hand and
     saves only it (one array instead of x and t), so the backward is a single product; it
     works block by block (see ``_blocks``), each formula built in place. The same math
     written plainly is in docs/math.md ("GELU").
@@ -606,25 +609,33 @@ class GELU(Function):
 
 
 def _gelu_block(xp, x, y, d) -> None:
-    """GELU of one block: y = ½ x (1 + t) and, unless d is None, d = dy/dx, in place."""
-    x2 = x * x  # x² (x*x: pow is slow)
-    t = x2 * (0.044715 * _GELU_C)
-    t += _GELU_C
-    t *= x  # u = c·x·(1 + 0.044715 x²) = c (x + 0.044715 x³)
+    """GELU of one block: y = ½ x (1 + t) and, unless d is None, d = dy/dx, in place.
+
+    Each product and sum is taken in the order of the plain formulas (docs/math.md), so the
+    numbers are the same to the last bit; only the temporaries are gone.
+    """
+    t = x * x
+    t *= x  # x³ (x*x*x: pow is slow)
+    t *= 0.044715
+    t += x
+    t *= _GELU_C  # u = c (x + 0.044715 x³)
     xp.tanh(t, out=t)  # t = tanh(u)
     y[...] = t
     y += 1.0
     y *= x
     y *= 0.5  # y = ½ x (1 + t)
     if d is not None:
-        x2 *= 3 * 0.044715 * _GELU_C
-        x2 += _GELU_C
-        x2 *= x  # x · du/dx,  du/dx = c (1 + 3·0.044715 x²)
-        x2 *= 1.0 - t * t  # x (1 - t²) du/dx
-        x2 += t
-        x2 += 1.0
-        x2 *= 0.5  # ½ (1 + t) + ½ x (1 - t²) du/dx
-        d[...] = x2
+        du = x * (3 * 0.044715)
+        du *= x
+        du += 1.0
+        du *= _GELU_C  # du/dx = c (1 + 3·0.044715 x²)
+        h = 0.5 * x
+        h *= 1.0 - t * t
+        h *= du  # ½ x (1 - t²) du/dx
+        t += 1.0
+        t *= 0.5
+        h += t  # ½ (1 + t) + ½ x (1 - t²) du/dx
+        d[...] = h
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -674,8 +685,8 @@ class LayerNormFunction(Function):
         if need_x:
             gh = g if self.weight is None else g * self.weight  # ĝ = dL/dx̂
             # rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ·x̂)), finished in place (3 temporaries, not 5)
-            dx = gh - xhat * (gh * xhat).mean(axis=-1, keepdims=True)
-            dx -= gh.mean(axis=-1, keepdims=True)
+            dx = gh - gh.mean(axis=-1, keepdims=True)
+            dx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
             dx *= rstd
         return dx, dw, db
 
@@ -789,12 +800,11 @@ class SoftmaxCrossEntropy(Function):
         rows = xp.arange(t.shape[0])
         safe_t = xp.where(valid, t, 0)
         shifted = logits2 - backend.max_keepdims(logits2, 1)
-        e = xp.exp(shifted)  # (N, V)
-        sumexp = e.sum(axis=1)  # (N,)
-        nll = (xp.log(sumexp) - shifted[rows, safe_t]) * valid  # (N,) logsumexp - target
+        logsumexp = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
+        nll = (logsumexp - shifted[rows, safe_t]) * valid  # (N,)
         self.shape, self.rows, self.t, self.valid, self.n = logits.shape, rows, safe_t, valid, n
-        e /= sumexp[:, None]
-        self.probs = e  # (N, V) softmax, in the buffer of exp
+        shifted -= logsumexp[:, None]
+        self.probs = xp.exp(shifted, out=shifted)  # (N, V) softmax, in shifted's buffer
         return xp.asarray(nll.sum() / n, dtype=logits.dtype)
 
     def backward(self, g):
@@ -921,9 +931,13 @@ class CausalSelfAttention(Function):
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
         scores = mm(q, _swap(k), "attention.scores")  # (B, nh, T, T)
-        scores *= self.scale
-        scores += _causal_mask(T, scores.dtype, xp)  # the future to -inf
-        self.P = _softmax(scores, axis=-1, overwrite=True)  # (B, nh, T, T), in scores' buffer
+        future = _causal_mask(T, scores.dtype, xp)
+        for b in _blocks(scores):  # batch elements block by block, in cache (see _blocks)
+            s = scores[b]
+            s *= self.scale
+            s += future  # the future to -inf
+            _softmax(s, axis=-1, overwrite=True)  # P, in the scores' buffer
+        self.P = scores  # (B, nh, T, T)
         self.q, self.k, self.v = q, k, v
         return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
 
@@ -934,9 +948,11 @@ class CausalSelfAttention(Function):
         dq = dk = None
         if need_q or need_k:
             dS = mm(g, _swap(self.v), "attention.dP")  # dP (B, nh, T, T), then in place:
-            dS -= (dS * P).sum(axis=-1, keepdims=True)
-            dS *= P
-            dS *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
+            for b in _blocks(dS):  # block by block, in cache (see _blocks)
+                d, p = dS[b], P[b]
+                d -= (d * p).sum(axis=-1, keepdims=True)
+                d *= p
+                d *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
             dq = mm(dS, self.k, "attention.dq") if need_q else None
             dk = mm(_swap(dS), self.q, "attention.dk") if need_k else None
         return dq, dk, dv

@@ -39,7 +39,7 @@ from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
 from minilora.checkpoint import atomic_write, serialize
-from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_layers
+from minilora.lora import LoRAConfig, LoRALinear, apply_lora
 from minilora.model import GPT, GPTConfig
 
 FORMAT = "minilora.vectors"

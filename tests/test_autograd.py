@@ -355,3 +355,35 @@ def test_operators_with_numbers_and_arrays():
     np.testing.assert_allclose(y.data, 3.0 - 2 * x.data + 1 / (x.data + 1), rtol=1e-15)
     y.sum().backward()
     np.testing.assert_allclose(x.grad, -2 - 1 / (x.data + 1) ** 2, rtol=1e-15)
+
+
+def test_grad_fn_names_the_node_and_its_inputs():
+    a = Tensor(np.ones(3), requires_grad=True)
+    b = Tensor(np.ones(3))
+    y = a * b
+    assert a.grad_fn is None and y.grad_fn is not None
+    assert type(y.grad_fn).__name__ == "Mul"
+    assert y.grad_fn.inputs == (a, b)
+    with no_grad():
+        assert (a * b).grad_fn is None
+
+
+def test_the_graph_does_not_keep_activations_that_no_backward_needs():
+    """A node keeps the *node* that made its input, not the input's array: an activation
+    that no op saved and nobody holds is freed during the forward (under LoRA, most of the
+    frozen layers' outputs), yet gradients still reach the leaves through it."""
+    import gc
+    import weakref
+
+    x = Tensor(np.ones((3, 4)), requires_grad=True)
+    h = x + 1.0  # Add saves only shapes
+    array = weakref.ref(h.data)
+    y = (h + 1.0) * 3.0  # h is also used twice, through one graph input
+    y = y + h
+    del h
+    gc.collect()
+    assert array() is None  # freed: the graph holds a GraphInput for h, without its array
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad, np.full((3, 4), 4.0))
+    inputs = y.grad_fn.inputs
+    assert inputs[0].shape == (3, 4) and inputs[0].grad_fn is not None  # the graph can be walked

@@ -97,9 +97,13 @@ def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
         json.dumps(
             {
                 "config": "wide",
-                "target": {"qv_ratios": [0.6], "worst_lora_ratio": 0.7, "met": True,
-                           "optimizer_state_exact": True},
-            }  # fmt: skip
+                "target": {
+                    "qv_ratios": [0.6],
+                    "worst_lora_ratio": 0.7,
+                    "met": True,
+                    "optimizer_state_exact": True,
+                },
+            }
         )
     )
     (tmp_path / "gpu_vs_cpu.json").write_text(json.dumps({"speedup": 3.0}))
@@ -108,3 +112,21 @@ def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
     assert report["gpu_vs_cpu"] == {"speedup": 3.0}
     assert [t["met"] for t in report["targets"]] == ["met", "met"]
     assert report["failed_scripts"] == []
+
+
+def test_compare_engines_quick(bench_module, tmp_path):
+    """Before/after in one process: needs the git history that holds the baseline."""
+    import subprocess
+
+    baseline = bench_module("compare_engines").BEFORE
+    probe = subprocess.run(["git", "cat-file", "-e", f"{baseline}^{{commit}}"],
+                           cwd=BENCHMARKS.parent, capture_output=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"the baseline commit {baseline} is not in this checkout's history")
+    result = run_quick(bench_module, "compare_engines", tmp_path, "--configs", "tiny")
+    assert [r["config"] for r in result["steps"]] == ["tiny"]
+    ops = {r["op"].split()[0] for r in result["ops"]}
+    assert ops == {"GELU", "LayerNorm", "attention", "AdamW", "100"}
+    for r in result["steps"] + result["ops"]:
+        check_summary(r["after"])
+        check_summary(r["before"])

@@ -529,7 +529,29 @@ def test_adapter_bias_keys_follow_config_bias(tmp_path):
         save_adapter(model, tmp_path / bias, config)
         tensors, _ = adapter_parts(tmp_path / bias)
         biases = sorted(k for k in tensors if k.endswith(".bias"))
-        assert len(biases) == count and "base_model.model.blocks.0.mlp.fc1.bias" in biases
+        # PEFT keeps an adapted layer's own bias under base_layer (its wrapper holds the Linear)
+        assert len(biases) == count
+        assert "base_model.model.blocks.0.mlp.fc1.base_layer.bias" in biases
+
+
+def test_adapted_layer_bias_loads_with_or_without_base_layer(tmp_path):
+    """PEFT writes ``<path>.base_layer.bias``; older minilora files wrote ``<path>.bias``:
+    both load, and a file with both is refused rather than loaded in some order."""
+    config = ml.LoRAConfig(r=2, target_modules=["fc1"], bias="lora_only")
+    model = tiny_gpt()
+    ml.apply_lora(model, config)
+    model.get_submodule("blocks.0.mlp.fc1").bias.data[...] = 0.5
+    save_adapter(model, tmp_path / "new", config)
+    tensors, cfg = adapter_parts(tmp_path / "new")
+    new_key = "base_model.model.blocks.0.mlp.fc1.base_layer.bias"
+    old_key = "base_model.model.blocks.0.mlp.fc1.bias"
+    old = {(old_key if k == new_key else k): v for k, v in tensors.items()}
+    for folder in (tmp_path / "new", write_adapter(tmp_path / "old", old, cfg)):
+        loaded = tiny_gpt()
+        load_adapter(loaded, folder)
+        assert (loaded.get_submodule("blocks.0.mlp.fc1").bias.data == 0.5).all()
+    both = write_adapter(tmp_path / "both", {**tensors, old_key: tensors[new_key]}, cfg)
+    assert_refused(tiny_gpt(), both, "blocks.0.mlp.fc1.bias is given twice")
 
 
 def test_two_adapter_saves_are_byte_identical(tmp_path, trained, lora_config):
@@ -624,7 +646,9 @@ def test_bias_keys_missing_or_extra_for_config_bias_are_refused(tmp_path, adapte
     tensors, config = adapter_parts(adapter_dir)
     config["bias"] = "lora_only"
     folder = write_adapter(tmp_path / "nobias", tensors, config)
-    assert_refused(tiny_gpt(), folder, "missing key 'base_model.model.blocks.0.attn.q_proj.bias'")
+    assert_refused(
+        tiny_gpt(), folder, "missing key 'base_model.model.blocks.0.attn.q_proj.base_layer.bias'"
+    )
     config["bias"] = "none"
     tensors["base_model.model.ln_f.bias"] = np.zeros(8, np.float32)
     folder = write_adapter(tmp_path / "extra", tensors, config)
