@@ -283,7 +283,6 @@ def keep_freed_host_memory() -> bool:
     return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 2**30))
 
 
-
 # --------------------------------------------------------------------------------------
 # Seeded random numbers, identical on every device
 # --------------------------------------------------------------------------------------
