@@ -68,15 +68,7 @@ def workload(size: Size, mode: str, device: str, dtype):
     if mode == "lora":
         apply_lora(model, LORA)
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> float:
-        _, loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    return step
+    return common.minilora_step(model, opt, x, y)
 
 
 def timed(fn) -> tuple[float, object]:

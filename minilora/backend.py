@@ -191,6 +191,11 @@ def synchronize() -> None:
         _cupy.cuda.Device().synchronize()
 
 
+def unravel_index(flat: int, shape: tuple) -> tuple:
+    """The multi-index (a tuple of ints) of flat position ``flat`` in a C-ordered array."""
+    return tuple(int(i) for i in np.unravel_index(int(flat), shape))
+
+
 def is_floating(array) -> bool:
     return np.issubdtype(array.dtype, np.floating)
 

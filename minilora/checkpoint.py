@@ -96,7 +96,7 @@ def save_model(model: GPT, path) -> None:
         "format_version": MODEL_FORMAT_VERSION,
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
-    atomic_write([(path, _serialize(tensors, metadata))])
+    atomic_write([(path, serialize(tensors, metadata))])
 
 
 def load_model(path, device: str = "cpu") -> GPT:
@@ -219,7 +219,7 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
     adapted = {p for p, _ in lora_layers(model)}
     for name, arr in _lora_state_dict(model, config.bias).items():
         tensors[_peft_key(name, adapted)] = _host_copy(arr)
-    weights = _serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
+    weights = serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
     text = json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n"
     # Both files are written in full before either replaces its predecessor.
     atomic_write(
@@ -514,9 +514,6 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
-
-
-_serialize = serialize  # the name it had while private
 
 
 def _read_safetensors(path: Path, caller: str) -> tuple[dict, dict]:

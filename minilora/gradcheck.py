@@ -102,7 +102,7 @@ def gradcheck(
         err = abs(analytic - numeric)
         allowed = atol + rtol * abs(numeric)
         if (err > allowed).any():
-            where = tuple(int(j) for j in _unravel((err - allowed).argmax(), t.shape))
+            where = backend.unravel_index((err - allowed).argmax(), t.shape)
             n_bad = int((err > allowed).sum())
             raise GradcheckError(
                 f"gradient of input {i} (shape {t.shape}) is wrong at index {where}: "
@@ -113,15 +113,6 @@ def gradcheck(
                 "transpose, a sum over the wrong axis, or broadcasting not undone)."
             )
     return True
-
-
-def _unravel(flat: int, shape: tuple) -> tuple:
-    """The multi-index of flat position ``flat`` in a C-ordered array of ``shape``."""
-    index = []
-    for n in reversed(shape):
-        flat, r = divmod(int(flat), n)
-        index.append(r)
-    return tuple(reversed(index))
 
 
 def _numerical_gradient(loss: Callable[[], float], t: Tensor, eps: float):

@@ -515,14 +515,6 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def _index(flat: int, shape: tuple) -> tuple:
-    out = []
-    for n in reversed(shape):
-        flat, r = divmod(int(flat), n)
-        out.append(r)
-    return tuple(reversed(out))
-
-
 def compare(got, want, rtol: float, atol: float) -> tuple[bool, str]:
     """(within tolerance, a one-line description) for two arrays of the same shape."""
     if want.size == 0:
@@ -538,7 +530,7 @@ def compare(got, want, rtol: float, atol: float) -> tuple[bool, str]:
     max_err = float(err.max())
     if ok:
         return True, f"max |err| {max_err:.2e} (allowed {atol:g} + {rtol:g}·|want|)"
-    where = _index(worst, tuple(want.shape))
+    where = backend.unravel_index(worst, tuple(want.shape))
     n_bad = int((~(excess <= 0)).sum())
     return False, (
         f"{n_bad} of {want.size} elements outside atol {atol:g} + rtol {rtol:g}·|want|; "

@@ -319,7 +319,7 @@ def test_load_model_refuses_mixed_and_unsupported_dtypes(tmp_path, model_bytes):
     tensors = safetensors.numpy.load(model_bytes)
     tensors["ln_f.bias"] = tensors["ln_f.bias"].astype(np.float64)
     path = tmp_path / "mixed.safetensors"
-    path.write_bytes(checkpoint._serialize(tensors, split(model_bytes)[0]["__metadata__"]))
+    path.write_bytes(checkpoint.serialize(tensors, split(model_bytes)[0]["__metadata__"]))
     with pytest.raises(ValueError, match="mixes dtypes"):
         load_model(path)
 
