@@ -30,9 +30,9 @@ if str(ROOT) not in sys.path:  # so that `examples.torch_gpt` imports when run a
 
 import numpy as np  # noqa: E402
 
-from minilora import GPT, GPTConfig, backend, manual_seed  # noqa: E402
+from minilora import GPT, GPTConfig, fast, manual_seed  # noqa: E402
 
-backend.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
+fast.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -95,7 +95,7 @@ _limiter = None  # threadpoolctl's limiter must stay alive for the limit to hold
 def set_threads(n: int, torch_too: bool = True) -> None:
     """Use ``n`` threads in NumPy's BLAS and, if PyTorch is importable, in PyTorch."""
     global _limiter
-    _limiter = backend.set_num_threads(n)
+    _limiter = fast.set_num_threads(n)
     if torch_too:
         torch = optional_torch()
         if torch is not None:

@@ -1,12 +1,12 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
-from minilora import functional
-from minilora.accounting import print_trainable_parameters
+from minilora import fast, functional  # importing fast registers the fast ops (functional.FAST_OPS)
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
-from minilora.functional import manual_seed
+from minilora.functional import get_ops, manual_seed, set_ops
 from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.lora import (
     LoRAConfig,
+    LoraConfig,
     LoRALinear,
     apply_lora,
     disable_adapters,
@@ -14,6 +14,7 @@ from minilora.lora import (
     mark_only_lora_as_trainable,
     merge_and_unload,
     merge_lora,
+    print_trainable_parameters,
     unmerge_lora,
 )
 from minilora.model import GPT, GPTConfig
@@ -31,6 +32,7 @@ __all__ = [
     "GradcheckError",
     "Linear",
     "LoRAConfig",
+    "LoraConfig",
     "LoRALinear",
     "Module",
     "Parameter",
@@ -38,7 +40,9 @@ __all__ = [
     "apply_lora",
     "clip_grad_norm_",
     "disable_adapters",
+    "fast",
     "functional",
+    "get_ops",
     "gradcheck",
     "is_grad_enabled",
     "lora_state_dict",
@@ -48,5 +52,6 @@ __all__ = [
     "merge_lora",
     "no_grad",
     "print_trainable_parameters",
+    "set_ops",
     "unmerge_lora",
 ]

@@ -155,9 +155,19 @@ class Tensor:
         return self.numpy().reshape(()).item()
 
     def to(self, device: str) -> Tensor:
-        """This tensor on ``device`` (itself if already there), keeping ``requires_grad``."""
+        """This leaf tensor on ``device`` (itself if already there), keeping ``requires_grad``.
+
+        Only leaves move (parameters, inputs): moving an op's output would cut it from the
+        graph that produced it, so that is refused; move the inputs instead.
+        """
         if backend.check_device(device) == self.device:
             return self
+        if self._ctx is not None:
+            raise RuntimeError(
+                f"to({device!r}) is only allowed on leaf tensors; this tensor was produced by "
+                f"{type(self._ctx).__name__} and moving it would cut the graph (move the "
+                "inputs, or the module, instead)"
+            )
         out = Tensor(backend.to_device(self.data, device))
         out.requires_grad = self.requires_grad
         return out
@@ -223,80 +233,8 @@ class Tensor:
             if not retain_graph:
                 fn.release()
 
-    # ---- operators (the ops themselves live in functional.py) --------------------------
-
-    def __add__(self, other):
-        return F.add(self, other)
-
-    def __radd__(self, other):
-        return F.add(other, self)
-
-    def __sub__(self, other):
-        return F.sub(self, other)
-
-    def __rsub__(self, other):
-        return F.sub(other, self)
-
-    def __mul__(self, other):
-        return F.mul(self, other)
-
-    def __rmul__(self, other):
-        return F.mul(other, self)
-
-    def __truediv__(self, other):
-        return F.div(self, other)
-
-    def __rtruediv__(self, other):
-        return F.div(other, self)
-
-    def __neg__(self):
-        return F.neg(self)
-
-    def __pow__(self, exponent):
-        return F.pow(self, exponent)
-
-    def __matmul__(self, other):
-        return F.matmul(self, other)
-
-    def __rmatmul__(self, other):
-        return F.matmul(other, self)
-
-    def __getitem__(self, index):
-        return F.getitem(self, index)
-
-    def reshape(self, *shape):
-        return F.reshape(self, *shape)
-
-    def permute(self, *dims):
-        return F.permute(self, *dims)
-
-    def transpose(self, dim0: int, dim1: int):
-        """Swap two dimensions (PyTorch's ``transpose``)."""
-        dims = list(range(self.ndim))
-        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
-        return F.permute(self, *dims)
-
-    @property
-    def T(self):
-        return F.permute(self, *reversed(range(self.ndim)))
-
-    def sum(self, axis=None, keepdims: bool = False):
-        return F.sum(self, axis=axis, keepdims=keepdims)
-
-    def mean(self, axis=None, keepdims: bool = False):
-        return F.mean(self, axis=axis, keepdims=keepdims)
-
-    def max(self, axis=None, keepdims: bool = False):
-        return F.max(self, axis=axis, keepdims=keepdims)
-
-    def exp(self):
-        return F.exp(self)
-
-    def log(self):
-        return F.log(self)
-
-    def tanh(self):
-        return F.tanh(self)
+    # The operators (``a + b``, ``a @ b``, ``a[i]``) and array methods (``reshape``,
+    # ``sum``, ``T`` ...) are the ops of functional.py, attached to this class there.
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:
@@ -428,8 +366,3 @@ def _check_devices_and_dtypes(op: str, tensors) -> None:
             f"{op}: inputs have different floating dtypes {names}; cast them to "
             "one dtype first (minilora never promotes silently)"
         )
-
-
-# The ops need Tensor and Function, defined above; Tensor's operators look them up at call
-# time, so this import sits at the bottom on purpose.
-from minilora import functional as F  # noqa: E402

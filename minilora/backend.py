@@ -9,11 +9,6 @@ arrays alike.
 Random numbers are always drawn on the host with NumPy's PCG64 generator and then moved
 to the target device, so the same seed gives the same numbers on every device.
 
-Three devices: ``"cpu"`` (NumPy), ``"cuda"`` (CuPy, when installed with a GPU) and
-``"standin"``, a CPU stand-in for a GPU: NumPy arrays behind CuPy's rules (they refuse
-implicit conversion to NumPy), so tests without a GPU still catch host fallbacks. See
-the "stand-in device" section below.
-
 Matrix products go through :func:`matmul`, which can record what it computes (see
 :class:`MatmulCounter`). Tests use that to *count* work, e.g. that a frozen weight never
 gets a weight-gradient matmul, instead of timing it.
@@ -22,10 +17,7 @@ gets a weight-gradient matmul, instead of timing it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
-import types
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,32 +32,37 @@ int64 = np.int64
 bool_ = np.bool_
 
 DTYPES = {"float16": float16, "float32": float32, "float64": float64}
-DEVICES = ("cpu", "cuda", "standin")
 
 ndarray = np.ndarray
 
 
 # --------------------------------------------------------------------------------------
-# CuPy, looked up lazily and never required
+# Devices
 # --------------------------------------------------------------------------------------
+#
+# "cpu" is NumPy. Every other device is an array module that follows CuPy's conventions:
+# its arrays are instances of ``xp.ndarray``, ``xp.asarray(host_array)`` copies host data
+# onto the device, and ``array.get()`` copies it back. "cuda" (CuPy) is registered the
+# first time it is asked for and found; :func:`register_device` adds others (the tests
+# register a CPU stand-in for a GPU this way, see tests/standin.py).
 
-_cupy = None
-_cupy_checked = False
+_device_modules: dict = {}  # device name -> array module, for every device but "cpu"
+_cuda_checked = False
 
 
 def cupy_module():
     """Return the ``cupy`` module, or ``None`` when it is not installed or has no device."""
-    global _cupy, _cupy_checked
-    if not _cupy_checked:
-        _cupy_checked = True
+    global _cuda_checked
+    if not _cuda_checked:
+        _cuda_checked = True
         try:
             import cupy  # noqa: PLC0415  (lazy on purpose: CuPy is optional)
 
             if cupy.cuda.runtime.getDeviceCount() > 0:
-                _cupy = cupy
+                _device_modules["cuda"] = cupy
         except Exception:  # ImportError, or CUDA driver/runtime missing
-            _cupy = None
-    return _cupy
+            pass
+    return _device_modules.get("cuda")
 
 
 def cuda_available() -> bool:
@@ -73,11 +70,24 @@ def cuda_available() -> bool:
     return cupy_module() is not None
 
 
+def register_device(name: str, xp) -> None:
+    """Make ``name`` a device whose arrays belong to the array module ``xp`` (CuPy's
+    conventions: ``xp.ndarray``, ``xp.asarray``, ``array.get()``)."""
+    if not isinstance(name, str) or not name.isidentifier() or name in ("cpu", "cuda"):
+        raise ValueError(f"register_device: name={name!r} must be a new identifier")
+    _device_modules[name] = xp
+
+
+def devices() -> tuple[str, ...]:
+    """The device names :func:`check_device` accepts."""
+    return ("cpu", "cuda", *(d for d in _device_modules if d != "cuda"))
+
+
 def check_device(device: str) -> str:
-    """Validate a device name and return it in canonical form."""
-    if not isinstance(device, str) or device.split(":")[0] not in DEVICES:
-        raise ValueError(f"device={device!r} is not a known device; expected one of {DEVICES}")
-    name = device.split(":")[0]
+    """Validate a device name (``"cuda:0"`` is read as ``"cuda"``) and return it."""
+    name = device.split(":")[0] if isinstance(device, str) else None
+    if name not in devices():
+        raise ValueError(f"device={device!r} is not a known device; expected one of {devices()}")
     if name == "cuda" and not cuda_available():
         raise RuntimeError(
             "device='cuda' was requested but CuPy with a CUDA device is not available; "
@@ -87,36 +97,29 @@ def check_device(device: str) -> str:
 
 
 def get_array_module(*arrays):
-    """Return the module that owns the given arrays: ``numpy``, ``cupy`` or ``standin``."""
-    cp = _cupy
+    """Return the module that owns the given arrays: ``numpy``, or a device's (``cupy``)."""
     for a in arrays:
-        if isinstance(a, StandInArray):
-            return standin
-        if cp is not None and isinstance(a, cp.ndarray):
-            return cp
+        if type(a) is not np.ndarray:
+            for xp in _device_modules.values():
+                if isinstance(a, xp.ndarray):
+                    return xp
     return np
 
 
 def device_of(array) -> str:
-    """The device name (``"cpu"``, ``"cuda"`` or ``"standin"``) an array lives on.
-
-    Anything that is not a device array (a NumPy array, a Python number or list) is host
-    data: ``"cpu"``.
-    """
-    if isinstance(array, StandInArray):
-        return "standin"
-    cp = _cupy
-    if cp is not None and isinstance(array, cp.ndarray):
-        return "cuda"
+    """The device name an array lives on. Anything that is not a device array (a NumPy
+    array, a Python number or list) is host data: ``"cpu"``."""
+    if type(array) is not np.ndarray:
+        for name, xp in _device_modules.items():
+            if isinstance(array, xp.ndarray):
+                return name
     return "cpu"
 
 
 def module_for(device: str):
     """The array module that creates arrays on ``device``."""
     name = check_device(device)
-    if name == "cuda":
-        return cupy_module()
-    return standin if name == "standin" else np
+    return np if name == "cpu" else _device_modules[name]
 
 
 def to_device(array, device: str):
@@ -131,11 +134,7 @@ def to_device(array, device: str):
         return array
     _record_copy(source, device, array)
     host = np.asarray(array) if source == "cpu" else array.get()  # .get(): device -> host
-    if device == "cpu":
-        return host
-    if device == "cuda":
-        return cupy_module().asarray(host)
-    return standin.asarray(host)  # a copy, as cupy.asarray: device memory is not host memory
+    return host if device == "cpu" else _device_modules[device].asarray(host)
 
 
 def to_numpy(array) -> np.ndarray:
@@ -187,8 +186,9 @@ def synchronize() -> None:
     GPU calls return before the work is done, so a timer must synchronise before it
     reads the clock, or it measures only the time to queue the kernels.
     """
-    if _cupy is not None:
-        _cupy.cuda.Device().synchronize()
+    cupy = _device_modules.get("cuda")
+    if cupy is not None:
+        cupy.cuda.Device().synchronize()
 
 
 def unravel_index(flat: int, shape: tuple) -> tuple:
@@ -215,77 +215,6 @@ def resolve_dtype(dtype):
             raise ValueError(f"dtype={dtype!r} is not supported; expected one of {list(DTYPES)}")
         return DTYPES[dtype]
     return np.dtype(dtype).type
-
-
-def scatter_add(target, indices, values) -> None:
-    """``target[indices] += values`` where repeated indices accumulate (in place)."""
-    xp = get_array_module(target)
-    if xp is np:
-        np.add.at(target, indices, values)
-    elif xp is standin:
-        np.add.at(target._a, _index(indices), _unwrap(values))
-    else:  # CuPy's equivalent of ufunc.at
-        import cupyx  # noqa: PLC0415
-
-        cupyx.scatter_add(target, indices, values)
-
-
-def max_keepdims(x, axis: int):
-    """``x.max(axis=axis, keepdims=True)``, for the shift before a softmax's ``exp``.
-
-    On NumPy, ``fmax.reduce`` finds the same maxima several times faster than ``max``
-    (which propagates NaN element by element). They differ only on a row holding NaN,
-    which a softmax turns into NaN either way.
-    """
-    if get_array_module(x) is np:
-        return np.fmax.reduce(x, axis=axis, keepdims=True)
-    return x.max(axis=axis, keepdims=True)
-
-
-def set_num_threads(n: int):
-    """Limit the BLAS threads NumPy uses (returns the limiter; ``None`` restores nothing).
-
-    minilora's matrices are small: one BLAS thread per process is usually fastest, and on a
-    shared or busy machine extra threads spin and can make each matmul ten times slower.
-    """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"threads={n!r} must be a positive integer")
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415  (only needed here)
-
-    return threadpool_limits(limits=n, user_api="blas")
-
-
-def keep_freed_host_memory() -> bool:
-    """Ask the C library's ``malloc`` to keep freed memory for reuse (glibc; else a no-op).
-
-    A training step allocates the same large arrays every step (activations, gradients,
-    the temporaries of each op, megabytes each) and frees them again. By default glibc
-    serves big requests with fresh ``mmap`` pages and hands freed memory at the top of the
-    heap back to the OS, so the next step touches brand-new pages: each 4 KiB page costs a
-    page fault and a zero fill, which on our (virtualised) machines cost several times the
-    arithmetic of an elementwise op (GELU's forward inside a training step measured 7.1 ms
-    with the default and 1.8 ms with this; docs/performance.md). Raising the two thresholds
-    keeps that memory in the process for the next step, as PyTorch's caching allocators
-    do; the price is that the process's resident memory stays near its peak.
-
-    The ``minilora`` command and the benchmarks call it; importing minilora does not (a
-    library should not change its user's allocator behind their back). It does nothing
-    when the environment variable ``MINILORA_KEEP_FREED_MEMORY`` is ``0``. Returns True
-    when the setting was applied.
-    """
-    if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    import ctypes  # noqa: PLC0415  (only needed here)
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
-    except (OSError, AttributeError, TypeError):  # no mallopt: not glibc (macOS, Windows)
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    # mmap only requests above 32 MiB (glibc's largest allowed value); give memory back to
-    # the OS only when 1 GiB at the top of the heap is free
-    mmap_ok = mallopt(m_mmap_threshold, 32 * 2**20)
-    return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 2**30))
 
 
 # --------------------------------------------------------------------------------------
@@ -426,245 +355,3 @@ def _record_copy(source: str, target: str, array) -> None:
     if _copies is not None:
         shape = tuple(array.shape) if hasattr(array, "shape") else np.shape(array)  # or a list
         _copies.append(CopyRecord(source, target, shape))
-
-
-# --------------------------------------------------------------------------------------
-# The stand-in device: a GPU's rules, on the CPU
-# --------------------------------------------------------------------------------------
-#
-# CI has no GPU, yet most bugs a GPU run finds are not about the GPU: they are host
-# fallbacks, places where code quietly treats a device array as a NumPy array
-# (``numpy.asarray(x)``, ``np.exp(x)``, ``x + host_array``, handing ``x`` to safetensors)
-# or calls a NumPy function CuPy does not have. CuPy refuses all of these; NumPy accepts
-# them, so a CPU-only test suite never sees them. The "standin" device is a third array
-# module that stores its data in NumPy but follows CuPy's rules:
-#
-# * its arrays refuse implicit conversion: ``numpy.asarray(x)`` raises CuPy's TypeError,
-#   and NumPy ufuncs refuse them (``__array_ufunc__ = None``). ``x.get()`` is the explicit
-#   copy to the host. ``float(x)``, ``int(x)``, ``bool(x)``, ``x.item()`` and
-#   ``x.tolist()`` work, as in CuPy (on a GPU each one waits for the device);
-# * arithmetic or functions that mix its arrays with NumPy arrays raise TypeError, as
-#   CuPy does ("Unsupported type <class 'numpy.ndarray'>");
-# * reductions and scalar indexing give 0-d arrays, not NumPy scalars, as CuPy does;
-# * its module and its arrays offer only names that CuPy also has (_STANDIN_FUNCTIONS,
-#   _STANDIN_ARRAY_ATTRIBUTES), so code that uses a NumPy-only function fails here too.
-#
-# Stricter than CuPy in two places, on purpose: host arrays are refused as values in
-# ``x[...] = v`` and in numpy-ufunc calls (CuPy copies or dispatches some of them).
-# The numbers are NumPy's, so a run on "standin" is bitwise the run on "cpu". It says
-# nothing about GPU speed or GPU rounding: it is a guard for correctness, used by the
-# tests (the ``device`` fixture) and by ``--device standin`` on the command line.
-
-_IMPLICIT_CONVERSION = (
-    "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
-    "a NumPy array explicitly."
-)  # CuPy's own message
-
-# What CuPy's module has and minilora may use (extend only with names CuPy also has).
-_STANDIN_FUNCTIONS = (
-    "abs", "absolute", "all", "any", "arange", "argmax", "broadcast_to", "clip",
-    "concatenate", "cumsum", "empty", "empty_like", "exp", "expm1", "full", "full_like",
-    "isfinite", "isinf", "isnan", "log", "log1p", "matmul", "max", "maximum", "mean", "min",
-    "minimum", "ones", "ones_like", "sort", "sqrt", "square", "stack", "sum", "tanh",
-    "triu", "where", "zeros", "zeros_like",
-)  # fmt: skip
-_STANDIN_CONSTANTS = (
-    "inf", "nan", "pi", "newaxis", "bool_", "float16", "float32", "float64", "int32",
-    "int64", "dtype",
-)  # fmt: skip
-# What CuPy's arrays have and minilora may use; no route to host memory (.data, .ctypes,
-# .tobytes(), .flat) is offered.
-_STANDIN_ARRAY_ATTRIBUTES = frozenset((
-    "T", "all", "any", "argmax", "argmin", "astype", "clip", "copy", "cumsum", "dtype",
-    "fill", "flatten", "itemsize", "max", "mean", "min", "nbytes", "ndim", "nonzero",
-    "prod", "ravel", "repeat", "reshape", "shape", "size", "squeeze", "std", "strides",
-    "sum", "swapaxes", "take", "transpose", "var",
-))  # fmt: skip
-
-
-class StandInArray:
-    """An array on the ``"standin"`` device: NumPy data behind CuPy's rules (see above)."""
-
-    __slots__ = ("_a",)
-    __array_ufunc__ = None  # np.exp(x) and host_array + x refuse it, as for a GPU array
-    __hash__ = None
-
-    def __init__(self, data: np.ndarray):
-        self._a = data
-
-    # ---- the guard: no implicit way to the host ------------------------------------
-
-    def __array__(self, *args, **kwargs):
-        raise TypeError(_IMPLICIT_CONVERSION)
-
-    def get(self) -> np.ndarray:
-        """A NumPy copy on the host (the explicit device-to-host copy, as in CuPy)."""
-        return self._a.copy()
-
-    def item(self):
-        return self._a.item()
-
-    def tolist(self):
-        return self._a.tolist()
-
-    def __float__(self) -> float:
-        return float(self._a)  # one element only, as in NumPy and CuPy
-
-    def __int__(self) -> int:
-        return int(self._a)
-
-    def __bool__(self) -> bool:
-        return bool(self._a)
-
-    def __index__(self) -> int:
-        return self._a.__index__()
-
-    def __format__(self, spec: str) -> str:
-        return format(self._a, spec)
-
-    def __repr__(self) -> str:
-        return f"standin:{self._a!r}"
-
-    # ---- the rest of an array, each result a stand-in array again --------------------
-
-    def __getattr__(self, name: str):
-        if name not in _STANDIN_ARRAY_ATTRIBUTES:
-            raise AttributeError(
-                f"a stand-in device array has no attribute {name!r} (it offers what CuPy's "
-                "arrays offer; use .get() for a NumPy copy)"
-            )
-        value = getattr(self._a, name)
-        return _on_standin(value) if callable(value) else _wrap(value)
-
-    def __len__(self) -> int:
-        return len(self._a)
-
-    def __iter__(self):
-        return (_wrap(row) for row in self._a)
-
-    def __getitem__(self, index):
-        return _wrap(self._a[_index(index)])
-
-    def __setitem__(self, index, value):
-        value = _operand(value)
-        if value is NotImplemented:
-            raise TypeError(f"Unsupported type {type(value)}")
-        self._a[_index(index)] = value
-
-    def __copy__(self) -> StandInArray:
-        return StandInArray(self._a.copy())
-
-    def __deepcopy__(self, memo) -> StandInArray:
-        return StandInArray(self._a.copy())
-
-    def __reduce__(self):
-        return StandInArray, (self._a,)
-
-
-def _operand(x):
-    """An operand for NumPy: a stand-in array's data, or a scalar; host arrays refused."""
-    if isinstance(x, StandInArray):
-        return x._a
-    if isinstance(x, np.ndarray):
-        raise TypeError(f"Unsupported type {type(x)}")  # CuPy refuses host arrays here
-    if isinstance(x, (bool, int, float, complex, np.generic)):
-        return x
-    return NotImplemented  # e.g. a Tensor: let its reflected operator answer
-
-
-def _binary(name: str):
-    def op(self, other):
-        other = _operand(other)
-        if other is NotImplemented:
-            return NotImplemented
-        return _wrap(getattr(self._a, name)(other))
-
-    return op
-
-
-def _inplace(name: str):
-    def op(self, other):
-        other = _operand(other)
-        if other is NotImplemented:
-            return NotImplemented
-        getattr(self._a, name)(other)
-        return self
-
-    return op
-
-
-def _unary(name: str):
-    return lambda self: _wrap(getattr(self._a, name)())
-
-
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
-              "or", "xor"):  # fmt: skip
-    setattr(StandInArray, f"__{_name}__", _binary(f"__{_name}__"))
-    setattr(StandInArray, f"__r{_name}__", _binary(f"__r{_name}__"))
-    setattr(StandInArray, f"__i{_name}__", _inplace(f"__i{_name}__"))
-for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
-    setattr(StandInArray, f"__{_name}__", _binary(f"__{_name}__"))
-for _name in ("neg", "pos", "abs", "invert"):
-    setattr(StandInArray, f"__{_name}__", _unary(f"__{_name}__"))
-
-
-def _wrap(x):
-    """NumPy results as stand-in arrays; NumPy scalars become 0-d arrays, as in CuPy."""
-    if isinstance(x, np.ndarray):
-        return StandInArray(x)
-    if isinstance(x, np.generic):
-        return StandInArray(np.asarray(x))
-    if isinstance(x, (tuple, list)):
-        return type(x)(_wrap(v) for v in x)
-    return x
-
-
-def _unwrap(x):
-    """Arguments for NumPy: stand-in arrays unwrapped (also inside lists and tuples);
-    host arrays refused, as CuPy's functions refuse them."""
-    if isinstance(x, StandInArray):
-        return x._a
-    if isinstance(x, np.ndarray):
-        raise TypeError(f"Unsupported type {type(x)}")
-    if isinstance(x, (tuple, list)):
-        return type(x)(_unwrap(v) for v in x)
-    return x
-
-
-def _index(index):
-    """An index for NumPy. Host index arrays are allowed: CuPy copies them to the device."""
-    if isinstance(index, StandInArray):
-        return index._a
-    if isinstance(index, tuple):
-        return tuple(_index(i) for i in index)
-    return index
-
-
-def _on_standin(fn):
-    """``fn`` (a NumPy function or array method) taking and returning stand-in arrays."""
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        out = fn(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
-        return _wrap(out)
-
-    return call
-
-
-def _standin_asarray(data, dtype=None):
-    """Host data or a stand-in array -> a stand-in array. Host data is copied, as
-    ``cupy.asarray`` copies it into device memory."""
-    if isinstance(data, StandInArray):
-        return data if dtype is None or data.dtype == dtype else data.astype(dtype)
-    return StandInArray(np.array(data, dtype=dtype, copy=True))
-
-
-standin = types.ModuleType(
-    "minilora.standin", "The stand-in device's array module: a CuPy-like face on NumPy."
-)
-standin.ndarray = StandInArray
-standin.asarray = standin.array = _standin_asarray
-for _name in _STANDIN_FUNCTIONS:
-    setattr(standin, _name, _on_standin(getattr(np, _name)))
-for _name in _STANDIN_CONSTANTS:
-    setattr(standin, _name, getattr(np, _name))

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from minilora import accounting, backend, checkpoint, demo
+from minilora import accounting, backend, checkpoint, demo, fast
 from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
 from minilora.lora import merge_and_unload
 from minilora.train import evaluate
@@ -105,8 +105,8 @@ def _cmd_count(args) -> int:
         "dropout": args.dropout,
     }
     try:
-        shape = accounting.resolve_shape(args.preset, **flags)
-        r = accounting.parse_ranks(args.r)
+        shape = resolve_shape(args.preset, **flags)
+        r = parse_ranks(args.r)
         spec = accounting.LoRASpec(args.targets, r, args.bias, args.lora_dropout)
         rep = accounting.report(
             shape, spec, args.dtype, args.batch_size, args.seq_len, args.optimizer
@@ -114,8 +114,148 @@ def _cmd_count(args) -> int:
     except ValueError as e:
         print(f"minilora count: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(rep) if args.json else accounting.format_report(rep))
+    print(json.dumps(rep) if args.json else format_report(rep))
     return 0
+
+
+# ---- what ``minilora count`` reads from its flags and prints ----------------------------
+
+
+def resolve_shape(preset: str | None = None, **flags) -> accounting.Preset | accounting.ModelShape:
+    """A preset by name, a shape from ``ModelShape`` fields, or a preset with some fields
+    overridden (then no longer the published model: a plain ``ModelShape``). Fields given
+    as None are ignored; without a preset every size field is required."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if preset is not None:
+        found = accounting.get_preset(preset)
+        return accounting.ModelShape(**{**found.shape.to_dict(), **given}) if given else found
+    sizes = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")
+    missing = [k for k in sizes if k not in given]
+    if missing:
+        names = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise ValueError(
+            f"give --preset ({', '.join(accounting.PRESETS)}) or every shape flag; missing: {names}"
+        )
+    return accounting.ModelShape(**given)
+
+
+def parse_ranks(text: str):
+    """``"4"`` -> 4; ``"q_proj=4,v_proj=8"`` -> ``{"q_proj": 4, "v_proj": 8}``. A value that
+    is not an integer is kept as text, so that :meth:`LoRASpec.ranks` refuses it with a
+    message naming the module and its shape."""
+
+    def number(value: str):
+        value = value.strip()
+        return int(value) if value.lstrip("-").isdigit() else value
+
+    if "=" not in text:
+        return number(text)
+    ranks = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--r: {item!r} should look like name=rank, e.g. q_proj=4")
+        ranks[name.strip()] = number(value)
+    return ranks
+
+
+def format_report(rep: dict) -> str:
+    """The table ``minilora count`` prints, from a :func:`report` dict."""
+    s, lo = rep["shape"], rep["lora"]
+    title = f"{rep['preset']} ({rep['preset_title']})" if "preset" in rep else "shape from flags"
+    ranks = ", ".join(f"{k}={v}" for k, v in lo["ranks"].items())
+    lines = [
+        f"minilora count: {title}",
+        f"  n_layer={s['n_layer']} n_embd={s['n_embd']} n_head={s['n_head']} "
+        f"vocab_size={s['vocab_size']} block_size={s['block_size']} bias={s['bias']} "
+        f"tied={s['tied']}",
+        f"  LoRA ranks: {ranks}; bias={lo['bias']}",
+        f"  dtype={rep['dtype']} ({rep['bytes_per_element']} bytes), optimizer="
+        f"{rep['optimizer']}, batch_size={rep['batch_size']}, seq_len={rep['seq_len']}",
+        "",
+        "Parameters",
+    ]
+
+    def row(label, n, note=""):
+        return f"  {label:<34}{n:>20,}  {human_count(n):>7}{'  ' + note if note else ''}"
+
+    total = rep["total_params"]
+    note = "tied embeddings" if s["tied"] else "untied embeddings"
+    if "published_params" in rep:
+        published = rep["published_params"]
+        note += (
+            f"; published {human_count(published)} ({100 * (total - published) / published:+.2f}%)"
+        )
+    other = ("base model, untied", "total_params_untied")
+    if not s["tied"]:
+        other = ("base model, tied", "total_params_tied")
+    lines += [
+        row("base model", total, note),
+        row(other[0], rep[other[1]]),
+        row("LoRA adapter matrices", rep["lora_params"]),
+        row("all (base + adapter)", rep["all_params"]),
+        row("trainable, full fine-tuning", rep["trainable_params_full_ft"]),
+        row(
+            "trainable, LoRA",
+            rep["trainable_params"],
+            f"{100 * rep['trainable_fraction']:.4f}% of all",
+        ),
+        "",
+        f"Training memory, bytes            {'full fine-tuning':>22}{'LoRA':>22}",
+    ]
+    full, lm = rep["memory_full_ft"], rep["memory_lora"]
+    labels = {
+        "weights": "weights",
+        "gradients": "gradients",
+        "optimizer_state": f"optimizer state ({rep['optimizer']})",
+        "activations": "activations (saved for backward)",
+        "total": "total",
+    }
+    for key, label in labels.items():
+        lines.append(f"  {label:<34}{human_bytes(full[key]):>20}  {human_bytes(lm[key]):>20}")
+    lines += [
+        f"  {'full / LoRA':<34}{full['total'] / lm['total']:>42.2f}x",
+        "",
+        f"Adapter checkpoint                {human_bytes(rep['adapter_bytes']):>20}"
+        f"  ({rep['adapter_bytes']:,} bytes of tensors)",
+        "",
+        f"FLOPs per token (matmuls)         {'full fine-tuning':>22}{'LoRA':>22}",
+    ]
+    ff, fl = rep["flops_full_ft"], rep["flops_lora"]
+    for key, label in (("forward", "forward"), ("backward", "backward"), ("total", "step")):
+        lines.append(f"  {label:<34}{human_flops(ff[key]):>20}  {human_flops(fl[key]):>20}")
+    lines += [
+        f"  weight gradients in full fine-tuning's backward: "
+        f"{100 * rep['weight_gradient_share']:.1f}% (LoRA computes none for frozen weights)",
+        f"  backward work LoRA removes, net: {100 * rep['backward_share_removed']:.1f}%; "
+        f"whole step: {100 * rep['step_share_removed']:.1f}%",
+    ]
+    return "\n".join(lines)
+
+
+def human_count(n: int) -> str:
+    """174604259328 -> '174.6B' (decimal, 4 significant digits, as sizes are quoted)."""
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g}{unit}"
+    return str(n)
+
+
+def human_flops(n: int) -> str:
+    """358791143424 -> '358.8 GFLOP'; 1076373430272 -> '1.076 TFLOP'."""
+    for unit, size in (("PFLOP", 10**15), ("TFLOP", 10**12), ("GFLOP", 10**9),
+                       ("MFLOP", 10**6), ("kFLOP", 10**3)):  # fmt: skip
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} FLOP"
+
+
+def human_bytes(n: int) -> str:
+    """Decimal units, as papers quote them ('350GB' for 175B float16 weights)."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} B"
 
 
 # ======================================================================================
@@ -128,8 +268,7 @@ def _common(p, out_help: str | None = None) -> None:
     p.add_argument(
         "--device",
         default=os.environ.get("MINILORA_DEVICE", "cpu"),
-        help="cpu, cuda, or standin (a CPU stand-in for a GPU that refuses host fallbacks, "
-        "for testing) (default: $MINILORA_DEVICE or cpu)",
+        help="cpu or cuda (default: $MINILORA_DEVICE or cpu)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -216,8 +355,8 @@ def _add_job_commands(sub) -> None:
 
 
 def _setup(args) -> None:
-    backend.set_num_threads(args.threads)
-    backend.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
+    fast.set_num_threads(args.threads)
+    fast.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
     backend.check_device(args.device)
 
 

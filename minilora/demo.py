@@ -22,11 +22,10 @@ from importlib import resources
 from pathlib import Path
 
 from minilora import backend, checkpoint
-from minilora.accounting import count_parameters
 from minilora.autograd import no_grad
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
 from minilora.functional import manual_seed
-from minilora.lora import LoRAConfig, apply_lora, disable_adapters, merge_lora
+from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, merge_lora
 from minilora.model import GPT, GPTConfig
 from minilora.optim import AdamW
 from minilora.train import cosine_schedule, evaluate, median, train

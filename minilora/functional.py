@@ -1,4 +1,10 @@
-"""Differentiable ops: each a :class:`Function` with its forward and hand-written backward.
+"""The reference ops: each a :class:`Function` with a plain forward and a hand-written backward.
+
+This file is the lesson and the truth. Every op is written as its math, a page at most:
+no blocking, nothing computed in place to save memory, and no derivative worked out in
+the forward for the backward's convenience (a backward does its own work from what the
+forward saved). The derivation of every backward is in ``docs/math.md``; each docstring
+gives the result.
 
 Conventions, shared by every op:
 
@@ -8,20 +14,67 @@ Conventions, shared by every op:
 * A gradient is computed only when ``self.needs_input_grad`` asks for it.
 * Matrix products go through ``backend.matmul`` with a name, so tests can count them.
 
-The derivation of every backward is in ``docs/math.md``; each docstring gives the result.
-Ops are fused at the size a porter would write a kernel: ``linear``, ``layer_norm``,
-``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``, ``embedding``,
-``dropout``, and ``lora_linear`` (in this file, used by ``lora.LoRALinear``).
+Ops are fused at the size a porter would write a kernel: ``linear``, ``lora_linear``,
+``layer_norm``, ``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``,
+``embedding`` and ``dropout``. A few of them also have a faster version in
+``minilora/fast.py`` (blocked, in place), used by default and proven equal to the one
+here by tests/test_fast.py; ``MINILORA_OPS=reference`` in the environment, or
+:func:`set_ops` ``("reference")``, runs the whole engine on this file alone.
+
+At the bottom, the ops become ``Tensor``'s operators and methods (``a + b``, ``x.sum()``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 from minilora import backend
 from minilora.autograd import Function, Tensor
 
 mm = backend.matmul
+
+
+# ======================================================================================
+# Which implementation runs: these reference ops, or the fast path's
+# ======================================================================================
+
+OPS_CHOICES = ("fast", "reference")
+
+#: Reference op class -> its faster replacement; filled in by minilora/fast.py.
+FAST_OPS: dict[type, type] = {}
+
+
+def _check_ops(name, where: str) -> str:
+    if name not in OPS_CHOICES:
+        raise ValueError(f"{where}={name!r} is not one of {OPS_CHOICES}")
+    return name
+
+
+_ops = _check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
+
+
+def set_ops(name: str) -> str:
+    """Run the engine on ``"fast"`` ops (the default) or on the ``"reference"`` ops of
+    this file alone; returns the previous setting."""
+    global _ops
+    previous, _ops = _ops, _check_ops(name, "ops")
+    return previous
+
+
+def get_ops() -> str:
+    """``"fast"`` or ``"reference"``: which ops the engine runs on."""
+    return _ops
+
+
+def _use(op: type) -> type:
+    """The class that computes ``op``: its fast version, if there is one and it is on."""
+    return FAST_OPS.get(op, op) if _ops == "fast" else op
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
 
 
 def _as_tensor(x, like: Tensor | None = None) -> Tensor:
@@ -213,7 +266,7 @@ def neg(a: Tensor) -> Tensor:
     return Neg()(a)
 
 
-def pow(a: Tensor, exponent: float) -> Tensor:  # noqa: A001  (mirrors torch.pow)
+def pow(a: Tensor, exponent: float) -> Tensor:
     return Pow(exponent)(a)
 
 
@@ -283,14 +336,14 @@ class Max(Function):
         self.axis, self.keepdims = axis, keepdims
 
     def forward(self, a):
-        y = a.max(axis=self.axis, keepdims=True)
-        share = (a == y).astype(a.dtype)  # 1 at the maximum (a.shape)
-        self.share = share / share.sum(axis=self.axis, keepdims=True)
-        return y if self.keepdims else y.reshape(a.max(axis=self.axis).shape)
+        self.a = a
+        self.y = a.max(axis=self.axis, keepdims=True)  # (keepdims shape)
+        return self.y if self.keepdims else self.y.reshape(a.max(axis=self.axis).shape)
 
     def backward(self, g):
-        g = g.reshape(_keepdims_shape(self.share.shape, self.axis))
-        return (g * self.share,)
+        share = (self.a == self.y).astype(self.a.dtype)  # 1 at each maximum (a.shape)
+        share /= share.sum(axis=self.axis, keepdims=True)  # ties split the gradient
+        return (g.reshape(self.y.shape) * share,)
 
 
 class Reshape(Function):
@@ -347,11 +400,11 @@ class GetItem(Function):
     def backward(self, g):
         xp = backend.get_array_module(g)
         da = xp.zeros(self.shape, dtype=self.dtype)
-        backend.scatter_add(da, self.index, g)
+        xp.add.at(da, self.index, g)  # da[index] += g, repeated indices accumulating
         return (da,)
 
 
-def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+def sum(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return Sum(axis, keepdims)(a)
 
 
@@ -359,7 +412,7 @@ def mean(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return Mean(axis, keepdims)(a)
 
 
-def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return Max(axis, keepdims)(a)
 
 
@@ -561,91 +614,36 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) ->
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
-# NumPy makes one pass over the whole array per operation, and once an array is larger than
-# the core's cache every pass is paid in memory traffic. An op with many elementwise steps
-# (GELU has about fifteen) therefore runs them block by block: all steps on one block of
-# 64K elements (256 KiB of float32, which stays in cache), then the next block. That is the
-# loop fusion a C compiler or a GPU kernel does for free; here it made GELU 2-3x faster on
-# (N, 4C) arrays of a few MB (docs/performance.md). On a GPU the whole array is one block:
-# each step is already one kernel over everything.
-_BLOCK_ELEMENTS = 65536
-
-
-def _blocks(a) -> list:
-    """Slices of ``a``'s first axis, each holding about _BLOCK_ELEMENTS elements (all of
-    ``a`` in one slice on a GPU)."""
-    n = a.shape[0]
-    per_row = a.size // n if n else 1
-    step = n if backend.device_of(a) == "cuda" else _BLOCK_ELEMENTS // per_row
-    step = step or 1  # (``max`` is this module's differentiable op, not the builtin)
-    return [slice(i, i + step) for i in range(0, n, step)]
-
 
 class GELU(Function):
     """GPT-2's tanh GELU: y = ½ x (1 + tanh(u)),  u = c (x + 0.044715 x³),  c = √(2/π).
 
     dx = g · [½ (1 + t) + ½ x (1 - t²) · c (1 + 3·0.044715 x²)],  t = tanh(u).
-
-    For speed, the forward computes the bracket, dy/dx, while t = tanh(u) is at hand and
-    saves only it (one array instead of x and t), so the backward is a single product; it
-    works block by block (see ``_blocks``), each formula built in place. The same math
-    written plainly is in docs/math.md ("GELU").
     """
 
     def forward(self, x):
         _require_float("gelu", "input", x)
         xp = backend.get_array_module(x)
-        flat = x.reshape(-1)
-        y = xp.empty_like(flat)
-        d = xp.empty_like(flat) if self.needs_input_grad[0] else None
-        for b in _blocks(flat):
-            _gelu_block(xp, flat[b], y[b], None if d is None else d[b])
-        if d is not None:
-            self.dydx = d.reshape(x.shape)
-        return y.reshape(x.shape)
+        self.x = x
+        u = _GELU_C * (x + 0.044715 * x**3)
+        return 0.5 * x * (1.0 + xp.tanh(u))
 
     def backward(self, g):
-        return (g * self.dydx,)
-
-
-def _gelu_block(xp, x, y, d) -> None:
-    """GELU of one block: y = ½ x (1 + t) and, unless d is None, d = dy/dx, in place.
-
-    Each product and sum is taken in the order of the plain formulas (docs/math.md), so the
-    numbers are the same to the last bit; only the temporaries are gone.
-    """
-    t = x * x
-    t *= x  # x³ (x*x*x: pow is slow)
-    t *= 0.044715
-    t += x
-    t *= _GELU_C  # u = c (x + 0.044715 x³)
-    xp.tanh(t, out=t)  # t = tanh(u)
-    y[...] = t
-    y += 1.0
-    y *= x
-    y *= 0.5  # y = ½ x (1 + t)
-    if d is not None:
-        du = x * (3 * 0.044715)
-        du *= x
-        du += 1.0
-        du *= _GELU_C  # du/dx = c (1 + 3·0.044715 x²)
-        h = 0.5 * x
-        h *= 1.0 - t * t
-        h *= du  # ½ x (1 - t²) du/dx
-        t += 1.0
-        t *= 0.5
-        h += t  # ½ (1 + t) + ½ x (1 - t²) du/dx
-        d[...] = h
+        xp = backend.get_array_module(g)
+        x = self.x
+        t = xp.tanh(_GELU_C * (x + 0.044715 * x**3))
+        du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
+        return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du_dx),)
 
 
 def gelu(x: Tensor) -> Tensor:
-    return GELU()(x)
+    return _use(GELU)()(x)
 
 
 class LayerNormFunction(Function):
     """y = x̂ · w + b over the last axis, x̂ = (x - μ) · rstd, rstd = 1/√(σ² + eps).
 
-    With C = size of the last axis and ĝ = g · w:
+    With ĝ = g · w (the gradient reaching x̂):
     dx = rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ · x̂)),  dw = Σ g · x̂,  db = Σ g
     (means over the last axis, sums over all leading axes).
     """
@@ -654,63 +652,52 @@ class LayerNormFunction(Function):
         self.eps = eps
 
     def forward(self, x, weight, bias):
-        _require_float("layer_norm", "input", x)
-        C = x.shape[-1]
-        for name, p in (("weight", weight), ("bias", bias)):
-            if p is not None and tuple(p.shape) != (C,):
-                raise ValueError(
-                    f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({C},) to match "
-                    f"input {tuple(x.shape)}"
-                )
+        _check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
-        xhat = x - x.mean(axis=-1, keepdims=True)  # x - μ, (..., C)
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
+        var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)  # (..., 1), biased as in PyTorch
         self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
-        xhat *= self.rstd  # x̂ = (x - μ)·rstd, in the same buffer
-        self.xhat, self.weight = xhat, weight
-        if weight is None:
-            return xhat if bias is None else xhat + bias
-        y = xhat * weight
-        if bias is not None:
-            y += bias
-        return y
+        self.xhat = (x - mu) * self.rstd  # (..., C)
+        self.weight = weight
+        y = self.xhat if weight is None else self.xhat * weight
+        return y if bias is None else y + bias
 
     def backward(self, g):
         need_x, need_w, need_b = self.needs_input_grad
         xhat, rstd = self.xhat, self.rstd
-        lead = tuple(range(g.ndim - 1))
+        lead = tuple(range(g.ndim - 1))  # every axis but the normalised one
         dw = (g * xhat).sum(axis=lead) if need_w else None
         db = g.sum(axis=lead) if need_b else None
         dx = None
         if need_x:
-            gh = g if self.weight is None else g * self.weight  # ĝ = dL/dx̂
-            # rstd · (ĝ - mean(ĝ) - x̂ · mean(ĝ·x̂)), finished in place (3 temporaries, not 5)
-            dx = gh - gh.mean(axis=-1, keepdims=True)
-            dx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
-            dx *= rstd
+            gh = g if self.weight is None else g * self.weight  # ĝ = dL/dx̂, (..., C)
+            mean_gh = gh.mean(axis=-1, keepdims=True)
+            mean_gh_xhat = (gh * xhat).mean(axis=-1, keepdims=True)
+            dx = rstd * (gh - mean_gh - xhat * mean_gh_xhat)
         return dx, dw, db
 
 
+def _check_layer_norm_inputs(x, weight, bias) -> None:
+    _require_float("layer_norm", "input", x)
+    C = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ValueError(
+                f"layer_norm: {name} has shape {tuple(p.shape)}, expected ({C},) to match "
+                f"input {tuple(x.shape)}"
+            )
+
+
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    return LayerNormFunction(eps)(x, weight, bias)
+    return _use(LayerNormFunction)(eps)(x, weight, bias)
 
 
-def _softmax(x, axis: int, overwrite: bool = False):
-    """exp(x - max) / Σ exp(x - max) along ``axis`` (shifting by the max: no overflow).
-
-    Computed in place in one buffer: a new one, or x's own with ``overwrite=True`` (for a
-    caller whose x is a scratch array, like attention's scores).
-    """
+def _softmax(x, axis: int):
+    """exp(x - max) / Σ exp(x - max) along ``axis``: shifting by the row maximum changes
+    nothing mathematically and keeps exp from overflowing."""
     xp = backend.get_array_module(x)
-    m = backend.max_keepdims(x, axis)
-    if overwrite:
-        x -= m
-        e = x
-    else:
-        e = x - m
-    xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 class Softmax(Function):
@@ -730,7 +717,7 @@ class Softmax(Function):
 
 
 class LogSoftmax(Function):
-    """y = x - log Σ exp(x) along ``axis``;  dx = g - softmax(x) · Σ g."""
+    """y = x - log Σ exp(x) along ``axis``;  dx = g - exp(y) · Σ g."""
 
     def __init__(self, axis: int = -1):
         self.axis = axis
@@ -738,10 +725,9 @@ class LogSoftmax(Function):
     def forward(self, x):
         _require_float("log_softmax", "input", x)
         xp = backend.get_array_module(x)
-        y = x - backend.max_keepdims(x, self.axis)  # shifted by the max, then in place:
-        y -= xp.log(xp.exp(y).sum(axis=self.axis, keepdims=True))
-        self.y = y
-        return y
+        shifted = x - x.max(axis=self.axis, keepdims=True)  # no overflow in exp
+        self.y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        return self.y
 
     def backward(self, g):
         xp = backend.get_array_module(g)
@@ -761,61 +747,56 @@ class SoftmaxCrossEntropy(Function):
 
     L = -(1/n) Σ_valid log softmax(logits)[target], n = number of targets that are not
     ``ignore_index``.  dlogits = g · (softmax(logits) - onehot(target)) / n, and 0 on
-    ignored rows.
+    ignored rows. Targets must lie in [0, V) (or equal ``ignore_index``); ``GPT.forward``
+    checks them once per batch.
     """
 
     def __init__(self, ignore_index: int = -100):
         self.ignore_index = ignore_index
 
     def forward(self, logits, targets):
-        _require_float("softmax_cross_entropy", "logits", logits)
-        if not backend.is_integer(targets):
-            raise TypeError(
-                f"softmax_cross_entropy: targets must be integer class ids, got dtype "
-                f"{targets.dtype}"
-            )
-        if tuple(targets.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(
-                f"softmax_cross_entropy: targets have shape {tuple(targets.shape)}, expected "
-                f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)} without the last axis)"
-            )
+        _check_cross_entropy_inputs(logits, targets)
         xp = backend.get_array_module(logits)
         V = logits.shape[-1]
-        logits2 = logits.reshape(-1, V)  # (N, V)
+        z = logits.reshape(-1, V)  # (N, V)
         t = targets.reshape(-1)  # (N,)
-        valid = t != self.ignore_index
-        bad = valid & ((t < 0) | (t >= V))
-        if bool(bad.any()):
-            value = int(t[bad][0])
-            raise ValueError(
-                f"softmax_cross_entropy: target {value} is outside [0, {V}) and is not "
-                f"ignore_index={self.ignore_index}"
-            )
-        n = int(valid.sum())
-        if n == 0:
+        valid = t != self.ignore_index  # (N,)
+        self.n = int(valid.sum())
+        if self.n == 0:
             raise ValueError(
                 f"softmax_cross_entropy: every target equals ignore_index={self.ignore_index}; "
                 "the mean loss over no targets is undefined"
             )
-        rows = xp.arange(t.shape[0])
-        safe_t = xp.where(valid, t, 0)
-        shifted = logits2 - backend.max_keepdims(logits2, 1)
-        logsumexp = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
-        nll = (logsumexp - shifted[rows, safe_t]) * valid  # (N,)
-        self.shape, self.rows, self.t, self.valid, self.n = logits.shape, rows, safe_t, valid, n
-        shifted -= logsumexp[:, None]
-        self.probs = xp.exp(shifted, out=shifted)  # (N, V) softmax, in shifted's buffer
-        return xp.asarray(nll.sum() / n, dtype=logits.dtype)
+        shifted = z - z.max(axis=1, keepdims=True)  # (N, V), no overflow in exp
+        logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # log softmax
+        rows, safe_t = xp.arange(t.shape[0]), xp.where(valid, t, 0)  # ignored rows: any id
+        nll = -logp[rows, safe_t] * valid  # (N,), zero on ignored rows
+        self.logp, self.t, self.valid, self.shape = logp, safe_t, valid, logits.shape
+        return xp.asarray(nll.sum() / self.n, dtype=logits.dtype)
 
     def backward(self, g):
-        dlogits = self.probs.copy()
-        dlogits[self.rows, self.t] -= 1.0
-        dlogits *= (self.valid * (g / self.n))[:, None].astype(dlogits.dtype)
-        return dlogits.reshape(self.shape), None
+        xp = backend.get_array_module(self.logp)
+        dz = xp.exp(self.logp)  # softmax (N, V)
+        dz[xp.arange(dz.shape[0]), self.t] -= 1.0  # - onehot(target)
+        dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)  # ignored rows: 0
+        return dz.reshape(self.shape), None
+
+
+def _check_cross_entropy_inputs(logits, targets) -> None:
+    _require_float("softmax_cross_entropy", "logits", logits)
+    if not backend.is_integer(targets):
+        raise TypeError(
+            f"softmax_cross_entropy: targets must be integer class ids, got dtype {targets.dtype}"
+        )
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"softmax_cross_entropy: targets have shape {tuple(targets.shape)}, expected "
+            f"{tuple(logits.shape[:-1])} (logits {tuple(logits.shape)} without the last axis)"
+        )
 
 
 def softmax_cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
-    return SoftmaxCrossEntropy(ignore_index)(logits, _as_tensor(targets))
+    return _use(SoftmaxCrossEntropy)(ignore_index)(logits, _as_tensor(targets))
 
 
 # ======================================================================================
@@ -824,26 +805,23 @@ def softmax_cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> 
 
 
 class EmbeddingFunction(Function):
-    """y = W[ids] with ids (...) integers, W (V, C) -> y (..., C).
+    """y = W[ids] with ids (...) integers in [0, V), W (V, C) -> y (..., C).
 
     dW = zeros (V, C) with each row g[i] added at row ids[i]; a token that appears several
-    times gets the sum of its rows' gradients (scatter-add, no Python loop).
+    times gets the sum of its rows' gradients (scatter-add, no Python loop). The ids are
+    not range-checked here: ``GPT.forward`` checks them once per batch.
     """
 
     def forward(self, ids, weight):
         if not backend.is_integer(ids):
             raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
-        V = weight.shape[0]
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"embedding: id {bad} is outside the vocabulary [0, {V})")
         self.ids, self.weight_shape = ids, weight.shape
         return weight[ids]
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        dw = xp.zeros(self.weight_shape, dtype=g.dtype)
-        backend.scatter_add(dw, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
+        dw = xp.zeros(self.weight_shape, dtype=g.dtype)  # (V, C)
+        xp.add.at(dw, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))
         return None, dw
 
 
@@ -897,19 +875,6 @@ def default_generator() -> backend.Generator:
 # Attention
 # ======================================================================================
 
-_causal_masks: dict = {}
-
-
-def _causal_mask(T: int, dtype, xp):
-    """(T, T) of 0 on and below the diagonal and -inf above it (the future), to add to the
-    scores; cached per size, dtype and array module. Adding it is several times faster
-    than setting ``scores[..., future] = -inf`` through a boolean index."""
-    key = (T, backend.dtype_name(dtype), xp.__name__)
-    if key not in _causal_masks:
-        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-        _causal_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
-    return _causal_masks[key]
-
 
 class CausalSelfAttention(Function):
     """Multi-head causal attention on q, k, v of shape (B, nh, T, hs).
@@ -917,27 +882,18 @@ class CausalSelfAttention(Function):
     S = q @ kᵀ / √hs, future positions set to -inf;  P = softmax(S);  y = P @ v.
     With g (B, nh, T, hs):
         dv = Pᵀ @ g,  dP = g @ vᵀ,  dS = P · (dP - Σ_row dP·P),
-        dq = (dS / √hs) @ k,  dk = (dS / √hs)ᵀ @ q   (the code folds 1/√hs into dS).
+        dq = dS @ k / √hs,  dk = dSᵀ @ q / √hs.
     Masked entries have P = 0, so they get no gradient without a second mask.
     """
 
     def forward(self, q, k, v):
-        if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-            raise ValueError(
-                f"causal_self_attention: q, k, v must all have shape (B, n_head, T, head_size), "
-                f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
+        _check_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
-        scores = mm(q, _swap(k), "attention.scores")  # (B, nh, T, T)
-        future = _causal_mask(T, scores.dtype, xp)
-        for b in _blocks(scores):  # batch elements block by block, in cache (see _blocks)
-            s = scores[b]
-            s *= self.scale
-            s += future  # the future to -inf
-            _softmax(s, axis=-1, overwrite=True)  # P, in the scores' buffer
-        self.P = scores  # (B, nh, T, T)
+        S = mm(q, _swap(k), "attention.scores") * self.scale  # (B, nh, T, T)
+        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T): key after query
+        self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, T, T)
         self.q, self.k, self.v = q, k, v
         return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
 
@@ -947,20 +903,61 @@ class CausalSelfAttention(Function):
         dv = mm(_swap(P), g, "attention.dv") if need_v else None
         dq = dk = None
         if need_q or need_k:
-            dS = mm(g, _swap(self.v), "attention.dP")  # dP (B, nh, T, T), then in place:
-            for b in _blocks(dS):  # block by block, in cache (see _blocks)
-                d, p = dS[b], P[b]
-                d -= (d * p).sum(axis=-1, keepdims=True)
-                d *= p
-                d *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
-            dq = mm(dS, self.k, "attention.dq") if need_q else None
-            dk = mm(_swap(dS), self.q, "attention.dk") if need_k else None
+            dP = mm(g, _swap(self.v), "attention.dP")  # (B, nh, T, T)
+            dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))  # softmax's backward
+            dq = mm(dS, self.k, "attention.dq") * self.scale if need_q else None
+            dk = mm(_swap(dS), self.q, "attention.dk") * self.scale if need_k else None
         return dq, dk, dv
 
 
-def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return CausalSelfAttention()(q, k, v)
+def _check_attention_inputs(q, k, v) -> None:
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"causal_self_attention: q, k, v must all have shape (B, n_head, T, head_size), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
 
+
+def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return _use(CausalSelfAttention)()(q, k, v)
+
+
+# ======================================================================================
+# Tensor's operators and methods are these ops (attached here, so autograd.py needs no
+# import of this file)
+# ======================================================================================
+
+
+def _transpose(t: Tensor, dim0: int, dim1: int) -> Tensor:
+    """Swap two dimensions (PyTorch's ``transpose``)."""
+    dims = list(range(t.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return permute(t, *dims)
+
+
+Tensor.__add__ = add
+Tensor.__radd__ = lambda self, other: add(other, self)
+Tensor.__sub__ = sub
+Tensor.__rsub__ = lambda self, other: sub(other, self)
+Tensor.__mul__ = mul
+Tensor.__rmul__ = lambda self, other: mul(other, self)
+Tensor.__truediv__ = div
+Tensor.__rtruediv__ = lambda self, other: div(other, self)
+Tensor.__neg__ = neg
+Tensor.__pow__ = pow
+Tensor.__matmul__ = matmul
+Tensor.__rmatmul__ = lambda self, other: matmul(other, self)
+Tensor.__getitem__ = getitem
+Tensor.reshape = reshape
+Tensor.permute = permute
+Tensor.transpose = _transpose
+Tensor.T = property(lambda self: permute(self, *reversed(range(self.ndim))))
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.max = max
+Tensor.exp = exp
+Tensor.log = log
+Tensor.tanh = tanh
 
 __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "tanh",

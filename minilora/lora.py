@@ -3,14 +3,19 @@
     h = W0 x + s · B A x,   W0 (out, in) frozen,  A (r, in),  B (out, r),  s = lora_alpha / r
 
 ``A`` starts random and ``B`` at zero, so right after :func:`apply_lora` the model computes
-exactly what the base model computed. Only ``A`` and ``B`` train: the fused
-``functional.lora_linear`` never computes a gradient for ``W0`` and the optimizer keeps no
-state for it. For serving, :meth:`LoRALinear.merge` folds the update into the weight,
-``W = W0 + s·B·A``, so inference costs one matmul, as before.
+exactly what the base model computed. Only ``A`` and ``B`` train. Where the savings come
+from: ``W0`` has ``requires_grad=False``, so the engine never asks any op for its gradient
+(``Function.needs_input_grad``) and the ``dW0 = gᵀ x`` matmul is never computed; the
+optimizer keeps no state for it either. The fused ``functional.lora_linear`` adds no saving
+of its own; it keeps the layer's forward and backward on one page, and saves one small
+temporary, the low-rank code ``u = x Aᵀ`` (N, r), for ``dB``. For serving,
+:meth:`LoRALinear.merge` folds the update into the weight, ``W = W0 + s·B·A``, so inference
+costs one matmul, as before.
 
 Names follow PEFT (``LoraConfig``, ``lora_A``, ``lora_B``, ``target_modules``,
-``merge_and_unload``) and loralib (``mark_only_lora_as_trainable``, ``lora_state_dict``).
-The math, derivations and choices are in docs/math.md.
+``merge_and_unload``, ``print_trainable_parameters``) and loralib
+(``mark_only_lora_as_trainable``, ``lora_state_dict``). The math, derivations and choices
+are in docs/math.md.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class LoRAConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+LoraConfig = LoRAConfig  # PEFT's spelling
+
+
 def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weights) -> None:
     """Refuse settings that would give a NaN, infinite or meaningless adapter."""
 
@@ -81,6 +89,15 @@ def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weigh
     if init_lora_weights not in INIT_MODES:
         raise ValueError(
             f"{owner}: init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}"
+        )
+
+
+def check_rank(r: int, weight_shape: tuple, where: str) -> None:
+    """Refuse a rank above min(out, in): B·A of shape (out, in) cannot have a larger one."""
+    if r > min(weight_shape):
+        raise ValueError(
+            f"r={r!r} is larger than min(out, in)={min(weight_shape)} of {where} (weight shape "
+            f"{tuple(weight_shape)}); the rank of B·A cannot exceed it"
         )
 
 
@@ -111,29 +128,32 @@ class LoRALinear(Linear):
         device: str = "cpu",
         generator=None,
     ):
-        super().__init__(in_features, out_features, bias, dtype=dtype, device=device,
-                         generator=generator)  # fmt: skip
+        super().__init__(
+            in_features, out_features, bias, dtype=dtype, device=device, generator=generator
+        )
+        check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
+        check_rank(r, self.weight.shape, "this LoRALinear")
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
 
     @classmethod
     def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
         """Wrap an existing ``Linear``: the same weight and bias objects, plus the adapter."""
+        check_rank(config.r, linear.weight.shape, "the wrapped Linear")
         layer = cls.__new__(cls)
         vars(layer).update(vars(linear))  # shares weight/bias (no copy), keeps training mode
         layer._init_lora(
-            config.r, config.lora_alpha, config.lora_dropout, config.use_rslora,
-            config.init_lora_weights, generator,
-        )  # fmt: skip
+            config.r,
+            config.lora_alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.init_lora_weights,
+            generator,
+        )
         return layer
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
-        check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
+        """Add the adapter (settings already checked by the caller)."""
         out_f, in_f = self.weight.shape
-        if r > min(out_f, in_f):
-            raise ValueError(
-                f"r={r!r} must be at most {min(out_f, in_f)} for a layer with weight shape "
-                f"{self.weight.shape} (the rank cannot exceed min(out, in))"
-            )
         gen = generator or F.default_generator()
         dtype, device = self.weight.dtype, self.weight.device
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
@@ -167,8 +187,9 @@ class LoRALinear(Linear):
         x_lora = None
         if self.lora_dropout > 0 and self.training:
             x_lora = F.dropout(x, self.lora_dropout, True, self.lora_generator)
-        return F.lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                             x_lora)  # fmt: skip
+        return F.lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_lora
+        )
 
     def get_delta_weight(self):
         """ΔW = s · B @ A, shape (out, in): what merging adds to the weight."""
@@ -210,10 +231,8 @@ class LoRALinear(Linear):
     def to_linear(self) -> Linear:
         """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
         linear = Linear.__new__(Linear)
-        vars(linear).update(
-            {k: v for k, v in vars(self).items() if k in ("in_features", "out_features",
-                                                          "weight", "bias", "training")}
-        )  # fmt: skip
+        kept = ("in_features", "out_features", "weight", "bias", "training")
+        vars(linear).update({k: v for k, v in vars(self).items() if k in kept})
         return linear
 
     def extra_repr(self) -> str:
@@ -250,11 +269,7 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
         )
     chosen = [(p, m) for p, m in linears if p.rsplit(".", 1)[-1] in config.target_modules]
     for path, m in chosen:  # check every rank first, so a bad config changes nothing
-        if config.r > min(m.weight.shape):
-            raise ValueError(
-                f"r={config.r} is larger than min(out, in)={min(m.weight.shape)} of {path} "
-                f"(weight shape {m.weight.shape})"
-            )
+        check_rank(config.r, m.weight.shape, path)
     for path, m in chosen:
         parent_path, _, name = path.rpartition(".")
         setattr(
@@ -341,3 +356,17 @@ def disable_adapters(model: Module):
     finally:
         for layer, prev in zip(layers, previous, strict=True):
             layer.disable_adapters = prev
+
+
+def count_parameters(model: Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameters of a model; shared parameters count once and
+    adapters are included in "all" (as PEFT's ``get_nb_trainable_parameters``)."""
+    params = model.parameters()
+    return sum(p.size for p in params if p.requires_grad), sum(p.size for p in params)
+
+
+def print_trainable_parameters(model: Module) -> None:
+    """Print PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")

@@ -124,9 +124,10 @@ class GPT(Module):
     def device(self) -> str:
         return self.tok_emb.weight.device
 
-    def _check_ids(self, name: str, ids, allow_ignore: bool = False):
-        """Validate token ids; host ids (a list, a NumPy array) move to the model's device,
-        ids on another device are refused (they would be copied through the host)."""
+    def _device_ids(self, name: str, ids):
+        """Token ids as an integer (batch, time) array on the model's device. Host ids (a
+        list, a NumPy array) are moved there; ids on another device are refused (they would
+        be copied through the host)."""
         data = ids.data if isinstance(ids, Tensor) else backend.array(ids)  # stays on its device
         where = backend.device_of(data)
         if where not in ("cpu", self.device):
@@ -138,35 +139,48 @@ class GPT(Module):
             raise ValueError(f"{name} must hold integer token ids, got dtype {data.dtype}")
         if data.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, time), got {tuple(data.shape)}")
-        T, V = data.shape[1], self.config.vocab_size
+        T = data.shape[1]
         if T > self.config.block_size:
             raise ValueError(
                 f"{name} has {T} positions but block_size is {self.config.block_size}; "
                 "crop the sequence or use a model with a larger block_size"
             )
-        valid = data if not allow_ignore else data[data != -100]
-        if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= V):
-            bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
-            raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {V})")
         return backend.to_device(data, self.device)
 
+    def _check_id_ranges(self, idx, targets) -> None:
+        """Every id in [0, vocab_size) (targets may also be -100, ignored): the one range
+        check of a forward pass, with a single read from the device for both arrays."""
+        if idx.size == 0:
+            return  # nothing to check (and min/max of nothing is undefined)
+        xp = backend.get_array_module(idx)
+        ranges = [idx.min(), idx.max()]
+        if targets is not None:
+            kept = xp.where(targets == -100, 0, targets)  # ignored positions count as 0
+            ranges += [kept.min(), kept.max()]
+        lo_hi = xp.stack(ranges).tolist()  # one read from the device for all four
+        V = self.config.vocab_size
+        for name, lo, hi in zip(("idx", "targets"), lo_hi[0::2], lo_hi[1::2], strict=False):
+            if lo < 0 or hi >= V:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {V})")
+
     def forward(self, idx, targets=None) -> tuple[Tensor, Tensor | None]:
-        idx = self._check_ids("idx", idx)
+        idx = self._device_ids("idx", idx)
+        if targets is not None:
+            targets = self._device_ids("targets", targets)
+            if targets.shape != idx.shape:
+                raise ValueError(
+                    f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} "
+                    "(the shape of idx)"
+                )
+        self._check_id_ranges(idx, targets)
         B, T = idx.shape
         positions = backend.arange(T, dtype=backend.int64, device=self.device)  # (T,)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C) + (T, C)
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            targets = self._check_ids("targets", targets, allow_ignore=True)
-            if targets.shape != idx.shape:
-                raise ValueError(
-                    f"targets have shape {tuple(targets.shape)}, expected {tuple(idx.shape)} "
-                    "(the shape of idx)"
-                )
-            loss = F.softmax_cross_entropy(logits, targets)
+        loss = None if targets is None else F.softmax_cross_entropy(logits, targets)
         return logits, loss
 
     def generate(
@@ -186,7 +200,8 @@ class GPT(Module):
             raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k={top_k!r} must be in [1, vocab_size={self.config.vocab_size}]")
-        idx = self._check_ids("idx", idx)
+        idx = self._device_ids("idx", idx)
+        self._check_id_ranges(idx, None)
         xp = backend.get_array_module(idx)
         gen = generator or F.default_generator()
         with no_grad():

@@ -4,8 +4,12 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+from standin import register as register_standin
 
 from minilora import backend
+from minilora import functional as F
+
+register_standin()  # the "standin" device (tests/standin.py): a GPU's rules on the CPU
 
 # --- Hypothesis profiles -------------------------------------------------------------
 # "ci" (the default): derandomized, so every run checks the same examples.
@@ -15,18 +19,42 @@ settings.register_profile(
     derandomize=True,
     max_examples=25,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
+    # the ``ops`` fixture below only switches a global setting, the same for every example
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-settings.register_profile("dev", max_examples=200, deadline=None)
+settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# --- Fixtures ------------------------------------------------------------------------
+# --- Reference ops and the fast path --------------------------------------------------
+# A module that sets ``pytestmark = pytest.mark.usefixtures("ops")`` runs each of its tests
+# twice: on the fast path (the default) and on the reference ops of functional.py alone, as
+# MINILORA_OPS=reference would. The gradient checks and the model-level properties do.
+
+
+@pytest.fixture(params=["fast", "reference"])
+def ops(request) -> str:
+    previous = F.set_ops(request.param)
+    yield request.param
+    F.set_ops(previous)
+
+
+@pytest.fixture
+def reference_ops():
+    """Run one test on the reference ops only (for tests that patch a reference op)."""
+    previous = F.set_ops("reference")
+    yield
+    F.set_ops(previous)
 
 
 # --- Devices -------------------------------------------------------------------------
 # One fixture runs a test on every device: "cpu" always; "standin" always (a CPU stand-in
 # for a GPU whose arrays refuse implicit conversion to NumPy, so host fallbacks fail here
-# as they would on CuPy; see minilora/backend.py); "cuda" when CuPy and a GPU are present.
+# as they would on CuPy; see tests/standin.py); "cuda" when CuPy and a GPU are present.
 # Without them the "cuda" case is skipped with a reason, or FAILS when MINILORA_REQUIRE_GPU=1
 # (set on a GPU machine, so that a broken CuPy install cannot pass as "skipped").
 # Select or deselect the GPU cases with the marker: -m gpu, -m "not gpu".

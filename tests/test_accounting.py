@@ -26,7 +26,10 @@ from safetensors.numpy import load_file, save_file
 from minilora import GPT, SGD, AdamW, GPTConfig, LoRAConfig, apply_lora, backend, lora_state_dict
 from minilora import accounting as acc
 from minilora.accounting import LoRASpec, ModelShape
-from minilora.lora import BIAS_MODES
+from minilora.lora import BIAS_MODES, count_parameters, print_trainable_parameters
+
+# every test here runs on the fast path and on the reference ops (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("ops")
 
 # --------------------------------------------------------------------------------------
 # Strategies: small random models and LoRA setups
@@ -140,7 +143,7 @@ def test_parameter_counts_equal_a_live_model(setup):
         model = build(config, tied, spec)
         adapters = sum(p.size for n, p in model.named_parameters() if ".lora_" in n)
         assert adapters == acc.lora_params(shape, spec)
-    trainable, total = acc.count_parameters(model)
+    trainable, total = count_parameters(model)
     assert total == acc.all_params(shape, spec)
     assert trainable == acc.trainable_params(shape, spec)
     counts = acc.param_counts(shape, spec)
@@ -156,7 +159,7 @@ def test_print_trainable_parameters_prints_peft_line(setup):
     model = build(config, tied, spec)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        acc.print_trainable_parameters(model)
+        print_trainable_parameters(model)
     m = re.fullmatch(
         r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: (\d+\.\d{4})\n",
         out.getvalue(),
@@ -170,7 +173,7 @@ def test_print_trainable_parameters_prints_peft_line(setup):
 def test_print_trainable_parameters_is_exported():
     import minilora
 
-    assert minilora.print_trainable_parameters is acc.print_trainable_parameters
+    assert minilora.print_trainable_parameters is print_trainable_parameters
     assert "print_trainable_parameters" in minilora.__all__
 
 

@@ -1,7 +1,7 @@
 """Devices: the whole library on "cpu", on the "standin" device and, when present, on "cuda".
 
 Most tests take the ``device`` fixture (tests/conftest.py), so each runs once per device.
-"standin" is a CPU stand-in for a GPU (minilora/backend.py): NumPy data behind CuPy's
+"standin" is a CPU stand-in for a GPU (tests/standin.py): NumPy data behind CuPy's
 rules, so that a host fallback (``numpy.asarray`` of a device array, a NumPy function
 called on one, a device array handed to safetensors) fails here, without a GPU, exactly
 as it would on CuPy. Its numbers are NumPy's, so on "standin" every result must be
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+import standin
 
 import minilora as ml
 from minilora import backend, checkpoint, cli, demo
@@ -113,7 +114,7 @@ def test_standin_arrays_refuse_implicit_conversion_to_numpy():
 def test_standin_refuses_to_mix_with_host_arrays_as_cupy_does():
     x = backend.to_device(np.ones(3, np.float32), "standin")
     h = np.ones(3, np.float32)
-    for mix in (lambda: x + h, lambda: h + x, lambda: x * h, lambda: backend.standin.exp(h)):
+    for mix in (lambda: x + h, lambda: h + x, lambda: x * h, lambda: standin.standin.exp(h)):
         with pytest.raises(TypeError, match="Unsupported type"):
             mix()
     with pytest.raises(TypeError, match="Unsupported type"):
@@ -138,7 +139,7 @@ def test_standin_allows_what_cupy_allows():
 
 
 def test_standin_module_offers_only_functions_cupy_has():
-    xp = backend.standin
+    xp = standin.standin
     assert xp.exp(backend.to_device(np.zeros(2), "standin")).get().tolist() == [1.0, 1.0]
     with pytest.raises(AttributeError):
         xp.broadcast_shapes  # NumPy has it, CuPy does not: minilora must not use it  # noqa: B018
@@ -146,7 +147,7 @@ def test_standin_module_offers_only_functions_cupy_has():
         xp.random  # no NumPy submodule leaks through  # noqa: B018
 
 
-def test_a_host_fallback_in_an_op_fails_a_training_step_on_the_standin(monkeypatch):
+def test_a_host_fallback_in_an_op_fails_a_training_step_on_the_standin(monkeypatch, reference_ops):
     """Break the library on purpose: GELU computes its tanh with NumPy on the host."""
 
     def gelu_on_the_host(self, x):

@@ -25,6 +25,9 @@ from strategies import (
 from minilora import Tensor, backend, gradcheck
 from minilora import functional as F
 
+# every test here runs on the fast path and on the reference ops (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("ops")
+
 # --------------------------------------------------------------------------------------
 # NumPy references
 # --------------------------------------------------------------------------------------
@@ -707,21 +710,13 @@ def test_layer_norm_wrong_weight_shape():
         F.layer_norm(T64(np.ones((2, 3))), T64(np.ones(4)), None)
 
 
-@pytest.mark.parametrize("bad_id", [5, 7, -1])
-def test_embedding_out_of_vocab_names_the_id(bad_id):
-    with pytest.raises(ValueError, match=rf"id {bad_id} "):
-        F.embedding(np.array([0, bad_id, 1]), T64(np.ones((5, 2))))
-
-
 def test_embedding_float_ids_raise_type_error():
     with pytest.raises(TypeError, match="float64"):
         F.embedding(T64(np.array([0.0, 1.0])), T64(np.ones((5, 2))))
 
 
-@pytest.mark.parametrize("bad", [3, -2, 7])
-def test_cross_entropy_target_out_of_range(bad):
-    with pytest.raises(ValueError, match=rf"{bad}\b"):
-        F.softmax_cross_entropy(T64(np.zeros((2, 3))), np.array([0, bad]))
+# Token ids and targets are range-checked once per batch by GPT.forward (tests/test_model.py),
+# not by each op.
 
 
 def test_cross_entropy_wrong_target_shape_and_all_ignored():

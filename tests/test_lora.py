@@ -46,6 +46,9 @@ from minilora import (
 from minilora import functional as F
 from minilora.lora import lora_layers
 
+# every test here runs on the fast path and on the reference ops (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("ops")
+
 TINY = dict(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
 ALL_TARGETS = list(LORA_TARGETS)
 

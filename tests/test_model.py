@@ -12,6 +12,9 @@ from strategies import float_dtypes, gpt_configs, seeds, token_batches
 import minilora
 from minilora import GPT, AdamW, GPTConfig, backend, gradcheck, no_grad
 
+# every test here runs on the fast path and on the reference ops (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("ops")
+
 TINY = dict(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
 
 
@@ -113,6 +116,8 @@ def test_forward_refuses_bad_targets_and_ignores_minus_100():
         model(idx, np.array([[0, 1], [2, 3]]))
     with pytest.raises(ValueError, match="targets contains id 9"):
         model(idx, np.array([[0, 1, 2], [3, 4, 9]]))
+    with pytest.raises(ValueError, match="targets contains id -2"):  # only -100 is ignored
+        model(idx, np.array([[0, 1, 2], [3, -2, -100]]))
     with pytest.raises(ValueError, match="targets must hold integer"):
         model(idx, idx.astype(np.float32))
     # -100 positions are ignored: the loss is the mean over the rest

@@ -33,7 +33,7 @@ torch = pytest.importorskip("torch", reason="parity tests need PyTorch: pip inst
 
 from examples.torch_gpt import TorchGPT, load_minilora_state, minilora_name  # noqa: E402
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("ops")]  # both op paths
 
 # float64: |minilora - torch| <= 1e-12 + 1e-10·|torch|, elementwise, as for single ops
 # (tests/test_parity_ops.py): only rounding and summation order differ; the worst case

@@ -32,7 +32,7 @@ from minilora import functional as F
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch: pip install -e '.[oracle]'")
 TF = torch.nn.functional
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("ops")]  # both op paths
 
 # |minilora - torch| <= atol + rtol·|torch|, elementwise, by dtype.
 # float64: 1e-12 + 1e-10·|torch|. Both sides compute the same formulas and differ only in

@@ -1,0 +1,286 @@
+"""The fast path: faster versions of a few hot ops, each proven equal to its reference op.
+
+``functional.py`` is the truth and the lesson; this file exists only for speed. Each class
+here computes exactly what the reference op of the same name computes (tests/test_fast.py
+checks values to float32 rounding and gradients on random shapes), with the tricks a C or
+CUDA kernel gets for free and NumPy does not:
+
+* **loop fusion by blocks**: NumPy makes one pass over the whole array per operation, and
+  once an array is larger than the core's cache every pass is paid in memory traffic. An
+  op with many elementwise steps (GELU has about fifteen) runs them block by block
+  (:func:`_blocks`), all steps on 64K elements that stay in cache, then the next block;
+* **in place**: formulas built in one buffer, without a temporary per operation;
+* **work moved to where it is cheapest**: GELU computes dy/dx in its forward, while
+  tanh(u) is at hand, and saves only that (one array instead of two);
+* **a cheaper maximum**: ``np.fmax.reduce`` finds the row maxima for softmax several
+  times faster than ``max``, which propagates NaN element by element (both give NaN for
+  a row that holds NaN, once through the softmax);
+* **a cached causal mask** of 0 and -inf, added to the scores (faster than assigning
+  -inf through a boolean index).
+
+Importing minilora registers these classes in ``functional.FAST_OPS``; they run unless
+``MINILORA_OPS=reference`` or ``functional.set_ops("reference")``. Measurements of what
+each trick buys: docs/performance.md. At the bottom: two process settings for speed that
+the ``minilora`` command and the benchmarks apply (BLAS threads, the allocator).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from minilora import backend
+from minilora import functional as F
+
+mm = backend.matmul
+
+# 64K elements: 256 KiB of float32, which stays in a core's cache (docs/performance.md)
+_BLOCK_ELEMENTS = 65536
+
+
+def _blocks(a) -> list:
+    """Slices of ``a``'s first axis, each holding about _BLOCK_ELEMENTS elements (all of
+    ``a`` in one slice on a GPU, where each step is already one kernel over everything)."""
+    n = a.shape[0]
+    per_row = a.size // n if n else 1
+    step = n if backend.device_of(a) == "cuda" else _BLOCK_ELEMENTS // per_row
+    step = step or 1
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def _max_keepdims(x, axis: int):
+    """``x.max(axis=axis, keepdims=True)``, with NumPy's faster ``fmax.reduce`` on the CPU."""
+    if backend.device_of(x) == "cpu":
+        return backend.get_array_module(x).fmax.reduce(x, axis=axis, keepdims=True)
+    return x.max(axis=axis, keepdims=True)
+
+
+def _softmax_(x, axis: int):
+    """Softmax along ``axis`` computed in x's own buffer (x is overwritten and returned)."""
+    xp = backend.get_array_module(x)
+    x -= _max_keepdims(x, axis)
+    xp.exp(x, out=x)
+    x /= x.sum(axis=axis, keepdims=True)
+    return x
+
+
+class GELU(F.GELU):
+    """``functional.GELU``, blocked and in place; saves dy/dx instead of x."""
+
+    def forward(self, x):
+        F._require_float("gelu", "input", x)
+        xp = backend.get_array_module(x)
+        flat = x.reshape(-1)
+        y = xp.empty_like(flat)
+        d = xp.empty_like(flat) if self.needs_input_grad[0] else None
+        for b in _blocks(flat):
+            _gelu_block(xp, flat[b], y[b], None if d is None else d[b])
+        if d is not None:
+            self.dydx = d.reshape(x.shape)
+        return y.reshape(x.shape)
+
+    def backward(self, g):
+        return (g * self.dydx,)
+
+
+def _gelu_block(xp, x, y, d) -> None:
+    """GELU of one block: y = ½ x (1 + t) and, unless d is None, d = dy/dx, in place."""
+    t = x * x
+    t *= x  # x³ (x*x*x: pow is slow)
+    t *= 0.044715
+    t += x
+    t *= F._GELU_C  # u = c (x + 0.044715 x³)
+    xp.tanh(t, out=t)  # t = tanh(u)
+    y[...] = t
+    y += 1.0
+    y *= x
+    y *= 0.5  # y = ½ x (1 + t)
+    if d is not None:
+        du = x * (3 * 0.044715)
+        du *= x
+        du += 1.0
+        du *= F._GELU_C  # du/dx = c (1 + 3·0.044715 x²)
+        h = 0.5 * x
+        h *= 1.0 - t * t
+        h *= du  # ½ x (1 - t²) du/dx
+        t += 1.0
+        t *= 0.5
+        h += t  # ½ (1 + t) + ½ x (1 - t²) du/dx
+        d[...] = h
+
+
+class LayerNormFunction(F.LayerNormFunction):
+    """``functional.LayerNormFunction`` with x̂ and dx built in place (3 temporaries, not 5)."""
+
+    def forward(self, x, weight, bias):
+        F._check_layer_norm_inputs(x, weight, bias)
+        xp = backend.get_array_module(x)
+        xhat = x - x.mean(axis=-1, keepdims=True)  # x - μ, (..., C)
+        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
+        xhat *= self.rstd  # x̂ = (x - μ)·rstd, in the same buffer
+        self.xhat, self.weight = xhat, weight
+        if weight is None:
+            return xhat if bias is None else xhat + bias
+        y = xhat * weight
+        if bias is not None:
+            y += bias
+        return y
+
+    def backward(self, g):
+        need_x, need_w, need_b = self.needs_input_grad
+        xhat, rstd = self.xhat, self.rstd
+        lead = tuple(range(g.ndim - 1))
+        dw = (g * xhat).sum(axis=lead) if need_w else None
+        db = g.sum(axis=lead) if need_b else None
+        dx = None
+        if need_x:
+            gh = g if self.weight is None else g * self.weight  # ĝ = dL/dx̂
+            dx = gh - gh.mean(axis=-1, keepdims=True)
+            dx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
+            dx *= rstd
+        return dx, dw, db
+
+
+class SoftmaxCrossEntropy(F.SoftmaxCrossEntropy):
+    """``functional.SoftmaxCrossEntropy`` keeping softmax(logits) built in place."""
+
+    def forward(self, logits, targets):
+        F._check_cross_entropy_inputs(logits, targets)
+        xp = backend.get_array_module(logits)
+        V = logits.shape[-1]
+        z = logits.reshape(-1, V)  # (N, V)
+        t = targets.reshape(-1)  # (N,)
+        valid = t != self.ignore_index
+        n = int(valid.sum())
+        if n == 0:
+            raise ValueError(
+                f"softmax_cross_entropy: every target equals ignore_index={self.ignore_index}; "
+                "the mean loss over no targets is undefined"
+            )
+        rows = xp.arange(t.shape[0])
+        safe_t = xp.where(valid, t, 0)
+        shifted = z - _max_keepdims(z, 1)
+        logsumexp = xp.log(xp.exp(shifted).sum(axis=1))  # (N,)
+        nll = (logsumexp - shifted[rows, safe_t]) * valid  # (N,)
+        self.shape, self.rows, self.t, self.valid, self.n = logits.shape, rows, safe_t, valid, n
+        shifted -= logsumexp[:, None]
+        self.probs = xp.exp(shifted, out=shifted)  # (N, V) softmax, in shifted's buffer
+        return xp.asarray(nll.sum() / n, dtype=logits.dtype)
+
+    def backward(self, g):
+        dz = self.probs.copy()
+        dz[self.rows, self.t] -= 1.0
+        dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)
+        return dz.reshape(self.shape), None
+
+
+_causal_masks: dict = {}
+
+
+def _causal_mask(T: int, dtype, xp):
+    """(T, T) of 0 on and below the diagonal and -inf above it (the future), to add to the
+    scores; cached per size, dtype and array module."""
+    key = (T, backend.dtype_name(dtype), xp.__name__)
+    if key not in _causal_masks:
+        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+        _causal_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+    return _causal_masks[key]
+
+
+class CausalSelfAttention(F.CausalSelfAttention):
+    """``functional.CausalSelfAttention`` with the mask added from a cache and the softmax
+    and dS computed in place, batch elements block by block."""
+
+    def forward(self, q, k, v):
+        F._check_attention_inputs(q, k, v)
+        xp = backend.get_array_module(q)
+        T, hs = q.shape[2], q.shape[3]
+        self.scale = 1.0 / math.sqrt(hs)
+        scores = mm(q, F._swap(k), "attention.scores")  # (B, nh, T, T)
+        future = _causal_mask(T, scores.dtype, xp)
+        for b in _blocks(scores):
+            s = scores[b]
+            s *= self.scale
+            s += future  # the future to -inf
+            _softmax_(s, axis=-1)  # P, in the scores' buffer
+        self.P = scores  # (B, nh, T, T)
+        self.q, self.k, self.v = q, k, v
+        return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
+
+    def backward(self, g):
+        need_q, need_k, need_v = self.needs_input_grad
+        P = self.P
+        dv = mm(F._swap(P), g, "attention.dv") if need_v else None
+        dq = dk = None
+        if need_q or need_k:
+            dS = mm(g, F._swap(self.v), "attention.dP")  # dP (B, nh, T, T), then in place:
+            for b in _blocks(dS):
+                d, p = dS[b], P[b]
+                d -= (d * p).sum(axis=-1, keepdims=True)
+                d *= p
+                d *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
+            dq = mm(dS, self.k, "attention.dq") if need_q else None
+            dk = mm(F._swap(dS), self.q, "attention.dk") if need_k else None
+        return dq, dk, dv
+
+
+F.FAST_OPS.update(
+    {
+        F.GELU: GELU,
+        F.LayerNormFunction: LayerNormFunction,
+        F.SoftmaxCrossEntropy: SoftmaxCrossEntropy,
+        F.CausalSelfAttention: CausalSelfAttention,
+    }
+)
+
+
+# ======================================================================================
+# Process settings for speed (applied by the minilora command and the benchmarks)
+# ======================================================================================
+
+
+def set_num_threads(n: int):
+    """Limit the BLAS threads NumPy uses (returns the limiter; ``None`` restores nothing).
+
+    minilora's matrices are small: one BLAS thread per process is usually fastest, and on a
+    shared or busy machine extra threads spin and can make each matmul ten times slower.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"threads={n!r} must be a positive integer")
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415  (only needed here)
+
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+def keep_freed_host_memory() -> bool:
+    """Ask the C library's ``malloc`` to keep freed memory for reuse (glibc; else a no-op).
+
+    A training step allocates the same large arrays every step (activations, gradients,
+    the temporaries of each op, megabytes each) and frees them again. By default glibc
+    serves big requests with fresh ``mmap`` pages and hands freed memory at the top of the
+    heap back to the OS, so the next step touches brand-new pages: each 4 KiB page costs a
+    page fault and a zero fill, which on our (virtualised) machines cost several times the
+    arithmetic of an elementwise op (GELU's forward inside a training step measured 7.1 ms
+    with the default and 1.8 ms with this; docs/performance.md). Raising the two thresholds
+    keeps that memory in the process for the next step, as PyTorch's caching allocators
+    do; the price is that the process's resident memory stays near its peak.
+
+    The ``minilora`` command and the benchmarks call it; importing minilora does not (a
+    library should not change its user's allocator behind their back). It does nothing
+    when the environment variable ``MINILORA_KEEP_FREED_MEMORY`` is ``0``. Returns True
+    when the setting was applied.
+    """
+    if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    import ctypes  # noqa: PLC0415  (only needed here)
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError, TypeError):  # no mallopt: not glibc (macOS, Windows)
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
+    # mmap only requests above 32 MiB (glibc's largest allowed value); give memory back to
+    # the OS only when 1 GiB at the top of the heap is free
+    mmap_ok = mallopt(m_mmap_threshold, 32 * 2**20)
+    return bool(mmap_ok) and bool(mallopt(m_trim_threshold, 2**30))

@@ -1,0 +1,105 @@
+"""The fast path (minilora/fast.py): each fast op computes what its reference op computes.
+
+For every op in ``functional.FAST_OPS``, on random inputs, the fast and reference classes
+give the same output (to rounding: 16 units in the last place of the dtype, relative to the
+largest value) and the same gradients for every input that needs one, with frozen inputs
+getting none. Shapes include arrays larger than one cache block, so that the blocked loops
+really run over several blocks. The fast ops' own gradient checks run in test_functional.py,
+whose tests run on both paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minilora import fast
+from minilora import functional as F
+from minilora.autograd import Tensor
+
+
+def assert_close(got, want, dtype, what: str) -> None:
+    """Equal to rounding: a few units in the last place of the array's largest values (where
+    terms cancel, as in GELU's dy/dx near its zero, the error is relative to the terms)."""
+    eps = np.finfo(dtype).eps
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=16 * eps, atol=16 * eps * scale, err_msg=what)
+
+
+def inputs_for(op: type, shape: tuple, rng: np.random.Generator, dtype) -> tuple[list, dict]:
+    """Random inputs of ``shape`` for ``op`` and its constructor settings."""
+    x = rng.normal(size=shape).astype(dtype)
+    if op is F.GELU:
+        return [x * 3], {}
+    if op is F.LayerNormFunction:
+        C = shape[-1]
+        return [x, rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)], {}
+    if op is F.SoftmaxCrossEntropy:
+        targets = rng.integers(0, shape[-1], size=shape[:-1])
+        targets.reshape(-1)[0] = -100  # one ignored row (there are at least two rows)
+        return [x * 4, targets], {"ignore_index": -100}
+    if op is F.CausalSelfAttention:
+        return [x, rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)], {}
+    raise AssertionError(f"no inputs for {op.__name__}: add them when a fast op is added")
+
+
+def run(cls: type, arrays: list, settings: dict, trainable: list[bool], g):
+    """Output and input gradients of ``cls`` (one op, called directly)."""
+    tensors = [Tensor(a, requires_grad=t) for a, t in zip(arrays, trainable, strict=True)]
+    out = cls(**settings)(*tensors)
+    out.backward(g)
+    return out.data, [t.grad for t in tensors]
+
+
+SHAPES = {
+    F.GELU: [(3,), (2, 5, 7), (300, 257)],  # 77,100 elements: two blocks
+    F.LayerNormFunction: [(1, 1), (2, 3, 8), (700, 130)],
+    F.SoftmaxCrossEntropy: [(2, 3), (2, 4, 9), (600, 130)],
+    F.CausalSelfAttention: [(1, 1, 1, 2), (2, 3, 5, 4), (40, 1, 64, 8)],  # 40 rows: 3 blocks
+}
+
+
+def test_every_fast_op_has_a_reference_op_and_shapes_here():
+    assert set(F.FAST_OPS) == set(SHAPES)
+    for ref, fast_cls in F.FAST_OPS.items():
+        assert issubclass(fast_cls, ref) and fast_cls.__module__ == fast.__name__
+
+
+@pytest.mark.parametrize("op", list(SHAPES), ids=lambda op: op.__name__)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@given(seed=st.integers(0, 2**32 - 1), which=st.integers(0, 2), data=st.data())
+def test_fast_op_equals_reference_op(op, dtype, seed, which, data):
+    rng = np.random.default_rng(seed)
+    shape = SHAPES[op][which]
+    arrays, settings = inputs_for(op, shape, rng, dtype)
+    floating = [np.issubdtype(a.dtype, np.floating) for a in arrays]
+    trainable = [f and data.draw(st.booleans()) for f in floating]
+    if not any(trainable):
+        trainable[0] = True  # something must need a gradient for a backward to run
+    # the upstream gradient (a loss takes none: its gradient is 1)
+    g = None if op is F.SoftmaxCrossEntropy else rng.normal(size=shape).astype(dtype)
+    ref_out, ref_grads = run(op, arrays, settings, trainable, g)
+    fast_out, fast_grads = run(F.FAST_OPS[op], arrays, settings, trainable, g)
+    assert fast_out.dtype == ref_out.dtype == dtype
+    assert_close(fast_out, ref_out, dtype, "output")
+    for i, (want, got) in enumerate(zip(ref_grads, fast_grads, strict=True)):
+        if not trainable[i]:
+            assert want is None and got is None, f"frozen input {i} got a gradient"
+            continue
+        assert got.dtype == want.dtype == dtype
+        assert_close(got, want, dtype, f"gradient of input {i}")
+
+
+def test_the_engine_switches_between_paths():
+    previous = F.set_ops("reference")
+    try:
+        assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
+        F.set_ops("fast")
+        assert F._use(F.GELU) is fast.GELU
+        assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
+        with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
+            F.set_ops("quick")
+    finally:
+        F.set_ops(previous)
