@@ -173,8 +173,10 @@ def run(name: str, repeats: int, with_torch: bool) -> dict:
     def share(key):
         return statistics.median(s[key] / s["step"] for s in per_step)
 
-    categories = {k: {"median_s": med(k), "share": share(k)}
-                  for k in ("matmul", "other_ops", "optimizer", "engine")}  # fmt: skip
+    categories = {
+        k: {"median_s": med(k), "share": share(k)}
+        for k in ("matmul", "other_ops", "optimizer", "engine")
+    }
     op_names = sorted({k for s in per_step for k in s["ops"]}, key=lambda k: (k[0], k[1]))
     ops = []
     for key in op_names:
@@ -229,29 +231,50 @@ def _prod(shape) -> int:
 
 def print_report(r: dict) -> None:
     step = r["step"]["median_s"]
-    print(f"\n{r['config']} ({r['shape']}): step {ms(step):.1f} ms (median), "
-          f"instrumented x{r['instrumentation_overhead']:.2f}")  # fmt: skip
+    print(
+        f"\n{r['config']} ({r['shape']}): step {ms(step):.1f} ms (median), "
+        f"instrumented x{r['instrumentation_overhead']:.2f}"
+    )
     rows = [
         {"part": k, "ms": ms(v["median_s"]), "share": f"{100 * v['share']:.0f}%"}
         for k, v in r["categories"].items()
     ]
-    rows.append({"part": "matmuls alone (NumPy replay)", "ms": ms(r["matmuls_alone"]["median_s"]),
-                 "share": f"step = {r['step_over_matmuls_alone']:.2f} x this"})  # fmt: skip
+    rows.append(
+        {
+            "part": "matmuls alone (NumPy replay)",
+            "ms": ms(r["matmuls_alone"]["median_s"]),
+            "share": f"step = {r['step_over_matmuls_alone']:.2f} x this",
+        }
+    )
     if "torch_step" in r:
-        rows.append({"part": "matmuls alone (PyTorch replay)",
-                     "ms": ms(r["torch_matmuls_alone"]["median_s"]),
-                     "share": f"NumPy/PyTorch {r['numpy_over_torch_matmuls']:.2f}"})  # fmt: skip
-        rows.append({"part": "PyTorch step", "ms": ms(r["torch_step"]["median_s"]),
-                     "share": f"minilora/PyTorch {r['step_over_torch_step']:.2f}"})  # fmt: skip
+        rows.append(
+            {
+                "part": "matmuls alone (PyTorch replay)",
+                "ms": ms(r["torch_matmuls_alone"]["median_s"]),
+                "share": f"NumPy/PyTorch {r['numpy_over_torch_matmuls']:.2f}",
+            }
+        )
+        rows.append(
+            {
+                "part": "PyTorch step",
+                "ms": ms(r["torch_step"]["median_s"]),
+                "share": f"minilora/PyTorch {r['step_over_torch_step']:.2f}",
+            }
+        )
     print(common.table(rows, [("part", "part"), ("ms", "median ms"), ("share", "share")]))
     top = [
-        {"op": f"{o['op']}.{o['phase']}", "ms": ms(o["median_s"]), "mm": ms(o["matmul_s"]),
-         "rest": ms(o["median_s"] - o["matmul_s"])}
+        {
+            "op": f"{o['op']}.{o['phase']}",
+            "ms": ms(o["median_s"]),
+            "mm": ms(o["matmul_s"]),
+            "rest": ms(o["median_s"] - o["matmul_s"]),
+        }
         for o in r["ops"][:12]
-    ]  # fmt: skip
+    ]
     print("ops (the 12 slowest):")
-    print(common.table(top, [("op", "op"), ("ms", "ms"), ("mm", "of which matmul"),
-                             ("rest", "rest")]))  # fmt: skip
+    print(
+        common.table(top, [("op", "op"), ("ms", "ms"), ("mm", "of which matmul"), ("rest", "rest")])
+    )
 
 
 def main(argv=None) -> dict:

@@ -104,7 +104,7 @@ def set_threads(n: int, torch_too: bool = True) -> None:
 
 def optional_torch():
     try:
-        import torch  # noqa: PLC0415
+        import torch
     except ImportError:
         return None
     return torch
@@ -172,7 +172,7 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
     """What the numbers were measured on: CPU, cores, versions, BLAS and thread counts."""
-    from threadpoolctl import threadpool_info  # noqa: PLC0415
+    from threadpoolctl import threadpool_info
 
     blas = [
         {k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
@@ -278,7 +278,7 @@ def torch_twin(model: GPT, lr: float = 1e-3, weight_decay: float = 1e-2):
     torch = optional_torch()
     if torch is None:
         return None
-    from examples.torch_gpt import TorchGPT, load_minilora_state  # noqa: PLC0415
+    from examples.torch_gpt import TorchGPT, load_minilora_state
 
     twin = TorchGPT(model.config)
     load_minilora_state(twin, model.state_dict())

@@ -91,8 +91,12 @@ def run_size(size: Size, devices: list[str], repeats: int, dtype, deadline: floa
         for i in range(repeats):
             for d in devices if i % 2 == 0 else reversed(devices):
                 times[d].append(timed(fns[d])[0])
-        row = {"size": size.name, "shape": size.describe(), "mode": mode,
-               "tokens": size.batch_size * size.config.block_size}  # fmt: skip
+        row = {
+            "size": size.name,
+            "shape": size.describe(),
+            "mode": mode,
+            "tokens": size.batch_size * size.config.block_size,
+        }
         for d in devices:
             row[d] = common.summary(times[d])
             row[d]["first_call_s"] = first[d][0]
@@ -150,7 +154,7 @@ def main(argv=None) -> dict:
     )
     p.set_defaults(
         threads=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    )  # fmt: skip  (the CPU at its best: every core)
+    )  # the CPU at its best: every core
     args = p.parse_args(argv)
     devices = available([d for d in args.devices.split(",") if d])
     if not devices:
@@ -160,8 +164,10 @@ def main(argv=None) -> dict:
     sizes = QUICK_SIZES if args.quick else SIZES
     repeats = args.repeats or (2 if args.quick else 5)
     dtype = backend.resolve_dtype(args.dtype)
-    print(f"devices {devices}, {args.dtype}, {repeats} timed calls each after one untimed, "
-          f"CPU BLAS threads {args.threads}")  # fmt: skip
+    print(
+        f"devices {devices}, {args.dtype}, {repeats} timed calls each after one untimed, "
+        f"CPU BLAS threads {args.threads}"
+    )
     rows, deadline = [], time.perf_counter() + args.max_seconds
     for size in sizes:
         rows += run_size(size, devices, repeats, dtype, deadline)
@@ -169,9 +175,14 @@ def main(argv=None) -> dict:
     print(common.table(rows, _columns(devices)))
     firsts = ", ".join(f"{d} {max(r[d]['first_call_s'] for r in rows):.2f} s" for d in devices)
     print(f"slowest first call (compilation, caches): {firsts}")
-    result = {"devices": devices, "dtype": args.dtype, "repeats": repeats,
-              "gpu": gpu_description(), "sizes": {s.name: s.describe() for s in sizes},
-              "rows": rows}  # fmt: skip
+    result = {
+        "devices": devices,
+        "dtype": args.dtype,
+        "repeats": repeats,
+        "gpu": gpu_description(),
+        "sizes": {s.name: s.describe() for s in sizes},
+        "rows": rows,
+    }
     common.write_json(args.out, "gpu_vs_cpu", result, args)
     return result
 

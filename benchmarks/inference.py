@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
                 ("m/b paired", "paired"),
                 ("same", "merged==unmerged"),
             ],
-        )  # fmt: skip
+        )
     )
     # Base and merged run the very same code, so the per-round (paired) ratio is the measure:
     # it cancels the load that drifts between rounds on a shared machine.

@@ -73,8 +73,9 @@ def run(config: str, variants, repeats: int) -> list[dict]:
                 f"{name}: optimizer state holds {measured} bytes but the accounting formula "
                 f"says {expected}"
             )
-        memory = accounting.train_memory(shape, lora, "float32", bench.batch_size,
-                                         bench.config.block_size)  # fmt: skip
+        memory = accounting.train_memory(
+            shape, lora, "float32", bench.batch_size, bench.config.block_size
+        )
         rows.append(
             {
                 "variant": name,
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
                 ("peak", "peak MiB"),
                 ("est", "act+grad MiB (formula)"),
             ],
-        )  # fmt: skip
+        )
     )
     lora_rows = [r for r in rows if r["targets"] is not None]
     result = {

@@ -22,8 +22,14 @@ NEEDS_TORCH = ("train_step",)
 
 
 def run_script(name: str, args) -> bool:
-    cmd = [sys.executable, str(Path(__file__).with_name(f"{name}.py")),
-           "--threads", str(args.threads), "--out", str(args.out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name(f"{name}.py")),
+        "--threads",
+        str(args.threads),
+        "--out",
+        str(args.out),
+    ]
     if args.quick:
         cmd.append("--quick")
     print(f"\n=== {' '.join(['python', f'benchmarks/{name}.py', *cmd[2:]])}", flush=True)
@@ -39,20 +45,35 @@ def targets(results: dict) -> list[dict]:
     rows = []
 
     def add(what, value, goal, met, note=""):
-        rows.append({"target": what, "value": value, "goal": goal,
-                     "met": "met" if met else "MISSED", "note": note})  # fmt: skip
+        rows.append(
+            {
+                "target": what,
+                "value": value,
+                "goal": goal,
+                "met": "met" if met else "MISSED",
+                "note": note,
+            }
+        )
 
     r = results.get("train_step")
     if r and "ratio" in r["target"]:
-        add("minilora / PyTorch step (small)", r["target"]["ratio"], "<= 1.0",
-            r["target"]["met"])  # fmt: skip
+        add("minilora / PyTorch step (small)", r["target"]["ratio"], "<= 1.0", r["target"]["met"])
     r = results.get("lora_vs_full")
     if r:
         t = r["target"]
-        add(f"LoRA q,v / full step ({r['config']})", max(t["qv_ratios"]), "<= 0.8", t["met"],
-            f"all-linear worst {t['worst_lora_ratio']:.2f}")  # fmt: skip
-        add("optimizer state == formula", "exact" if t["optimizer_state_exact"] else "differs",
-            "exact", t["optimizer_state_exact"])  # fmt: skip
+        add(
+            f"LoRA q,v / full step ({r['config']})",
+            max(t["qv_ratios"]),
+            "<= 0.8",
+            t["met"],
+            f"all-linear worst {t['worst_lora_ratio']:.2f}",
+        )
+        add(
+            "optimizer state == formula",
+            "exact" if t["optimizer_state_exact"] else "differs",
+            "exact",
+            t["optimizer_state_exact"],
+        )
     r = results.get("inference")
     if r:
         t = r["target"]
@@ -61,8 +82,12 @@ def targets(results: dict) -> list[dict]:
         add("merged / base inference", t["worst"], "<= 1.02", t["met"], note)
     r = results.get("breakdown")
     if r and "matmul_share" in r["target"]:
-        add("matmul share of a step (medium)", r["target"]["matmul_share"], ">= 0.60",
-            r["target"]["met"])  # fmt: skip
+        add(
+            "matmul share of a step (medium)",
+            r["target"]["matmul_share"],
+            ">= 0.60",
+            r["target"]["met"],
+        )
     return rows
 
 
@@ -80,14 +105,28 @@ def main(argv=None) -> dict:
     results = {k: v for k, v in results.items() if v is not None}
     rows = targets(results)
     print("\n=== targets")
-    print(common.table(rows, [("target", "target"), ("value", "value"), ("goal", "goal"),
-                              ("met", "result"), ("note", "note")]))  # fmt: skip
+    print(
+        common.table(
+            rows,
+            [
+                ("target", "target"),
+                ("value", "value"),
+                ("goal", "goal"),
+                ("met", "result"),
+                ("note", "note"),
+            ],
+        )
+    )
     gpu = load(args.out, "gpu_vs_cpu")
     if gpu is not None:
         print("\n=== GPU vs CPU (benchmarks/results/gpu_vs_cpu.json, from gpu_vs_cpu.py)")
         print(json.dumps(gpu, indent=2))
-    report = {"targets": rows, "failed_scripts": failed, "gpu_vs_cpu": gpu,
-              "results": sorted(results)}  # fmt: skip
+    report = {
+        "targets": rows,
+        "failed_scripts": failed,
+        "gpu_vs_cpu": gpu,
+        "results": sorted(results),
+    }
     common.write_json(args.out, "report", report, args)
     if failed:
         raise SystemExit(f"benchmark scripts failed: {failed}")

@@ -4,8 +4,11 @@ Forward, backward and an AdamW update, float32, the same weights (loaded into
 ``examples/torch_gpt.py``'s port by name), the same batch and the same thread count, for
 the tiny, small and medium configurations. The two steps alternate in one run; the table
 gives medians and minilora / PyTorch ratios (target: <= 1.0 on the small configuration).
+With ``--ops-compare`` a third variant joins the alternation: minilora on its reference ops
+alone (``MINILORA_OPS=reference``), to state what the fast path buys.
 
     python benchmarks/train_step.py [--quick] [--threads N] [--configs tiny,small,medium]
+                                    [--ops-compare]
 """
 
 from __future__ import annotations
@@ -14,11 +17,25 @@ import common
 from common import CONFIGS, ms
 
 from minilora import AdamW
+from minilora import functional as F
 
 DEFAULT_REPEATS = {"tiny": 40, "small": 20, "medium": 10}
 
 
-def run(name: str, repeats: int) -> dict:
+def on_reference_ops(step):
+    """``step`` run with the engine on the reference ops (functional.py alone)."""
+
+    def run():
+        previous = F.set_ops("reference")
+        try:
+            return step()
+        finally:
+            F.set_ops(previous)
+
+    return run
+
+
+def run(name: str, repeats: int, ops_compare: bool = False) -> dict:
     bench = CONFIGS[name]
     model = common.build_model(bench)
     x, y = common.batch(bench)
@@ -27,9 +44,13 @@ def run(name: str, repeats: int) -> dict:
         "minilora": common.minilora_step(model, AdamW(model.parameters(), lr=1e-3), x, y),
         "torch": common.torch_step(twin, twin_opt, x, y),
     }
+    if ops_compare:
+        ref = common.build_model(bench)  # the same weights, trained separately
+        ref_step = common.minilora_step(ref, AdamW(ref.parameters(), lr=1e-3), x, y)
+        steps["reference"] = on_reference_ops(ref_step)
     first = {k: f() for k, f in steps.items()}  # the first step's losses: same weights
     times = common.alternate(steps, repeats, warmup=1)
-    return {
+    out = {
         "config": name,
         "shape": bench.describe(),
         "tokens_per_step": bench.tokens,
@@ -38,11 +59,22 @@ def run(name: str, repeats: int) -> dict:
         "torch": common.summary(times["torch"]),
         **common.ratio(times, "minilora", "torch"),
     }
+    if ops_compare:
+        vs_fast = common.ratio(times, "reference", "minilora")
+        out["reference"] = common.summary(times["reference"])
+        out["reference_vs_fast"] = vs_fast["ratio"]
+        out["reference_vs_fast_paired"] = vs_fast["paired"]
+    return out
 
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--configs", default="tiny,small,medium", help="comma-separated names")
+    p.add_argument(
+        "--ops-compare",
+        action="store_true",
+        help="also time minilora on its reference ops (what the fast path buys)",
+    )
     args = p.parse_args(argv)
     if common.optional_torch() is None:
         raise SystemExit("train_step.py needs PyTorch (pip install 'minilora[oracle]')")
@@ -51,11 +83,17 @@ def main(argv=None) -> dict:
     rows = []
     for name in names:
         repeats = 3 if args.quick else (args.repeats or DEFAULT_REPEATS.get(name, 10))
-        rows.append(run(name, repeats))
+        rows.append(run(name, repeats, args.ops_compare))
         r = rows[-1]
+        reference = (
+            f", reference ops {ms(r['reference']['median_s']):.1f} ms "
+            f"({r['reference_vs_fast']:.2f}x the fast path)"
+            if args.ops_compare
+            else ""
+        )
         print(
             f"{name}: minilora {ms(r['minilora']['median_s']):.1f} ms, "
-            f"torch {ms(r['torch']['median_s']):.1f} ms, ratio {r['ratio']:.2f}",
+            f"torch {ms(r['torch']['median_s']):.1f} ms, ratio {r['ratio']:.2f}{reference}",
             flush=True,
         )
     table_rows = [
@@ -66,23 +104,26 @@ def main(argv=None) -> dict:
             "torch": ms(r["torch"]["median_s"]),
             "ratio": r["ratio"],
             "paired": r["paired"],
+            **(
+                {"reference": ms(r["reference"]["median_s"]), "ref_fast": r["reference_vs_fast"]}
+                if args.ops_compare
+                else {}
+            ),
         }
         for r in rows
     ]
+    columns = [
+        ("config", "config"),
+        ("shape", "shape"),
+        ("minilora", "minilora ms"),
+        ("torch", "torch ms"),
+        ("ratio", "minilora/torch"),
+        ("paired", "paired ratio"),
+    ]
+    if args.ops_compare:
+        columns += [("reference", "reference-ops ms"), ("ref_fast", "reference/fast")]
     print(f"\ntraining step, float32, {args.threads} thread(s); medians in ms")
-    print(
-        common.table(
-            table_rows,
-            [
-                ("config", "config"),
-                ("shape", "shape"),
-                ("minilora", "minilora ms"),
-                ("torch", "torch ms"),
-                ("ratio", "minilora/torch"),
-                ("paired", "paired ratio"),
-            ],
-        )  # fmt: skip
-    )
+    print(common.table(table_rows, columns))
     result = {"rows": rows, "target": {"config": "small", "ratio_at_most": 1.0}}
     small = [r for r in rows if r["config"] == "small"]
     if small:

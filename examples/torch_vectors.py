@@ -40,8 +40,9 @@ def _attention(t, a):
 def _cross_entropy(t, a):
     logits, targets = t["logits"], t["targets"]
     V = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1),
-                           ignore_index=a["ignore_index"])  # fmt: skip
+    return F.cross_entropy(
+        logits.reshape(-1, V), targets.reshape(-1), ignore_index=a["ignore_index"]
+    )
 
 
 # Each op: (tensors by input name, attrs from the manifest) -> output.
@@ -83,7 +84,7 @@ OPS = {
 
 
 def _peft():
-    import peft  # noqa: PLC0415  (only the LoRA cases need it)
+    import peft  # only the LoRA cases need it
 
     return peft
 
@@ -103,8 +104,13 @@ def run_lora_layer(t: dict, a: dict):
     """PEFT's LoRA layer on the case's weights: (outputs, gradients)."""
     peft = _peft()
     base = _One(a["in_features"], a["out_features"]).to(t["x"].dtype)
-    config = peft.LoraConfig(r=a["r"], lora_alpha=a["lora_alpha"], target_modules=["proj"],
-                             use_rslora=a["use_rslora"], lora_dropout=0.0)  # fmt: skip
+    config = peft.LoraConfig(
+        r=a["r"],
+        lora_alpha=a["lora_alpha"],
+        target_modules=["proj"],
+        use_rslora=a["use_rslora"],
+        lora_dropout=0.0,
+    )
     model = peft.get_peft_model(base, config)
     layer = model.base_model.model.proj
     with torch.no_grad():
@@ -115,8 +121,11 @@ def run_lora_layer(t: dict, a: dict):
     x = t["x"].clone().requires_grad_(True)
     y = model(x)
     y.backward(t["grad_output"])
-    grads = {"x": x.grad, "lora_A": layer.lora_A["default"].weight.grad,
-             "lora_B": layer.lora_B["default"].weight.grad}  # fmt: skip
+    grads = {
+        "x": x.grad,
+        "lora_A": layer.lora_A["default"].weight.grad,
+        "lora_B": layer.lora_B["default"].weight.grad,
+    }
     layer.merge()  # W ← W + s·B·A, PEFT's merge
     outputs = {"output": y, "merged_weight": layer.base_layer.weight}
     return outputs, grads
@@ -128,10 +137,17 @@ def run_gpt(t: dict, a: dict):
     config, lora = type("Config", (), a["config"]), a["lora"]
     dtype = t["tok_emb.weight"].dtype
     port = TorchGPT(config).to(dtype)
-    model = peft.get_peft_model(port, peft.LoraConfig(
-        r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
-        lora_dropout=lora["lora_dropout"], bias=lora["bias"], use_rslora=lora["use_rslora"],
-    ))  # fmt: skip
+    model = peft.get_peft_model(
+        port,
+        peft.LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["lora_alpha"],
+            target_modules=lora["target_modules"],
+            lora_dropout=lora["lora_dropout"],
+            bias=lora["bias"],
+            use_rslora=lora["use_rslora"],
+        ),
+    )
     params = {k: v for k, v in t.items() if k not in ("idx", "targets", "grad_output")}
     load_minilora_state(model, {k: v.numpy() for k, v in params.items()})
     logits, loss = model(t["idx"], t["targets"])

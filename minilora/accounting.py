@@ -81,17 +81,28 @@ class ModelShape:
     def from_config(cls, config: GPTConfig, tied: bool = False) -> ModelShape:
         """The shape of ``GPT(config)`` (untied, as minilora builds it, unless ``tied``)."""
         return cls(
-            config.n_layer, config.n_embd, config.n_head, config.vocab_size, config.block_size,
-            bias=config.bias, tied=tied, dropout=config.dropout,
-        )  # fmt: skip
+            config.n_layer,
+            config.n_embd,
+            config.n_head,
+            config.vocab_size,
+            config.block_size,
+            bias=config.bias,
+            tied=tied,
+            dropout=config.dropout,
+        )
 
     def module_shape(self, name: str) -> tuple[int, int]:
         """The weight shape (out, in) of the linear layer with leaf name ``name``."""
         C = self.n_embd
         shapes = {
-            "q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C),
-            "fc1": (4 * C, C), "fc2": (C, 4 * C), "lm_head": (self.vocab_size, C),
-        }  # fmt: skip
+            "q_proj": (C, C),
+            "k_proj": (C, C),
+            "v_proj": (C, C),
+            "o_proj": (C, C),
+            "fc1": (4 * C, C),
+            "fc2": (C, 4 * C),
+            "lm_head": (self.vocab_size, C),
+        }
         if name not in shapes:
             raise ValueError(f"unknown module {name!r}; valid names: {', '.join(TARGET_MODULES)}")
         return shapes[name]

@@ -43,8 +43,8 @@ ndarray = np.ndarray
 # "cpu" is NumPy. Every other device is an array module that follows CuPy's conventions:
 # its arrays are instances of ``xp.ndarray``, ``xp.asarray(host_array)`` copies host data
 # onto the device, and ``array.get()`` copies it back. "cuda" (CuPy) is registered the
-# first time it is asked for and found; :func:`register_device` adds others (the tests
-# register a CPU stand-in for a GPU this way, see tests/standin.py).
+# first time it is asked for and found; :func:`register_device` adds others (the test
+# suite adds a CPU stand-in for a GPU this way, whose arrays follow CuPy's rules).
 
 _device_modules: dict = {}  # device name -> array module, for every device but "cpu"
 _cuda_checked = False
@@ -56,7 +56,7 @@ def cupy_module():
     if not _cuda_checked:
         _cuda_checked = True
         try:
-            import cupy  # noqa: PLC0415  (lazy on purpose: CuPy is optional)
+            import cupy  # lazy on purpose: CuPy is optional
 
             if cupy.cuda.runtime.getDeviceCount() > 0:
                 _device_modules["cuda"] = cupy

@@ -243,8 +243,13 @@ def human_count(n: int) -> str:
 
 def human_flops(n: int) -> str:
     """358791143424 -> '358.8 GFLOP'; 1076373430272 -> '1.076 TFLOP'."""
-    for unit, size in (("PFLOP", 10**15), ("TFLOP", 10**12), ("GFLOP", 10**9),
-                       ("MFLOP", 10**6), ("kFLOP", 10**3)):  # fmt: skip
+    for unit, size in (
+        ("PFLOP", 10**15),
+        ("TFLOP", 10**12),
+        ("GFLOP", 10**9),
+        ("MFLOP", 10**6),
+        ("kFLOP", 10**3),
+    ):
         if abs(n) >= size:
             return f"{n / size:.4g} {unit}"
     return f"{n} FLOP"
@@ -387,8 +392,10 @@ def _cmd_pretrain(args) -> int:
     out = Path(args.out) if args.out else demo.base_model_path()
     checkpoint.save_model(model, out)
     last = history[-1]
-    print(f"pretrained {recipe.steps} steps: loss {last['loss']:.4f}, "
-          f"accuracy {last.get('accuracy', float('nan')):.1%}; wrote {out}")  # fmt: skip
+    print(
+        f"pretrained {recipe.steps} steps: loss {last['loss']:.4f}, "
+        f"accuracy {last.get('accuracy', float('nan')):.1%}; wrote {out}"
+    )
     return 0
 
 
@@ -415,8 +422,10 @@ def _cmd_finetune(args) -> int:
         checkpoint.save_model(model, args.out)
     x, y = DigitTasks((args.task,)).eval_set(seed=2024, n=512, device=args.device)
     acc = evaluate(model, x, y)["accuracy"]
-    print(f"{args.method} fine-tuning on task {args.task}: final loss {history[-1]['loss']:.4f}, "
-          f"accuracy {acc:.1%}; wrote {args.out}")  # fmt: skip
+    print(
+        f"{args.method} fine-tuning on task {args.task}: final loss {history[-1]['loss']:.4f}, "
+        f"accuracy {acc:.1%}; wrote {args.out}"
+    )
     return 0
 
 
@@ -434,8 +443,10 @@ def _cmd_eval(args) -> int:
     model = _load(args)
     x, y = DigitTasks((args.task,)).eval_set(seed=2024, n=args.examples, device=args.device)
     result = evaluate(model, x, y)
-    print(f"task {args.task}: accuracy {result['accuracy']:.1%}, loss {result['eval_loss']:.4f} "
-          f"({args.examples} examples)")  # fmt: skip
+    print(
+        f"task {args.task}: accuracy {result['accuracy']:.1%}, loss {result['eval_loss']:.4f} "
+        f"({args.examples} examples)"
+    )
     return 0
 
 
@@ -447,8 +458,9 @@ def _cmd_generate(args) -> int:
     new = args.max_new_tokens or n_digits + 1
     idx = backend.array([ids], dtype=backend.int64, device=args.device)
     model.eval()
-    out = model.generate(idx, new, temperature=args.temperature,
-                         generator=backend.Generator(args.seed))  # fmt: skip
+    out = model.generate(
+        idx, new, temperature=args.temperature, generator=backend.Generator(args.seed)
+    )
     print(" ".join(decode(backend.to_numpy(out)[0])))
     return 0
 
@@ -490,12 +502,14 @@ def _add_vectors_command(sub) -> None:
 
 
 def _cmd_vectors(args) -> int:
-    from minilora import vectors  # noqa: PLC0415  (builds its cases on import)
+    from minilora import vectors  # builds its cases on import
 
     if args.out:
         manifest = vectors.write_vectors(args.out, seed=args.seed, dtype=args.dtype)
-        print(f"wrote {len(manifest['cases'])} cases ({args.dtype}, seed {args.seed}) and "
-              f"{vectors.MANIFEST_NAME} to {args.out}")  # fmt: skip
+        print(
+            f"wrote {len(manifest['cases'])} cases ({args.dtype}, seed {args.seed}) and "
+            f"{vectors.MANIFEST_NAME} to {args.out}"
+        )
         return 0
     report = vectors.check_vectors(args.check, cases=args.case)
     lines = report.format().splitlines()

@@ -176,8 +176,10 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
     echo(f"base model: {total_base:,} parameters, {base.config}")
     base_down = evaluate(base, dx, dy)["accuracy"]
     base_pre = evaluate(base, px, py)["accuracy"]
-    echo(f"base accuracy: pretraining tasks {base_pre:.1%}, downstream (sort descending) "
-         f"{base_down:.1%}")  # fmt: skip
+    echo(
+        f"base accuracy: pretraining tasks {base_pre:.1%}, downstream (sort descending) "
+        f"{base_down:.1%}"
+    )
 
     rows, models = [], {}
     runs = [("full", None)] + [("lora", r) for r in settings.ranks]
@@ -186,12 +188,19 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
         trainable, total = count_parameters(model)
         step_s = median([h["seconds"] for h in history[len(history) // 5 :]])
         acc = evaluate(model, dx, dy)["accuracy"]
-        rows.append({
-            "method": method, "rank": rank, "trainable_params": trainable,
-            "total_params": total, "trainable_percent": 100 * trainable / total,
-            "optimizer_state_bytes": opt.state_nbytes(), "step_ms": 1000 * step_s,
-            "accuracy": acc, "loss_curve": [h["loss"] for h in history],
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": method,
+                "rank": rank,
+                "trainable_params": trainable,
+                "total_params": total,
+                "trainable_percent": 100 * trainable / total,
+                "optimizer_state_bytes": opt.state_nbytes(),
+                "step_ms": 1000 * step_s,
+                "accuracy": acc,
+                "loss_curve": [h["loss"] for h in history],
+            }
+        )
         models[(method, rank)] = (model, config)
     echo("")
     echo(_table(rows))
@@ -227,36 +236,58 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
     unmerged = copy.deepcopy(base)
     checkpoint.load_adapter(unmerged, adapter_dir)
     base.eval(), unmerged.eval()
-    latency = _latency({"base": base, "unmerged": unmerged, "merged": served}, dx,
-                       settings.latency_repeats)  # fmt: skip
-    echo(f"\nadapter saved to {adapter_dir} (PEFT layout: adapter_config.json, "
-         "adapter_model.safetensors)")  # fmt: skip
+    latency = _latency(
+        {"base": base, "unmerged": unmerged, "merged": served}, dx, settings.latency_repeats
+    )
+    echo(
+        f"\nadapter saved to {adapter_dir} (PEFT layout: adapter_config.json, "
+        "adapter_model.safetensors)"
+    )
     echo(f"merged vs unmerged logits: largest difference {max_diff:.2e}")
-    echo("inference latency, batch of {} (median of {}): base {:.2f} ms, unmerged {:.2f} ms "
-         "({:.2f}x), merged {:.2f} ms ({:.2f}x)".format(
-             settings.eval_examples, settings.latency_repeats, 1000 * latency["base"],
-             1000 * latency["unmerged"], latency["unmerged"] / latency["base"],
-             1000 * latency["merged"], latency["merged"] / latency["base"]))  # fmt: skip
+    echo(
+        "inference latency, batch of {} (median of {}): base {:.2f} ms, unmerged {:.2f} ms "
+        "({:.2f}x), merged {:.2f} ms ({:.2f}x)".format(
+            settings.eval_examples,
+            settings.latency_repeats,
+            1000 * latency["base"],
+            1000 * latency["unmerged"],
+            latency["unmerged"] / latency["base"],
+            1000 * latency["merged"],
+            latency["merged"] / latency["base"],
+        )
+    )
 
     verdict = _verdict(rows)
     echo("\n" + verdict)
     results = {
-        "settings": asdict(settings), "device": device, "base_accuracy": base_down,
-        "base_pretrain_accuracy": base_pre, "runs": rows,
-        "pretrain_accuracy_after": {"full": pre_full, "lora": pre_lora,
-                                    "lora_disabled": pre_lora_off},
-        "merge_max_abs_diff": max_diff, "latency_seconds": latency, "verdict": verdict,
-    }  # fmt: skip
+        "settings": asdict(settings),
+        "device": device,
+        "base_accuracy": base_down,
+        "base_pretrain_accuracy": base_pre,
+        "runs": rows,
+        "pretrain_accuracy_after": {
+            "full": pre_full,
+            "lora": pre_lora,
+            "lora_disabled": pre_lora_off,
+        },
+        "merge_max_abs_diff": max_diff,
+        "latency_seconds": latency,
+        "verdict": verdict,
+    }
     _write_json(out / "results.json", results)
     plot = _plot(rows, out / "demo.png")
-    echo(f"\nwrote {out / 'results.json'}" + (f" and {plot}" if plot else
-         " (install matplotlib for a plot)"))  # fmt: skip
+    echo(
+        f"\nwrote {out / 'results.json'}"
+        + (f" and {plot}" if plot else " (install matplotlib for a plot)")
+    )
     return results
 
 
 def _table(rows: list[dict]) -> str:
-    head = f"{'method':<7}{'rank':>5}{'trainable':>12}{'% of total':>12}{'optim bytes':>13}" \
-           f"{'step ms':>9}{'accuracy':>10}"  # fmt: skip
+    head = (
+        f"{'method':<7}{'rank':>5}{'trainable':>12}{'% of total':>12}{'optim bytes':>13}"
+        f"{'step ms':>9}{'accuracy':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         rank = "-" if r["rank"] is None else str(r["rank"])
@@ -275,14 +306,18 @@ def _verdict(rows: list[dict], within: float = 0.05) -> str:
     close = [r for r in small if r["accuracy"] >= full["accuracy"] - within]
     if close:
         r = close[0]
-        return (f"verdict: LoRA r={r['rank']} reaches {r['accuracy']:.1%} against full "
-                f"fine-tuning's {full['accuracy']:.1%} while training "
-                f"{r['trainable_percent']:.2f}% of the parameters.")  # fmt: skip
+        return (
+            f"verdict: LoRA r={r['rank']} reaches {r['accuracy']:.1%} against full "
+            f"fine-tuning's {full['accuracy']:.1%} while training "
+            f"{r['trainable_percent']:.2f}% of the parameters."
+        )
     best = max(small or [r for r in rows if r["method"] == "lora"], key=lambda r: r["accuracy"])
-    return (f"verdict: LoRA did NOT come within {within:.0%} of full fine-tuning here: best "
-            f"LoRA (r={best['rank']}, {best['trainable_percent']:.2f}% of parameters) reaches "
-            f"{best['accuracy']:.1%} against {full['accuracy']:.1%}. (With --quick the runs are "
-            "too short to judge.)")  # fmt: skip
+    return (
+        f"verdict: LoRA did NOT come within {within:.0%} of full fine-tuning here: best "
+        f"LoRA (r={best['rank']}, {best['trainable_percent']:.2f}% of parameters) reaches "
+        f"{best['accuracy']:.1%} against {full['accuracy']:.1%}. (With --quick the runs are "
+        "too short to judge.)"
+    )
 
 
 def _write_json(path: Path, obj) -> None:
@@ -291,10 +326,10 @@ def _write_json(path: Path, obj) -> None:
 
 def _plot(rows: list[dict], path: Path) -> Path | None:
     try:
-        import matplotlib  # noqa: PLC0415  (optional extra)
+        import matplotlib  # optional extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
     except ImportError:
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -303,8 +338,12 @@ def _plot(rows: list[dict], path: Path) -> Path | None:
         ax1.plot(r["loss_curve"], label=label)
         ax2.scatter(r["trainable_params"], 100 * r["accuracy"], label=label)
     ax1.set(xlabel="step", ylabel="training loss", yscale="log", title="fine-tuning loss")
-    ax2.set(xlabel="trainable parameters", ylabel="downstream accuracy (%)", xscale="log",
-            title="accuracy vs trainable parameters")  # fmt: skip
+    ax2.set(
+        xlabel="trainable parameters",
+        ylabel="downstream accuracy (%)",
+        xscale="log",
+        title="accuracy vs trainable parameters",
+    )
     ax1.legend()
     ax2.legend()
     fig.tight_layout()

@@ -248,7 +248,7 @@ def set_num_threads(n: int):
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"threads={n!r} must be a positive integer")
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415  (only needed here)
+    from threadpoolctl import threadpool_limits  # only needed here
 
     return threadpool_limits(limits=n, user_api="blas")
 
@@ -273,7 +273,7 @@ def keep_freed_host_memory() -> bool:
     """
     if os.environ.get("MINILORA_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    import ctypes  # noqa: PLC0415  (only needed here)
+    import ctypes  # only needed here
 
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on

@@ -153,8 +153,14 @@ def _cross_entropy_case() -> Case:
         loss = F.softmax_cross_entropy(logits, arrays["targets"], ignore_index=-100)
         return {"logits": logits}, {"output": loss}
 
-    return Case("softmax_cross_entropy", "minilora.functional.softmax_cross_entropy", make,
-                run, ("logits",), {"ignore_index": -100})  # fmt: skip
+    return Case(
+        "softmax_cross_entropy",
+        "minilora.functional.softmax_cross_entropy",
+        make,
+        run,
+        ("logits",),
+        {"ignore_index": -100},
+    )
 
 
 def _embedding_case() -> Case:
@@ -201,9 +207,15 @@ def _lora_layer_case(name: str, use_rslora: bool) -> Case:
 
     def run(arrays):
         dtype = arrays["x"].dtype
-        layer = LoRALinear(s["in_features"], s["out_features"], r=s["r"],
-                           lora_alpha=s["lora_alpha"], use_rslora=use_rslora, dtype=dtype,
-                           generator=backend.Generator(0))  # fmt: skip
+        layer = LoRALinear(
+            s["in_features"],
+            s["out_features"],
+            r=s["r"],
+            lora_alpha=s["lora_alpha"],
+            use_rslora=use_rslora,
+            dtype=dtype,
+            generator=backend.Generator(0),
+        )
         for k in ("weight", "bias", "lora_A", "lora_B"):
             getattr(layer, k).data = arrays[k].copy()
         layer.weight.requires_grad_(False)
@@ -211,12 +223,24 @@ def _lora_layer_case(name: str, use_rslora: bool) -> Case:
         x = Tensor(arrays["x"], requires_grad=True)
         y = layer(x)
         merged = Tensor(layer.merged_weight())  # W + s·B·A, what merge() writes
-        leaves = {"x": x, "weight": layer.weight, "bias": layer.bias,
-                  "lora_A": layer.lora_A, "lora_B": layer.lora_B}  # fmt: skip
+        leaves = {
+            "x": x,
+            "weight": layer.weight,
+            "bias": layer.bias,
+            "lora_A": layer.lora_A,
+            "lora_B": layer.lora_B,
+        }
         return leaves, {"output": y, "merged_weight": merged}
 
-    return Case(name, "minilora.LoRALinear", make, run, ("x", "lora_A", "lora_B"), attrs,
-                outputs=("output", "merged_weight"))  # fmt: skip
+    return Case(
+        name,
+        "minilora.LoRALinear",
+        make,
+        run,
+        ("x", "lora_A", "lora_B"),
+        attrs,
+        outputs=("output", "merged_weight"),
+    )
 
 
 def _scaling(s: dict, use_rslora: bool) -> float:
@@ -224,10 +248,23 @@ def _scaling(s: dict, use_rslora: bool) -> float:
     return s["lora_alpha"] / math.sqrt(r) if use_rslora else s["lora_alpha"] / r
 
 
-GPT_CONFIG = {"vocab_size": 11, "block_size": 6, "n_layer": 2, "n_head": 2, "n_embd": 8,
-              "dropout": 0.0, "bias": True}  # fmt: skip
-GPT_LORA = {"r": 2, "lora_alpha": 4.0, "target_modules": ["q_proj", "v_proj"],
-            "use_rslora": False, "bias": "none", "lora_dropout": 0.0}  # fmt: skip
+GPT_CONFIG = {
+    "vocab_size": 11,
+    "block_size": 6,
+    "n_layer": 2,
+    "n_head": 2,
+    "n_embd": 8,
+    "dropout": 0.0,
+    "bias": True,
+}
+GPT_LORA = {
+    "r": 2,
+    "lora_alpha": 4.0,
+    "target_modules": ["q_proj", "v_proj"],
+    "use_rslora": False,
+    "bias": "none",
+    "lora_dropout": 0.0,
+}
 
 
 def _gpt_model(dtype) -> GPT:
@@ -272,10 +309,21 @@ def _gpt_case() -> Case:
 
     model_paths = [p for p, _ in _gpt_model(backend.float32).named_parameters()]
     grads = tuple(p for p in model_paths if p.rsplit(".", 1)[1] in ("lora_A", "lora_B"))
-    attrs = {"config": GPT_CONFIG, "lora": GPT_LORA,
-             "scaling": _scaling(GPT_LORA, GPT_LORA["use_rslora"])}  # fmt: skip
-    return Case("gpt_lora", "minilora.GPT + minilora.apply_lora", make, run, grads, attrs,
-                outputs=("logits", "loss"), backward_from="loss")  # fmt: skip
+    attrs = {
+        "config": GPT_CONFIG,
+        "lora": GPT_LORA,
+        "scaling": _scaling(GPT_LORA, GPT_LORA["use_rslora"]),
+    }
+    return Case(
+        "gpt_lora",
+        "minilora.GPT + minilora.apply_lora",
+        make,
+        run,
+        grads,
+        attrs,
+        outputs=("logits", "loss"),
+        backward_from="loss",
+    )
 
 
 def _cases() -> list[Case]:
@@ -291,39 +339,74 @@ def _cases() -> list[Case]:
         _op("exp", F.exp, {"a": _u(shape)}),
         _op("log", F.log, {"a": pos}),
         _op("tanh", F.tanh, {"a": _u(shape)}),
-        _op("sum", lambda a: F.sum(a, axis=1), {"a": _u(shape)},
-            attrs={"axis": [1], "keepdims": False}),
-        _op("mean", lambda a: F.mean(a, axis=(0, 2), keepdims=True), {"a": _u(shape)},
-            attrs={"axis": [0, 2], "keepdims": True}),
-        _op("max", lambda a: F.max(a, axis=-1), {"a": lambda g, d: _distinct(g, shape, d)},
-            attrs={"axis": [-1], "keepdims": False}),
-        _op("reshape", lambda a: F.reshape(a, 4, 6), {"a": _u(shape)},
-            attrs={"shape": [4, 6]}),
-        _op("permute", lambda a: F.permute(a, 2, 0, 1), {"a": _u(shape)},
-            attrs={"dims": [2, 0, 1]}),
+        _op(
+            "sum",
+            lambda a: F.sum(a, axis=1),
+            {"a": _u(shape)},
+            attrs={"axis": [1], "keepdims": False},
+        ),
+        _op(
+            "mean",
+            lambda a: F.mean(a, axis=(0, 2), keepdims=True),
+            {"a": _u(shape)},
+            attrs={"axis": [0, 2], "keepdims": True},
+        ),
+        _op(
+            "max",
+            lambda a: F.max(a, axis=-1),
+            {"a": lambda g, d: _distinct(g, shape, d)},
+            attrs={"axis": [-1], "keepdims": False},
+        ),
+        _op("reshape", lambda a: F.reshape(a, 4, 6), {"a": _u(shape)}, attrs={"shape": [4, 6]}),
+        _op(
+            "permute", lambda a: F.permute(a, 2, 0, 1), {"a": _u(shape)}, attrs={"dims": [2, 0, 1]}
+        ),
         _getitem_case(),
         _op("matmul", F.matmul, {"a": _u((2, 3, 4)), "b": _u((4, 5))}),
         _op("linear", F.linear, {"x": _u((2, 3, 4)), "weight": _u((5, 4)), "bias": _u((5,))}),
-        _op("lora_linear", lambda *t: F.lora_linear(*t, scaling=1.5),
-            {"x": _u((2, 3, 4)), "weight": _u((5, 4)), "bias": _u((5,)),
-             "lora_A": _u((2, 4)), "lora_B": _u((5, 2))}, attrs={"scaling": 1.5}),
+        _op(
+            "lora_linear",
+            lambda *t: F.lora_linear(*t, scaling=1.5),
+            {
+                "x": _u((2, 3, 4)),
+                "weight": _u((5, 4)),
+                "bias": _u((5,)),
+                "lora_A": _u((2, 4)),
+                "lora_B": _u((5, 2)),
+            },
+            attrs={"scaling": 1.5},
+        ),
         _op("gelu", F.gelu, {"x": _u(shape, -3.0, 3.0)}),
-        _op("layer_norm", lambda *t: F.layer_norm(*t, eps=1e-5),
+        _op(
+            "layer_norm",
+            lambda *t: F.layer_norm(*t, eps=1e-5),
             {"x": _u((2, 3, 6)), "weight": _u((6,), 0.5, 1.5), "bias": _u((6,))},
-            attrs={"eps": 1e-5}),
-        _op("softmax", lambda x: F.softmax(x, axis=-1), {"x": _u((2, 3, 5), -3, 3)},
-            attrs={"axis": -1}),
-        _op("log_softmax", lambda x: F.log_softmax(x, axis=-1), {"x": _u((2, 3, 5), -3, 3)},
-            attrs={"axis": -1}),
+            attrs={"eps": 1e-5},
+        ),
+        _op(
+            "softmax",
+            lambda x: F.softmax(x, axis=-1),
+            {"x": _u((2, 3, 5), -3, 3)},
+            attrs={"axis": -1},
+        ),
+        _op(
+            "log_softmax",
+            lambda x: F.log_softmax(x, axis=-1),
+            {"x": _u((2, 3, 5), -3, 3)},
+            attrs={"axis": -1},
+        ),
         _cross_entropy_case(),
         _embedding_case(),
         _dropout_case(),
-        _op("causal_self_attention", F.causal_self_attention,
-            {"q": _u((2, 2, 4, 3)), "k": _u((2, 2, 4, 3)), "v": _u((2, 2, 4, 3))}),
+        _op(
+            "causal_self_attention",
+            F.causal_self_attention,
+            {"q": _u((2, 2, 4, 3)), "k": _u((2, 2, 4, 3)), "v": _u((2, 2, 4, 3))},
+        ),
         _lora_layer_case("lora_layer", use_rslora=False),
         _lora_layer_case("lora_layer_rslora", use_rslora=True),
         _gpt_case(),
-    ]  # fmt: skip
+    ]
 
 
 CASES = {c.name: c for c in _cases()}
@@ -552,8 +635,9 @@ def check_vectors(folder, cases=None) -> VectorReport:
     manifest = _read_manifest(folder)
     seed, dtype = manifest.get("seed"), manifest.get("dtype")
     if dtype not in TOLERANCES:
-        raise ValueError(f"vectors --check: manifest dtype={dtype!r}, expected one of "
-                         f"{sorted(TOLERANCES)}")  # fmt: skip
+        raise ValueError(
+            f"vectors --check: manifest dtype={dtype!r}, expected one of {sorted(TOLERANCES)}"
+        )
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise ValueError(f"vectors --check: manifest seed={seed!r} must be an integer")
     names = list(CASES) if cases is None else list(cases)
@@ -578,21 +662,29 @@ def check_vectors(folder, cases=None) -> VectorReport:
                 continue
             g = got[k]
             if tuple(g.shape) != tuple(w.shape) or g.dtype != w.dtype:
-                detail = (f"{backend.dtype_name(g.dtype)} {tuple(g.shape)}, expected "
-                          f"{backend.dtype_name(w.dtype)} {tuple(w.shape)}")  # fmt: skip
+                detail = (
+                    f"{backend.dtype_name(g.dtype)} {tuple(g.shape)}, expected "
+                    f"{backend.dtype_name(w.dtype)} {tuple(w.shape)}"
+                )
                 report.results.append(TensorResult(name, k, role, "mismatch", detail))
             elif role in ("input", "grad_output"):
                 same = bool((g == w).all())
-                detail = f"{role}, identical to minilora's" if same else (
-                    f"{role} differs from minilora's (seed {seed}); copy the inputs from "
-                    "minilora's set instead of drawing your own"
-                )  # fmt: skip
-                report.results.append(TensorResult(name, k, role, "ok" if same else "mismatch",
-                                                   detail))  # fmt: skip
+                detail = (
+                    f"{role}, identical to minilora's"
+                    if same
+                    else (
+                        f"{role} differs from minilora's (seed {seed}); copy the inputs from "
+                        "minilora's set instead of drawing your own"
+                    )
+                )
+                report.results.append(
+                    TensorResult(name, k, role, "ok" if same else "mismatch", detail)
+                )
             else:
                 ok, detail = compare(g, w, **tol)
-                report.results.append(TensorResult(name, k, role, "ok" if ok else "mismatch",
-                                                   f"{role}, {detail}"))  # fmt: skip
+                report.results.append(
+                    TensorResult(name, k, role, "ok" if ok else "mismatch", f"{role}, {detail}")
+                )
         for k in sorted(set(got) - set(want)):
             role = "grad" if k.startswith("grad.") else "unknown"
             detail = (

@@ -1,4 +1,4 @@
-"""pytest runs these notebooks (nbmake, ``--nbmake`` in pyproject.toml) in their quick mode.
+"""pytest runs these notebooks (through nbmake, see tests/conftest.py) in their quick mode.
 
 nbmake starts each notebook's kernel as a subprocess of the pytest process (of each xdist
 worker), so an environment variable set here, at import time, reaches every kernel. With

@@ -30,6 +30,16 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# --- Notebooks ---------------------------------------------------------------------------
+# The notebooks (notebooks/*.ipynb) run as tests through nbmake when it is installed (the dev
+# extra), as if --nbmake were given; without it, ``pytest tests/x.py`` still works.
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("nbmake"):
+        config.option.nbmake = True
+
+
 # --- Reference ops and the fast path --------------------------------------------------
 # A module that sets ``pytestmark = pytest.mark.usefixtures("ops")`` runs each of its tests
 # twice: on the fast path (the default) and on the reference ops of functional.py alone, as

@@ -64,24 +64,98 @@ _IMPLICIT_CONVERSION = (
 
 # What CuPy's module has and minilora may use (extend only with names CuPy also has).
 _STANDIN_FUNCTIONS = (
-    "abs", "absolute", "all", "any", "arange", "argmax", "broadcast_to", "clip",
-    "concatenate", "cumsum", "empty", "empty_like", "exp", "expm1", "full", "full_like",
-    "isfinite", "isinf", "isnan", "log", "log1p", "matmul", "max", "maximum", "mean", "min",
-    "minimum", "ones", "ones_like", "sort", "sqrt", "square", "stack", "sum", "tanh",
-    "triu", "where", "zeros", "zeros_like",
-)  # fmt: skip
+    "abs",
+    "absolute",
+    "all",
+    "any",
+    "arange",
+    "argmax",
+    "broadcast_to",
+    "clip",
+    "concatenate",
+    "cumsum",
+    "empty",
+    "empty_like",
+    "exp",
+    "expm1",
+    "full",
+    "full_like",
+    "isfinite",
+    "isinf",
+    "isnan",
+    "log",
+    "log1p",
+    "matmul",
+    "max",
+    "maximum",
+    "mean",
+    "min",
+    "minimum",
+    "ones",
+    "ones_like",
+    "sort",
+    "sqrt",
+    "square",
+    "stack",
+    "sum",
+    "tanh",
+    "triu",
+    "where",
+    "zeros",
+    "zeros_like",
+)
 _STANDIN_CONSTANTS = (
-    "inf", "nan", "pi", "newaxis", "bool_", "float16", "float32", "float64", "int32",
-    "int64", "dtype",
-)  # fmt: skip
+    "inf",
+    "nan",
+    "pi",
+    "newaxis",
+    "bool_",
+    "float16",
+    "float32",
+    "float64",
+    "int32",
+    "int64",
+    "dtype",
+)
 # What CuPy's arrays have and minilora may use; no route to host memory (.data, .ctypes,
 # .tobytes(), .flat) is offered.
-_STANDIN_ARRAY_ATTRIBUTES = frozenset((
-    "T", "all", "any", "argmax", "argmin", "astype", "clip", "copy", "cumsum", "dtype",
-    "fill", "flatten", "itemsize", "max", "mean", "min", "nbytes", "ndim", "nonzero",
-    "prod", "ravel", "repeat", "reshape", "shape", "size", "squeeze", "std", "strides",
-    "sum", "swapaxes", "take", "transpose", "var",
-))  # fmt: skip
+_STANDIN_ARRAY_ATTRIBUTES = frozenset(
+    (
+        "T",
+        "all",
+        "any",
+        "argmax",
+        "argmin",
+        "astype",
+        "clip",
+        "copy",
+        "cumsum",
+        "dtype",
+        "fill",
+        "flatten",
+        "itemsize",
+        "max",
+        "mean",
+        "min",
+        "nbytes",
+        "ndim",
+        "nonzero",
+        "prod",
+        "ravel",
+        "repeat",
+        "reshape",
+        "shape",
+        "size",
+        "squeeze",
+        "std",
+        "strides",
+        "sum",
+        "swapaxes",
+        "take",
+        "transpose",
+        "var",
+    )
+)
 
 
 class StandInArray:
@@ -199,8 +273,19 @@ def _unary(name: str):
     return lambda self: _wrap(getattr(self._a, name)())
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and",
-              "or", "xor"):  # fmt: skip
+for _name in (
+    "add",
+    "sub",
+    "mul",
+    "truediv",
+    "floordiv",
+    "mod",
+    "pow",
+    "matmul",
+    "and",
+    "or",
+    "xor",
+):
     setattr(StandInArray, f"__{_name}__", _binary(f"__{_name}__"))
     setattr(StandInArray, f"__r{_name}__", _binary(f"__r{_name}__"))
     setattr(StandInArray, f"__i{_name}__", _inplace(f"__i{_name}__"))

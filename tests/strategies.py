@@ -164,7 +164,7 @@ float_dtypes = st.sampled_from([np.float32, np.float64])
 
 
 def linear_shape(config, leaf: str) -> tuple[int, int]:
-    """The (out, in) weight shape of the GPT Linear layer named ``leaf`` (DESIGN.md)."""
+    """The (out, in) weight shape of the GPT Linear layer named ``leaf`` (minilora/model.py)."""
     C = config.n_embd
     return {
         "q_proj": (C, C),
@@ -180,7 +180,7 @@ def linear_shape(config, leaf: str) -> tuple[int, int]:
 @st.composite
 def gpt_configs(draw, dropout=None, bias=None, max_layers: int = 2):
     """A small ``GPTConfig``; ``dropout``/``bias`` are strategies (default 0.0 / any)."""
-    from minilora import GPTConfig  # noqa: PLC0415  (keep this module importable alone)
+    from minilora import GPTConfig  # keep this module importable alone
 
     return GPTConfig(
         vocab_size=draw(st.integers(5, 20)),
@@ -197,7 +197,7 @@ def gpt_configs(draw, dropout=None, bias=None, max_layers: int = 2):
 def lora_configs(draw, config, targets=None, lora_dropout=None, bias=None, max_r: int = 4):
     """A ``LoRAConfig`` valid for ``config``: a non-empty subset of targets, a rank in
     1..min(max_r, min(out, in) over the targets), any alpha, rsLoRA and init mode."""
-    from minilora import LoRAConfig  # noqa: PLC0415
+    from minilora import LoRAConfig
 
     if targets is None:
         targets = draw(st.lists(st.sampled_from(LORA_TARGETS), min_size=1, unique=True))

@@ -9,6 +9,7 @@ matrix products the engine records (``backend.counting()``), per name, exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from helpers import TINY_2x2
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
@@ -92,8 +94,10 @@ def build(config: GPTConfig, tied: bool, spec: LoRASpec | None, dtype=np.float32
     for name, r in spec.ranks(shape).items():
         by_rank[r].append(name)
     for r, names in by_rank.items():
-        apply_lora(model, LoRAConfig(r=r, target_modules=names, bias=spec.bias,
-                                     lora_dropout=spec.lora_dropout))  # fmt: skip
+        apply_lora(
+            model,
+            LoRAConfig(r=r, target_modules=names, bias=spec.bias, lora_dropout=spec.lora_dropout),
+        )
     return model
 
 
@@ -237,8 +241,8 @@ def test_training_step_equals_the_trace(setup, B, data, optimizer, dtype):
     check_step(config, tied, spec, B, T, optimizer, dtype)
 
 
-CONFIG = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8)
-DROPPY = GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8, dropout=0.2)
+CONFIG = TINY_2x2
+DROPPY = dataclasses.replace(TINY_2x2, dropout=0.2)
 
 
 @pytest.mark.parametrize(
@@ -275,9 +279,12 @@ def test_lora_backward_has_no_weight_gradient_and_full_backward_is_twice_forward
 
 shapes = st.builds(
     lambda L, nh, hs, V, T: ModelShape(L, nh * hs, nh, vocab_size=V, block_size=T),
-    st.integers(1, 6), st.integers(1, 8), st.integers(1, 16), st.integers(2, 500),
+    st.integers(1, 6),
+    st.integers(1, 8),
+    st.integers(1, 16),
+    st.integers(2, 500),
     st.integers(1, 64),
-)  # fmt: skip
+)
 
 
 @given(shapes, st.integers(1, 4), st.data())
@@ -427,6 +434,7 @@ def test_accepts_minilora_configs():
     config = GPTConfig(vocab_size=10, block_size=8, n_layer=2, n_head=2, n_embd=16)
     lora = LoRAConfig(r=2, target_modules=["q_proj", "fc1"], bias="lora_only")
     shape = ModelShape.from_config(config)
-    assert acc.trainable_params(config, lora) == acc.trainable_params(shape, LoRASpec(
-        ["q_proj", "fc1"], 2, bias="lora_only"))  # fmt: skip
+    assert acc.trainable_params(config, lora) == acc.trainable_params(
+        shape, LoRASpec(["q_proj", "fc1"], 2, bias="lora_only")
+    )
     assert acc.dtype_bytes(np.float16) == acc.dtype_bytes(np.dtype("float16")) == 2

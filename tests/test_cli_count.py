@@ -14,9 +14,15 @@ from minilora import accounting as acc
 from minilora.cli import main
 
 REQUIRED_KEYS = {
-    "total_params", "trainable_params", "trainable_fraction", "adapter_bytes",
-    "full_ft_train_bytes", "lora_train_bytes", "flops_per_token_full_ft", "flops_per_token_lora",
-}  # fmt: skip
+    "total_params",
+    "trainable_params",
+    "trainable_fraction",
+    "adapter_bytes",
+    "full_ft_train_bytes",
+    "lora_train_bytes",
+    "flops_per_token_full_ft",
+    "flops_per_token_lora",
+}
 
 GPT3 = ["count", "--preset", "gpt3-175b", "--targets", "q_proj,v_proj", "--r", "4"]
 
@@ -55,9 +61,17 @@ def test_gpt3_json_has_the_documented_keys_and_numbers(capsys):
 def test_table_is_readable(capsys):
     assert main(GPT3 + ["--dtype", "float16"]) == 0
     out = capsys.readouterr().out
-    for text in ("GPT-3 175B", "174,604,259,328", "18,874,368", "37,748,736",
-                 "Training memory", "full fine-tuning", "optimizer state (adamw)",
-                 "FLOPs per token", "published 175B (-0.23%)"):  # fmt: skip
+    for text in (
+        "GPT-3 175B",
+        "174,604,259,328",
+        "18,874,368",
+        "37,748,736",
+        "Training memory",
+        "full fine-tuning",
+        "optimizer state (adamw)",
+        "FLOPs per token",
+        "published 175B (-0.23%)",
+    ):
         assert text in out, text
 
 
@@ -70,8 +84,18 @@ def test_preset_totals_within_one_percent_of_published(capsys, name):
 
 
 def test_shape_flags_instead_of_a_preset_count_the_live_model(capsys):
-    flags = ["--n-layer", "2", "--n-embd", "12", "--n-head", "3", "--vocab-size", "17",
-             "--block-size", "9"]  # fmt: skip
+    flags = [
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "12",
+        "--n-head",
+        "3",
+        "--vocab-size",
+        "17",
+        "--block-size",
+        "9",
+    ]
     rep = run_json(capsys, ["count", *flags, "--targets", "q_proj,fc2", "--r", "q_proj=2,fc2=3"])
     model = GPT(GPTConfig(vocab_size=17, block_size=9, n_layer=2, n_head=3, n_embd=12))
     assert rep["total_params"] == sum(p.size for p in model.parameters())  # untied by default
@@ -127,8 +151,18 @@ def test_bad_rank_is_refused_naming_module_and_shape(capsys, r, expected):
 
 
 def test_rank_above_the_lm_head_bound(capsys):
-    flags = ["--n-layer", "1", "--n-embd", "64", "--n-head", "1", "--vocab-size", "10",
-             "--block-size", "4"]  # fmt: skip
+    flags = [
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "64",
+        "--n-head",
+        "1",
+        "--vocab-size",
+        "10",
+        "--block-size",
+        "4",
+    ]
     err = run_error(capsys, ["count", *flags, "--targets", "lm_head", "--r", "11"])
     assert "r=11 for lm_head (weight shape (10, 64) = (out, in))" in err
 
@@ -145,8 +179,9 @@ def test_sequence_longer_than_the_block_is_refused(capsys):
 
 def test_python_m_and_console_script_both_work():
     args = ["count", "--preset", "gpt2", "--r", "4", "--json"]
-    out = subprocess.run([sys.executable, "-m", "minilora", *args], capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "minilora", *args], capture_output=True, text=True, check=True
+    ).stdout
     assert json.loads(out)["trainable_params"] == 12 * 2 * 4 * (768 + 768)
     script = os.path.join(os.path.dirname(sys.executable), "minilora")
     if not os.path.exists(script):

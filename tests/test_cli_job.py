@@ -36,16 +36,30 @@ def test_finetune_is_deterministic_for_a_seed():
     settings = demo.DemoSettings(steps=5, batch_size=8, seed=3)
     runs = [demo.finetune(base, "lora", settings, 2, progress=False)[3] for _ in range(2)]
     assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
-    other = demo.finetune(base, "lora", demo.DemoSettings(steps=5, batch_size=8, seed=4), 2,
-                          progress=False)[3]  # fmt: skip
+    other = demo.finetune(
+        base, "lora", demo.DemoSettings(steps=5, batch_size=8, seed=4), 2, progress=False
+    )[3]
     assert [h["loss"] for h in other] != [h["loss"] for h in runs[0]]
 
 
 def test_finetune_merge_eval_generate_commands(tmp_path, capsys):
     adapter = tmp_path / "adapter"
     merged = tmp_path / "merged.safetensors"
-    assert main(["finetune", "--steps", "3", "--batch-size", "8", "--out", str(adapter),
-                 "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--out",
+                str(adapter),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["merge", "--adapter", str(adapter), "--out", str(merged)]) == 0
     assert main(["eval", "--adapter", str(adapter), "--examples", "32"]) == 0
     assert main(["eval", "--model", str(merged), "--examples", "32"]) == 0
@@ -67,8 +81,11 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 def test_non_finite_loss_stops_training_and_names_the_step():
     ml.manual_seed(0)
     tasks = DigitTasks()
-    model = ml.GPT(ml.GPTConfig(vocab_size=tasks.vocab_size, block_size=tasks.block_size,
-                                n_layer=1, n_head=1, n_embd=8))  # fmt: skip
+    model = ml.GPT(
+        ml.GPTConfig(
+            vocab_size=tasks.vocab_size, block_size=tasks.block_size, n_layer=1, n_head=1, n_embd=8
+        )
+    )
     gen = backend.Generator(0)
     opt = ml.SGD(model.parameters(), lr=1e6)  # diverges within a few steps
     with pytest.raises(NonFiniteLossError, match=r"at step \d+") as err:

@@ -683,9 +683,13 @@ def test_linear_shape_mismatch_names_both_shapes():
 def test_lora_linear_shape_mismatch_names_shapes():
     with pytest.raises(ValueError) as info:
         F.lora_linear(
-            T64(np.ones((2, 3))), T64(np.ones((4, 3))), None,
-            T64(np.ones((2, 3))), T64(np.ones((4, 3))), 1.0,
-        )  # fmt: skip
+            T64(np.ones((2, 3))),
+            T64(np.ones((4, 3))),
+            None,
+            T64(np.ones((2, 3))),
+            T64(np.ones((4, 3))),
+            1.0,
+        )
     assert "(2, 3)" in str(info.value) and "(4, 3)" in str(info.value)
 
 

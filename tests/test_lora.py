@@ -1,4 +1,4 @@
-"""LoRA (minilora.lora): the properties DESIGN.md lists under "Testing".
+"""LoRA (minilora.lora): the properties a LoRA implementation must have.
 
 Zero-init equivalence, merge correctness, parameter counts, frozen weights untouched by
 training, the fused layer against its composition from basic ops (outputs, every gradient,
@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import TINY, make_gpt, randomize_weights, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import (
@@ -49,13 +50,7 @@ from minilora.lora import lora_layers
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")
 
-TINY = dict(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
 ALL_TARGETS = list(LORA_TARGETS)
-
-
-def make_gpt(config, seed: int, dtype=np.float32) -> GPT:
-    minilora.manual_seed(seed)
-    return GPT(config, dtype=dtype)
 
 
 def adapted(base: GPT, lora_config: LoRAConfig, seed: int = 0):
@@ -75,16 +70,6 @@ def randomize_B(model, seed: int, scale: float = 0.5):
         layer.lora_B.data[...] = B
 
 
-def randomize_base(model, seed: int, scale: float = 0.5):
-    """O(1) weights instead of GPT-2's 0.02 init (layer-norm weights around 1), so every
-    layer, and every adapter, changes the logits by a visible amount."""
-    rng = np.random.default_rng(seed)
-    for name, p in model.named_parameters():
-        is_ln_weight = name.endswith(".weight") and name.split(".")[-2].startswith("ln")
-        p.data[...] = float(is_ln_weight) + scale * rng.standard_normal(p.shape)
-    return model
-
-
 def logits_of(model, idx, seed=None):
     if seed is not None:
         minilora.manual_seed(seed)
@@ -93,7 +78,7 @@ def logits_of(model, idx, seed=None):
 
 
 def expected_paths(config, targets) -> list[str]:
-    """Module paths (DESIGN.md) of the layers ``targets`` name."""
+    """Module paths (minilora/model.py) of the layers ``targets`` name."""
     paths = []
     for i in range(config.n_layer):
         for leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -101,10 +86,6 @@ def expected_paths(config, targets) -> list[str]:
         paths += [f"blocks.{i}.mlp.fc1", f"blocks.{i}.mlp.fc2"]
     paths.append("lm_head")
     return [p for p in paths if p.rsplit(".", 1)[-1] in targets]
-
-
-def snapshot(model) -> dict:
-    return {n: (p.requires_grad, p.data.tobytes()) for n, p in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------------------
@@ -142,9 +123,14 @@ def test_lora_config_defaults_and_peft_spellings():
     assert LoRAConfig(target_modules="fc1").target_modules == ["fc1"]
     assert LoRAConfig(init_lora_weights=True).init_lora_weights == "kaiming"  # PEFT's default
     assert set(config.to_dict()) == {
-        "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "bias",
+        "use_rslora",
         "init_lora_weights",
-    }  # fmt: skip
+    }
 
 
 @given(r=st.integers(1, 64), alpha=st.floats(0.01, 100.0))
@@ -217,10 +203,22 @@ def test_unknown_target_is_refused_listing_available_names(config, seed, bad):
 @pytest.mark.parametrize(
     "config, targets, r, bad_path, bad_shape",
     [
-        (dict(TINY, n_embd=4), ["q_proj"], 5, "blocks.0.attn.q_proj", (4, 4)),
+        (dict(TINY.to_dict(), n_embd=4), ["q_proj"], 5, "blocks.0.attn.q_proj", (4, 4)),
         # lm_head (5, 12) comes last: q_proj must not have been replaced before the refusal
-        (dict(TINY, vocab_size=5, n_embd=12), ["q_proj", "lm_head"], 6, "lm_head", (5, 12)),
-        (dict(TINY, n_embd=4, n_layer=2), ["fc2", "o_proj"], 7, "blocks.0.attn.o_proj", (4, 4)),
+        (
+            dict(TINY.to_dict(), vocab_size=5, n_embd=12),
+            ["q_proj", "lm_head"],
+            6,
+            "lm_head",
+            (5, 12),
+        ),
+        (
+            dict(TINY.to_dict(), n_embd=4, n_layer=2),
+            ["fc2", "o_proj"],
+            7,
+            "blocks.0.attn.o_proj",
+            (4, 4),
+        ),
     ],
 )
 def test_rank_above_min_in_out_is_refused_naming_module_and_shape(
@@ -319,7 +317,7 @@ def test_merge_matches_unmerged_and_unmerge_restores_w(case, seed, dtype, batch)
     config, lora_config = case
     idx, _ = batch.draw(token_batches(config, min_len=2))  # T = 1: q, k do nothing
     base = make_gpt(config, seed, dtype)
-    randomize_base(base, seed)
+    randomize_weights(base, seed)
     model, paths = adapted(base, lora_config, seed)
     randomize_B(model, seed)
     model.eval()
@@ -399,7 +397,7 @@ def test_merge_refuses_a_non_finite_result_and_leaves_w(bad):
 def test_merge_lora_refusal_leaves_every_layer_unmerged():
     """merge_lora on a model whose *last* adapter diverged must not leave the earlier layers
     merged: a refused merge changes nothing (as a refused load does)."""
-    base = make_gpt(GPTConfig(**TINY), 0, np.float64)
+    base = make_gpt(TINY, 0, np.float64)
     model, paths = adapted(base, LoRAConfig(r=2, target_modules=["q_proj", "lm_head"]))
     randomize_B(model, 0)
     layers = dict(lora_layers(model))
@@ -433,7 +431,7 @@ def test_merge_and_unload_gives_a_plain_model_with_the_merged_logits(case, seed,
     config, lora_config = case
     idx, _ = batch.draw(token_batches(config, min_len=2))  # T = 1: q, k do nothing
     base = make_gpt(config, seed, dtype)
-    randomize_base(base, seed)
+    randomize_weights(base, seed)
     model, _ = adapted(base, lora_config, seed)
     randomize_B(model, seed)
     model.eval()
@@ -457,7 +455,7 @@ def test_disable_adapters_gives_the_base_model(case, seed, dtype, batch):
     config, lora_config = case
     idx, _ = batch.draw(token_batches(config, min_len=2))  # T = 1: q, k do nothing
     base = make_gpt(config, seed, dtype).eval()
-    randomize_base(base, seed)
+    randomize_weights(base, seed)
     model, _ = adapted(base, lora_config, seed)
     randomize_B(model, seed)
     model.eval()
@@ -542,11 +540,14 @@ def test_frozen_weights_are_bitwise_unchanged_after_training(case, seed, batch):
 
 
 def test_mark_only_lora_as_trainable_modes():
-    model, _ = adapted(make_gpt(GPTConfig(**TINY), 0), LoRAConfig(r=1, target_modules=["fc1"]))
+    model, _ = adapted(make_gpt(TINY, 0), LoRAConfig(r=1, target_modules=["fc1"]))
     trainable = lambda: sorted(n for n, p in model.named_parameters() if p.requires_grad)  # noqa: E731
     mark_only_lora_as_trainable(model, "lora_only")
-    assert trainable() == ["blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc1.lora_A",
-                           "blocks.0.mlp.fc1.lora_B"]  # fmt: skip
+    assert trainable() == [
+        "blocks.0.mlp.fc1.bias",
+        "blocks.0.mlp.fc1.lora_A",
+        "blocks.0.mlp.fc1.lora_B",
+    ]
     mark_only_lora_as_trainable(model)
     assert trainable() == ["blocks.0.mlp.fc1.lora_A", "blocks.0.mlp.fc1.lora_B"]
     with pytest.raises(ValueError, match="bias='some'"):
@@ -554,8 +555,8 @@ def test_mark_only_lora_as_trainable_modes():
 
 
 def test_a_base_checkpoint_loads_into_the_adapted_model():
-    base = make_gpt(GPTConfig(**TINY), 0)
-    model, paths = adapted(make_gpt(GPTConfig(**TINY), 1), LoRAConfig(r=2))
+    base = make_gpt(TINY, 0)
+    model, paths = adapted(make_gpt(TINY, 1), LoRAConfig(r=2))
     with pytest.raises(ValueError, match="lora_A"):  # strict: the adapters are missing
         model.load_state_dict(base.state_dict())
     model.load_state_dict(base.state_dict(), strict=False)
@@ -642,7 +643,7 @@ def test_gradcheck_lora_linear(args, freeze):
 @pytest.mark.parametrize("target", ["q_proj", "fc1", "lm_head"])
 def test_gradcheck_tiny_gpt_with_lora_over_one_adapter(target):
     model, paths = adapted(
-        make_gpt(GPTConfig(**TINY), 0, backend.float64),
+        make_gpt(TINY, 0, backend.float64),
         LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1", "lm_head"]),
     )
     rng = np.random.default_rng(1)
@@ -775,7 +776,7 @@ def test_kaiming_init_is_uniform_within_one_over_sqrt_in(in_f):
 
 
 def test_apply_lora_init_is_seeded_and_each_layer_gets_its_own_a():
-    base = make_gpt(GPTConfig(**TINY, bias=True), 0)
+    base = make_gpt(TINY, 0)
     config = LoRAConfig(r=2, target_modules=["q_proj", "k_proj"])
     a, _ = adapted(base, config, seed=5)
     b, _ = adapted(base, config, seed=5)

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import TINY, make_gpt, randomize_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import float_dtypes, gpt_configs, seeds, token_batches
@@ -14,14 +15,6 @@ from minilora import GPT, AdamW, GPTConfig, backend, gradcheck, no_grad
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")
-
-TINY = dict(vocab_size=7, block_size=4, n_layer=1, n_head=1, n_embd=4)
-
-
-def make_gpt(config, seed: int, dtype=np.float32) -> GPT:
-    minilora.manual_seed(seed)
-    return GPT(config, dtype=dtype)
-
 
 # --------------------------------------------------------------------------------------
 # GPTConfig
@@ -45,7 +38,7 @@ def make_gpt(config, seed: int, dtype=np.float32) -> GPT:
     ],
 )
 def test_gpt_config_refuses_bad_fields_naming_them(changes, named):
-    kwargs = {**TINY, "n_embd": 8, "n_head": 2, **changes}
+    kwargs = {**TINY.to_dict(), "n_embd": 8, "n_head": 2, **changes}
     with pytest.raises(ValueError) as info:
         GPTConfig(**kwargs)
     for part in named:
@@ -54,7 +47,7 @@ def test_gpt_config_refuses_bad_fields_naming_them(changes, named):
 
 def test_gpt_needs_a_gpt_config():
     with pytest.raises(TypeError, match="GPTConfig"):
-        GPT(TINY)
+        GPT(TINY.to_dict())
 
 
 # --------------------------------------------------------------------------------------
@@ -102,7 +95,7 @@ def test_forward_is_causal(config, seed, batch):
     ],
 )
 def test_forward_refuses_bad_ids_with_a_clear_message(idx, named):
-    model = make_gpt(GPTConfig(**TINY), 0)
+    model = make_gpt(TINY, 0)
     with pytest.raises(ValueError) as info:
         model(idx)
     for part in named:
@@ -110,7 +103,7 @@ def test_forward_refuses_bad_ids_with_a_clear_message(idx, named):
 
 
 def test_forward_refuses_bad_targets_and_ignores_minus_100():
-    model = make_gpt(GPTConfig(**TINY), 0)
+    model = make_gpt(TINY, 0)
     idx = np.array([[0, 1, 2], [3, 4, 5]])
     with pytest.raises(ValueError, match=r"targets.*\(2, 2\).*\(2, 3\)"):
         model(idx, np.array([[0, 1], [2, 3]]))
@@ -165,16 +158,6 @@ def test_adamw_steps_reduce_the_loss_on_a_fixed_batch(config, seed, batch):
     assert final < losses[0] - 0.1, losses + [final]
 
 
-def _randomize(model, seed, scale=0.5):
-    """Replace the tiny GPT-2 init by O(1) values so every gradient is far above gradcheck's
-    atol (with 0.02 weights, attention gradients are ~1e-6 and a wrong backward would pass)."""
-    rng = np.random.default_rng(seed)
-    for name, p in model.named_parameters():
-        is_ln_weight = name.endswith(".weight") and name.split(".")[-2].startswith("ln")
-        base = 1.0 if is_ln_weight else 0.0
-        p.data[...] = base + scale * rng.standard_normal(p.shape)
-
-
 GPT_GRADCHECK_PARAMS = [
     "lm_head.weight",
     "blocks.0.attn.q_proj.weight",
@@ -213,9 +196,9 @@ def _model_fn(model, names, idx, targets, output):
 @pytest.mark.parametrize("output", ["loss", "logits"])
 @pytest.mark.parametrize("n_head", [1, 2])
 def test_gradcheck_whole_tiny_gpt_float64(output, n_head):
-    config = GPTConfig(**{**TINY, "n_head": n_head})
+    config = GPTConfig(**{**TINY.to_dict(), "n_head": n_head})
     model = make_gpt(config, 0, backend.float64)
-    _randomize(model, 1)
+    randomize_weights(model, 1)
     params = dict(model.named_parameters())
     idx = np.array([[1, 2, 3, 4], [0, 6, 6, 5]])
     targets = np.array([[2, 3, 4, 0], [6, 6, 5, -100]])
@@ -238,7 +221,7 @@ def test_gradcheck_whole_tiny_gpt_float64(output, n_head):
 def test_generate_shapes_vocabulary_and_greedy_determinism(config, seed, batch, n_new):
     idx, _ = batch.draw(token_batches(config))
     model = make_gpt(config, seed).eval()
-    _randomize(model, seed, scale=1.0)  # a peaked distribution: no argmax ties
+    randomize_weights(model, seed, scale=1.0)  # a peaked distribution: no argmax ties
     B, T = idx.shape
     out = model.generate(idx, n_new, temperature=0)
     assert out.shape == (B, T + n_new) and np.issubdtype(out.dtype, np.integer)
@@ -258,7 +241,7 @@ def test_generate_shapes_vocabulary_and_greedy_determinism(config, seed, batch, 
 def test_generate_sampling_is_seeded_and_stays_in_the_vocabulary():
     config = GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8)
     model = make_gpt(config, 0)
-    _randomize(model, 0, scale=0.3)
+    randomize_weights(model, 0, scale=0.3)
     idx = np.array([[1, 2], [3, 4], [5, 6]])
     a = model.generate(idx, 8, generator=backend.Generator(5))
     b = model.generate(idx, 8, generator=backend.Generator(5))

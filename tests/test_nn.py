@@ -1,6 +1,6 @@
 """Modules (minilora.nn): parameter paths, state dicts, modes, gradients and Linear.
 
-The module paths are the public contract of DESIGN.md ("Names and shapes"): LoRA targets,
+The module paths (minilora/model.py's docstring) are the public contract: LoRA targets,
 checkpoints and PEFT adapter keys are all named by them.
 """
 
@@ -8,22 +8,18 @@ import copy
 
 import numpy as np
 import pytest
+from helpers import make_gpt, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import float_dtypes, gpt_configs, linear_shape, seeds, token_batches
 
 import minilora
-from minilora import GPT, Linear, Parameter, Tensor, no_grad
+from minilora import Linear, Parameter, Tensor, no_grad
 from minilora.nn import Dropout, Embedding, LayerNorm, ModuleList
 
 
-def make_gpt(config, seed: int, dtype=np.float32) -> GPT:
-    minilora.manual_seed(seed)
-    return GPT(config, dtype=dtype)
-
-
 def expected_parameters(config) -> dict:
-    """Parameter path -> shape, written out from DESIGN.md (independent of the code)."""
+    """Parameter path -> shape, written out by hand (independent of the code)."""
     C, V, bias = config.n_embd, config.vocab_size, config.bias
     out = {"tok_emb.weight": (V, C), "pos_emb.weight": (config.block_size, C)}
 
@@ -47,11 +43,6 @@ def expected_parameters(config) -> dict:
     layer_norm("ln_f")
     linear("lm_head", "lm_head", with_bias=False)  # GPT-2's head has no bias
     return out
-
-
-def snapshot(model) -> dict:
-    """Bitwise snapshot: path -> (dtype, shape, bytes)."""
-    return {n: (p.data.dtype, p.shape, p.data.tobytes()) for n, p in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import TINY_2x2
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import gpt_configs, lora_configs, token_batches
@@ -171,8 +172,11 @@ def test_load_minilora_state_refuses_a_mismatch_and_changes_nothing():
     state["tok_emb.weight"] = state["tok_emb.weight"][:3]
     with pytest.raises(ValueError) as info:
         load_minilora_state(port, state)
-    for message in ("unexpected key 'extra.weight'", "missing key 'ln_f.bias'",
-                    "tok_emb.weight has shape (3, 4), expected (7, 4)"):  # fmt: skip
+    for message in (
+        "unexpected key 'extra.weight'",
+        "missing key 'ln_f.bias'",
+        "tok_emb.weight has shape (3, 4), expected (7, 4)",
+    ):
         assert message in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in port.state_dict().items())
 
@@ -196,8 +200,9 @@ class One(torch.nn.Module):
 def layer_pair(peft, dtype, r=3, alpha=5.0, use_rslora=False, bias=True, seed=0):
     """A minilora LoRALinear and PEFT's LoRA layer holding the same random weights."""
     n_in, n_out = 6, 5
-    layer = ml.LoRALinear(n_in, n_out, bias, r=r, lora_alpha=alpha, use_rslora=use_rslora,
-                          dtype=dtype)  # fmt: skip
+    layer = ml.LoRALinear(
+        n_in, n_out, bias, r=r, lora_alpha=alpha, use_rslora=use_rslora, dtype=dtype
+    )
     ml.mark_only_lora_as_trainable(layer)
     randomize(layer, seed)
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], use_rslora=use_rslora)
@@ -252,8 +257,9 @@ def test_lora_init_matches_peft(peft, init):
     "gaussian" is N(0, (1/r)²) and its default (True, loralib's) is kaiming-uniform,
     U(-1/√in, 1/√in), not the paper's Gaussian."""
     n_in, n_out, r = 256, 16, 16  # 4096 entries of A: their std is known to ~1%
-    layer = ml.LoRALinear(n_in, n_out, r=r, lora_alpha=r, init_lora_weights=init,
-                          generator=ml.backend.Generator(0))  # fmt: skip
+    layer = ml.LoRALinear(
+        n_in, n_out, r=r, lora_alpha=r, init_lora_weights=init, generator=ml.backend.Generator(0)
+    )
     torch.manual_seed(0)
     peft_init = True if init == "kaiming" else "gaussian"
     config = peft.LoraConfig(
@@ -278,20 +284,25 @@ def test_lora_init_matches_peft(peft, init):
 # Adapter folders, both ways
 # --------------------------------------------------------------------------------------
 
-TINY = ml.GPTConfig(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8)
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 ADAPTER_CASES = [
     ml.LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
-    ml.LoRAConfig(r=3, lora_alpha=5, target_modules=["q_proj", "fc1"], bias="lora_only",
-                  use_rslora=True, init_lora_weights="kaiming"),
+    ml.LoRAConfig(
+        r=3,
+        lora_alpha=5,
+        target_modules=["q_proj", "fc1"],
+        bias="lora_only",
+        use_rslora=True,
+        init_lora_weights="kaiming",
+    ),
     ml.LoRAConfig(r=2, lora_alpha=8, target_modules=["v_proj", "lm_head"], bias="all"),
-]  # fmt: skip
+]
 ADAPTER_IDS = ["q_v", "lora_only_rslora", "all_biases_lm_head"]
 
 
 def base_model():
     ml.manual_seed(0)
-    model = ml.GPT(TINY)
+    model = ml.GPT(TINY_2x2)
     randomize(model, 7)
     return model
 
@@ -314,7 +325,7 @@ def test_minilora_adapter_loads_in_peft(peft, tmp_path, lora):
             p.data[...] = rng.normal(0, 0.3, p.shape)
     checkpoint.save_adapter(model, tmp_path, lora)
 
-    port = TorchGPT(TINY)
+    port = TorchGPT(TINY_2x2)
     load_minilora_state(port, base)
     loaded = peft.PeftModel.from_pretrained(port, tmp_path)
     assert loaded.peft_config["default"].task_type is None  # minilora writes null
@@ -332,7 +343,7 @@ def test_minilora_adapter_loads_in_peft(peft, tmp_path, lora):
 @pytest.mark.parametrize("lora", ADAPTER_CASES, ids=ADAPTER_IDS)
 def test_peft_adapter_loads_in_minilora(peft, tmp_path, lora):
     base = base_model()
-    port = TorchGPT(TINY)
+    port = TorchGPT(TINY_2x2)
     load_minilora_state(port, base.state_dict())
     model = peft.get_peft_model(port, peft_config(peft, lora))
     torch.manual_seed(5)
@@ -346,7 +357,11 @@ def test_peft_adapter_loads_in_minilora(peft, tmp_path, lora):
 
     config = checkpoint.load_adapter(base, tmp_path)
     assert (config.r, config.lora_alpha, config.bias, config.use_rslora) == (
-        lora.r, lora.lora_alpha, lora.bias, lora.use_rslora)  # fmt: skip
+        lora.r,
+        lora.lora_alpha,
+        lora.bias,
+        lora.use_rslora,
+    )
     assert sorted(config.target_modules) == sorted(lora.target_modules)
     assert len(lora_layers(base)) == sum(1 for n, _ in port.named_modules() if n.endswith("lora_A"))
     model.eval()

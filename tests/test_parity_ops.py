@@ -191,8 +191,9 @@ def test_getitem(dtype, data):
     n = shape[0]
     start = data.draw(st.integers(0, n - 1))
     step = data.draw(st.sampled_from([1, 2]))
-    index = (slice(start, None, step),) + ((data.draw(st.integers(-shape[1], shape[1] - 1)),)
-                                           if len(shape) > 1 else ())  # fmt: skip
+    index = (slice(start, None, step),) + (
+        (data.draw(st.integers(-shape[1], shape[1] - 1)),) if len(shape) > 1 else ()
+    )
     parity(lambda t: t[index], lambda t: t[index], [x], dtype)
 
 
@@ -231,8 +232,13 @@ def test_linear(dtype, inputs, bias, data):
     if bias:
         parity(F.linear, TF.linear, [x, w, b], dtype, data.draw(frozen_subsets(3)))
     else:
-        parity(lambda *t: F.linear(*t), lambda *t: TF.linear(*t), [x, w], dtype,
-               data.draw(frozen_subsets(2)))  # fmt: skip
+        parity(
+            lambda *t: F.linear(*t),
+            lambda *t: TF.linear(*t),
+            [x, w],
+            dtype,
+            data.draw(frozen_subsets(2)),
+        )
 
 
 def torch_lora(x, w, b, a, bb, s, d=None):
@@ -271,8 +277,13 @@ def test_layer_norm(dtype, data, affine):
     x = data.draw(distinct_arrays(shape))  # no near-constant rows
     if affine:
         w, b = data.draw(arrays((C,))), data.draw(arrays((C,)))
-        parity(lambda *t: F.layer_norm(*t), lambda x_, w_, b_: TF.layer_norm(x_, (C,), w_, b_),
-               [x, w, b], dtype, data.draw(frozen_subsets(3)))  # fmt: skip
+        parity(
+            lambda *t: F.layer_norm(*t),
+            lambda x_, w_, b_: TF.layer_norm(x_, (C,), w_, b_),
+            [x, w, b],
+            dtype,
+            data.draw(frozen_subsets(3)),
+        )
     else:
         parity(lambda t: F.layer_norm(t, None, None), lambda t: TF.layer_norm(t, (C,)), [x], dtype)
 
@@ -284,8 +295,12 @@ def test_softmax(name, dtype, data):
     shape = data.draw(shapes(max_dims=3))
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     x = data.draw(arrays(shape, low=-3.0, high=3.0))
-    parity(lambda t: getattr(F, name)(t, axis=axis), lambda t: getattr(TF, name)(t, dim=axis),
-           [x], dtype)  # fmt: skip
+    parity(
+        lambda t: getattr(F, name)(t, axis=axis),
+        lambda t: getattr(TF, name)(t, dim=axis),
+        [x],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

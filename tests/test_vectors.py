@@ -278,7 +278,7 @@ def torch_vectors():
     pytest.importorskip("torch", reason="the cross check needs PyTorch: pip install -e '.[oracle]'")
     pytest.importorskip("peft", reason="the cross check needs PEFT: pip install -e '.[oracle]'")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from examples import torch_vectors  # noqa: PLC0415
+    from examples import torch_vectors
 
     return torch_vectors
 
