@@ -8,9 +8,8 @@ GPU call returns before its work is done. The first call on each device is timed
 
     python benchmarks/gpu_vs_cpu.py [--devices cpu,cuda] [--quick] [--threads N]
 
-Without a GPU, "cuda" is dropped with a message and the rest still runs (exit 0); the
-"standin" device can be timed too, as a check that the script works (it is the CPU with
-CuPy's rules, and says nothing about GPU speed). Writes benchmarks/results/gpu_vs_cpu.json.
+Without a GPU, "cuda" is dropped with a message and the rest still runs (exit 0). Writes
+benchmarks/results/gpu_vs_cpu.json.
 """
 
 from __future__ import annotations

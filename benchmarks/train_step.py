@@ -26,11 +26,8 @@ def on_reference_ops(step):
     """``step`` run with the engine on the reference ops (functional.py alone)."""
 
     def run():
-        previous = F.set_ops("reference")
-        try:
+        with F.use_ops("reference"):
             return step()
-        finally:
-            F.set_ops(previous)
 
     return run
 

@@ -2,7 +2,7 @@
 
 from minilora import fast, functional  # importing fast registers the fast ops (functional.FAST_OPS)
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
-from minilora.functional import get_ops, manual_seed, set_ops
+from minilora.functional import get_ops, manual_seed, set_ops, use_ops
 from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.lora import (
     LoRAConfig,
@@ -54,4 +54,5 @@ __all__ = [
     "print_trainable_parameters",
     "set_ops",
     "unmerge_lora",
+    "use_ops",
 ]

@@ -25,8 +25,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
-from minilora.lora import BIAS_MODES, LoRAConfig
-from minilora.model import GPTConfig
+from minilora.functional import check_probability
+from minilora.lora import LoRAConfig, check_bias_mode, check_rank
+from minilora.model import GPTConfig, check_positive_int, check_sizes
 
 #: The leaf names LoRA can target, in model order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "lm_head")
@@ -42,11 +43,6 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd-momentum": 1, "sgd": 0}
 # ======================================================================================
 # Shapes and LoRA settings
 # ======================================================================================
-
-
-def _check_positive_int(owner: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -68,14 +64,7 @@ class ModelShape:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "block_size"):
-            _check_positive_int("ModelShape", name, getattr(self, name))
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"ModelShape: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelShape: dropout={self.dropout!r} must be a number in [0, 1)")
+        check_sizes("ModelShape", self)
 
     @classmethod
     def from_config(cls, config: GPTConfig, tied: bool = False) -> ModelShape:
@@ -151,10 +140,8 @@ class LoRASpec:
                 f"LoRASpec: per-module ranks name {sorted(self.r)} but target_modules is "
                 f"{sorted(self.target_modules)}; give a rank for exactly the targeted modules"
             )
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"LoRASpec: bias={self.bias!r} must be one of {BIAS_MODES}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"LoRASpec: lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        check_bias_mode(self.bias, "LoRASpec")
+        check_probability("LoRASpec", "lora_dropout", self.lora_dropout)
 
     @classmethod
     def from_config(cls, config: LoRAConfig) -> LoRASpec:
@@ -167,18 +154,7 @@ class LoRASpec:
             if name not in self.target_modules:
                 continue
             r = self.r[name] if isinstance(self.r, dict) else self.r
-            out_f, in_f = shape.module_shape(name)
-            where = f"r={r!r} for {name} (weight shape ({out_f}, {in_f}) = (out, in))"
-            if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-                raise ValueError(
-                    f"{where} is not a positive integer; r must be an integer in "
-                    f"[1, {min(out_f, in_f)}]"
-                )
-            if r > min(out_f, in_f):
-                raise ValueError(
-                    f"{where} is larger than min(out, in) = {min(out_f, in_f)}; the rank of "
-                    "B·A cannot exceed it"
-                )
+            check_rank(r, shape.module_shape(name), name)
             out[name] = r
         return out
 
@@ -420,8 +396,8 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
     s, spec = _shape(shape), _spec(lora)
     B = batch_size
     T = s.block_size if seq_len is None else seq_len
-    _check_positive_int("trace_step", "batch_size", B)
-    _check_positive_int("trace_step", "seq_len", T)
+    check_positive_int("trace_step", "batch_size", B)
+    check_positive_int("trace_step", "seq_len", T)
     if T > s.block_size:
         raise ValueError(f"seq_len={T} is larger than block_size={s.block_size}")
     N, C, V, nh = B * T, s.n_embd, s.vocab_size, s.n_head

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from minilora import accounting, backend, checkpoint, demo, fast
 from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
-from minilora.lora import merge_and_unload
+from minilora.lora import BIAS_MODES, merge_and_unload
 from minilora.train import evaluate
 
 
@@ -62,7 +62,7 @@ def _add_count_command(sub) -> None:
     lora.add_argument(
         "--bias",
         default="none",
-        choices=accounting.BIAS_MODES,
+        choices=BIAS_MODES,
         help="which biases train with the adapter (default: none)",
     )
     lora.add_argument(
@@ -298,12 +298,12 @@ def _model_args(p) -> None:
 def _add_job_commands(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="the whole LoRA story in a few minutes (the main job)",
+        help="the whole LoRA story in under a minute on a laptop CPU (the main job)",
         description="Fine-tune the shipped base model to sort descending, fully and with LoRA "
         "at several ranks; print a table; save, merge and time the adapter.",
     )
     _common(p, "output folder (default: minilora-demo)")
-    p.add_argument("--quick", action="store_true", help="a smoke run (under 30 seconds)")
+    p.add_argument("--quick", action="store_true", help="a smoke run (a few seconds)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(

@@ -1,4 +1,4 @@
-"""The main job: the whole LoRA story on a laptop CPU, in a few minutes, with no download.
+"""The main job: the whole LoRA story on a laptop CPU, in under a minute, with no download.
 
 1. Load the pretrained base model shipped with the package (``minilora pretrain``
    reproduces it): a tiny GPT that copies, reverses and sorts digit strings.

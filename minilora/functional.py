@@ -26,6 +26,7 @@ At the bottom, the ops become ``Tensor``'s operators and methods (``a + b``, ``x
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -65,6 +66,16 @@ def set_ops(name: str) -> str:
 def get_ops() -> str:
     """``"fast"`` or ``"reference"``: which ops the engine runs on."""
     return _ops
+
+
+@contextlib.contextmanager
+def use_ops(name: str):
+    """``with use_ops("reference"):`` runs the block on those ops, then restores the setting."""
+    previous = set_ops(name)
+    try:
+        yield
+    finally:
+        set_ops(previous)
 
 
 def _use(op: type) -> type:
@@ -851,11 +862,16 @@ def dropout(x: Tensor, p: float, training: bool = True, generator=None) -> Tenso
     Masks come from ``generator`` (default: the global seeded generator, see
     :func:`minilora.manual_seed`), so runs are reproducible.
     """
-    if not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p={p!r} must be a number in [0, 1)")
+    check_probability("dropout", "p", p)
     if not training or p == 0.0:
         return x
     return DropoutFunction(p, generator or default_generator())(x)
+
+
+def check_probability(owner: str, name: str, p) -> None:
+    """Refuse a dropout probability outside [0, 1) (p = 1 would drop everything)."""
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{owner}: {name}={p!r} must be a number in [0, 1)")
 
 
 _default_generator = backend.Generator(0)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, is_grad_enabled
+from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -60,8 +61,7 @@ class LoRAConfig:
                 f"LoRAConfig: target_modules={self.target_modules!r} must be a non-empty list of "
                 "module names such as ['q_proj', 'v_proj']"
             )
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"LoRAConfig: bias={self.bias!r} must be one of {BIAS_MODES}")
+        check_bias_mode(self.bias, "LoRAConfig")
 
     @property
     def scaling(self) -> float:
@@ -80,25 +80,36 @@ def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weigh
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"{owner}: r={r!r} must be a positive integer")
+    check_positive_int(owner, "r", r)
     if not number(lora_alpha) or lora_alpha <= 0:
         raise ValueError(f"{owner}: lora_alpha={lora_alpha!r} must be a finite positive number")
-    if not number(lora_dropout) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"{owner}: lora_dropout={lora_dropout!r} must be a number in [0, 1)")
+    F.check_probability(owner, "lora_dropout", lora_dropout)
     if init_lora_weights not in INIT_MODES:
         raise ValueError(
             f"{owner}: init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}"
         )
 
 
-def check_rank(r: int, weight_shape: tuple, where: str) -> None:
-    """Refuse a rank above min(out, in): B·A of shape (out, in) cannot have a larger one."""
-    if r > min(weight_shape):
+def check_rank(r, weight_shape: tuple, where: str) -> None:
+    """Refuse a rank that is not an integer in [1, min(out, in)]: B·A, of shape (out, in),
+    cannot have a larger rank."""
+    out_f, in_f = weight_shape
+    about = f"r={r!r} for {where} (weight shape ({out_f}, {in_f}) = (out, in))"
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(
-            f"r={r!r} is larger than min(out, in)={min(weight_shape)} of {where} (weight shape "
-            f"{tuple(weight_shape)}); the rank of B·A cannot exceed it"
+            f"{about} is not a positive integer; r must be an integer in [1, {min(out_f, in_f)}]"
         )
+    if r > min(out_f, in_f):
+        raise ValueError(
+            f"{about} is larger than min(out, in) = {min(out_f, in_f)}; the rank of B·A cannot "
+            "exceed it"
+        )
+
+
+def check_bias_mode(bias, owner: str = "bias") -> None:
+    """Refuse a bias mode other than "none", "all" or "lora_only"."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{owner}: bias={bias!r} must be one of {BIAS_MODES}")
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -282,8 +293,7 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
 def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
     """Freeze everything but ``lora_A``/``lora_B``; ``bias`` says which biases also train:
     ``"none"``, ``"all"`` biases, or ``"lora_only"`` (biases of adapted layers)."""
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias={bias!r} must be one of {BIAS_MODES}")
+    check_bias_mode(bias, "mark_only_lora_as_trainable")
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name.rsplit(".", 1)[-1])
     if bias == "all":
@@ -298,8 +308,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
 
 def lora_state_dict(model: Module, bias: str = "none") -> dict:
     """The adapter's arrays (copies): every ``lora_A``/``lora_B``, plus biases per ``bias``."""
-    if bias not in BIAS_MODES:
-        raise ValueError(f"bias={bias!r} must be one of {BIAS_MODES}")
+    check_bias_mode(bias, "lora_state_dict")
     lora_paths = {path for path, _ in lora_layers(model)}
     out = {}
     for name, p in model.named_parameters():

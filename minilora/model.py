@@ -36,19 +36,26 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms
 
     def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig: {name}={value!r} must be a positive integer")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig: n_embd={self.n_embd} must be divisible by n_head={self.n_head}"
-            )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig: dropout={self.dropout!r} must be a number in [0, 1)")
+        check_sizes("GPTConfig", self)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{owner}: {name}={value!r} must be a positive integer")
+
+
+def check_sizes(owner: str, shape) -> None:
+    """Validate the sizes of a GPT shape (a GPTConfig, or accounting's ModelShape)."""
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        check_positive_int(owner, name, getattr(shape, name))
+    if shape.n_embd % shape.n_head:
+        raise ValueError(
+            f"{owner}: n_embd={shape.n_embd} must be divisible by n_head={shape.n_head}"
+        )
+    F.check_probability(owner, "dropout", shape.dropout)
 
 
 class CausalSelfAttention(Module):

@@ -39,7 +39,7 @@ from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
 from minilora.checkpoint import atomic_write, serialize
-from minilora.lora import LoRAConfig, LoRALinear, apply_lora
+from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
 from minilora.model import GPT, GPTConfig
 
 FORMAT = "minilora.vectors"
@@ -193,7 +193,11 @@ LORA_LAYER = {"in_features": 6, "out_features": 5, "r": 2, "lora_alpha": 3.0}
 def _lora_layer_case(name: str, use_rslora: bool) -> Case:
     """A LoRALinear with a frozen weight and bias and a non-zero B (so dA is not zero)."""
     s = LORA_LAYER
-    attrs = {**s, "use_rslora": use_rslora, "scaling": _scaling(s, use_rslora)}
+    attrs = {
+        **s,
+        "use_rslora": use_rslora,
+        "scaling": lora_scaling(s["lora_alpha"], s["r"], use_rslora),
+    }
 
     def make(gen, dtype):
         n_in, n_out, r = s["in_features"], s["out_features"], s["r"]
@@ -241,11 +245,6 @@ def _lora_layer_case(name: str, use_rslora: bool) -> Case:
         attrs,
         outputs=("output", "merged_weight"),
     )
-
-
-def _scaling(s: dict, use_rslora: bool) -> float:
-    r = s["r"]
-    return s["lora_alpha"] / math.sqrt(r) if use_rslora else s["lora_alpha"] / r
 
 
 GPT_CONFIG = {
@@ -312,7 +311,7 @@ def _gpt_case() -> Case:
     attrs = {
         "config": GPT_CONFIG,
         "lora": GPT_LORA,
-        "scaling": _scaling(GPT_LORA, GPT_LORA["use_rslora"]),
+        "scaling": lora_scaling(GPT_LORA["lora_alpha"], GPT_LORA["r"], GPT_LORA["use_rslora"]),
     }
     return Case(
         "gpt_lora",
@@ -423,14 +422,17 @@ def _case_generator(seed: int, name: str) -> backend.Generator:
 
 
 def compute_case(case: Case, seed: int = 0, dtype: str = "float64") -> dict:
-    """Every tensor of one case as host arrays: inputs, grad_output, outputs, grad.<input>."""
+    """Every tensor of one case as host arrays: inputs, grad_output, outputs, grad.<input>.
+
+    Computed on the reference ops (functional.py): they are what a port reproduces."""
     dtype_ = backend.resolve_dtype(dtype)
     gen = _case_generator(seed, case.name)
     arrays = case.make(gen, dtype_)
-    leaves, outputs = case.run(arrays)
-    out = outputs[case.backward_from]
-    grad_output = gen.normal(out.shape, dtype=dtype_)
-    out.backward(grad_output)
+    with F.use_ops("reference"):
+        leaves, outputs = case.run(arrays)
+        out = outputs[case.backward_from]
+        grad_output = gen.normal(out.shape, dtype=dtype_)
+        out.backward(grad_output)
     tensors = {k: backend.to_numpy(a).copy() for k, a in arrays.items()}
     tensors["grad_output"] = backend.to_numpy(grad_output).copy()
     for k, t in outputs.items():

@@ -48,17 +48,15 @@ def pytest_configure(config):
 
 @pytest.fixture(params=["fast", "reference"])
 def ops(request) -> str:
-    previous = F.set_ops(request.param)
-    yield request.param
-    F.set_ops(previous)
+    with F.use_ops(request.param):
+        yield request.param
 
 
 @pytest.fixture
 def reference_ops():
     """Run one test on the reference ops only (for tests that patch a reference op)."""
-    previous = F.set_ops("reference")
-    yield
-    F.set_ops(previous)
+    with F.use_ops("reference"):
+        yield
 
 
 # --- Devices -------------------------------------------------------------------------

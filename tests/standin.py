@@ -55,7 +55,7 @@ from minilora import backend
 # ``x[...] = v`` and in numpy-ufunc calls (CuPy copies or dispatches some of them).
 # The numbers are NumPy's, so a run on "standin" is bitwise the run on "cpu". It says
 # nothing about GPU speed or GPU rounding: it is a guard for correctness, used by the
-# tests (the ``device`` fixture) and by ``--device standin`` on the command line.
+# tests (the ``device`` fixture).
 
 _IMPLICIT_CONVERSION = (
     "Implicit conversion to a NumPy array is not allowed. Please use `.get()` to construct "
