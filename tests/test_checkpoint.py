@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import json
 import os
 import struct
@@ -508,7 +509,9 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
         "alpha_pattern": {},
     }
     header, _ = split((adapter_dir / "adapter_model.safetensors").read_bytes())
-    assert header["__metadata__"] == {"format": "pt"}  # what PEFT writes
+    # "format": "pt" is what PEFT writes; the digest binds the weights to this config
+    config_digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes()).hexdigest()
+    assert header["__metadata__"] == {"format": "pt", checkpoint.CONFIG_DIGEST_KEY: config_digest}
 
 
 def test_kaiming_init_is_written_as_peft_true_and_read_back(tmp_path):
@@ -577,11 +580,15 @@ def test_adapter_loads_into_a_model_with_matching_lora_layers(adapter_dir, train
     np.testing.assert_array_equal(logits(model), logits(trained[1]))
 
 
-def test_unknown_config_keys_are_ignored_and_string_targets_accepted(tmp_path, adapter_dir):
+def test_harmless_and_unset_config_keys_are_accepted_and_string_targets_accepted(
+    tmp_path, adapter_dir
+):
     tensors, config = adapter_parts(adapter_dir)
     tensors = {k: v for k, v in tensors.items() if "q_proj" in k}
-    unknown = {"megatron_config": None, "eva_config": {"x": 1}, "future_option": [1, 2]}
-    config.update(target_modules="q_proj", **unknown)
+    # known harmless whatever their value (init-only, bookkeeping), or unknown but unset
+    harmless = {"eva_config": {"x": 1}, "peft_version": "0.21.2", "megatron_core": "m.core"}
+    unset = {"megatron_config": None, "future_option": [], "lora_bias": False}
+    config.update(target_modules="q_proj", **harmless, **unset)
     for key in ("use_dora", "rank_pattern", "lora_dropout", "init_lora_weights"):
         del config[key]  # optional: PEFT's defaults apply
     loaded = load_adapter(tiny_gpt(), write_adapter(tmp_path / "a", tensors, config))
@@ -675,7 +682,7 @@ def test_targets_the_model_lacks_or_a_rank_too_large_are_refused(tmp_path, adapt
     assert_refused(model, folder, "['qkv'] match no Linear", "available names")
     assert not lora_layers(model)
     folder = write_adapter(tmp_path / "r", tensors, {**config, "r": 9})
-    assert_refused(model, folder, "larger than min(out, in)=8")
+    assert_refused(model, folder, "config says r=9 but lora_A for blocks.0.attn.q_proj")
 
 
 BAD_CONFIGS = {
