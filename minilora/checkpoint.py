@@ -463,9 +463,7 @@ def _unset(value) -> bool:
 
 
 def _positive_number(value) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _index(value) -> bool:
@@ -582,7 +580,9 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
                 )
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
-    plain = [p for p, m in model.named_modules() if type(m) is Linear and p and is_target(targets, p)]
+    plain = [
+        p for p, m in model.named_modules() if type(m) is Linear and p and is_target(targets, p)
+    ]
     if plain:
         problems.append(f"target_modules names layers that have no LoRA in the model: {plain}")
     paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]

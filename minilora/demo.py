@@ -127,7 +127,9 @@ def finetune(
     model = copy.deepcopy(base)
     if method == "lora":
         config = LoRAConfig(
-            r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(settings.targets)
+            r=rank,
+            lora_alpha=2 * rank if alpha is None else alpha,
+            target_modules=list(settings.targets),
         )
         apply_lora(model, config)
         lr = settings.lr_lora
