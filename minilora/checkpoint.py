@@ -285,9 +285,11 @@ def load_adapter(model: Module, path) -> LoRAConfig:
     if not isinstance(model, Module):
         raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
     folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"load_adapter: no adapter folder at {folder}")
-    if not folder.is_dir():
+    try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_adapter: no adapter folder at {folder}") from None
+    if not stat.S_ISDIR(mode):
         raise ValueError(
             f"load_adapter: {folder} is a file; expected a folder holding "
             f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
