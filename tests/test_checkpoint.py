@@ -786,8 +786,8 @@ def test_a_regex_target_becomes_the_full_paths_it_matches(tmp_path, adapter_dir,
 
 def test_all_linear_adapts_every_linear_layer_and_lm_head_only_if_the_file_does(tmp_path):
     base = tiny_gpt(seed=1)
-    for targets, head in ((["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], False),
-                          (["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "lm_head"], True)):  # fmt: skip
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    for targets, head in ((linears, False), ([*linears, "lm_head"], True)):
         config = ml.LoRAConfig(r=2, lora_alpha=4, target_modules=targets)
         model = train_lora(copy.deepcopy(base), config)
         save_adapter(model, tmp_path / "a", config)
