@@ -781,14 +781,18 @@ def atomic_write(files: list[tuple[Path, bytes]]) -> None:
     destinations keep their previous content.
 
     A destination that is a symbolic link is written through to its target (the link
-    stays a link). Temporary files a killed save left beside a destination are removed
-    first (two processes saving to the same file at once are not supported: one fails).
+    stays a link); one that is not a regular file (a device, a pipe) is refused.
+    Temporary files a killed save left beside a destination are removed first (two
+    processes saving to the same file at once are not supported: one fails).
 
     (With several files there is still a short window between the replaces in which a
     crash leaves a new file beside an old one; each file on its own is never partial.
     ``save_adapter`` records a digest that makes such a pair refused on load.)
     """
     files = [(Path(os.path.realpath(dest)), data) for dest, data in files]
+    for dest, _ in files:
+        if dest.exists() and not dest.is_file():  # /dev/null, a pipe: never replace one
+            raise ValueError(f"{dest} exists and is not a regular file; refusing to replace it")
     for dest, _ in files:
         stale = glob.escape(str(dest.parent / f".{dest.name}{_TEMP_MARK}")) + "*"
         for leftover in glob.glob(stale):

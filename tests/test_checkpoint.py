@@ -1210,6 +1210,15 @@ def test_a_save_onto_a_symlink_writes_through_to_its_target(tmp_path, trained, l
                                   logits(trained[1]))  # fmt: skip
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX pipes")
+def test_a_save_onto_a_device_or_pipe_is_refused_and_leaves_it(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file; refusing to replace it"):
+        save_model(tiny_gpt(), fifo)
+    assert fifo.is_fifo() and leftovers(tmp_path, {"pipe.safetensors"}) == []
+
+
 def load_adapter_into_base(trained, folder: Path):
     model = copy.deepcopy(trained[0])
     load_adapter(model, folder)
