@@ -30,32 +30,40 @@ class _Parser(argparse.ArgumentParser):
 # work, never replaced by a default.
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)  # argparse turns the ValueError into "invalid _positive_int value"
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-    return value
+def _int_option(least: int):
+    """An argparse type: an integer, at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; expected 0 or more")
-    return value
+def _float_option(positive: bool):
+    """An argparse type: a finite number, > 0 when ``positive``, else >= 0 (nan refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0 < value < math.inf if positive else 0 <= value < math.inf):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a finite number {'> 0' if positive else '>= 0'}"
+            )
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-    return value
+_positive_int, _non_negative_int = _int_option(1), _int_option(0)
+_positive_float, _non_negative_float = _float_option(True), _float_option(False)
 
 
 def _add_count_command(sub) -> None:
