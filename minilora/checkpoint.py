@@ -17,14 +17,20 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
 Three promises, each tested in tests/test_checkpoint.py:
 
 * **Refuse, don't guess.** A truncated or corrupt file, a header that is not JSON, a dtype
-  minilora does not use, missing or unexpected keys, wrong shapes, or a config that
-  disagrees with the tensors raise ``ValueError`` naming the file and *every* problem found.
-  A missing file or folder raises ``FileNotFoundError``.
+  minilora does not use, NaN or infinite weights, missing or unexpected keys, wrong shapes,
+  a config that disagrees with the tensors, or an adapter_config.json option minilora does
+  not implement (``use_dora``, ``alora_invocation_tokens``, ...: every key is honoured,
+  known harmless, or refused when set) raise ``ValueError`` naming the file and *every*
+  problem found. A missing file or folder raises ``FileNotFoundError``; a device or a pipe
+  is refused before it is read.
 * **A failed load leaves the model untouched.** ``load_adapter`` checks every key and
   shape against the model first, and only then adds LoRA layers and copies arrays in.
 * **A failed save leaves the old file intact.** Every file is written to a temporary name
   in the same folder, flushed and fsync'ed, then moved over the destination with
-  ``os.replace`` (atomic on POSIX and Windows); on any error the temporary file is removed.
+  ``os.replace`` (atomic on POSIX and Windows); on any error the temporary file is removed,
+  and one a killed process left is removed by the next save. An adapter's weights record
+  the SHA-256 of its config, so a save killed between its two replacements is refused on
+  load instead of loading new weights with the old config.
 
 Saves are byte-for-byte reproducible: the same model gives the same bytes.
 """
