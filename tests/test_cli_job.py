@@ -122,3 +122,12 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
     tiny_training(3)
     err = capsys.readouterr().err
     assert "\r" in err and "tiny" in err and "step 3/3" not in err
+
+
+def test_finetune_honours_alpha_and_refuses_zero_instead_of_swapping_in_the_default():
+    base = demo.load_base()
+    settings = demo.DemoSettings(steps=1, batch_size=2)
+    config = demo.finetune(base, "lora", settings, 2, progress=False, alpha=0.5)[2]
+    assert config.lora_alpha == 0.5
+    with pytest.raises(ValueError, match="lora_alpha=0"):
+        demo.finetune(base, "lora", settings, 2, progress=False, alpha=0)
