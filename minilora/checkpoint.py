@@ -17,31 +17,42 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
 Three promises, each tested in tests/test_checkpoint.py:
 
 * **Refuse, don't guess.** A truncated or corrupt file, a header that is not JSON, a dtype
-  minilora does not use, missing or unexpected keys, wrong shapes, or a config that
-  disagrees with the tensors raise ``ValueError`` naming the file and *every* problem found.
-  A missing file or folder raises ``FileNotFoundError``.
+  minilora does not use, NaN or infinite weights, missing or unexpected keys, wrong shapes,
+  a config that disagrees with the tensors, or an adapter_config.json option minilora does
+  not implement (``use_dora``, ``alora_invocation_tokens``, ...: every key is honoured,
+  known harmless, or refused when set) raise ``ValueError`` naming the file and *every*
+  problem found. A missing file or folder raises ``FileNotFoundError``; a device or a pipe
+  is refused before it is read.
 * **A failed load leaves the model untouched.** ``load_adapter`` checks every key and
   shape against the model first, and only then adds LoRA layers and copies arrays in.
 * **A failed save leaves the old file intact.** Every file is written to a temporary name
   in the same folder, flushed and fsync'ed, then moved over the destination with
-  ``os.replace`` (atomic on POSIX and Windows); on any error the temporary file is removed.
+  ``os.replace`` (atomic on POSIX and Windows); on any error the temporary file is removed,
+  and one a killed process left is removed by the next save. An adapter's weights record
+  the SHA-256 of its config, so a save killed between its two replacements is refused on
+  load instead of loading new weights with the old config.
 
 Saves are byte-for-byte reproducible: the same model gives the same bytes.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
 import os
+import re
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import safetensors
 import safetensors.numpy
 
 from minilora import backend
-from minilora.lora import LoRAConfig, apply_lora, lora_layers
+from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, GPTConfig
 from minilora.nn import Linear, Module
@@ -52,20 +63,60 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's wrapper path; the adapter name is not in saved keys
 
-# The dtypes minilora computes in; anything else in a file is refused, not converted.
+# The dtypes minilora computes in; anything else in a model file is refused, not
+# converted. Adapters may also be bfloat16 (NumPy has none): upcast to float32, with a warning.
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
+_HALF_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 
-# PEFT config fields whose non-default values describe something minilora cannot load
-# faithfully; refused with a message rather than silently ignored.
-_UNSUPPORTED_PEFT = {
-    "use_dora": (False, None),
-    "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
-    "layers_pattern": (None, [], ""),
-    "rank_pattern": (None, {}),
-    "alpha_pattern": (None, {}),
-}
+# Written into the weights' __metadata__ by save_adapter: the SHA-256 of the
+# adapter_config.json saved with them, so that a save killed between its two file
+# replacements (new weights beside the old config) is refused on load, not loaded as a
+# different model. PEFT and transformers ignore metadata they do not know.
+CONFIG_DIGEST_KEY = "minilora.adapter_config_sha256"
+
+# adapter_config.json keys that minilora reads and honours (or refuses, per value).
+_PEFT_READ = frozenset(
+    {
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "lora_dropout",
+        "bias",
+        "use_rslora",
+        "init_lora_weights",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
+    }
+)
+# Keys known not to change what a trained adapter computes, whatever their value:
+# bookkeeping, and settings used only when an adapter is created (the init is checked
+# through init_lora_weights) or only together with an option that is refused when set.
+_PEFT_HARMLESS = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
+        "eva_config",
+        "loftq_config",
+        "corda_config",  # init only (init_lora_weights "eva", ...)
+        "megatron_core",  # used only with megatron_config
+        "qalora_group_size",  # used only with use_qalora
+    }
+)
+# Every other key (use_dora, lora_bias, exclude_modules, target_parameters,
+# alora_invocation_tokens, modules_to_save, ...) is refused unless its value is null, false
+# or empty: an option minilora does not implement would otherwise load silently wrong.
+_UNSET = (None, False, "", [], {})
+# PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
+# whatever they drew, so they all load the same. PiSSA, OLoRA, LoftQ, CorDA and the like
+# rewrite the base weights when the adapter is created, and are refused.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 
 
 # ======================================================================================
@@ -101,7 +152,14 @@ def save_model(model: GPT, path) -> None:
 
 def load_model(path, device: str = "cpu") -> GPT:
     """Read a file written by :func:`save_model`: a new ``GPT`` on ``device``, in the
-    file's dtype, with every parameter loaded (strict: no missing or unexpected keys)."""
+    file's dtype, in eval mode, with every parameter loaded (strict: no missing or
+    unexpected keys).
+
+    The stored ``GPTConfig`` is checked against the tensors wherever the shapes tell
+    (``vocab_size``, ``block_size``, ``n_embd``, ``n_layer``, ``bias``); ``n_head`` (any
+    divisor of ``n_embd`` gives the same shapes) and ``dropout`` (no tensor at all) cannot
+    be checked, and are trusted as written.
+    """
     device = backend.check_device(device)
     path = Path(path)
     if path.is_dir():
@@ -139,7 +197,7 @@ def load_model(path, device: str = "cpu") -> GPT:
         model.load_state_dict(tensors, strict=True)
     except ValueError as e:
         raise ValueError(f"load_model: {path} does not match its own config: {e}") from None
-    return model
+    return model.eval()  # as PyTorch's from_pretrained: inference unless told otherwise
 
 
 def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
@@ -219,29 +277,44 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
     adapted = {p for p, _ in lora_layers(model)}
     for name, arr in _lora_state_dict(model, config.bias).items():
         tensors[_peft_key(name, adapted)] = _host_copy(arr)
-    weights = serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
-    text = json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n"
-    # Both files are written in full before either replaces its predecessor.
-    atomic_write(
-        [(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text.encode())]
-    )
+    text = (json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n").encode()
+    # "format": "pt" is what PEFT writes, for transformers; the digest binds the two files
+    digest = hashlib.sha256(text).hexdigest()
+    weights = serialize(tensors, {"format": "pt", CONFIG_DIGEST_KEY: digest})
+    # Both files are written in full before either replaces its predecessor; a crash
+    # between the two replacements leaves files whose digest disagrees, refused on load.
+    atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
 
 
 def load_adapter(model: Module, path) -> LoRAConfig:
-    """Load a PEFT adapter folder into ``model`` and return its ``LoRAConfig``.
+    """Load a PEFT adapter folder into ``model`` and return its ``LoRAConfig``; the model
+    is left in eval mode, as ``PeftModel.from_pretrained`` leaves it.
 
-    A base model gets LoRA layers (``apply_lora`` with the folder's config) before the
+    A base model gets LoRA layers (as ``apply_lora`` with the folder's config) before the
     arrays are copied in; a model that already has LoRA layers must have exactly the
     config's targets, ``r``, ``lora_alpha`` and ``use_rslora``. Everything is checked
     first; on any problem nothing in the model changes. Arrays are cast to the dtype and
-    moved to the device of the parameters they load into.
+    moved to the device of the parameters they load into (float16 and bfloat16 adapters
+    are upcast, with a warning).
+
+    Every key of adapter_config.json is either honoured, known to be harmless, or refused
+    when set: an option minilora does not implement is never silently ignored. PEFT's
+    ``target_modules`` forms all work (names, suffixes, full paths, a regular expression,
+    ``"all-linear"``); a string is resolved against the model into the full paths it
+    matches. ``rank_pattern``/``alpha_pattern`` equal to ``r``/``lora_alpha`` and
+    ``layers_to_transform`` covering every adapted layer are plain LoRA and load. The
+    init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
+    change what a trained adapter computes; the returned config says ``"gaussian"`` for
+    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others.
     """
     if not isinstance(model, Module):
         raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
     folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"load_adapter: no adapter folder at {folder}")
-    if not folder.is_dir():
+    try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_adapter: no adapter folder at {folder}") from None
+    if not stat.S_ISDIR(mode):
         raise ValueError(
             f"load_adapter: {folder} is a file; expected a folder holding "
             f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
@@ -256,10 +329,31 @@ def load_adapter(model: Module, path) -> LoRAConfig:
                 "safe_serialization=True))"
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
-    config = _read_adapter_config(config_path)
-    tensors, _ = _read_safetensors(weights_path, "load_adapter")
+    config_bytes = _read_file(config_path, "load_adapter")
+    tensors, metadata = _read_safetensors(weights_path, "load_adapter", half_to_float32=True)
+    digest = metadata.get(CONFIG_DIGEST_KEY)
+    if digest is not None and digest != hashlib.sha256(config_bytes).hexdigest():
+        raise ValueError(
+            f"load_adapter: {folder}: {ADAPTER_CONFIG_NAME} is not the config that was saved "
+            f"with {ADAPTER_WEIGHTS_NAME} (its SHA-256 differs from the one recorded in the "
+            "weights): a save was interrupted between the two files, or one of them was "
+            "replaced or edited. Nothing was changed; save the adapter again"
+        )
+    fields, layers = _read_adapter_config(config_path, config_bytes)
+    fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
+    if problems:
+        raise ValueError(
+            f"load_adapter: {folder} does not fit the model; nothing was changed:\n  "
+            + "\n  ".join(problems)
+        )
+    try:
+        config = LoRAConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_adapter: {config_path}: {e}") from None
 
     expected, problems = _adapter_plan(model, config)
+    adapted = [name[: -len(".lora_A")] for name in expected if name.endswith(".lora_A")]
+    problems += _layers_to_transform_problems(adapted, *layers)
     problems += _tensor_problems(tensors, expected, config.r)
     if problems:
         raise ValueError(
@@ -268,11 +362,12 @@ def load_adapter(model: Module, path) -> LoRAConfig:
         )
     # Everything checked: now (and only now) change the model.
     if not lora_layers(model):
-        apply_lora(model, config)
+        add_lora_layers(model, adapted, config)
     params = dict(model.named_parameters())
     for key, arr in tensors.items():
         p = params[_param_name(key)]  # every key was checked above: a KeyError is a bug
         p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()  # cast, move
+    model.eval()
     return config
 
 
@@ -302,14 +397,10 @@ def _peft_config_dict(config: LoRAConfig) -> dict:
     }
 
 
-def _read_adapter_config(path: Path) -> LoRAConfig:
-    """Parse and check adapter_config.json. Keys minilora does not know are ignored (older
-    PEFT versions reject them, a common complaint); known keys with values minilora cannot
-    honour (DoRA, per-layer ranks, ...) are refused."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_adapter: {path} does not exist") from None
+def _read_adapter_config(path: Path, data: bytes) -> tuple[dict, tuple]:
+    """Parse and check adapter_config.json: (the LoRAConfig fields, with target_modules as
+    written, and (layers_to_transform, layers_pattern)), or a ValueError naming the file
+    and every problem. Each key is honoured, known to be harmless, or refused when set."""
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
@@ -324,9 +415,7 @@ def _read_adapter_config(path: Path) -> LoRAConfig:
         if raw.get(key) is None:
             problems.append(f"{key} is missing")
     alpha = raw.get("lora_alpha")
-    if alpha is not None and (
-        not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf
-    ):
+    if alpha is not None and not _positive_number(alpha):
         problems.append(f"lora_alpha={alpha!r} must be a positive finite number")
     r = raw.get("r")
     if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
@@ -337,14 +426,44 @@ def _read_adapter_config(path: Path) -> LoRAConfig:
         or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
     ):
         problems.append(f"target_modules={targets!r} must be a module name or a list of them")
-    for key, allowed in _UNSUPPORTED_PEFT.items():
-        if key in raw and not any(raw[key] == a and type(raw[key]) is type(a) for a in allowed):
-            problems.append(f"{key}={raw[key]!r} is not supported by minilora")
+    for key, value in sorted(raw.items()):
+        if key not in _PEFT_READ | _PEFT_HARMLESS and not _unset(value):
+            problems.append(
+                f"{key}={value!r} is not supported by minilora (a PEFT option it does not "
+                "implement would make the adapter compute something else); it must be "
+                "null, false or empty"
+            )
+    # One rank and one alpha for every layer: a pattern that repeats them is plain LoRA.
+    for key, name, want in (("rank_pattern", "r", r), ("alpha_pattern", "lora_alpha", alpha)):
+        pattern = raw.get(key)
+        if _unset(pattern):
+            continue
+        if not isinstance(pattern, dict) or any(v != want for v in pattern.values()):
+            problems.append(
+                f"{key}={pattern!r} is not supported by minilora: it uses one {name} for "
+                f"every layer ({name}={want!r})"
+            )
+    layers = raw.get("layers_to_transform")
+    if not _unset(layers) and not (
+        _index(layers) or (isinstance(layers, list) and all(_index(i) for i in layers))
+    ):
+        problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
+    layers_pattern = raw.get("layers_pattern")
+    if not _unset(layers_pattern) and not (
+        isinstance(layers_pattern, str)
+        or (isinstance(layers_pattern, list) and all(isinstance(t, str) for t in layers_pattern))
+    ):
+        problems.append(f"layers_pattern={layers_pattern!r} must be a name or a list of names")
     init = raw.get("init_lora_weights", True)  # PEFT's default is true (kaiming)
-    if init is True:
-        init = "kaiming"
-    if init not in ("gaussian", "kaiming"):
-        problems.append(f"init_lora_weights={init!r}: minilora knows true (kaiming) and 'gaussian'")
+    if not any(init == i and type(init) is type(i) for i in _PLAIN_INITS):
+        problems.append(
+            f"init_lora_weights={init!r} is not supported by minilora: it loads adapters whose "
+            "init left the base weights as they were: true, false, 'gaussian' or 'orthogonal' "
+            "(PiSSA, OLoRA, LoftQ and the like change the base weights)"
+        )
+    use_rslora = raw.get("use_rslora")
+    if use_rslora is not None and not isinstance(use_rslora, bool):
+        problems.append(f"use_rslora={use_rslora!r} must be true or false")
     if problems:
         raise ValueError(
             f"load_adapter: {path} is not a usable LoRA config:\n  " + "\n  ".join(problems)
@@ -352,20 +471,87 @@ def _read_adapter_config(path: Path) -> LoRAConfig:
 
     fields = {
         "r": r,
-        "lora_alpha": raw["lora_alpha"],
+        "lora_alpha": alpha,
         "target_modules": targets,
-        "init_lora_weights": init,
+        "init_lora_weights": "gaussian" if init == "gaussian" else "kaiming",
     }
     for key in ("lora_dropout", "bias", "use_rslora"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
     try:
-        config = LoRAConfig(**fields)
+        LoRAConfig(**fields)  # the remaining checks (bias, dropout); the targets come later
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: {path}: {e}") from None
-    if not isinstance(config.use_rslora, bool):
-        raise ValueError(f"load_adapter: {path}: use_rslora={config.use_rslora!r} must be a bool")
-    return config
+    return fields, (None if _unset(layers) else layers, layers_pattern)
+
+
+def _unset(value) -> bool:
+    return any(value == u and type(value) is type(u) for u in _UNSET)
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], list[str]]:
+    """PEFT's ``target_modules`` as a list minilora matches with :func:`is_target`, and the
+    problems found. A list is kept (names, suffixes and full paths match as in PEFT). A
+    string is PEFT's regular expression, matched in full against module paths, and becomes
+    the list of the paths it matches; ``"all-linear"`` is every Linear layer, the output
+    layer ``lm_head`` only when the file adapts it (PEFT leaves out a transformers model's
+    output layer, not a plain module's). A string without regex syntax stays a name, as
+    minilora always read it (in PEFT it matches only a top-level module of that name)."""
+    if not isinstance(targets, str) or re.escape(targets) == targets:
+        return targets, []
+    paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]
+    if targets.lower() == "all-linear":
+        adapts_head = any(key.startswith(f"{PEFT_PREFIX}lm_head.lora_") for key in tensors)
+        return [p for p in paths if p != "lm_head" or adapts_head], []
+    try:
+        chosen = [p for p in paths if re.fullmatch(targets, p)]
+    except re.error as e:
+        return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+    if not chosen:
+        return [], [
+            f"target_modules={targets!r} (a regular expression over module paths) matches no "
+            f"Linear layer in the model; the paths are {paths}"
+        ]
+    return chosen, []
+
+
+def _layers_to_transform_problems(adapted: list[str], layers, layers_pattern) -> list[str]:
+    """PEFT adapts only the targets inside the listed layers; minilora adapts every
+    target, so the list must cover every adapted layer. The layer index of a path is
+    found as PEFT finds it (the first number after ``layers_pattern``, or after the first
+    two path components when there is no pattern)."""
+    if layers is None:
+        return []
+    wanted = {layers} if isinstance(layers, int) else set(layers)
+    if _unset(layers_pattern):
+        regexes = [r".*?\.[^.]*\.(\d+)\."]
+    else:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        regexes = [rf"(?:^|.*?\.){re.escape(name)}\.(\d+)\." for name in names]
+
+    def index(path: str) -> int | None:
+        for regex in regexes:
+            match = re.match(regex, path)
+            if match:
+                return int(match.group(1))
+        return None
+
+    left_out = [p for p in adapted if index(p) not in wanted]
+    if not left_out:
+        return []
+    return [
+        f"layers_to_transform={layers!r} (layers_pattern={layers_pattern!r}) leaves out "
+        f"{left_out}, which target_modules names; minilora adapts every layer that "
+        "target_modules names, so it loads only a layers_to_transform that covers them all"
+    ]
 
 
 def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
@@ -378,20 +564,17 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         chosen = lora_layers(model)
     else:
         linears = [(p, m) for p, m in model.named_modules() if type(m) is Linear and p]
-        available = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
-        unmatched = [t for t in config.target_modules if t not in available]
+        unmatched = [
+            t for t in config.target_modules if not any(is_target([t], p) for p, _ in linears)
+        ]
         if unmatched:
+            available = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
             problems.append(
                 f"target_modules {unmatched} match no Linear layer in the model; available "
                 f"names: {available}"
             )
-        chosen = [(p, m) for p, m in linears if p.rsplit(".", 1)[-1] in config.target_modules]
-        for p, m in chosen:
-            if config.r > min(m.weight.shape):
-                problems.append(
-                    f"config says r={config.r}, larger than min(out, in)={min(m.weight.shape)} "
-                    f"of {p} (weight shape {m.weight.shape})"
-                )
+        # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
+        chosen = [(p, m) for p, m in linears if is_target(config.target_modules, p)]
     expected = {}
     for p, m in chosen:
         out_f, in_f = m.weight.shape
@@ -412,11 +595,9 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
     """Ways in which the model's LoRA layers differ from what ``config`` describes."""
     problems = []
     layers = lora_layers(model)
-    targets = set(config.target_modules)
-    lora_names = {p.rsplit(".", 1)[-1] for p, _ in layers}
+    targets = config.target_modules
     for path, layer in layers:
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf not in targets:
+        if not is_target(targets, path):
             problems.append(f"the model has a LoRA layer {path}, not in target_modules")
         for attr in ("r", "lora_alpha", "use_rslora"):
             if getattr(layer, attr) != getattr(config, attr):
@@ -427,13 +608,12 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
     plain = [
-        p
-        for p, m in model.named_modules()
-        if type(m) is Linear and p and p.rsplit(".", 1)[-1] in targets
+        p for p, m in model.named_modules() if type(m) is Linear and p and is_target(targets, p)
     ]
     if plain:
         problems.append(f"target_modules names layers that have no LoRA in the model: {plain}")
-    missing = sorted(targets - lora_names - {p.rsplit(".", 1)[-1] for p in plain})
+    paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]
+    missing = sorted(t for t in targets if not any(is_target([t], p) for p in paths))
     if missing:
         problems.append(f"target_modules {missing} match no layer in the model")
     return problems
@@ -516,15 +696,29 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
-def _read_safetensors(path: Path, caller: str) -> tuple[dict, dict]:
-    """(tensors as host arrays, metadata) from a safetensors file, or a ValueError that
-    names the file and what is wrong with it. The file is read once, into memory."""
+def _read_file(path: Path, caller: str) -> bytes:
+    """The bytes of a regular file. A folder, a device (/dev/zero), a pipe or a socket is
+    refused before it is opened: reading one could block or never end."""
     try:
-        data = path.read_bytes()
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         raise FileNotFoundError(f"{caller}: no such file: {path}") from None
-    except IsADirectoryError:
-        raise ValueError(f"{caller}: {path} is a folder, expected a .safetensors file") from None
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{caller}: {path} is a folder, expected a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{caller}: {path} is not a regular file (a device, pipe or socket?)")
+    return path.read_bytes()
+
+
+def _read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:
+    """(tensors as host arrays, metadata) from a safetensors file, or a ValueError that
+    names the file and what is wrong with it. The file is read once, into memory.
+
+    NaN and infinite values are refused, naming the tensor: no trained model holds them,
+    and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
+    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
+    """
+    data = _read_file(path, caller)
     # The library validates the structure: header length, JSON, dtypes, shapes, offsets
     # that tile the data exactly. Its errors (SafetensorError, or anything else a hostile
     # file provokes) become one ValueError that names the file.
@@ -536,21 +730,48 @@ def _read_safetensors(path: Path, caller: str) -> tuple[dict, dict]:
         raise ValueError(
             f"{caller}: {path} is not a valid safetensors file (truncated or corrupt?): {e}"
         ) from e
-    bad = [f"{name}: {v['dtype']}" for name, v in views if v["dtype"] not in _SAFETENSORS_DTYPES]
+    known = {**_SAFETENSORS_DTYPES, **(_HALF_DTYPES if half_to_float32 else {})}
+    bad = [f"{name}: {v['dtype']}" for name, v in views if v["dtype"] not in known]
     if bad:
         raise ValueError(
             f"{caller}: {path} holds tensors of a dtype minilora does not use ({', '.join(bad)}); "
-            f"expected one of {sorted(_SAFETENSORS_DTYPES.values())}"
+            f"expected one of {sorted(known.values())}"
         )
     try:
-        tensors = safetensors.numpy.load(data)
+        tensors = {name: _host_array(v) for name, v in views}
         n = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
     except Exception as e:  # validated above, so this is not expected; still never leak
         raise ValueError(f"{caller}: {path} could not be read: {e}") from e
     if not isinstance(metadata, dict):
         raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
+    xp = backend.module_for("cpu")
+    not_finite = sorted(name for name, a in tensors.items() if not xp.isfinite(a).all())
+    if not_finite:
+        raise ValueError(
+            f"{caller}: {path} holds NaN or infinite values in {', '.join(not_finite)}; "
+            "a trained model never does (did training diverge?)"
+        )
+    half = sorted({_HALF_DTYPES[v["dtype"]] for _, v in views if v["dtype"] in _HALF_DTYPES})
+    if half and half_to_float32:
+        tensors = {name: a.astype(xp.float32) for name, a in tensors.items()}
+        warnings.warn(
+            f"{caller}: {path} holds {' and '.join(half)} tensors; they were upcast to float32 "
+            "(exactly: every such value is a float32 value)",
+            stacklevel=3,
+        )
     return tensors, metadata
+
+
+def _host_array(view: dict):
+    """A NumPy array from one tensor of ``safetensors.deserialize`` (little-endian bytes)."""
+    xp = backend.module_for("cpu")
+    if view["dtype"] == "BF16":  # NumPy has no bfloat16: its bits are a float32's top half
+        bits = xp.frombuffer(view["data"], dtype="<u2").astype(xp.uint32) << 16
+        return bits.view(xp.float32).reshape(view["shape"])
+    dtype = xp.dtype(_SAFETENSORS_DTYPES[view["dtype"]]).newbyteorder("<")
+    array = xp.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
+    return array.astype(dtype.newbyteorder("="))  # native byte order, writable
 
 
 def _host_copy(array):
@@ -573,15 +794,34 @@ def _check_destination(path: Path, caller: str) -> Path:
     return path
 
 
+# Temporary files are named ".<destination name>.minilora-tmp-<random>", beside the
+# destination; a process killed mid-save leaves one, removed by the next save there.
+_TEMP_MARK = ".minilora-tmp-"
+
+
 def atomic_write(files: list[tuple[Path, bytes]]) -> None:
     """Write each (destination, bytes) to a temporary file beside it, flushed and fsync'ed,
     then move them into place with ``os.replace``. Nothing is replaced until every
     temporary file is complete; on any error the temporary files are removed and the
     destinations keep their previous content.
 
+    A destination that is a symbolic link is written through to its target (the link
+    stays a link); one that is not a regular file (a device, a pipe) is refused.
+    Temporary files a killed save left beside a destination are removed first (two
+    processes saving to the same file at once are not supported: one fails).
+
     (With several files there is still a short window between the replaces in which a
-    crash leaves a new file beside an old one; each file on its own is never partial.)
+    crash leaves a new file beside an old one; each file on its own is never partial.
+    ``save_adapter`` records a digest that makes such a pair refused on load.)
     """
+    files = [(Path(os.path.realpath(dest)), data) for dest, data in files]
+    for dest, _ in files:
+        if dest.exists() and not dest.is_file():  # /dev/null, a pipe: never replace one
+            raise ValueError(f"{dest} exists and is not a regular file; refusing to replace it")
+    for dest, _ in files:
+        stale = glob.escape(str(dest.parent / f".{dest.name}{_TEMP_MARK}")) + "*"
+        for leftover in glob.glob(stale):
+            _remove_quietly(leftover)
     pending = []  # temporary paths not yet moved into place
     try:
         for dest, data in files:
@@ -598,7 +838,7 @@ def atomic_write(files: list[tuple[Path, bytes]]) -> None:
 
 def _write_temp(dest: Path, data: bytes) -> str:
     # Same folder as the destination: os.replace is only atomic within one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}{_TEMP_MARK}", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

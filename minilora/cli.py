@@ -4,14 +4,66 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from minilora import accounting, backend, checkpoint, demo, fast
 from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
 from minilora.lora import BIAS_MODES, merge_and_unload
 from minilora.train import evaluate
+
+TASK_LETTERS = "C copy, R reverse, S sort ascending (the pretraining tasks), D sort descending"
+PACKAGE_DIR = Path(__file__).resolve().parent  # never written to (its base model is shipped)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option reported as one line (not a usage block) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Option types: an invalid value is refused when the command line is read, before any
+# work, never replaced by a default.
+
+
+def _int_option(least: int):
+    """An argparse type: an integer, at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
+def _float_option(positive: bool):
+    """An argparse type: a finite number, > 0 when ``positive``, else >= 0 (nan refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0 < value < math.inf if positive else 0 <= value < math.inf):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a finite number {'> 0' if positive else '>= 0'}"
+            )
+        return value
+
+    return parse
+
+
+_positive_int, _non_negative_int = _int_option(1), _int_option(0)
+_positive_float, _non_negative_float = _float_option(True), _float_option(False)
 
 
 def _add_count_command(sub) -> None:
@@ -28,7 +80,7 @@ def _add_count_command(sub) -> None:
     p.add_argument("--preset", help=f"a real model shape: {names}")
     shape = p.add_argument_group("shape (instead of, or overriding, a preset)")
     for flag in ("n-layer", "n-embd", "n-head", "vocab-size", "block-size"):
-        shape.add_argument(f"--{flag}", type=int, metavar="N")
+        shape.add_argument(f"--{flag}", type=int, metavar="N", help=f"{flag} of the model")
     shape.add_argument(
         "--model-bias",
         action=argparse.BooleanOptionalAction,
@@ -275,15 +327,19 @@ def _common(p, out_help: str | None = None) -> None:
         default=os.environ.get("MINILORA_DEVICE", "cpu"),
         help="cpu or cuda (default: $MINILORA_DEVICE or cpu)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=1,
         help="BLAS threads (default 1: minilora's matrices are small, and extra threads "
         "slow them down on a busy machine)",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide progress bars (and, when stderr is not a terminal, the periodic progress lines)",
+    )
     if out_help:
         p.add_argument("--out", required=out_help.startswith("(required)"), help=out_help)
 
@@ -311,8 +367,13 @@ def _add_job_commands(sub) -> None:
         help="train the base model (reproduces the one shipped in the package)",
         description="Pretrain the tiny GPT on copy, reverse and sort-ascending.",
     )
-    _common(p, "where to write the model (default: minilora/assets/base.safetensors)")
-    p.add_argument("--steps", type=int, default=demo.PretrainRecipe.steps)
+    _common(p, "(required) model file to write (never the package's own base model)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=demo.PretrainRecipe.steps,
+        help=f"optimizer steps (default {demo.PretrainRecipe.steps}, the shipped model's)",
+    )
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser(
@@ -323,14 +384,36 @@ def _add_job_commands(sub) -> None:
     )
     _common(p, "(required) adapter folder (lora) or model file (full)")
     p.add_argument("--base", help="base model file (default: the pretrained base)")
-    p.add_argument("--method", choices=("lora", "full"), default="lora")
-    p.add_argument("--task", choices=sorted(TASKS), default=DOWNSTREAM_TASK)
-    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default 2·r)")
-    p.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=None, help="default 1e-2 (lora), 1e-3 (full)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--method",
+        choices=("lora", "full"),
+        default="lora",
+        help="lora: train a low-rank adapter, the base frozen; full: train every weight "
+        "(default: lora)",
+    )
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default=DOWNSTREAM_TASK,
+        help=f"the task to learn: {TASK_LETTERS} (default: {DOWNSTREAM_TASK})",
+    )
+    p.add_argument("--r", type=_positive_int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--alpha", type=_positive_float, default=None, help="lora_alpha (default 2·r)")
+    p.add_argument(
+        "--targets",
+        default="q_proj,v_proj",
+        help="comma-separated names of the layers LoRA adapts (default: q_proj,v_proj)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="peak learning rate (default 1e-2 for lora, 1e-3 for full)",
+    )
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="sequences per step (default 64)"
+    )
     p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser(
@@ -346,17 +429,66 @@ def _add_job_commands(sub) -> None:
     p = sub.add_parser("eval", help="exact-match accuracy of a model on a task")
     _common(p)
     _model_args(p)
-    p.add_argument("--task", choices=sorted(TASKS), default=DOWNSTREAM_TASK)
-    p.add_argument("--examples", type=int, default=512)
+    p.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default=DOWNSTREAM_TASK,
+        help=f"the task to score: {TASK_LETTERS} (default: {DOWNSTREAM_TASK})",
+    )
+    p.add_argument(
+        "--examples",
+        type=_positive_int,
+        default=512,
+        help="held-out examples to score (default 512)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="complete a prompt such as 'D 3 1 4 ='")
     _common(p)
     _model_args(p)
-    p.add_argument("--prompt", required=True, help="task letter, digits and '=', e.g. 'S 3 1 4 ='")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: as many as digits+1")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help=f"a task letter ({TASK_LETTERS}), digits and '=', e.g. 'S 3 1 4 ='",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        default=None,
+        help="tokens to generate (default: the answer's length, digits + 1)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=0.0,
+        help="sampling temperature; 0 picks the most likely token (greedy, the default)",
+    )
     p.set_defaults(func=_cmd_generate)
+
+
+def _check_out(path, kind: str) -> Path:
+    """Refuse an output path before any work: inside the installed package, of the wrong
+    kind (``kind`` is "file" or "folder"), or where we cannot write."""
+    out = Path(path)
+    if out.resolve().is_relative_to(PACKAGE_DIR):
+        raise ValueError(
+            f"--out {out} is inside the installed minilora package ({PACKAGE_DIR}); "
+            "minilora never writes there: give a path of your own"
+        )
+    if out.exists() and kind == "file" and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; expected a file name such as model.safetensors")
+    if out.exists() and kind == "folder" and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder")
+    # the nearest existing folder is where the file or the new folders will be made
+    parent = out if kind == "folder" else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} is under {parent}, which is a file, not a folder")
+    target = out if out.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"--out {out}: {target} is not writable")
+    return out
 
 
 def _setup(args) -> None:
@@ -377,19 +509,20 @@ def _load(args):
 
 
 def _cmd_demo(args) -> int:
+    out = _check_out(args.out if args.out is not None else "minilora-demo", "folder")
     _setup(args)
     settings = (
         demo.DemoSettings.quick(args.seed) if args.quick else demo.DemoSettings(seed=args.seed)
     )
-    demo.run_demo(settings, Path(args.out or "minilora-demo"), args.device, not args.no_progress)
+    demo.run_demo(settings, out, args.device, not args.no_progress)
     return 0
 
 
 def _cmd_pretrain(args) -> int:
+    out = _check_out(args.out, "file")
     _setup(args)
     recipe = demo.PretrainRecipe(steps=args.steps, seed=args.seed)
     model, history = demo.pretrain(recipe, args.device, not args.no_progress)
-    out = Path(args.out) if args.out else demo.base_model_path()
     checkpoint.save_model(model, out)
     last = history[-1]
     print(
@@ -400,15 +533,17 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    _check_out(args.out, "folder" if args.method == "lora" else "file")  # before training
     _setup(args)
     base = (
         checkpoint.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
     )
+    defaults = demo.DemoSettings()
     settings = demo.DemoSettings(
         steps=args.steps,
         batch_size=args.batch_size,
-        lr_full=args.lr or 1e-3,
-        lr_lora=args.lr or 1e-2,
+        lr_full=defaults.lr_full if args.lr is None else args.lr,
+        lr_lora=defaults.lr_lora if args.lr is None else args.lr,
         targets=tuple(t for t in args.targets.split(",") if t),
         seed=args.seed,
     )
@@ -430,6 +565,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_merge(args) -> int:
+    _check_out(args.out, "file")
     base = checkpoint.load_model(args.base) if args.base else demo.load_base()
     checkpoint.load_adapter(base, args.adapter)
     merged = merge_and_unload(base)
@@ -450,12 +586,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _prompt_digits(prompt: str, block_size: int) -> int:
+    """The number of digits in a prompt of the task's form, or a ValueError saying what
+    the form is (rather than printing a guess for a prompt the model was never shown)."""
+    most = (block_size - 2) // 2  # prompt (task, digits, '=') + answer (digits, '.') fit
+    form = f"a task letter ({TASK_LETTERS}), 1 to {most} digits, then '=', e.g. 'S 3 1 4 ='"
+    text = prompt.replace(" ", "")
+    if not text:
+        raise ValueError(f"--prompt is empty; expected {form}")
+    if text[0] not in TASKS:
+        raise ValueError(f"--prompt starts with {text[0]!r}, which is not a task; expected {form}")
+    digits = text[1:-1]
+    if text[-1] != "=" or not 1 <= len(digits) <= most or set(digits) - set("0123456789"):
+        raise ValueError(f"--prompt {prompt!r} lacks the task's form; expected {form}")
+    return len(digits)
+
+
 def _cmd_generate(args) -> int:
     _setup(args)
     model = _load(args)
+    n_digits = _prompt_digits(args.prompt, model.config.block_size)
     ids = encode(args.prompt)
-    n_digits = sum(ch.isdigit() for ch in args.prompt)
-    new = args.max_new_tokens or n_digits + 1
+    new = n_digits + 1 if args.max_new_tokens is None else args.max_new_tokens
     idx = backend.array([ids], dtype=backend.int64, device=args.device)
     model.eval()
     out = model.generate(
@@ -505,6 +657,7 @@ def _cmd_vectors(args) -> int:
     from minilora import vectors  # builds its cases on import
 
     if args.out:
+        _check_out(args.out, "folder")
         manifest = vectors.write_vectors(args.out, seed=args.seed, dtype=args.dtype)
         print(
             f"wrote {len(manifest['cases'])} cases ({args.dtype}, seed {args.seed}) and "
@@ -520,7 +673,7 @@ def _cmd_vectors(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minilora",
         description="LoRA from nothing: a tiny GPT, hand-written autograd, low-rank adapters.",
     )
@@ -531,13 +684,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An error as one line: an OSError as "reason: path", a list of problems joined."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    head, *problems = [line.strip() for line in str(error).splitlines()] or [""]
+    return " ".join([head, "; ".join(problems)]) if problems else head
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a trace
-        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    prefix = f"minilora {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_: print(
+            f"{prefix}: warning: {message}", file=sys.stderr
+        )
+        try:
+            return args.func(args)
+        except (ValueError, OSError, RuntimeError) as e:  # bad input: a message, not a trace
+            print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

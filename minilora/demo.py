@@ -30,7 +30,7 @@ from minilora.model import GPT, GPTConfig
 from minilora.optim import AdamW
 from minilora.train import cosine_schedule, evaluate, median, train
 
-BASE_ASSET = "base.safetensors"  # in minilora/assets, written by `minilora pretrain`
+BASE_ASSET = "base.safetensors"  # in minilora/assets; `minilora pretrain --out F` reproduces it
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,9 @@ def load_base(device: str = "cpu") -> GPT:
     path = base_model_path()
     if not path.exists():
         raise FileNotFoundError(
-            f"the pretrained base model {path} is missing; run `minilora pretrain` to rebuild it"
+            f"the pretrained base model {path} is missing; reinstall minilora, or rebuild it "
+            "with `minilora pretrain --out base.safetensors` and pass that file as --model "
+            "or --base"
         )
     return checkpoint.load_model(path, device=device)
 
@@ -126,7 +128,9 @@ def finetune(
     model = copy.deepcopy(base)
     if method == "lora":
         config = LoRAConfig(
-            r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(settings.targets)
+            r=rank,
+            lora_alpha=2 * rank if alpha is None else alpha,
+            target_modules=list(settings.targets),
         )
         apply_lora(model, config)
         lr = settings.lr_lora

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -50,6 +51,16 @@ class LoRAConfig:
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
             self.init_lora_weights = "kaiming"
+        # NumPy scalars (r=numpy.int64(4), from an array or a sweep) are plain numbers here,
+        # so that checks, arithmetic and json.dumps treat them like int and float
+        # (bools stay bools, to be refused below)
+        if isinstance(self.r, numbers.Integral) and not isinstance(self.r, bool):
+            self.r = int(self.r)
+        if not isinstance(self.lora_alpha, bool):
+            if isinstance(self.lora_alpha, numbers.Integral):
+                self.lora_alpha = int(self.lora_alpha)
+            elif isinstance(self.lora_alpha, numbers.Real):
+                self.lora_alpha = float(self.lora_alpha)
         check_lora_settings(
             "LoRAConfig", self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights
         )
@@ -72,6 +83,13 @@ class LoRAConfig:
 
 
 LoraConfig = LoRAConfig  # PEFT's spelling
+
+
+def is_target(target_modules, path: str) -> bool:
+    """PEFT's rule for a list of targets: a module is adapted when its path is one of them
+    or ends with ``"." + target``, so a leaf name (``"q_proj"``), a suffix
+    (``"attn.q_proj"``) and a full path (``"blocks.0.attn.q_proj"``) all work."""
+    return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
 def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weights) -> None:
@@ -142,14 +160,18 @@ class LoRALinear(Linear):
         super().__init__(
             in_features, out_features, bias, dtype=dtype, device=device, generator=generator
         )
+        # checked before any random draw, so a refused layer leaves the generator alone
         check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
-        check_rank(r, self.weight.shape, "this LoRALinear")
+        check_rank(r, self.weight.shape, "this LoRALinear")  # (from_linear allows more)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
 
     @classmethod
     def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
-        """Wrap an existing ``Linear``: the same weight and bias objects, plus the adapter."""
-        check_rank(config.r, linear.weight.shape, "the wrapped Linear")
+        """Wrap an existing ``Linear``: the same weight and bias objects, plus the adapter.
+
+        ``config.r`` may exceed min(out, in), as PEFT allows (a loaded adapter may): the
+        extra rank adds parameters, not expressiveness. ``apply_lora`` refuses it for a
+        new adapter."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(linear))  # shares weight/bias (no copy), keeps training mode
         layer._init_lora(
@@ -185,12 +207,15 @@ class LoRALinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
+            # Inference (eval mode, or no_grad) on merged weights is what merging is for.
+            # A training-mode forward that records gradients would train nothing: the
+            # gradient cannot reach lora_A/lora_B through the merged weight.
             adapters_train = self.lora_A.requires_grad or self.lora_B.requires_grad
-            if adapters_train and is_grad_enabled():
+            if self.training and adapters_train and is_grad_enabled():
                 raise RuntimeError(
                     "this LoRALinear is merged (its weight already contains s·B·A), so a "
                     "gradient would not reach lora_A/lora_B; call unmerge() before training, "
-                    "or run inference under no_grad()"
+                    "or call eval() (or use no_grad()) for inference"
                 )
             return F.linear(x, self.weight, self.bias)
         if self.disable_adapters:
@@ -262,32 +287,52 @@ def lora_layers(model: Module):
 
 
 def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
-    """Replace every ``Linear`` whose leaf name is in ``config.target_modules`` by a
-    ``LoRALinear`` wrapping it, then freeze all but the adapters (and biases per
-    ``config.bias``). Returns the replaced module paths.
+    """Replace every ``Linear`` that ``config.target_modules`` names (a leaf name, a
+    suffix or a full path, see :func:`is_target`) by a ``LoRALinear`` wrapping it, then
+    freeze all but the adapters (and biases per ``config.bias``). Returns the replaced
+    module paths.
 
-    Raises ``ValueError`` listing the available names when a target matches nothing.
+    Raises ``ValueError``, changing nothing, when a target matches nothing (listing the
+    available names), when a rank exceeds a layer's min(out, in), or when a target
+    already has a LoRA layer (minilora keeps one adapter per layer).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    adapted = [p for p, _ in lora_layers(model) if is_target(config.target_modules, p)]
+    if adapted:
+        raise ValueError(
+            f"apply_lora: {adapted} already have LoRA layers and minilora keeps one adapter "
+            "per layer; nothing was changed. To train a new adapter on top of this one, "
+            "call minilora.merge_and_unload(model) first"
+        )
     linears = [(path, m) for path, m in model.named_modules() if type(m) is Linear and path]
-    available = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
-    unmatched = [t for t in config.target_modules if t not in available]
+    unmatched = [t for t in config.target_modules if not any(is_target([t], p) for p, _ in linears)]
     if unmatched:
+        available = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
         raise ValueError(
             f"target_modules {unmatched} match no Linear layer in the model; available "
             f"names: {available}"
         )
-    chosen = [(p, m) for p, m in linears if p.rsplit(".", 1)[-1] in config.target_modules]
+    chosen = [(p, m) for p, m in linears if is_target(config.target_modules, p)]
     for path, m in chosen:  # check every rank first, so a bad config changes nothing
         check_rank(config.r, m.weight.shape, path)
-    for path, m in chosen:
+    return add_lora_layers(model, [p for p, _ in chosen], config, generator)
+
+
+def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generator=None):
+    """Wrap the ``Linear`` at each path in a ``LoRALinear`` and mark only the adapters
+    (and biases per ``config.bias``) trainable; no checks (:func:`apply_lora` checks
+    first, ``load_adapter`` checks against the file). Returns ``paths``."""
+    for path in paths:
         parent_path, _, name = path.rpartition(".")
+        linear = model.get_submodule(path)
         setattr(
-            model.get_submodule(parent_path), name, LoRALinear.from_linear(m, config, generator)
+            model.get_submodule(parent_path),
+            name,
+            LoRALinear.from_linear(linear, config, generator),
         )
     mark_only_lora_as_trainable(model, config.bias)
-    return [p for p, _ in chosen]
+    return paths
 
 
 def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:

@@ -106,12 +106,20 @@ class Module:
             problems.append(f"missing keys: {missing}")
         if strict and unexpected:
             problems.append(f"unexpected keys: {unexpected}")
-        if problems:
-            raise ValueError("load_state_dict refused the state dict:\n  " + "\n  ".join(problems))
-        for name in set(params) & set(state):
+        # Cast and move every array before assigning any, so that an array that cannot be
+        # cast (strings, objects) leaves every parameter as it was.
+        arrays = {}
+        for name in sorted(set(params) & set(state)):
             p = params[name]
             data = state[name].data if isinstance(state[name], Tensor) else state[name]
-            p.data = backend.array(data, dtype=p.dtype, device=p.device).copy()
+            try:
+                arrays[name] = backend.array(data, dtype=p.dtype, device=p.device).copy()
+            except (TypeError, ValueError) as e:
+                problems.append(f"{name} cannot be cast to {backend.dtype_name(p.dtype)}: {e}")
+        if problems:
+            raise ValueError("load_state_dict refused the state dict:\n  " + "\n  ".join(problems))
+        for name, array in arrays.items():
+            params[name].data = array
 
     # ---- modes and devices ----------------------------------------------------------
 

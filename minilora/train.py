@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,28 @@ from minilora import backend
 from minilora.autograd import no_grad
 from minilora.data import exact_match
 from minilora.optim import Optimizer, clip_grad_norm_
+
+LOG_INTERVAL = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
+class ProgressLog:
+    """Progress for a log file: when stderr is not a terminal, a tqdm bar would write a
+    carriage-return update many times a second (131 KB for one run), so instead print one
+    plain line every ``LOG_INTERVAL`` seconds, and one at the end."""
+
+    def __init__(self, desc: str, steps: int):
+        self.desc, self.steps = desc, steps
+        self.last = time.monotonic()
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self.last >= LOG_INTERVAL or step == self.steps:
+            self.last = now
+            print(
+                f"{self.desc}: step {step}/{self.steps}, loss {loss:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,6 +67,8 @@ def train(
     steps (and at the end) ``eval_fn()`` adds its metrics to the history.
     ``lr_schedule(step)`` gives a factor applied to every group's initial learning rate.
     A NaN or infinite loss raises :class:`NonFiniteLossError` naming the step.
+    ``progress`` shows a bar on a terminal and a line every few seconds in a log
+    (:class:`ProgressLog`).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r} must be a non-negative integer")
@@ -51,7 +76,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     history: list[dict] = []
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not (progress and on_terminal), leave=False)
+    log = ProgressLog(desc, steps) if progress and not on_terminal else None
     for step in bar:
         x, y = get_batch(step)
         if lr_schedule is not None:
@@ -76,6 +103,8 @@ def train(
             model.train()
         history.append(record)
         bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{x.size / dt:,.0f}")
+        if log is not None:
+            log.update(step, value)
     return history
 
 

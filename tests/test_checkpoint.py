@@ -12,10 +12,14 @@ What is promised, and tested here:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import hashlib
 import json
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,7 +43,9 @@ IDX = np.array([[1, 2, 3, 4], [7, 0, 5, 6]], dtype=np.int64)
 # --------------------------------------------------------------------------------------
 
 
-tiny_gpt = functools.partial(make_gpt, TINY_2x2)  # tiny_gpt(seed, dtype, **changes)
+# TINY_2x2 cut to one layer: the adapter-format tests name blocks.0 as "every layer"
+CONFIG = dataclasses.replace(TINY_2x2, n_layer=1)
+tiny_gpt = functools.partial(make_gpt, CONFIG)  # tiny_gpt(seed, dtype, **changes)
 
 
 def logits(model) -> np.ndarray:
@@ -56,7 +62,7 @@ def train_lora(model, config: ml.LoRAConfig, steps: int = 3):
     rng = np.random.default_rng(0)
     model.train()
     for _ in range(steps):
-        idx = rng.integers(0, TINY_2x2.vocab_size, size=(2, 4))
+        idx = rng.integers(0, CONFIG.vocab_size, size=(2, 4))
         _, loss = model(idx, targets=np.roll(idx, -1, axis=1))
         opt.zero_grad()
         loss.backward()
@@ -454,7 +460,7 @@ def test_adapter_round_trip_into_a_fresh_base_gives_identical_logits(tmp_path, b
 def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lora_config):
     tensors, config = adapter_parts(adapter_dir)
     expected = {}
-    for i in range(TINY_2x2.n_layer):
+    for i in range(CONFIG.n_layer):
         for path in (f"blocks.{i}.attn.q_proj", f"blocks.{i}.attn.v_proj"):
             expected[f"base_model.model.{path}.lora_A.weight"] = (2, 8)  # (r, in)
             expected[f"base_model.model.{path}.lora_B.weight"] = (8, 2)  # (out, r)
@@ -486,7 +492,9 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
         "alpha_pattern": {},
     }
     header, _ = split((adapter_dir / "adapter_model.safetensors").read_bytes())
-    assert header["__metadata__"] == {"format": "pt"}  # what PEFT writes
+    # "format": "pt" is what PEFT writes; the digest binds the weights to this config
+    config_digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes()).hexdigest()
+    assert header["__metadata__"] == {"format": "pt", checkpoint.CONFIG_DIGEST_KEY: config_digest}
 
 
 def test_kaiming_init_is_written_as_peft_true_and_read_back(tmp_path):
@@ -501,7 +509,7 @@ def test_kaiming_init_is_written_as_peft_true_and_read_back(tmp_path):
 
 def test_adapter_bias_keys_follow_config_bias(tmp_path):
     # "lora_only": each block's fc1; "all": per block ln1, q/k/v/o, ln2, fc1, fc2, then ln_f
-    L = TINY_2x2.n_layer
+    L = CONFIG.n_layer
     for bias, count in (("lora_only", L), ("all", 8 * L + 1)):
         config = ml.LoRAConfig(r=2, target_modules=["fc1"], bias=bias)
         model = tiny_gpt()
@@ -557,11 +565,15 @@ def test_adapter_loads_into_a_model_with_matching_lora_layers(adapter_dir, train
     np.testing.assert_array_equal(logits(model), logits(trained[1]))
 
 
-def test_unknown_config_keys_are_ignored_and_string_targets_accepted(tmp_path, adapter_dir):
+def test_harmless_and_unset_config_keys_are_accepted_and_string_targets_accepted(
+    tmp_path, adapter_dir
+):
     tensors, config = adapter_parts(adapter_dir)
     tensors = {k: v for k, v in tensors.items() if "q_proj" in k}
-    unknown = {"megatron_config": None, "eva_config": {"x": 1}, "future_option": [1, 2]}
-    config.update(target_modules="q_proj", **unknown)
+    # known harmless whatever their value (init-only, bookkeeping), or unknown but unset
+    harmless = {"eva_config": {"x": 1}, "peft_version": "0.21.2", "megatron_core": "m.core"}
+    unset = {"megatron_config": None, "future_option": [], "lora_bias": False}
+    config.update(target_modules="q_proj", **harmless, **unset)
     for key in ("use_dora", "rank_pattern", "lora_dropout", "init_lora_weights"):
         del config[key]  # optional: PEFT's defaults apply
     loaded = load_adapter(tiny_gpt(), write_adapter(tmp_path / "a", tensors, config))
@@ -655,7 +667,7 @@ def test_targets_the_model_lacks_or_a_rank_too_large_are_refused(tmp_path, adapt
     assert_refused(model, folder, "['qkv'] match no Linear", "available names")
     assert not lora_layers(model)
     folder = write_adapter(tmp_path / "r", tensors, {**config, "r": 9})
-    assert_refused(model, folder, "larger than min(out, in)=8")
+    assert_refused(model, folder, "config says r=9 but lora_A for blocks.0.attn.q_proj")
 
 
 BAD_CONFIGS = {
@@ -689,6 +701,215 @@ def test_bad_adapter_config_is_refused_naming_the_field(tmp_path, adapter_dir, c
     text = assert_refused(model, folder, message)
     assert "adapter_config.json" in text
     assert not lora_layers(model)
+
+
+# PEFT options that change what an adapter computes: refused unless minilora implements
+# them, naming the option (activated LoRA applied to every token differed by 38%).
+SET_OPTIONS = {
+    "alora_invocation_tokens": [1, 2],
+    "lora_bias": True,
+    "exclude_modules": ["blocks.0.attn.v_proj"],
+    "target_parameters": ["blocks.0.mlp.fc1.weight"],
+    "trainable_token_indices": [3],
+    "use_bdlora": {"block_size": 2},
+    "layer_replication": [[0, 1]],
+    "use_qalora": True,
+    "megatron_config": {"tensor_parallel": 2},
+    "ensure_weight_tying": True,
+    "an_option_of_a_future_peft": 1,
+}
+
+
+@pytest.mark.parametrize("key, value", SET_OPTIONS.items(), ids=SET_OPTIONS.keys())
+def test_an_option_minilora_does_not_implement_is_refused_naming_it(
+    tmp_path, adapter_dir, key, value
+):
+    tensors, config = adapter_parts(adapter_dir)
+    folder = write_adapter(tmp_path / "a", tensors, {**config, key: value})
+    model = tiny_gpt()
+    assert_refused(model, folder, f"{key}={value!r} is not supported by minilora")
+    assert not lora_layers(model)
+
+
+def load_changed(tmp_path, adapter_dir, trained, tensors=None, **changes) -> ml.LoRAConfig:
+    """Load the adapter with its config changed into a copy of the base, and check that
+    the logits are the trained model's."""
+    original, config = adapter_parts(adapter_dir)
+    folder = write_adapter(
+        tmp_path / "a", original if tensors is None else tensors, {**config, **changes}
+    )
+    model = copy.deepcopy(trained[0])
+    loaded = load_adapter(model, folder)
+    np.testing.assert_array_equal(logits(model), logits(trained[1]))
+    return loaded
+
+
+PLAIN_LORA = {
+    "init false": {"init_lora_weights": False},
+    "init orthogonal": {"init_lora_weights": "orthogonal"},
+    "rank pattern equal to r": {"rank_pattern": {"q_proj": 2, "v_proj": 2}},
+    "alpha pattern equal to alpha": {"alpha_pattern": {"v_proj": 4}},
+    "every layer, by pattern": {"layers_to_transform": [0], "layers_pattern": "blocks"},
+    "every layer, an int": {"layers_to_transform": 0, "layers_pattern": ["blocks"]},
+    "full paths": {"target_modules": ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"]},
+    "suffixes": {"target_modules": ["attn.q_proj", "attn.v_proj"]},
+    "a regex": {"target_modules": r"blocks\.\d+\.attn\.(q|v)_proj"},
+}
+
+
+@pytest.mark.parametrize("changes", PLAIN_LORA.values(), ids=PLAIN_LORA.keys())
+def test_plain_lora_in_any_peft_spelling_loads(tmp_path, adapter_dir, trained, changes):
+    loaded = load_changed(tmp_path, adapter_dir, trained, **changes)
+    assert (loaded.r, loaded.lora_alpha) == (2, 4)
+
+
+def test_a_regex_target_becomes_the_full_paths_it_matches(tmp_path, adapter_dir, trained):
+    loaded = load_changed(tmp_path, adapter_dir, trained, target_modules=r".*\.(q|v)_proj")
+    assert loaded.target_modules == ["blocks.0.attn.q_proj", "blocks.0.attn.v_proj"]
+
+
+def test_all_linear_adapts_every_linear_layer_and_lm_head_only_if_the_file_does(tmp_path):
+    base = tiny_gpt(seed=1)
+    linears = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    for targets, head in ((linears, False), ([*linears, "lm_head"], True)):
+        config = ml.LoRAConfig(r=2, lora_alpha=4, target_modules=targets)
+        model = train_lora(copy.deepcopy(base), config)
+        save_adapter(model, tmp_path / "a", config)
+        tensors, raw = adapter_parts(tmp_path / "a")
+        folder = write_adapter(tmp_path / "b", tensors, {**raw, "target_modules": "all-linear"})
+        loaded_model = copy.deepcopy(base)
+        loaded = load_adapter(loaded_model, folder)
+        assert ("lm_head" in loaded.target_modules) == head
+        assert len(lora_layers(loaded_model)) == len(targets)
+        np.testing.assert_array_equal(logits(loaded_model), logits(model))
+
+
+PARTLY_LORA = {
+    "rank pattern": ({"rank_pattern": {"v_proj": 4}}, "rank_pattern={'v_proj': 4}"),
+    "alpha pattern": ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern={'q_proj': 8}"),
+    "some layers": (
+        {"layers_to_transform": [1], "layers_pattern": "blocks"},
+        "layers_to_transform=[1] (layers_pattern='blocks') leaves out",
+    ),
+    # PEFT's default layer regex finds no index in "blocks.0.attn.q_proj": PEFT adapts nothing
+    "no layer found": ({"layers_to_transform": [0]}, "layers_to_transform=[0]"),
+    "layers not indices": ({"layers_to_transform": ["0"]}, "layers_to_transform=['0']"),
+    "regex matches nothing": ({"target_modules": "attn\\..*"}, "matches no Linear layer"),
+    "bad regex": ({"target_modules": "(q_proj"}, "not a valid regular expression"),
+    "init changes the base": ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
+}
+
+
+@pytest.mark.parametrize("change, message", PARTLY_LORA.values(), ids=PARTLY_LORA.keys())
+def test_what_is_not_plain_lora_is_refused_naming_the_option(
+    tmp_path, adapter_dir, change, message
+):
+    tensors, config = adapter_parts(adapter_dir)
+    folder = write_adapter(tmp_path / "a", tensors, {**config, **change})
+    model = tiny_gpt()
+    assert_refused(model, folder, message)
+    assert not lora_layers(model)
+
+
+def test_a_rank_above_min_out_in_loads_as_in_peft(tmp_path, adapter_dir, trained):
+    tensors, config = adapter_parts(adapter_dir)
+    rng = np.random.default_rng(0)
+    shapes = {"lora_A": (9, 8), "lora_B": (8, 9)}  # r=9 > min(out, in)=8
+    big = {k: rng.normal(0, 0.3, shapes[k.split(".")[-2]]).astype(np.float32) for k in tensors}
+    folder = write_adapter(tmp_path / "a", big, {**config, "r": 9})
+    model = copy.deepcopy(trained[0])
+    load_adapter(model, folder)
+    q = model.get_submodule("blocks.0.attn.q_proj")
+    assert q.lora_A.shape == (9, 8) and q.lora_B.shape == (8, 9)
+    unmerged = logits(model)
+    merge_lora(model)
+    np.testing.assert_allclose(logits(model), unmerged, rtol=1e-5, atol=1e-6)
+
+
+def to_bfloat16_bytes(tensors: dict) -> bytes:
+    """A safetensors file of bfloat16 tensors (the top half of each float32)."""
+    header, body, offset = {}, b"", 0
+    for name in sorted(tensors):
+        bits = (tensors[name].astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(bits)],
+        }
+        body, offset = body + bits, offset + len(bits)
+    return join(header, body)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_adapters_are_upcast_with_a_warning(tmp_path, adapter_dir, dtype):
+    tensors, config = adapter_parts(adapter_dir)
+    # values that both formats hold exactly, so the upcast loses nothing
+    exact = {k: (v * 64).round().astype(np.float32) / 64 for k, v in tensors.items()}
+    if dtype == "float16":
+        folder = write_adapter(
+            tmp_path / "a", {k: v.astype(np.float16) for k, v in exact.items()}, config
+        )
+    else:
+        folder = write_adapter(tmp_path / "a", to_bfloat16_bytes(exact), config)
+    model = tiny_gpt(seed=1)
+    with pytest.warns(UserWarning, match=f"{dtype} tensors; they were upcast to float32"):
+        load_adapter(model, folder)
+    loaded = {n: p.data for n, p in model.named_parameters()}
+    for key, value in exact.items():
+        np.testing.assert_array_equal(loaded[checkpoint._param_name(key)], value, err_msg=key)
+
+
+def test_a_model_file_in_bfloat16_is_still_refused(tmp_path, model_bytes):
+    tensors = safetensors.numpy.load(model_bytes)
+    header, _ = split(model_bytes)
+    data = split(to_bfloat16_bytes(tensors))
+    data[0]["__metadata__"] = header["__metadata__"]
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(join(*data))
+    with pytest.raises(ValueError, match="BF16"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, adapter_dir, model_bytes, bad):
+    tensors, config = adapter_parts(adapter_dir)
+    key = "base_model.model.blocks.0.attn.v_proj.lora_B.weight"
+    tensors[key][1, 0] = bad
+    folder = write_adapter(tmp_path / "a", tensors, config)
+    assert_refused(tiny_gpt(), folder, f"NaN or infinite values in {key}")
+    model = safetensors.numpy.load(model_bytes)
+    model["ln_f.bias"][3] = bad
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(safetensors.numpy.save(model, metadata=split(model_bytes)[0]["__metadata__"]))
+    with pytest.raises(ValueError, match="NaN or infinite values in ln_f.bias"):
+        load_model(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_devices_and_pipes_are_refused_before_reading(tmp_path, adapter_dir):
+    # /dev/zero never ends and a pipe blocks: both would hang or exhaust memory if read
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_model("/dev/zero")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_model(fifo)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_config.json").symlink_to("/dev/zero")
+    (folder / "adapter_model.safetensors").write_bytes(
+        (adapter_dir / "adapter_model.safetensors").read_bytes()
+    )
+    assert_refused(tiny_gpt(), folder, "not a regular file")
+
+
+def test_loaded_models_are_in_eval_mode_as_from_pretrained(tmp_path, adapter_dir, model_bytes):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(model_bytes)
+    assert not any(m.training for m in load_model(path).modules())
+    model = tiny_gpt(seed=1).train()
+    load_adapter(model, adapter_dir)
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", '"LORA"', "\xff\xfe", "[" * 100_000])
@@ -889,6 +1110,109 @@ def test_interrupted_save_adapter_keeps_both_previous_files(
         save_adapter(model, folder, lora_config)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp files
+
+
+# A save of an adapter killed between its two file replacements: the process dies (no
+# finally, no cleanup) right after the weights replaced their predecessor. The new adapter
+# has the same shapes and another lora_alpha, so new weights beside the old config would
+# load as a different model.
+KILLED_SAVE = """
+import os, sys
+import minilora as ml
+from minilora import checkpoint
+from minilora.lora import lora_layers
+
+folder, step = sys.argv[1], sys.argv[2]
+ml.manual_seed(0)
+model = ml.GPT(ml.GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=2, n_embd=8))
+alpha = 4 if step == "old" else 16
+config = ml.LoRAConfig(r=2, lora_alpha=alpha, target_modules=["q_proj", "v_proj"])
+ml.apply_lora(model, config)
+for _, layer in lora_layers(model):
+    layer.lora_B.data += 1.0 if step == "old" else 2.0
+if step == "killed":
+    real_replace = os.replace
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        os._exit(9)  # killed after the first replacement
+
+    os.replace = replace
+checkpoint.save_adapter(model, folder, config)
+"""
+
+
+def save_in_a_process(folder: Path, step: str) -> int:
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_SAVE, str(folder), step], timeout=120
+    ).returncode
+
+
+def test_a_save_killed_between_its_two_replacements_is_refused_then_cleaned_up(tmp_path):
+    folder = tmp_path / "adapter"
+    assert save_in_a_process(folder, "old") == 0
+    old_config = (folder / "adapter_config.json").read_bytes()
+    assert save_in_a_process(folder, "killed") == 9
+    assert (folder / "adapter_config.json").read_bytes() == old_config  # torn: new weights
+    temps = leftovers(folder, {"adapter_config.json", "adapter_model.safetensors"})
+    assert len(temps) == 1 and temps[0].startswith(".adapter_config.json.minilora-tmp-")
+    model = tiny_gpt()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="is not the config that was saved with") as info:
+        load_adapter(model, folder)
+    assert "save the adapter again" in str(info.value)
+    assert snapshot(model) == before
+    assert save_in_a_process(folder, "new") == 0  # the next save removes the leftovers
+    assert leftovers(folder, {"adapter_config.json", "adapter_model.safetensors"}) == []
+    assert load_adapter(tiny_gpt(), folder).lora_alpha == 16
+
+
+def test_a_save_removes_temporaries_of_its_own_destination_only(tmp_path):
+    stale = [tmp_path / ".m.safetensors.minilora-tmp-abc123", tmp_path / ".x.minilora-tmp-1"]
+    for path in stale:
+        path.write_bytes(b"left by a killed save")
+    save_model(tiny_gpt(), tmp_path / "m.safetensors")
+    assert leftovers(tmp_path, {"m.safetensors"}) == [".x.minilora-tmp-1"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX symbolic links")
+def test_a_save_onto_a_symlink_writes_through_to_its_target(tmp_path, trained, lora_config):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "model.safetensors"
+    save_model(tiny_gpt(seed=1), target)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    save_model(tiny_gpt(seed=2), link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    np.testing.assert_array_equal(logits(load_model(target)), logits(tiny_gpt(seed=2)))
+    assert leftovers(tmp_path, {"real", "link.safetensors"}) == []
+    assert leftovers(tmp_path / "real", {"model.safetensors"}) == []
+    # an adapter folder whose config is a link to a shared file
+    folder = tmp_path / "adapter"
+    save_adapter(trained[1], folder, lora_config)
+    shared = tmp_path / "real" / "config.json"
+    (folder / "adapter_config.json").rename(shared)
+    (folder / "adapter_config.json").symlink_to(shared)
+    save_adapter(trained[1], folder, lora_config)
+    assert (folder / "adapter_config.json").is_symlink()
+    np.testing.assert_array_equal(
+        logits(load_adapter_into_base(trained, folder)), logits(trained[1])
+    )
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX pipes")
+def test_a_save_onto_a_device_or_pipe_is_refused_and_leaves_it(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file; refusing to replace it"):
+        save_model(tiny_gpt(), fifo)
+    assert fifo.is_fifo() and leftovers(tmp_path, {"pipe.safetensors"}) == []
+
+
+def load_adapter_into_base(trained, folder: Path):
+    model = copy.deepcopy(trained[0])
+    load_adapter(model, folder)
+    return model
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")

@@ -2,12 +2,14 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 
 import minilora as ml
 from minilora import backend, checkpoint, demo
+from minilora import train as train_module
 from minilora.cli import main
 from minilora.data import DigitTasks
 from minilora.train import NonFiniteLossError, train
@@ -105,3 +107,46 @@ def test_shipped_base_model_solves_the_pretraining_tasks_and_not_the_downstream_
         assert low <= acc <= high, (task, acc)
     assert checkpoint.load_model(demo.base_model_path()).config == base.config
     assert np.isfinite(base.lm_head.weight.numpy()).all()
+
+
+def tiny_training(steps: int, progress: bool = True):
+    ml.manual_seed(0)
+    tasks = DigitTasks()
+    model = ml.GPT(
+        ml.GPTConfig(
+            vocab_size=tasks.vocab_size, block_size=tasks.block_size, n_layer=1, n_head=1, n_embd=8
+        )
+    )
+    gen = backend.Generator(0)
+    opt = ml.SGD(model.parameters(), lr=1e-2)
+    return train(model, opt, lambda s: tasks.batch(gen, 4), steps, progress=progress, desc="tiny")
+
+
+def test_progress_in_a_log_is_a_plain_line_every_few_seconds_not_a_bar(monkeypatch, capsys):
+    """stderr is not a terminal here (capsys), as in a log file or a CI job."""
+    tiny_training(5)
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no carriage-return bar updates
+    assert err == f"tiny: step 5/5, loss {err.split('loss ')[-1]}"  # only the final line
+    monkeypatch.setattr(train_module, "LOG_INTERVAL", 0.0)  # every step is "a few seconds"
+    history = tiny_training(3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"tiny: step {h['step']}/3, loss {h['loss']:.4f}" for h in history]
+    tiny_training(3, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    tiny_training(3)
+    err = capsys.readouterr().err
+    assert "\r" in err and "tiny" in err and "step 3/3" not in err
+
+
+def test_finetune_honours_alpha_and_refuses_zero_instead_of_swapping_in_the_default():
+    base = demo.load_base()
+    settings = demo.DemoSettings(steps=1, batch_size=2)
+    config = demo.finetune(base, "lora", settings, 2, progress=False, alpha=0.5)[2]
+    assert config.lora_alpha == 0.5
+    with pytest.raises(ValueError, match="lora_alpha=0"):
+        demo.finetune(base, "lora", settings, 2, progress=False, alpha=0)

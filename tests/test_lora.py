@@ -425,6 +425,56 @@ def test_forward_while_merged_with_grad_in_training_raises():
         np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
+def test_a_merged_model_runs_in_eval_mode_without_no_grad():
+    """As PEFT and loralib allow: model.eval(); model(idx) after merging."""
+    base = make_gpt(TINY, 0)
+    model, _ = adapted(base, LoRAConfig(r=2, target_modules=["q_proj", "fc1"]))
+    randomize_B(model, 0)
+    idx = np.array([[1, 2, 3, 4]])
+    model.eval()
+    unmerged = model(idx)[0].numpy()
+    merge_lora(model)
+    np.testing.assert_allclose(model(idx)[0].numpy(), unmerged, rtol=1e-5, atol=1e-6)
+    model.train()  # training mode with gradients: still refused, it would train nothing
+    with pytest.raises(RuntimeError, match="merged"):
+        model(idx)
+
+
+def test_apply_lora_on_adapted_layers_says_so_and_changes_nothing():
+    base = make_gpt(TINY, 0)
+    model, _ = adapted(base, LoRAConfig(r=2, target_modules=["q_proj"]))
+    before = snapshot(model)
+    for targets in (["q_proj"], ["q_proj", "v_proj"]):
+        with pytest.raises(ValueError, match=r"\['blocks.0.attn.q_proj'\] already have LoRA"):
+            apply_lora(model, LoRAConfig(r=2, target_modules=targets))
+        assert snapshot(model) == before
+
+
+def test_apply_lora_takes_leaf_names_suffixes_and_full_paths_as_peft():
+    base = make_gpt(TINY, 0, n_layer=2)
+    for targets, want in (
+        (["q_proj"], ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj"]),
+        (["attn.q_proj"], ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj"]),
+        (["blocks.1.attn.q_proj", "lm_head"], ["blocks.1.attn.q_proj", "lm_head"]),
+    ):
+        model, paths = adapted(base, LoRAConfig(r=1, target_modules=targets))
+        assert sorted(paths) == want
+    with pytest.raises(ValueError, match=r"\['blocks.2.attn.q_proj'\] match no Linear"):
+        adapted(base, LoRAConfig(r=1, target_modules=["blocks.2.attn.q_proj"]))
+    with pytest.raises(ValueError, match=r"\['ttn.q_proj'\] match no Linear"):
+        adapted(base, LoRAConfig(r=1, target_modules=["ttn.q_proj"]))  # whole names only
+
+
+def test_lora_config_takes_numpy_scalars_as_plain_numbers():
+    config = LoRAConfig(r=np.int64(4), lora_alpha=np.float32(8.0))
+    assert (config.r, config.lora_alpha) == (4, 8.0)
+    assert type(config.r) is int and type(config.lora_alpha) is float
+    assert type(LoRAConfig(lora_alpha=np.int32(16)).lora_alpha) is int
+    for bad in ({"r": np.bool_(True)}, {"r": True}, {"lora_alpha": True}, {"r": np.float64(4)}):
+        with pytest.raises(ValueError):
+            LoRAConfig(**bad)
+
+
 @settings(max_examples=10)
 @given(case=gpt_and_lora(), seed=seeds, dtype=float_dtypes, batch=st.data())
 def test_merge_and_unload_gives_a_plain_model_with_the_merged_logits(case, seed, dtype, batch):

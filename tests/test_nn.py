@@ -229,6 +229,19 @@ def test_state_dict_round_trip_gives_identical_logits(config, seed, dtype, batch
         assert p.dtype == dtype, name
 
 
+def test_load_state_dict_is_all_or_nothing_when_an_array_cannot_be_cast():
+    """A cast that fails on one parameter (here the last in order) must not leave the
+    others overwritten."""
+    config = minilora.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    source, target = make_gpt(config, 0), make_gpt(config, 1)
+    state = source.state_dict()
+    state["tok_emb.weight"] = np.full(state["tok_emb.weight"].shape, "x")  # strings
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="tok_emb.weight cannot be cast to float32"):
+        target.load_state_dict(state)
+    assert snapshot(target) == before
+
+
 def test_load_state_dict_strict_false_loads_the_overlap():
     config = minilora.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
     source, target = make_gpt(config, 0), make_gpt(config, 1)

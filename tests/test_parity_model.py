@@ -415,3 +415,88 @@ def test_sgd_steps_match_torch(dtype, momentum, weight_decay):
     settings_ = dict(lr=0.1, momentum=momentum, weight_decay=weight_decay)
     opt, t_opt = ml.SGD(ours, **settings_), torch.optim.SGD(theirs, **settings_)
     step_both(ours, theirs, opt, t_opt, rng, dtype, steps=3)
+
+
+# PEFT-built adapters with PEFT's options. Plain LoRA in any of PEFT's spellings loads and
+# gives PEFT's logits; an option that changes the computation is refused, naming it.
+PLAIN_PEFT = {
+    "init false": dict(init_lora_weights=False),
+    "init orthogonal": dict(init_lora_weights="orthogonal"),
+    "full paths": dict(target_modules=["blocks.0.attn.q_proj", "blocks.1.mlp.fc2"]),
+    "suffixes": dict(target_modules=["attn.q_proj", "mlp.fc1"]),
+    "regex": dict(target_modules=r"blocks\.1\..*_proj"),
+    "all-linear": dict(target_modules="all-linear"),
+    "rank pattern equal to r": dict(rank_pattern={"q_proj": 2}),
+    "every layer": dict(layers_to_transform=[0, 1], layers_pattern="blocks"),
+    "r above min(out, in)": dict(r=10, lora_alpha=20),  # n_embd is 8
+}
+
+
+def peft_adapter(peft, folder, dtype=None, **options):
+    """A PEFT adapter for the port of ``base_model()``, as if trained, saved to ``folder``;
+    returns PEFT's logits. ``dtype``: save the adapter's tensors in it (bfloat16, float16),
+    rounded first so that PEFT's float32 logits are those of the saved values."""
+    port = TorchGPT(TINY_2x2)
+    load_minilora_state(port, base_model().state_dict())
+    settings = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = peft.get_peft_model(port, peft.LoraConfig(**{**settings, **options}))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # as if trained: B off zero
+                p.normal_(0, 0.3)
+                if dtype is not None:
+                    p.copy_(p.to(dtype).float())
+    model.eval()
+    with torch.no_grad():
+        want = model(torch.tensor(IDX))[0]
+    if dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    model.save_pretrained(folder)
+    return want
+
+
+@pytest.mark.parametrize("options", PLAIN_PEFT.values(), ids=PLAIN_PEFT.keys())
+def test_peft_adapter_with_plain_lora_options_loads_in_minilora(peft, tmp_path, options):
+    want = peft_adapter(peft, tmp_path, **options)
+    model = base_model()
+    checkpoint.load_adapter(model, tmp_path)
+    close(logits_of(model), want, np.float32, "logits", model=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_peft_adapter_is_upcast_and_loads(peft, tmp_path, dtype):
+    want = peft_adapter(peft, tmp_path, dtype=getattr(torch, dtype))
+    model = base_model()
+    with pytest.warns(UserWarning, match=f"{dtype} tensors; they were upcast to float32"):
+        checkpoint.load_adapter(model, tmp_path)
+    close(logits_of(model), want, np.float32, "logits", model=True)
+
+
+REFUSED_PEFT = {
+    "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
+    "lora_bias": dict(lora_bias=True),
+    "exclude_modules": dict(target_modules="all-linear", exclude_modules=["lm_head"]),
+    "use_dora": dict(use_dora=True),
+    "layers_to_transform": dict(layers_to_transform=[1], layers_pattern="blocks"),
+    "rank_pattern": dict(rank_pattern={"v_proj": 4}),
+    "alpha_pattern": dict(alpha_pattern={"q_proj": 16}),
+    "trainable_token_indices": dict(trainable_token_indices={"tok_emb": [1, 2]}),
+}
+
+
+@pytest.mark.parametrize("key, options", REFUSED_PEFT.items(), ids=REFUSED_PEFT.keys())
+def test_peft_adapter_with_an_option_minilora_lacks_is_refused_naming_it(
+    peft, tmp_path, key, options
+):
+    peft_adapter(peft, tmp_path, **options)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[key] == options[key]
+    model = base_model()
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=key) as info:
+        checkpoint.load_adapter(model, tmp_path)
+    assert "nothing was changed" in str(info.value) or "not supported" in str(info.value)
+    assert not lora_layers(model)
+    assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
