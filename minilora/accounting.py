@@ -343,23 +343,39 @@ def param_counts(shape, lora=None) -> dict:
 class StepTrace:
     """What one forward + backward of minilora's engine does, derived without arrays.
 
-    ``records``: one ``(phase, name, flops)`` per matrix product, named as ``functional.py``
-    names them (``"linear"``, ``"linear.dweight"``, ``"lora.dA"``, ``"attention.dq"`` ...),
-    flops counted as ``backend.matmul`` does (2·m·k·n). ``saved``: every floating array the
-    graph keeps for the backward pass (activations, not parameters), key -> elements.
+    ``records``: how many matrix products of each ``(phase, name, flops)``, named as
+    ``functional.py`` names them (``"linear"``, ``"linear.dweight"``, ``"lora.dA"``,
+    ``"attention.dq"`` ...), flops counted as ``backend.matmul`` does (2·m·k·n). ``saved``:
+    every floating array the graph keeps for the backward pass (activations, not
+    parameters), key -> elements.
     """
 
     batch_size: int
     seq_len: int
-    records: list[tuple[str, str, int]] = field(default_factory=list)
+    records: Counter = field(default_factory=Counter)
     saved: dict[str, int] = field(default_factory=dict)
 
     def flops(self, phase: str | None = None, name: str | None = None) -> int:
-        return sum(f for p, n, f in self.records if phase in (None, p) and name in (None, n))
+        return sum(
+            f * count
+            for (p, n, f), count in self.records.items()
+            if phase in (None, p) and name in (None, n)
+        )
 
     def by_name(self, phase: str | None = None) -> Counter:
         """``Counter((name, flops))`` of the products, for comparison with a real count."""
-        return Counter((n, f) for p, n, f in self.records if phase in (None, p))
+        out = Counter()
+        for (p, n, f), count in self.records.items():
+            if phase in (None, p):
+                out[n, f] += count
+        return out
+
+    def add(self, other: StepTrace, copies: int) -> None:
+        """Add ``copies`` times what ``other`` (one Transformer block) computes and saves."""
+        for key, count in other.records.items():
+            self.records[key] += count * copies
+        for key, elements in other.saved.items():
+            self.saved[key] = elements * copies
 
     @property
     def activation_elements(self) -> int:
@@ -404,13 +420,13 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
     linear_train, (ln_w, ln_b), emb_train = _trainability(s, spec)
     lora_drop = spec is not None and spec.lora_dropout > 0
     drop = s.dropout > 0
-    tr = StepTrace(B, T)
+    tr = target = StepTrace(B, T)  # target: where mm and save write (the step, or a block)
 
     def mm(phase, name, flops):
-        tr.records.append((phase, name, flops))
+        target.records[phase, name, flops] += 1
 
     def save(key, elements):
-        tr.saved[key] = elements
+        target.saved[key] = elements
 
     def dropout(key, rg):  # DropoutFunction saves its scaled mask, when it is a node
         if drop and rg:
@@ -487,21 +503,29 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
         x_rg = x_rg or o_rg
         h, h_rg = layer_norm(p + ".ln2", x_rg)
         f, f_rg = linear(p + ".mlp.fc1", "fc1", h, h_rg, C, 4 * C)
-        if f_rg:  # GELU saves dy/dx (N, 4C), computed in its forward
-            save(p + ".mlp.gelu.dydx", N * 4 * C)
+        if f_rg:  # GELU saves one (N, 4C) array: its input (reference) or dy/dx (fast path)
+            save(p + ".mlp.gelu.saved", N * 4 * C)
         _, f_rg = linear(p + ".mlp.fc2", "fc2", p + ".mlp.gelu.out", f_rg, 4 * C, C)
         dropout(p + ".mlp.dropout", f_rg)
         return x_rg or f_rg
 
     x_rg = emb_train  # the embedding sum needs a gradient only if an embedding trains
     dropout("drop", x_rg)
-    for i in range(s.n_layer):
-        x_rg = block(i, x_rg)
+    i = 0
+    while i < s.n_layer:  # constant time in n_layer: at most two kinds of block
+        target = StepTrace(B, T)
+        out_rg = block(i, x_rg)
+        # a block whose input needs a gradient exactly when its output does is followed by
+        # copies of itself (every later block sees the same input): count them at once
+        copies = s.n_layer - i if out_rg == x_rg else 1
+        tr.add(target, copies)
+        x_rg, i = out_rg, i + copies
+    target = tr
     h, h_rg = layer_norm("ln_f", x_rg)
     _, logits_rg = linear("lm_head", "lm_head", h, h_rg, C, V)
     if not logits_rg:  # cannot happen for full fine-tuning or a LoRA spec
         raise ValueError("nothing trains: the loss would not require a gradient")
-    save("loss.probs", N * V)  # SoftmaxCrossEntropy keeps softmax(logits) (N, V)
+    save("loss.saved", N * V)  # SoftmaxCrossEntropy keeps log-probabilities or probabilities
     return tr
 
 

@@ -438,3 +438,16 @@ def test_accepts_minilora_configs():
         shape, LoRASpec(["q_proj", "fc1"], 2, bias="lora_only")
     )
     assert acc.dtype_bytes(np.float16) == acc.dtype_bytes(np.dtype("float16")) == 2
+
+
+def test_the_trace_takes_constant_work_in_the_number_of_layers():
+    """A million layers are two kinds of block counted, not a million walked: the trace of
+    L layers equals L copies of the steady block plus what differs (block 0, the ends)."""
+    spec = LoRASpec(["q_proj", "v_proj"], 4)
+    small, huge = (acc.trace_step(ModelShape(L, 32, 4, 50, 16), spec, 2, 16) for L in (3, 10**6))
+    assert set(huge.records) == set(small.records) and len(huge.saved) == len(small.saved)
+    steady = (
+        acc.trace_step(ModelShape(3, 32, 4, 50, 16), spec, 2, 16).flops()
+        - acc.trace_step(ModelShape(2, 32, 4, 50, 16), spec, 2, 16).flops()
+    )  # what one more layer adds
+    assert huge.flops() == small.flops() + (10**6 - 3) * steady
