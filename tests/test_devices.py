@@ -195,6 +195,14 @@ def test_tensor_to_round_trip(device):
     assert ml.Tensor(d).device == device  # wrapping keeps the device
 
 
+def test_tensor_to_refuses_an_op_output_it_would_cut_from_the_graph():
+    y = ml.Tensor([1.0, 2.0], requires_grad=True) * 2.0  # produced by Mul
+    with pytest.raises(RuntimeError, match=r"to\('standin'\).*leaf.*Mul"):
+        y.to("standin")
+    assert y.to("cpu") is y  # already there: nothing is cut
+    assert y.detach().to("standin").device == "standin"  # a leaf moves
+
+
 def test_module_to_moves_parameters_and_gradients_in_place(device):
     model = tiny_gpt("cpu")
     x, y = batch("cpu")

@@ -10,6 +10,10 @@ whose tests run on both paths.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -93,13 +97,43 @@ def test_fast_op_equals_reference_op(op, dtype, seed, which, data):
 
 
 def test_the_engine_switches_between_paths():
-    previous = F.set_ops("reference")
-    try:
+    assert F.get_ops() == "fast"  # the default
+    with F.use_ops("reference"):
         assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
-        F.set_ops("fast")
-        assert F._use(F.GELU) is fast.GELU
-        assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
-        with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
-            F.set_ops("quick")
-    finally:
-        F.set_ops(previous)
+        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELU
+    assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.GELU
+    assert F._use(F.GELU) is fast.GELU
+    assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
+    with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
+        F.set_ops("quick")
+    assert F.get_ops() == "fast"  # a refused setting changes nothing
+
+
+@pytest.mark.parametrize("value, ops", [("reference", "reference"), ("fast", "fast")])
+def test_minilora_ops_in_the_environment_chooses_the_path(value, ops):
+    code = "import minilora as ml; from minilora import functional as F; "
+    code += (
+        "print(ml.get_ops(), type(F.gelu(ml.Tensor([1.0], requires_grad=True))._ctx).__module__)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "MINILORA_OPS": value},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    expected_module = "minilora.functional" if ops == "reference" else "minilora.fast"
+    assert run.stdout.split() == [ops, expected_module]
+
+
+def test_a_bad_minilora_ops_is_refused_naming_it():
+    run = subprocess.run(
+        [sys.executable, "-c", "import minilora"],
+        env={**os.environ, "MINILORA_OPS": "turbo"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "MINILORA_OPS='turbo' is not one of ('fast', 'reference')" in run.stderr

@@ -837,3 +837,8 @@ def test_apply_lora_init_is_seeded_and_each_layer_gets_its_own_a():
     assert not np.array_equal(sa["blocks.0.attn.q_proj.lora_A"], sa["blocks.0.attn.k_proj.lora_A"])
     gen_a = apply_lora(copy.deepcopy(base), config, generator=backend.Generator(1))
     assert gen_a == ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj"]
+
+
+def test_peft_spelling_loraconfig_is_the_same_class():
+    assert minilora.LoraConfig is LoRAConfig
+    assert minilora.LoraConfig(r=2, target_modules=["q_proj"]).scaling == 4.0  # alpha 8 / r 2
