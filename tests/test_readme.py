@@ -20,41 +20,55 @@ def ci_commands(script: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
+def missing(steps: list[str], lines: list[str]) -> list[str]:
+    """The steps that are not lines of ``lines`` in the given order."""
+    absent, position = [], 0
+    for step in steps:
+        if step in lines[position:]:
+            position = lines.index(step, position) + 1
+        else:
+            absent.append(step)
+    return absent
+
+
 def quick_start_problems(readme: str, script: str) -> list[str]:
     """How .ci/run strays from the README's quick start (an empty list when it does not).
 
     The quick start is two commands, the demo's and the tests', each made of steps joined by
-    ``&&``; every step but the demo's run must be a line of .ci/run, in the README's order; the
-    test command (the last step of the second) must be the only pytest line on the main Python;
-    and a loop over other Pythons may run the second command whole, with ``"$venv"`` for
-    ``.venv`` and ``"$python"`` for ``python3``.
+    ``&&``, each step run from the environment the first step makes, ``.venv``. Every step but
+    the demo's run must be a line of .ci/run, in the README's order (one step a line: ``set -e``
+    ignores a failure inside an ``&&`` list). The test command (the last step) runs once as
+    written, on the main Python; a loop over other Pythons may run the second command's steps
+    again with ``"$python"`` for ``python3`` and ``"$venv"`` for ``.venv``, and pytest in no
+    other way.
     """
     commands = quick_start_commands(readme)
     if len(commands) != 2 or "minilora demo" not in commands[0] or "pytest" not in commands[1]:
         return [f"the quick start must be two commands, the demo's and the tests': {commands}"]
     demo_steps = [step.strip() for step in commands[0].split("&&")]
     test_steps = [step.strip() for step in commands[1].split("&&")]
+    test_command = test_steps[-1]
     problems = []
     for step in demo_steps + test_steps:
         if not step.startswith((".venv/", "python3 ")):
             problems.append(f"{step!r} is not run from the quick start's environment, .venv")
     ci = ci_commands(script)
-    position = -1
-    for step in demo_steps[:-1] + test_steps:
-        if step not in ci[position + 1 :]:
-            problems.append(f".ci/run does not run the quick start's step {step!r} (in order)")
-            continue
-        position = ci.index(step, position + 1)
-    other = [
-        line.replace('"$venv"', ".venv").replace('"$python"', "python3")
-        for line in ci
-        if "pytest" in line and line != test_steps[-1]
-    ]
-    if ci.count(test_steps[-1]) != 1:
-        problems.append(f".ci/run must run the test command {test_steps[-1]!r} exactly once")
-    for line in other:
-        if line != commands[1]:
-            problems.append(f".ci/run runs pytest as {line!r}, not as the quick start does")
+    if ci.count(test_command) != 1:
+        problems.append(f".ci/run must run the test command {test_command!r} once, as written")
+    as_readme = [line.replace('"$venv"', ".venv").replace('"$python"', "python3") for line in ci]
+    runs = [i for i, line in enumerate(as_readme) if "pytest" in line]
+    for i in runs:
+        if as_readme[i] != test_command:
+            problems.append(f".ci/run runs pytest as {ci[i]!r}, not as the quick start does")
+    # each run of the tests comes after the quick start's steps, in order, since the run before
+    previous = -1
+    for i in runs:
+        if ci[i] == test_command:  # the main Python: exactly as written
+            steps, lines = demo_steps[:-1] + test_steps[:-1], ci[previous + 1 : i]
+        else:
+            steps, lines = test_steps[:-1], as_readme[previous + 1 : i]
+        problems += [f"{ci[i]!r} comes before the step {step!r}" for step in missing(steps, lines)]
+        previous = i
     return problems
 
 
@@ -70,10 +84,13 @@ def test_the_quick_start_check_can_fail():
     script = (ROOT / ".ci" / "run").read_text()
     test_command = quick_start_commands(README)[1].split("&&")[-1].strip()
     other_python = '"$venv"/bin/python -m pytest -n 2'
+    other_install = '"$venv"/bin/pip install -e ".[dev]"'
     spoiled = [
         ("CI skips an install step", README, script.replace(".venv/bin/pip install .\n", "")),
         ("CI runs another command", README, script.replace(test_command, "python -m pytest")),
         ("another Python differs", README, script.replace(other_python, other_python + " -x")),
+        ("another Python skips a step", README, script.replace(other_install, "true")),
+        ("an && list", README, script.replace(test_command, "true && " + test_command)),
         ("a global install", README.replace(".venv/bin/pip install .", "pip install ."), script),
     ]
     for what, readme, bad_script in spoiled:
