@@ -211,3 +211,31 @@ def test_readme_links_every_notebook():
     readme = (ROOT / "README.md").read_text()
     for name in EXPECTED:
         assert f"(notebooks/{name})" in readme, name
+
+
+def _linked_notebooks(markdown: str) -> list[str]:
+    """The notebooks a page links to, in the order of their first link."""
+    names = re.findall(r"\]\(notebooks/(\d\d_\w+\.ipynb)\)", markdown)
+    return list(dict.fromkeys(names))
+
+
+def test_the_site_shows_every_notebook_in_teaching_order():
+    """The home page, the start page and the site's menu list the six notebooks in order.
+
+    docs/hooks.py adds notebooks/ to the site and mkdocs-jupyter executes and renders them,
+    so a link to ``notebooks/NN_name.ipynb`` becomes the notebook's page with its figures.
+    """
+    docs = ROOT / "docs"
+    assert _linked_notebooks((docs / "index.md").read_text()) == EXPECTED
+    assert _linked_notebooks((docs / "start-here.md").read_text()) == EXPECTED
+    mkdocs = (ROOT / "mkdocs.yml").read_text()
+    nav = re.findall(r"^ +- (?:[^:\n]+: )?notebooks/(\S+\.ipynb)$", mkdocs, re.M)
+    assert nav == EXPECTED
+    plugin = mkdocs.split("- mkdocs-jupyter:", 1)[1].split("\n  - ", 1)[0]
+    assert re.search(r"^ +execute: true\b", plugin, re.M), plugin
+    assert re.search(r"^ +allow_errors: false\b", plugin, re.M), plugin
+
+
+def test_the_order_check_can_fail():
+    out_of_order = "".join(f"[n](notebooks/{name}) " for name in reversed(EXPECTED))
+    assert _linked_notebooks(out_of_order) != EXPECTED
