@@ -560,18 +560,7 @@ class LoRALinearFunction(Function):
         self.s = float(scaling)
 
     def forward(self, x, weight, bias, lora_A, lora_B, x_lora=None):
-        _check_linear_shapes("lora_linear", x, weight, bias)
-        r = lora_A.shape[0]
-        if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
-            raise ValueError(
-                f"lora_linear: lora_A has shape {tuple(lora_A.shape)} and lora_B "
-                f"{tuple(lora_B.shape)}; for weight {tuple(weight.shape)} expected "
-                f"({r}, {weight.shape[1]}) and ({weight.shape[0]}, {r})"
-            )
-        if x_lora is not None and x_lora.shape != x.shape:
-            raise ValueError(
-                f"lora_linear: x_lora has shape {tuple(x_lora.shape)}, expected {tuple(x.shape)}"
-            )
+        _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora)
         self.x_shape = x.shape
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         d2 = x2 if x_lora is None else x_lora.reshape(x2.shape)  # (N, in) bypass input
@@ -612,6 +601,21 @@ class LoRALinearFunction(Function):
         if need_d:
             dd = dbypass.reshape(self.x_shape)
         return dx, dw, db, dA, dB, dd
+
+
+def _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora) -> None:
+    _check_linear_shapes("lora_linear", x, weight, bias)
+    r = lora_A.shape[0]
+    if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
+        raise ValueError(
+            f"lora_linear: lora_A has shape {tuple(lora_A.shape)} and lora_B "
+            f"{tuple(lora_B.shape)}; for weight {tuple(weight.shape)} expected "
+            f"({r}, {weight.shape[1]}) and ({weight.shape[0]}, {r})"
+        )
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(
+            f"lora_linear: x_lora has shape {tuple(x_lora.shape)}, expected {tuple(x.shape)}"
+        )
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) -> Tensor:
