@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "minilora"
 README = (ROOT / "README.md").read_text()
@@ -279,8 +277,10 @@ def test_the_test_stand_in_device_is_not_named_in_the_package():
 
 
 def test_every_noqa_names_a_rule_ruff_checks():
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["lint"]
-    selected = tuple(config["select"])
+    pyproject = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+)
+    select = re.search(r"^select = \[(.*?)\]", pyproject, re.M).group(1)
+    selected = tuple(re.findall(r'"([A-Z]+)"', select))
+    assert "E" in selected and "F" in selected, selected  # the list was read
     unchecked = []
     for folder in ("minilora", "tests", "examples", "benchmarks"):
         for path in sorted((ROOT / folder).rglob("*.py")):
