@@ -97,16 +97,16 @@ def test_fast_op_equals_reference_op(op, dtype, seed, which, data):
 
 
 def test_the_engine_switches_between_paths():
-    assert F.get_ops() == "fast"  # the default
-    with F.use_ops("reference"):
-        assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
-        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELU
-    assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.GELU
-    assert F._use(F.GELU) is fast.GELU
-    assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
-    with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
-        F.set_ops("quick")
-    assert F.get_ops() == "fast"  # a refused setting changes nothing
+    with F.use_ops("fast"):
+        with F.use_ops("reference"):
+            assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
+            assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELU
+        assert F.get_ops() == "fast"  # put back
+        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.GELU
+        assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
+        with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
+            F.set_ops("quick")
+        assert F.get_ops() == "fast"  # a refused setting changes nothing
 
 
 @pytest.mark.parametrize("value, ops", [("reference", "reference"), ("fast", "fast")])
