@@ -236,6 +236,8 @@ LAYERS = [
     "checkpoint",
     "vectors",
     "demo",
+    "assignments",
+    "grading",
     "cli",
 ]
 
