@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -44,14 +45,15 @@ from minilora import (
     autograd,
     backend,
     demo,
+    fast,
     functional,
     lora,
     model,
     optim,
 )
-from minilora import gradcheck as gc
 from minilora.autograd import Tensor
 from minilora.data import DOWNSTREAM_TASK, DigitTasks
+from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.train import evaluate
 
 F = functional
@@ -125,15 +127,13 @@ def expect_close(got, want, what: str, rtol: float = 1e-7, atol: float = 1e-10) 
         )
 
 
-def expect_grads(op: str, fn: Callable, inputs: dict, frozen=(), seed: int = 0) -> None:
+def expect_grads(ctx: Context, op: str, fn: Callable, inputs: dict, frozen=()) -> None:
     """``gradcheck`` of ``fn(*inputs.values())`` (float64, random upstream gradient), with the
     inputs named in the message; ``frozen`` inputs must get no gradient at all."""
-    names = list(inputs)
+    names, seed = list(inputs), ctx.int(0, 2**31 - 1)  # the upstream gradient's
     try:
-        gc.gradcheck(
-            fn, list(inputs.values()), no_grads=[names.index(n) for n in frozen], seed=seed
-        )
-    except gc.GradcheckError as e:
+        gradcheck(fn, list(inputs.values()), no_grads=[names.index(n) for n in frozen], seed=seed)
+    except GradcheckError as e:
         text = str(e)
         for i, n in enumerate(names):
             text = text.replace(f"input {i} ", f"d{n} ", 1) if f"input {i} " in text else text
@@ -174,7 +174,7 @@ def _binary_grads(ctx: Context, name: str, fn) -> None:
         if ctx.int(0, 1):
             shapes.reverse()
         a, b = ctx.normal(*shapes[0]), ctx.normal(*shapes[1])
-        expect_grads(f"{name} of shapes {shapes[0]} and {shapes[1]}", fn, {"a": a, "b": b})
+        expect_grads(ctx, f"{name} of shapes {shapes[0]} and {shapes[1]}", fn, {"a": a, "b": b})
 
 
 def check_add_mul(ctx: Context) -> None:
@@ -186,7 +186,7 @@ def check_matmul(ctx: Context) -> None:
     m, k, n = ctx.int(1, 4), ctx.int(1, 4), ctx.int(1, 4)
     for sa, sb in [((m, k), (k, n)), ((ctx.int(2, 3), m, k), (k, n)), ((2, m, k), (2, k, n))]:
         a, b = ctx.normal(*sa), ctx.normal(*sb)
-        expect_grads(f"matmul of shapes {sa} and {sb}", F.matmul, {"a": a, "b": b})
+        expect_grads(ctx, f"matmul of shapes {sa} and {sb}", F.matmul, {"a": a, "b": b})
 
 
 def check_sum_mean(ctx: Context) -> None:
@@ -198,6 +198,7 @@ def check_sum_mean(ctx: Context) -> None:
                 axes.append((0, len(shape) - 1))
             axis, keepdims = axes[ctx.int(0, len(axes) - 1)], bool(ctx.int(0, 1))
             expect_grads(
+                ctx,
                 f"{op.__name__}(shape {shape}, axis={axis}, keepdims={keepdims})",
                 lambda x, op=op, axis=axis, keepdims=keepdims: op(x, axis, keepdims),
                 {"x": ctx.normal(*shape)},
@@ -217,7 +218,7 @@ def check_softmax(ctx: Context) -> None:
         x = ctx.normal(*shape)
         expect_close(F.softmax(Tensor(x), axis), _softmax_np(x, axis), f"softmax axis={axis}")
         expect_grads(
-            f"softmax(shape {shape}, axis={axis})", lambda t, a=axis: F.softmax(t, a), {"x": x}
+            ctx, f"softmax(shape {shape}, axis={axis})", lambda t, a=axis: F.softmax(t, a), {"x": x}
         )
 
 
@@ -225,26 +226,26 @@ def check_log_softmax_cross_entropy(ctx: Context) -> None:
     shape = ctx.shape(1, 3)
     axis = ctx.int(-len(shape), len(shape) - 1)
     expect_grads(
+        ctx,
         f"log_softmax(shape {shape}, axis={axis})",
         lambda t: F.log_softmax(t, axis),
         {"x": ctx.normal(*shape)},
     )
-    lead, V = ctx.shape(1, 2), ctx.int(2, 5)
+    lead, V = (ctx.int(2, 4), *ctx.shape(0, 1)), ctx.int(2, 5)  # two rows at least
     logits = ctx.normal(*lead, V)
     targets = ctx.ids(V, *lead)
     targets.reshape(-1)[0] = ctx.int(0, V - 1)  # at least one target counts
-    ignored = targets.size > 1
-    if ignored:
-        targets.reshape(-1)[-1] = -100
+    targets.reshape(-1)[-1] = -100
     t = Tensor(logits, requires_grad=True)
     F.softmax_cross_entropy(t, targets).backward()
-    if ignored and bool((t.grad.reshape(-1, V)[-1] != 0).any()):
+    if bool((t.grad.reshape(-1, V)[-1] != 0).any()):
         raise CheckFailed(
             "softmax_cross_entropy: the last row's target is ignore_index=-100, but its "
             f"dlogits is {t.grad.reshape(-1, V)[-1].round(4).tolist()}, expected all zeros; "
             "ignored rows take no part in the loss (and n counts only the other rows)"
         )
     expect_grads(
+        ctx,
         f"softmax_cross_entropy(logits {logits.shape}, {int((targets == -100).sum())} ignored)",
         lambda z: F.softmax_cross_entropy(z, targets),
         {"logits": logits},
@@ -267,8 +268,11 @@ def check_layer_norm(ctx: Context) -> None:
                 f"{e}; x̂ = (x - μ)/√(σ² + eps) with μ and the biased variance σ² = mean((x - μ)²) "
                 "over the last axis"
             ) from None
-        expect_grads(f"layer_norm(shape {shape})", F.layer_norm, {"x": x, "weight": w, "bias": b})
         expect_grads(
+            ctx, f"layer_norm(shape {shape})", F.layer_norm, {"x": x, "weight": w, "bias": b}
+        )
+        expect_grads(
+            ctx,
             f"layer_norm(shape {shape}) with a frozen weight",
             F.layer_norm,
             {"x": x, "weight": w, "bias": b},
@@ -278,7 +282,7 @@ def check_layer_norm(ctx: Context) -> None:
 
 def check_gelu(ctx: Context) -> None:
     shape = ctx.shape(1, 3)
-    expect_grads(f"gelu(shape {shape})", F.gelu, {"x": ctx.normal(*shape, scale=2.0)})
+    expect_grads(ctx, f"gelu(shape {shape})", F.gelu, {"x": ctx.normal(*shape, scale=2.0)})
 
 
 def check_embedding(ctx: Context) -> None:
@@ -300,6 +304,7 @@ def check_embedding(ctx: Context) -> None:
             "(dW[ids] = g keeps only the last; use np.add.at)"
         )
     expect_grads(
+        ctx,
         f"embedding(ids {ids.shape}, weight ({V}, {C}))",
         lambda w: F.embedding(ids, w),
         {"weight": weight.data},
@@ -308,8 +313,9 @@ def check_embedding(ctx: Context) -> None:
 
 def check_accumulation(ctx: Context) -> None:
     x = ctx.normal(*ctx.shape(1, 2))
-    expect_grads("x * x (x used twice by one op)", lambda t: t * t, {"x": x})
+    expect_grads(ctx, "x * x (x used twice by one op)", lambda t: t * t, {"x": x})
     expect_grads(
+        ctx,
         "h = 2x; h * h + h (h used by three ops)",
         lambda t: (lambda h: h * h + h)(t * 2.0),
         {"x": x},
@@ -359,11 +365,13 @@ def check_attention_forward(ctx: Context) -> None:
 def check_attention_backward(ctx: Context) -> None:
     shape, (q, k, v) = _qkv(ctx)
     expect_grads(
+        ctx,
         f"causal_self_attention(shape {shape})",
         F.causal_self_attention,
         {"q": q, "k": k, "v": v},
     )
     expect_grads(
+        ctx,
         f"causal_self_attention(shape {shape}) with frozen k",
         F.causal_self_attention,
         {"q": q, "k": k, "v": v},
@@ -481,7 +489,7 @@ def _lora_inputs(ctx: Context):
         "bias": ctx.normal(out_f),
         "lora_A": ctx.normal(r, in_f),
         "lora_B": ctx.normal(out_f, r),  # non-zero, so every gradient path shows
-    }, 0.5 + ctx.int(1, 4) / 2
+    }, 0.5 + ctx.int(2, 4) / 2  # never 1: a forgotten scaling must show
 
 
 def check_lora_forward(ctx: Context) -> None:
@@ -507,10 +515,12 @@ def check_lora_backward(ctx: Context) -> None:
     def fn(x, w, b, A, B, d=None):
         return F.lora_linear(x, w, b, A, B, s, d)
 
-    expect_grads(f"lora_linear(x {shape}), frozen weight", fn, inputs, frozen=["weight"])
-    expect_grads(f"lora_linear(x {shape}), all trainable", fn, inputs)
+    expect_grads(ctx, f"lora_linear(x {shape}), frozen weight", fn, inputs, frozen=["weight"])
+    expect_grads(ctx, f"lora_linear(x {shape}), all trainable", fn, inputs)
     with_d = {**inputs, "x_lora": ctx.normal(*shape)}
-    expect_grads(f"lora_linear(x {shape}, x_lora given)", fn, with_d, frozen=["weight", "bias"])
+    expect_grads(
+        ctx, f"lora_linear(x {shape}, x_lora given)", fn, with_d, frozen=["weight", "bias"]
+    )
     node = F.LoRALinearFunction(s)
     x, w, b, A, B = (Tensor(a, requires_grad=n != "weight") for n, a in inputs.items())
     out = node(x, w, b, A, B, None)
@@ -524,7 +534,8 @@ def check_lora_backward(ctx: Context) -> None:
 
 def _lora_layer(ctx: Context):
     in_f, out_f, r = ctx.int(3, 6), ctx.int(3, 6), ctx.int(1, 3)
-    layer = lora.LoRALinear(in_f, out_f, r=r, lora_alpha=float(ctx.int(1, 8)), dtype=f64)
+    alpha = ctx.int(1, 8) + 0.5  # never equal to r: a forgotten scaling must show
+    layer = lora.LoRALinear(in_f, out_f, r=r, lora_alpha=alpha, dtype=f64)
     layer.lora_B.data[...] = ctx.normal(out_f, r)  # as after training
     layer.eval()
     return layer, in_f
@@ -711,7 +722,21 @@ def reference_function(target: str, student_module, reference_root: Path):
     """The reference implementation of ``target``, compiled from the library's source in
     ``reference_root`` and bound to the student's module (its globals, its classes)."""
     module_name, qualname = assignments.split_target(target)
-    path = reference_root / f"{module_name}.py"
+    fcode = _reference_code(reference_root / f"{module_name}.py", qualname)
+    current = _lookup(student_module, qualname)
+    owner_name = qualname.rpartition(".")[0]
+    owner = _lookup(student_module, owner_name) if owner_name else None
+    closure = tuple(types.CellType(owner) for _ in fcode.co_freevars) or None  # super()
+    fn = types.FunctionType(
+        fcode, student_module.__dict__, fcode.co_name, current.__defaults__, closure
+    )
+    fn.__kwdefaults__, fn.__qualname__ = current.__kwdefaults__, qualname
+    return fn
+
+
+@functools.cache
+def _reference_code(path: Path, qualname: str) -> types.CodeType:
+    """The code object of ``qualname``'s ``def`` in the source file ``path``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     node = assignments.find_def(tree, qualname)
     owner_name, _, name = qualname.rpartition(".")
@@ -724,15 +749,9 @@ def reference_function(target: str, student_module, reference_root: Path):
     module = ast.Module(body=[wrapped], type_ignores=[])
     code = compile(ast.fix_missing_locations(module), str(path), "exec")
     class_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
-    fcode = next(
+    return next(
         c for c in class_code.co_consts if isinstance(c, types.CodeType) and c.co_name == name
     )
-    current = _lookup(student_module, qualname)
-    owner = _lookup(student_module, owner_name) if owner_name else None
-    closure = tuple(types.CellType(owner) for _ in fcode.co_freevars) or None
-    fn = types.FunctionType(fcode, student_module.__dict__, name, current.__defaults__, closure)
-    fn.__kwdefaults__, fn.__qualname__ = current.__kwdefaults__, qualname
-    return fn
 
 
 def _lookup(module, qualname: str):
@@ -774,7 +793,8 @@ def describe_error(error: BaseException, student_root: Path) -> str:
     where = ""
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = Path(frame.filename)
-        if path.is_relative_to(student_root):
+        # the innermost line of the student's package, above backend's helpers
+        if path.is_relative_to(student_root) and path.name != "backend.py":
             where = (
                 f" (in {path.relative_to(student_root.parent)}, line {frame.lineno}, {frame.name})"
             )
@@ -793,8 +813,10 @@ def run_task(task, checks, seed: int, student_root: Path) -> list[str]:
             failures.append(str(e))
         except AssertionError as e:  # a hidden test written with assert
             failures.append(f"{check.__name__}: {e}" if str(e) else f"{check.__name__} failed")
-        except Exception as e:  # noqa: BLE001 - whatever the student's code raises is a result
+        except Exception as e:  # whatever the student's code raises is a result
             failures.append(describe_error(e, student_root))
+    if any(not f.startswith("not implemented") for f in failures):
+        failures.append(f"hint: {task.hint}")
     return failures
 
 
@@ -817,6 +839,7 @@ def worker(request: dict) -> dict:
     the assignment, task ids, seed, extra-tests folder and the reference source folder."""
     import minilora  # the student's
 
+    fast.set_num_threads(1)  # small matrices: one BLAS thread is fastest, and fair to others
     student_root = Path(minilora.__file__).resolve().parent
     assignment = assignments.get_assignment(request["assignment"])
     extra = load_extra_checks(request["extra_tests"]) if request["extra_tests"] else {}
@@ -854,7 +877,8 @@ for name in ("gradcheck", "assignments", "grading"):
     spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    setattr(minilora, name, module)
+    if name != "gradcheck":  # minilora.gradcheck is the function; the module is imported by name
+        setattr(minilora, name, module)
     spec.loader.exec_module(module)
 try:
     answer({"results": module.worker(json.loads(Path(request_file).read_text()))})
