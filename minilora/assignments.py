@@ -48,6 +48,7 @@ class Assignment:
     title: str
     tasks: tuple[Task, ...]
     summary: str  # one sentence for the handout and `assignments list`
+    port: bool = False  # graded from a port's reference-vector set, not a minilora package
 
     @property
     def points(self) -> int:
@@ -242,6 +243,33 @@ ASSIGNMENTS: dict[str, Assignment] = {
                 ),
             ),
             "write AdamW so that frozen weights cost no optimizer state, then fine-tune with it",
+        ),
+        Assignment(
+            "a5",
+            "porting: LoRA and the tiny GPT in another framework",
+            _tasks(
+                "a5",
+                (
+                    "linear and the fused LoRA linear",
+                    3,
+                    [],
+                    "outputs and gradients of the cases linear and lora_linear; no dW for W",
+                ),
+                (
+                    "the LoRA layer, α/r and rsLoRA's α/√r",
+                    3,
+                    [],
+                    "the cases lora_layer and lora_layer_rslora: A, B and the scaling",
+                ),
+                (
+                    "the tiny GPT with LoRA",
+                    4,
+                    [],
+                    "the case gpt_lora: module paths as in PEFT, logits, loss and every gradient",
+                ),
+            ),
+            "port the LoRA layer and the tiny GPT, checked by minilora vectors --check",
+            port=True,
         ),
     )
 }

@@ -71,9 +71,10 @@ class CheckFailed(Exception):
 
 @dataclass
 class Context:
-    """Random draws for one check, from the grading seed and the check's name."""
+    """What a check gets: random draws from its seed, and the folder being graded."""
 
     seed: int
+    folder: Path
     gen: backend.Generator = field(init=False)
 
     def __post_init__(self):
@@ -687,6 +688,28 @@ def check_finetune(ctx: Context) -> None:
         )
 
 
+# ======================================================================================
+# a5: porting, graded by the port's reference-vector set
+# ======================================================================================
+
+
+def _port_check(*cases: str) -> Callable[[Context], None]:
+    def check(ctx: Context) -> None:
+        # imported here: vectors computes its cases on import, which a student's package
+        # with stubs cannot do (ports are graded in the caller's process, never a worker)
+        from minilora import vectors
+
+        report = vectors.check_vectors(ctx.folder, cases=cases)
+        bad = report.failures
+        if bad:
+            shown = "; ".join(r.line() for r in bad[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise CheckFailed(f"{len(bad)} of {len(report.results)} tensors wrong: {shown}{more}")
+
+    check.__name__ = f"check_port_{'_'.join(cases)}"
+    return check
+
+
 CHECKS: dict[str, list[Callable[[Context], None]]] = {
     "a1.1": [check_unbroadcast],
     "a1.2": [check_add_mul],
@@ -710,6 +733,9 @@ CHECKS: dict[str, list[Callable[[Context], None]]] = {
     "a3.7": [check_trainable_count],
     "a4.1": [check_adamw],
     "a4.2": [check_finetune],
+    "a5.1": [_port_check("linear", "lora_linear")],
+    "a5.2": [_port_check("lora_layer", "lora_layer_rslora")],
+    "a5.3": [_port_check("gpt_lora")],
 }
 
 
@@ -802,19 +828,19 @@ def describe_error(error: BaseException, student_root: Path) -> str:
     return f"your code raised {type(error).__name__}: {str(error).strip()}{where}"
 
 
-def run_task(task, checks, seed: int, student_root: Path) -> list[str]:
-    """The failure lines of one task's checks (empty: full points)."""
+def run_task(task, checks, seed: int, folder: Path) -> list[str]:
+    """The failure lines of one task's checks on ``folder`` (empty: full points)."""
     failures = []
     for i, check in enumerate(checks):
         try:
             with F.use_ops("reference"):
-                check(Context(seed + 1000 * i))
+                check(Context(seed + 1000 * i, folder))
         except CheckFailed as e:
             failures.append(str(e))
         except AssertionError as e:  # a hidden test written with assert
             failures.append(f"{check.__name__}: {e}" if str(e) else f"{check.__name__} failed")
         except Exception as e:  # whatever the student's code raises is a result
-            failures.append(describe_error(e, student_root))
+            failures.append(describe_error(e, folder / "minilora"))
     if any(not f.startswith("not implemented") for f in failures):
         failures.append(f"hint: {task.hint}")
     return failures
@@ -840,7 +866,7 @@ def worker(request: dict) -> dict:
     import minilora  # the student's
 
     fast.set_num_threads(1)  # small matrices: one BLAS thread is fastest, and fair to others
-    student_root = Path(minilora.__file__).resolve().parent
+    folder = Path(minilora.__file__).resolve().parent.parent
     assignment = assignments.get_assignment(request["assignment"])
     extra = load_extra_checks(request["extra_tests"]) if request["extra_tests"] else {}
     reference_root = Path(request["reference"])
@@ -850,7 +876,7 @@ def worker(request: dict) -> dict:
             continue
         checks = CHECKS[task.id] + extra.get(task.id, [])
         with isolated(assignment, task, reference_root):
-            results[task.id] = run_task(task, checks, request["seed"], student_root)
+            results[task.id] = run_task(task, checks, request["seed"], folder)
     return results
 
 
@@ -872,15 +898,15 @@ found = Path(minilora.__file__).resolve().parent
 if found != (Path(folder).resolve() / "minilora"):
     answer({"error": f"imported minilora from {found}, not from {folder}"})
     sys.exit(0)
-for name in ("gradcheck", "assignments", "grading"):
-    path = Path(reference) / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    if name != "gradcheck":  # minilora.gradcheck is the function; the module is imported by name
-        setattr(minilora, name, module)
-    spec.loader.exec_module(module)
 try:
+    for name in ("gradcheck", "assignments", "grading"):
+        path = Path(reference) / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        if name != "gradcheck":  # minilora.gradcheck is the function; the module is by name
+            setattr(minilora, name, module)
+        spec.loader.exec_module(module)
     answer({"results": module.worker(json.loads(Path(request_file).read_text()))})
 except BaseException as e:
     answer({"error": f"the grader could not run: {type(e).__name__}: {e}"})
@@ -983,19 +1009,43 @@ def grade(
     timeout: float = 900,
 ) -> Report:
     """Grade the ``minilora`` package in ``folder`` on assignment ``name`` (one task with
-    ``task``), in a separate process; ``seed`` None draws a fresh one."""
+    ``task``), in a separate process; ``seed`` None draws a fresh one. For a port (a5),
+    ``folder`` is the port's reference-vector set, checked in this process."""
     assignment = assignments.get_assignment(name)
     tasks = [assignment.task(task)] if task else list(assignment.tasks)
     folder = Path(folder)
+    if extra_tests is not None and not Path(extra_tests).is_dir():
+        raise ValueError(f"--extra-tests {extra_tests} is not a folder")
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    if assignment.port:
+        results = _grade_port(assignment, tasks, seed, folder, extra_tests)
+    else:
+        results = _grade_package(assignment, tasks, seed, folder, extra_tests, timeout)
+    report = [TaskResult(t.id, t.title, t.points, results[t.id]) for t in tasks]
+    return Report(name, str(folder), seed, report)
+
+
+def _grade_port(assignment, tasks, seed: int, folder: Path, extra_tests) -> dict:
+    """A port's vector set, checked in this process against the installed minilora."""
+    if not (folder / "manifest.json").is_file():
+        raise ValueError(
+            f"{folder} has no manifest.json: give the folder of your port's "
+            "reference-vector set (docs/porting.md)"
+        )
+    extra = load_extra_checks(extra_tests) if extra_tests else {}
+    return {
+        t.id: run_task(t, CHECKS[t.id] + extra.get(t.id, []), seed, folder.resolve()) for t in tasks
+    }
+
+
+def _grade_package(assignment, tasks, seed: int, folder: Path, extra_tests, timeout) -> dict:
+    """The student's ``minilora`` package in ``folder``, graded in a process of its own."""
     if not (folder / "minilora" / "__init__.py").is_file():
         raise ValueError(
             f"{folder} has no minilora/ package (expected {folder}/minilora/__init__.py)"
         )
-    if extra_tests is not None and not Path(extra_tests).is_dir():
-        raise ValueError(f"--extra-tests {extra_tests} is not a folder")
-    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     request = {
-        "assignment": name,
+        "assignment": assignment.name,
         "tasks": [t.id for t in tasks],
         "seed": seed,
         "extra_tests": None if extra_tests is None else str(Path(extra_tests).resolve()),
@@ -1014,11 +1064,7 @@ def grade(
             error = f"grading took longer than {timeout:g} s and was stopped"
         answer = json.loads(result_file.read_text()) if error is None else {"error": error}
     results = answer.get("results", {})
-    report = [
-        TaskResult(t.id, t.title, t.points, results.get(t.id, [answer.get("error", "not run")]))
-        for t in tasks
-    ]
-    return Report(name, str(folder), seed, report)
+    return {t.id: results.get(t.id, [answer.get("error", "not run")]) for t in tasks}
 
 
 def _tail(run: subprocess.CompletedProcess) -> str:

@@ -19,11 +19,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import safetensors.numpy
 
-from minilora import assignments, cli, grading
+from minilora import assignments, cli, grading, vectors
 
 PACKAGE = Path(assignments.__file__).resolve().parent
-FAST = {"a1": None, "a2": None, "a3": None, "a4": "a4.1"}  # a4.2 fine-tunes: a slow test
+FAST = {"a1": None, "a2": None, "a3": None, "a4": "a4.1"}  # a4.2 fine-tunes: its own test
+PACKAGES = [name for name, a in assignments.ASSIGNMENTS.items() if not a.port]
 
 
 def reference_copy(folder: Path) -> Path:
@@ -106,7 +108,7 @@ def test_stub_source_keeps_a_method_without_docstring_runnable():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(assignments.ASSIGNMENTS))
+@pytest.mark.parametrize("name", PACKAGES)
 def test_stubs_score_zero_and_each_task_says_not_implemented(tmp_path, name):
     assignments.make_copy(name, tmp_path)
     report = grade(name, tmp_path, FAST[name])
@@ -115,19 +117,35 @@ def test_stubs_score_zero_and_each_task_says_not_implemented(tmp_path, name):
         assert t.failures and t.failures[0].startswith(f"not implemented: Task {t.id}:"), t
 
 
-@pytest.mark.parametrize("name", list(assignments.ASSIGNMENTS))
+@pytest.mark.parametrize("name", PACKAGES)
 def test_the_reference_scores_full_marks(tmp_path, name):
     report = grade(name, reference_copy(tmp_path), FAST[name], seed=None)  # a fresh seed
     assert report.ok, report.format()
     assert report.earned == report.possible > 0
 
 
-@pytest.mark.slow
 def test_the_fine_tune_task_passes_on_the_reference_and_fails_on_the_stub(tmp_path):
     report = grade("a4", reference_copy(tmp_path / "ref"), "a4.2")
     assert report.ok, report.format()
     assignments.make_copy("a4", tmp_path / "stub")
     assert grade("a4", tmp_path / "stub", "a4.2").earned == 0
+
+
+def test_a_port_is_graded_by_its_vector_set(tmp_path):
+    """a5: minilora's own set passes (as a port that reproduces it would); a port whose
+    rsLoRA layer uses α/r loses a5.2 only, with the tensor named."""
+    vectors.write_vectors(tmp_path)
+    report = grade("a5", tmp_path)
+    assert report.ok and report.earned == 10, report.format()
+    path = tmp_path / "lora_layer_rslora.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    tensors["output"] = tensors["output"] * 1.01
+    safetensors.numpy.save_file(tensors, path)
+    report = grade("a5", tmp_path)
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == ["a5.2"] and "lora_layer_rslora/output" in lost["a5.2"][0]
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        grade("a5", tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------------------
