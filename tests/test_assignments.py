@@ -251,7 +251,7 @@ MUTATIONS = [
         "functional.py",
         'y += self.s * mm(u, lora_B.T, "lora.B")',
         'y += mm(u, lora_B.T, "lora.B")',
-        "s·(d Aᵀ) Bᵀ",
+        "scaling=",
     ),
     (
         "the rank forgotten in the scaling",
