@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -135,10 +136,18 @@ def expect_grads(ctx: Context, op: str, fn: Callable, inputs: dict, frozen=()) -
     try:
         gradcheck(fn, list(inputs.values()), no_grads=[names.index(n) for n in frozen], seed=seed)
     except GradcheckError as e:
-        text = str(e)
+        text = str(e).split(" Check the backward formula")[0]
         for i, n in enumerate(names):
-            text = text.replace(f"input {i} ", f"d{n} ", 1) if f"input {i} " in text else text
-        text = text.replace("gradient of d", "d").split(" Check the backward formula")[0]
+            text = text.replace(f"gradient of input {i} ", f"d{n} ")
+            text = text.replace(f"input {i} is frozen (listed in no_grads)", f"{n} is frozen")
+            text = text.replace(f"input {i} ", f"d{n} ")
+        found = re.search(r"analytic (\S+), numerical \(central difference\) (\S+),", text)
+        if found:
+            analytic, numeric = float(found[1]), float(found[2])
+            rel = abs(analytic - numeric) / max(abs(numeric), 1e-300)
+            text = text.replace(
+                " elements disagree.", f" elements disagree; relative error {rel:.2g}."
+            )
         raise CheckFailed(f"{op}: {text}") from None
 
 

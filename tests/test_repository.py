@@ -236,6 +236,7 @@ LAYERS = [
     "checkpoint",
     "vectors",
     "demo",
+    "exercises",
     "assignments",
     "grading",
     "cli",
