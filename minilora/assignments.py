@@ -352,10 +352,11 @@ def _copy_package(destination: Path) -> None:
     shutil.copytree(PACKAGE_DIR, destination, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def make_copy(name: str, out, handout_root: Path | None = None) -> Path:
+def make_copy(name: str, out) -> Path:
     """Write the student copy of assignment ``name`` into folder ``out``: ``out/minilora``
     (this package, with only the assignment's targets stubbed) and ``out/<name>.md``, the
-    handout (when the repository's docs are at hand). Built in a temporary folder beside
+    handout (``docs/assignments/<name>.md``; from the manifest alone when the package was
+    installed without the repository's docs). Built in a temporary folder beside
     ``out`` and moved into place, so a failure leaves no half-made copy. Refuses an ``out``
     that already holds a ``minilora`` folder."""
     assignment = get_assignment(name)
@@ -369,20 +370,37 @@ def make_copy(name: str, out, handout_root: Path | None = None) -> Path:
         for filename, stubs in _targets_by_file(assignment).items():
             path = work / "minilora" / filename
             path.write_text(stub_source(path.read_text(encoding="utf-8"), stubs), encoding="utf-8")
-        handout = find_handout(assignment, handout_root)
-        if handout is not None:
-            shutil.copyfile(handout, out / f"{name}.md")
+        (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")
+        os.replace(work / "handout.md", out / f"{name}.md")
         os.replace(work / "minilora", out / "minilora")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out / "minilora"
 
 
-def find_handout(assignment: Assignment, root: Path | None = None) -> Path | None:
-    """The handout in the repository (``docs/assignments/NAME.md``) next to this package,
-    or under ``root``; None for an installed package without its docs."""
-    path = (root or PACKAGE_DIR.parent) / assignment.handout
-    return path if path.is_file() else None
+def handout_text(assignment: Assignment) -> str:
+    """The handout: the repository's page, or, without it, the tasks from the manifest."""
+    page = PACKAGE_DIR.parent / assignment.handout
+    if page.is_file():
+        return page.read_text(encoding="utf-8")
+    rows = [
+        f"| {t.id} | {t.points} | {t.title} | {', '.join(f'`{x}`' for x in t.targets)} |"
+        for t in assignment.tasks
+    ]
+    return "\n".join(
+        [
+            f"# {assignment.name}: {assignment.title}",
+            "",
+            f"**{assignment.points} points, {len(assignment.tasks)} tasks**: {assignment.summary}.",
+            "",
+            "| task | points | what | functions (module:name) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Grade with `minilora grade {assignment.name}` in the folder that holds minilora/.",
+            "",
+        ]
+    )
 
 
 # ======================================================================================
@@ -398,13 +416,20 @@ python3 -m venv /autograder/venv
 """
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
-# Gradescope runs this for every submission: the student's minilora/ folder is in
-# /autograder/submission (at its top, or one folder down).
+# Gradescope runs this for every submission: the student's minilora/ folder is somewhere in
+# /autograder/submission (at its top, or a folder or two down).
 set -uo pipefail
-cd /autograder/submission
-dir=$(dirname "$(find . -path '*/minilora/__init__.py' | head -n 1)")/..
+results=/autograder/results/results.json
 mkdir -p /autograder/results
-/autograder/venv/bin/minilora grade {name} "$dir" --gradescope /autograder/results/results.json
+found=$(find /autograder/submission -path '*/minilora/__init__.py' -not -path '*/__MACOSX/*' \
+  | head -n 1)
+if [ -z "$found" ]; then
+  echo '{{"score": 0, "output": "no minilora/ folder with an __init__.py in the submission:' \
+    'submit your minilora/ folder"}}' > "$results"
+  exit 0
+fi
+/autograder/venv/bin/minilora grade {name} "$(dirname "$(dirname "$found")")" \
+  --gradescope "$results"
 exit 0  # the score is in results.json; a failing grade is not a failing autograder
 """
 

@@ -81,7 +81,15 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
             message = ast.unparse(body[0])
             assert f"Task {task_id}: {qualname}" in message
             assert f"docs/assignments/{name}.md" in message
-    assert (tmp_path / "copy" / f"{name}.md").is_file()  # the handout comes along
+    handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
+    assert handout == (PACKAGE.parent / "docs" / "assignments" / f"{name}.md").read_text()
+
+
+def test_without_the_docs_the_handout_comes_from_the_manifest(monkeypatch, tmp_path):
+    monkeypatch.setattr(assignments, "PACKAGE_DIR", tmp_path / "site-packages" / "minilora")
+    text = assignments.handout_text(assignments.get_assignment("a3"))
+    assert text.startswith("# a3: the LoRA layer")
+    assert "| a3.4 | 4 | fused backward | `functional:LoRALinearFunction.backward` |" in text
 
 
 def test_make_refuses_a_folder_that_already_holds_a_copy(tmp_path):
@@ -429,6 +437,31 @@ def test_autograder_zip(tmp_path, capsys):
         assert z.getinfo("run_autograder").external_attr >> 16 == 0o755
         run = z.read("run_autograder").decode()
     assert "minilora grade a3" in run and "/autograder/results/results.json" in run
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_autograder is a bash script")
+@pytest.mark.parametrize("submitted", ["copy", "nothing"])
+def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
+    """Gradescope's flow, with /autograder moved into tmp_path and the venv's minilora this
+    Python's: a submission scores its points, and one without minilora/ scores 0."""
+    root = tmp_path / "autograder"
+    (root / "venv" / "bin").mkdir(parents=True)
+    minilora_cmd = root / "venv" / "bin" / "minilora"
+    minilora_cmd.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m minilora "$@"\n')
+    minilora_cmd.chmod(0o755)
+    submission = root / "submission" / "my-work"
+    submission.mkdir(parents=True)
+    if submitted == "copy":
+        assignments.make_copy("a3", submission)
+    script = assignments.RUN_AUTOGRADER.format(name="a3").replace("/autograder", str(root))
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True)
+    results = json.loads((root / "results" / "results.json").read_text())
+    assert results["score"] == 0
+    if submitted == "copy":
+        assert [t["max_score"] for t in results["tests"]] == [2, 1, 2, 4, 2, 2, 2]
+        assert all(t["output"].startswith("not implemented") for t in results["tests"])
+    else:
+        assert "no minilora/ folder" in results["output"]
 
 
 def test_done_criterion_from_the_command_line(tmp_path):
