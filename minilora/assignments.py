@@ -338,7 +338,7 @@ def stub_source(source: str, stubs: dict[str, str]) -> str:
     return "".join(lines)
 
 
-def _targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
+def targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
     """``{"functional.py": {qualname: stub message}}`` for every target of the assignment."""
     files: dict[str, dict[str, str]] = {}
     for task in assignment.tasks:
@@ -346,6 +346,30 @@ def _targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
             module, qualname = split_target(target)
             files.setdefault(f"{module}.py", {}).setdefault(qualname, stub_message(task, qualname))
     return files
+
+
+def changed_files(assignment: Assignment, package: Path) -> list[str]:
+    """The files of a student's ``package`` that differ from this one outside the
+    assignment's functions (their bodies are compared as stubs), or are missing."""
+    targets = targets_by_file(assignment)
+    changed = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE_DIR))
+        theirs = package / name
+        if not theirs.is_file():
+            changed.append(f"{name} (missing)")
+            continue
+        ours, their_text = path.read_text(encoding="utf-8"), theirs.read_text(encoding="utf-8")
+        if name in targets:
+            try:
+                their_text = stub_source(their_text, targets[name])
+            except (SyntaxError, ValueError):
+                changed.append(name)
+                continue
+            ours = stub_source(ours, targets[name])
+        if ours != their_text:
+            changed.append(name)
+    return changed
 
 
 def _copy_package(destination: Path) -> None:
@@ -367,7 +391,7 @@ def make_copy(name: str, out) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".minilora-", dir=out))
     try:
         _copy_package(work / "minilora")
-        for filename, stubs in _targets_by_file(assignment).items():
+        for filename, stubs in targets_by_file(assignment).items():
             path = work / "minilora" / filename
             path.write_text(stub_source(path.read_text(encoding="utf-8"), stubs), encoding="utf-8")
         (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")

@@ -942,10 +942,22 @@ class Report:
     folder: str
     seed: int
     tasks: list[TaskResult]
+    changed: list[str] = field(default_factory=list)  # files edited outside the tasks
 
     @property
     def earned(self) -> int:
         return sum(t.earned for t in self.tasks)
+
+    @property
+    def note(self) -> str:
+        """For the instructor: what the student changed outside the assignment's functions
+        (the grader's own modules come from the installed library whatever they say)."""
+        if not self.changed:
+            return ""
+        return (
+            "note: outside the assignment's functions, these files differ from the installed "
+            f"minilora's: {', '.join(self.changed)}"
+        )
 
     @property
     def possible(self) -> int:
@@ -966,7 +978,7 @@ class Report:
             lines.append(f"{t.id:<6} {t.title:<{width}}  {t.earned} of {t.points}  {mark}")
             lines += [f"       - {f}" for f in t.failures]
         lines.append(f"total: {self.earned} of {self.possible} points")
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.note] if self.note else []))
 
     def gradescope(self) -> dict:
         """Gradescope's results.json."""
@@ -982,7 +994,9 @@ class Report:
         ]
         return {
             "score": self.earned,
-            "output": f"minilora grade {self.assignment}, seed {self.seed}",
+            "output": "\n".join(
+                filter(None, [f"minilora grade {self.assignment}, seed {self.seed}", self.note])
+            ),
             "tests": tests,
         }
 
@@ -993,6 +1007,7 @@ class Report:
             "seed": self.seed,
             "earned": self.earned,
             "possible": self.possible,
+            "changed": self.changed,
             "tasks": [
                 {
                     "id": t.id,
@@ -1028,7 +1043,8 @@ def grade(
     else:
         results = _grade_package(assignment, tasks, seed, folder, extra_tests, timeout)
     report = [TaskResult(t.id, t.title, t.points, results[t.id]) for t in tasks]
-    return Report(name, str(folder), seed, report)
+    changed = [] if assignment.port else assignments.changed_files(assignment, folder / "minilora")
+    return Report(name, str(folder), seed, report, changed)
 
 
 def _grade_port(assignment, tasks, seed: int, folder: Path, extra_tests) -> dict:

@@ -340,6 +340,27 @@ def test_isolation_a_broken_op_costs_nothing_elsewhere(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
+def test_the_report_notes_files_changed_outside_the_tasks(tmp_path, capsys):
+    """A student's edit outside the assignment's functions is named for the instructor; the
+    functions they were asked to write are not."""
+    package = assignments.make_copy("a3", tmp_path)
+    lora_py = package / "lora.py"
+    text = lora_py.read_text().replace(
+        'raise NotImplementedError("Task a3.2: lora_scaling',
+        'return lora_alpha / r\n    raise NotImplementedError("Task a3.2: lora_scaling',
+    )
+    lora_py.write_text(text)
+    assert grade("a3", tmp_path).changed == []
+    (package / "gradcheck.py").write_text(  # a gradcheck that passes everything
+        "class GradcheckError(AssertionError):\n    pass\n\n\n"
+        "def gradcheck(*args, **kwargs):\n    return True\n"
+    )
+    assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.4"]) == 1
+    out = capsys.readouterr().out
+    assert "not implemented: Task a3.4" in out  # graded with the installed gradcheck
+    assert out.strip().endswith("differ from the installed minilora's: gradcheck.py")
+
+
 def test_hidden_tests_grade_their_task(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
