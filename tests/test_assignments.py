@@ -156,6 +156,20 @@ def test_a_port_is_graded_by_its_vector_set(tmp_path):
         grade("a5", tmp_path / "nothing")
 
 
+@pytest.mark.oracle
+def test_the_pytorch_port_scores_full_marks_on_a5(tmp_path, monkeypatch):
+    """examples/torch_vectors.py, an independent port (PyTorch and PEFT), passes a5."""
+    pytest.importorskip("torch", reason="needs PyTorch: pip install -e '.[oracle]'")
+    pytest.importorskip("peft", reason="needs PEFT: pip install -e '.[oracle]'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from examples import torch_vectors
+
+    vectors.write_vectors(tmp_path / "ref")
+    port = torch_vectors.write_torch_vectors(tmp_path / "ref", tmp_path / "torch")
+    report = grade("a5", port)
+    assert report.ok and report.earned == 10, report.format()
+
+
 # --------------------------------------------------------------------------------------
 # Typical student bugs: the right task, and only it, loses its points
 # --------------------------------------------------------------------------------------
