@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -332,7 +333,8 @@ def stub_source(source: str, stubs: dict[str, str]) -> str:
         if not rest:
             raise ValueError(f"{qualname} has only a docstring: nothing to stub")
         start, indent = rest[0].lineno - 1, " " * rest[0].col_offset
-        edits.append((start, node.end_lineno, f"{indent}raise NotImplementedError({message!r})\n"))
+        literal = json.dumps(message, ensure_ascii=False)  # a valid Python string literal
+        edits.append((start, node.end_lineno, f"{indent}raise NotImplementedError({literal})\n"))
     for start, end, text in sorted(edits, reverse=True):
         lines[start:end] = [text]
     return "".join(lines)

@@ -845,7 +845,7 @@ def run_task(task, checks, seed: int, folder: Path) -> list[str]:
             failures.append(str(e))
         except AssertionError as e:  # a hidden test written with assert
             failures.append(f"{check.__name__}: {e}" if str(e) else f"{check.__name__} failed")
-        except Exception as e:  # whatever the student's code raises is a result
+        except (Exception, SystemExit) as e:  # whatever the student's code raises is a result
             failures.append(describe_error(e, folder / "minilora"))
     if any(not f.startswith("not implemented") for f in failures):
         failures.append(f"hint: {task.hint}")
