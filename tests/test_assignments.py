@@ -434,6 +434,13 @@ def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
     assert json.loads(js.read_text())["earned"] == 15
 
 
+def test_grade_defaults_to_the_current_folder(tmp_path, monkeypatch, capsys):
+    reference_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["grade", "a3", "--task", "a3.2"]) == 0
+    assert capsys.readouterr().out.startswith("minilora grade a3: . (seed ")
+
+
 def test_grade_one_task(tmp_path, capsys):
     assignments.make_copy("a3", tmp_path)
     assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2"]) == 1
