@@ -401,6 +401,15 @@ def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
     assert "SyntaxError" in report.tasks[0].failures[0]
 
 
+def test_a_deleted_function_is_named(tmp_path):
+    reference_copy(tmp_path)
+    lora_py = tmp_path / "minilora" / "lora.py"
+    lora_py.write_text(lora_py.read_text().replace("def lora_scaling(", "def scaling_of_lora("))
+    lost = {t.id: t.failures[0] for t in grade("a3", tmp_path).tasks}
+    assert "has no attribute 'lora_scaling'" in lost["a3.2"]  # its own task
+    assert lost["a3.1"].startswith("minilora.lora has no lora_scaling")  # the others' swap
+
+
 def test_grade_refuses_a_folder_without_a_package(tmp_path):
     with pytest.raises(ValueError, match="has no minilora/ package"):
         grade("a3", tmp_path)
