@@ -1088,8 +1088,9 @@ def _grade_package(assignment, tasks, seed: int, folder: Path, extra_tests, time
     with tempfile.TemporaryDirectory(prefix="minilora-grade-") as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_file.write_text(json.dumps(request), encoding="utf-8")
-        env = {**os.environ, "MINILORA_OPS": "reference", "PYTHONDONTWRITEBYTECODE": "1"}
-        argv = [sys.executable, "-I", "-c", BOOTSTRAP, str(folder.resolve())]
+        env = {**os.environ, "MINILORA_OPS": "reference"}
+        # -I: nothing from the current folder or PYTHON* variables; -B: no __pycache__ in DIR
+        argv = [sys.executable, "-I", "-B", "-c", BOOTSTRAP, str(folder.resolve())]
         argv += [request["reference"], str(request_file), str(result_file)]
         try:
             run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)

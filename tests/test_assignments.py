@@ -401,6 +401,13 @@ def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
     assert "SyntaxError" in report.tasks[0].failures[0]
 
 
+def test_grading_leaves_the_students_folder_as_it_was(tmp_path):
+    assignments.make_copy("a3", tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    grade("a3", tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_deleted_function_is_named(tmp_path):
     reference_copy(tmp_path)
     lora_py = tmp_path / "minilora" / "lora.py"
