@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -843,13 +844,40 @@ def describe_error(error: BaseException, student_root: Path) -> str:
     return f"your code raised {type(error).__name__}: {str(error).strip()}{where}"
 
 
-def run_task(task, checks, seed: int, folder: Path) -> list[str]:
-    """The failure lines of one task's checks on ``folder`` (empty: full points)."""
+class CheckTimeout(Exception):
+    """A check ran past its time limit (a loop that never ends, say)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise :class:`CheckTimeout` in the block after ``seconds`` (where the platform has
+    SIGALRM, which Gradescope's Linux has; elsewhere only the whole run's timeout holds)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CheckTimeout(f"took longer than {seconds:g} s (a loop that never ends?)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_task(task, checks, seed: int, folder: Path, limit: float | None = None) -> list[str]:
+    """The failure lines of one task's checks on ``folder`` (empty: full points), each
+    check stopped after ``limit`` seconds."""
     failures = []
     for i, check in enumerate(checks):
         try:
-            with F.use_ops("reference"):
+            with F.use_ops("reference"), time_limit(limit):
                 check(Context(seed + 1000 * i, folder))
+        except CheckTimeout as e:
+            failures.append(f"{check.__name__} {e}")
         except CheckFailed as e:
             failures.append(str(e))
         except AssertionError as e:  # a hidden test written with assert
@@ -892,7 +920,9 @@ def worker(request: dict) -> dict:
         checks = CHECKS[task.id] + extra.get(task.id, [])
         try:
             with isolated(assignment, task, reference_root):
-                results[task.id] = run_task(task, checks, request["seed"], folder)
+                results[task.id] = run_task(
+                    task, checks, request["seed"], folder, request["check_timeout"]
+                )
         except LookupError as e:  # the student's package lacks a function the grader swaps
             results[task.id] = [str(e)]
     return results
@@ -1040,9 +1070,11 @@ def grade(
     seed: int | None = None,
     extra_tests=None,
     timeout: float = 900,
+    check_timeout: float = 120,
 ) -> Report:
     """Grade the ``minilora`` package in ``folder`` on assignment ``name`` (one task with
-    ``task``), in a separate process; ``seed`` None draws a fresh one. For a port (a5),
+    ``task``), in a separate process; ``seed`` None draws a fresh one. A check is stopped
+    after ``check_timeout`` seconds, the whole run after ``timeout``. For a port (a5),
     ``folder`` is the port's reference-vector set, checked in this process."""
     assignment = assignments.get_assignment(name)
     tasks = [assignment.task(task)] if task else list(assignment.tasks)
@@ -1053,7 +1085,9 @@ def grade(
     if assignment.port:
         results = _grade_port(assignment, tasks, seed, folder, extra_tests)
     else:
-        results = _grade_package(assignment, tasks, seed, folder, extra_tests, timeout)
+        results = _grade_package(
+            assignment, tasks, seed, folder, extra_tests, timeout, check_timeout
+        )
     report = [TaskResult(t.id, t.title, t.points, results[t.id]) for t in tasks]
     changed = [] if assignment.port else assignments.changed_files(assignment, folder / "minilora")
     return Report(name, str(folder), seed, report, changed)
@@ -1072,7 +1106,9 @@ def _grade_port(assignment, tasks, seed: int, folder: Path, extra_tests) -> dict
     }
 
 
-def _grade_package(assignment, tasks, seed: int, folder: Path, extra_tests, timeout) -> dict:
+def _grade_package(
+    assignment, tasks, seed: int, folder: Path, extra_tests, timeout: float, check_timeout: float
+) -> dict:
     """The student's ``minilora`` package in ``folder``, graded in a process of its own."""
     if not (folder / "minilora" / "__init__.py").is_file():
         raise ValueError(
@@ -1084,6 +1120,7 @@ def _grade_package(assignment, tasks, seed: int, folder: Path, extra_tests, time
         "seed": seed,
         "extra_tests": None if extra_tests is None else str(Path(extra_tests).resolve()),
         "reference": str(assignments.PACKAGE_DIR),
+        "check_timeout": check_timeout,
     }
     with tempfile.TemporaryDirectory(prefix="minilora-grade-") as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -390,6 +391,21 @@ def test_hidden_tests_grade_their_task(tmp_path):
     assert list(lost) == ["a3.5"]
     assert lost["a3.5"][0] == "check_a3_5_always_fails: a hidden property"
     assert lost["a3.5"][1].startswith("hint: ")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="time limits need SIGALRM")
+def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "loops.py").write_text(
+        "def check_a3_2_forever(ctx):\n    while True:\n        pass\n"
+    )
+    report = grading.grade(
+        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=0.5
+    )
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == ["a3.2"]
+    assert lost["a3.2"][0] == "check_a3_2_forever took longer than 0.5 s (a loop that never ends?)"
 
 
 def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
