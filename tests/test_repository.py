@@ -234,6 +234,9 @@ LAYERS = [
     "checkpoint",
     "vectors",
     "demo",
+    "exercises",
+    "assignments",
+    "grading",
     "cli",
 ]
 

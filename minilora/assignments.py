@@ -1,0 +1,486 @@
+"""Course assignments: a manifest of tasks, and student copies generated from this library.
+
+An assignment is a list of tasks; a task names the functions or methods a student writes
+(its *targets*, ``"functional:LayerNormFunction.backward"`` = module ``minilora.functional``,
+qualified name ``LayerNormFunction.backward``), its points, and the checks in
+``minilora/grading.py`` that grade it.
+
+A student copy is this package, copied, with only the assignment's targets stubbed: each
+keeps its signature and docstring, and its body becomes::
+
+    raise NotImplementedError("Task a1.7: LayerNormFunction.backward (see docs/assignments/a1.md)")
+
+The copy is made from the library's own source at the moment it is made, so it can never
+drift from the code the tests prove correct. Everything else in it is the working library:
+a student who finishes a1 has a minilora that runs.
+
+This module needs nothing but the standard library: the grader loads it, from the installed
+package, into the process where the student's package is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+HANDOUTS = "docs/assignments"  # where the handouts live in the repository and on the site
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str  # "a1.7"
+    title: str
+    points: int
+    targets: tuple[str, ...]  # "module:Qualified.name" inside the minilora package
+    hint: str  # printed under a failure: where to look
+
+
+@dataclass(frozen=True)
+class Assignment:
+    name: str  # "a1"
+    title: str
+    tasks: tuple[Task, ...]
+    summary: str  # one sentence for the handout and `assignments list`
+    port: bool = False  # graded from a port's reference-vector set, not a minilora package
+
+    @property
+    def points(self) -> int:
+        return sum(t.points for t in self.tasks)
+
+    @property
+    def handout(self) -> str:
+        return f"{HANDOUTS}/{self.name}.md"
+
+    def task(self, task_id: str) -> Task:
+        for t in self.tasks:
+            if t.id == task_id:
+                return t
+        ids = ", ".join(t.id for t in self.tasks)
+        raise ValueError(f"{self.name} has no task {task_id!r}; its tasks are {ids}")
+
+
+def _tasks(name: str, *rows) -> tuple[Task, ...]:
+    return tuple(
+        Task(f"{name}.{i}", title, points, tuple(targets), hint)
+        for i, (title, points, targets, hint) in enumerate(rows, 1)
+    )
+
+
+ASSIGNMENTS: dict[str, Assignment] = {
+    a.name: a
+    for a in (
+        Assignment(
+            "a1",
+            "autograd: hand-written backwards",
+            _tasks(
+                "a1",
+                (
+                    "unbroadcast",
+                    2,
+                    ["functional:unbroadcast"],
+                    "sum over the axes broadcasting added (leading) or stretched (size 1)",
+                ),
+                (
+                    "add and mul backward, with broadcasting",
+                    2,
+                    ["functional:Add.backward", "functional:Mul.backward"],
+                    "each input's gradient has that input's shape: unbroadcast it",
+                ),
+                (
+                    "matmul backward",
+                    2,
+                    ["functional:MatMul.backward"],
+                    "da = g @ bᵀ, db = aᵀ @ g (transpose the last two axes), then unbroadcast",
+                ),
+                (
+                    "sum and mean backward",
+                    2,
+                    ["functional:Sum.backward", "functional:Mean.backward"],
+                    "broadcast g back over the reduced axes (keepdims shape); mean divides by n",
+                ),
+                (
+                    "softmax, stable forward and backward",
+                    2,
+                    ["functional:_softmax", "functional:Softmax.backward"],
+                    "exp(x - max) / Σ exp(x - max); dx = y · (g - Σ g·y) along the axis",
+                ),
+                (
+                    "log-softmax and cross-entropy backward",
+                    3,
+                    ["functional:LogSoftmax.backward", "functional:SoftmaxCrossEntropy.backward"],
+                    "dlogits = (softmax - onehot) · g / n, zero on rows whose target is ignored",
+                ),
+                (
+                    "layer norm forward and backward",
+                    3,
+                    [
+                        "functional:LayerNormFunction.forward",
+                        "functional:LayerNormFunction.backward",
+                    ],
+                    "biased variance mean((x-μ)²); dx = rstd·(ĝ - mean ĝ - x̂·mean(ĝ·x̂)), ĝ = g·w",
+                ),
+                (
+                    "GELU backward",
+                    2,
+                    ["functional:GELU.backward"],
+                    "product rule on ½x(1 + tanh u), with du/dx = c(1 + 3·0.044715 x²)",
+                ),
+                (
+                    "embedding backward",
+                    2,
+                    ["functional:EmbeddingFunction.backward"],
+                    "scatter-add g into dW at the ids (np.add.at): repeated ids accumulate",
+                ),
+                (
+                    "gradient accumulation in Tensor.backward",
+                    3,
+                    ["autograd:Tensor.backward"],
+                    "a tensor used by several ops gets the sum of their gradients (+=, not =)",
+                ),
+            ),
+            "write the backward of the ops a GPT is made of, and the engine's accumulation",
+        ),
+        Assignment(
+            "a2",
+            "the Transformer: attention and the GPT forward",
+            _tasks(
+                "a2",
+                (
+                    "causal self-attention forward",
+                    3,
+                    ["functional:CausalSelfAttention.forward"],
+                    "S = q kᵀ/√hs with every later key masked (np.triu(..., k=1)), softmax, @ v",
+                ),
+                (
+                    "causal self-attention backward",
+                    4,
+                    ["functional:CausalSelfAttention.backward"],
+                    "dv = Pᵀg, dP = g vᵀ, dS = P·(dP - Σ dP·P), dq = dS k/√hs, dk = dSᵀ q/√hs",
+                ),
+                (
+                    "the GPT forward",
+                    3,
+                    ["model:GPT.forward"],
+                    "embeddings of ids and positions, the blocks, ln_f, lm_head, then the loss",
+                ),
+            ),
+            "write attention's forward and backward and the tiny GPT's forward",
+        ),
+        Assignment(
+            "a3",
+            "the LoRA layer",
+            _tasks(
+                "a3",
+                (
+                    "init: A Gaussian, B zero",
+                    2,
+                    ["lora:LoRALinear._init_lora"],
+                    "A ~ N(0, (1/r)²) (or uniform ±1/√in for kaiming), B zeros (out, r)",
+                ),
+                (
+                    "scaling α/r and rsLoRA's α/√r",
+                    1,
+                    ["lora:lora_scaling"],
+                    "s = lora_alpha / r, or lora_alpha / √r with use_rslora",
+                ),
+                (
+                    "fused forward",
+                    2,
+                    ["functional:LoRALinearFunction.forward"],
+                    "y = x Wᵀ + b + s · (d Aᵀ) Bᵀ, d = x_lora or x; save what backward needs",
+                ),
+                (
+                    "fused backward",
+                    4,
+                    ["functional:LoRALinearFunction.backward"],
+                    "gB = g B; dB = s gᵀu; dA = s gBᵀd; dx = g W (+ s gB A); no dW when frozen",
+                ),
+                (
+                    "merge and unmerge",
+                    2,
+                    ["lora:LoRALinear.get_delta_weight", "lora:LoRALinear.unmerge"],
+                    "ΔW = s · B @ A; merge adds it to W, unmerge subtracts it",
+                ),
+                (
+                    "apply_lora and mark_only_lora_as_trainable",
+                    2,
+                    ["lora:add_lora_layers", "lora:mark_only_lora_as_trainable"],
+                    "wrap each target Linear (same weight object), then freeze all but lora_A/B",
+                ),
+                (
+                    "the trainable-parameter formula",
+                    2,
+                    ["lora:count_parameters", "accounting:lora_params"],
+                    "count only requires_grad parameters; closed form r·(in + out) per adapter",
+                ),
+            ),
+            "build the LoRA layer: its init, scaling, fused forward and backward, merging",
+        ),
+        Assignment(
+            "a4",
+            "fine-tuning: AdamW for what trains",
+            _tasks(
+                "a4",
+                (
+                    "AdamW with state only for trainable parameters",
+                    4,
+                    ["optim:AdamW.step"],
+                    "skip parameters that are frozen or have no gradient; torch.optim.AdamW's "
+                    "update, decoupled weight decay first",
+                ),
+                (
+                    "a LoRA fine-tune of the shipped base reaches the stated accuracy",
+                    4,
+                    ["optim:AdamW.step"],
+                    "your AdamW trains rank-4 adapters on q_proj and v_proj to sort descending",
+                ),
+            ),
+            "write AdamW so that frozen weights cost no optimizer state, then fine-tune with it",
+        ),
+        Assignment(
+            "a5",
+            "porting: LoRA and the tiny GPT in another framework",
+            _tasks(
+                "a5",
+                (
+                    "linear and the fused LoRA linear",
+                    3,
+                    [],
+                    "outputs and gradients of the cases linear and lora_linear; no dW for W",
+                ),
+                (
+                    "the LoRA layer, α/r and rsLoRA's α/√r",
+                    3,
+                    [],
+                    "the cases lora_layer and lora_layer_rslora: A, B and the scaling",
+                ),
+                (
+                    "the tiny GPT with LoRA",
+                    4,
+                    [],
+                    "the case gpt_lora: module paths as in PEFT, logits, loss and every gradient",
+                ),
+            ),
+            "port the LoRA layer and the tiny GPT, checked by minilora vectors --check",
+            port=True,
+        ),
+    )
+}
+
+
+def get_assignment(name: str) -> Assignment:
+    if name not in ASSIGNMENTS:
+        raise ValueError(
+            f"no assignment named {name!r}; the assignments are {', '.join(ASSIGNMENTS)}"
+        )
+    return ASSIGNMENTS[name]
+
+
+# ======================================================================================
+# Finding a function in the source, and stubbing it
+# ======================================================================================
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``"functional:Add.backward"`` -> ``("functional", "Add.backward")``."""
+    module, _, qualname = target.partition(":")
+    return module, qualname
+
+
+def find_def(tree: ast.Module, qualname: str) -> ast.FunctionDef:
+    """The ``def`` node of ``qualname`` (``"f"`` or ``"Class.method"``) in a parsed module."""
+    body, node = tree.body, None
+    for part in qualname.split("."):
+        node = next(
+            (n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part),
+            None,
+        )
+        if node is None:
+            raise ValueError(f"{qualname} is not defined in this source")
+        body = node.body
+    if not isinstance(node, ast.FunctionDef):
+        raise ValueError(f"{qualname} is a class, not a function")
+    return node
+
+
+def stub_message(task: Task, qualname: str) -> str:
+    return f"Task {task.id}: {qualname} ({task.title}); see {HANDOUTS}/{task.id.split('.')[0]}.md"
+
+
+def stub_source(source: str, stubs: dict[str, str]) -> str:
+    """``source`` with each ``{qualname: message}`` function's body replaced by
+    ``raise NotImplementedError(message)``, keeping its signature and docstring."""
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for qualname, message in stubs.items():
+        node = find_def(tree, qualname)
+        body = node.body
+        has_doc = (
+            isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        )
+        rest = body[1:] if has_doc else body
+        if not rest:
+            raise ValueError(f"{qualname} has only a docstring: nothing to stub")
+        start, indent = rest[0].lineno - 1, " " * rest[0].col_offset
+        literal = json.dumps(message, ensure_ascii=False)  # a valid Python string literal
+        edits.append((start, node.end_lineno, f"{indent}raise NotImplementedError({literal})\n"))
+    for start, end, text in sorted(edits, reverse=True):
+        lines[start:end] = [text]
+    return "".join(lines)
+
+
+def targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
+    """``{"functional.py": {qualname: stub message}}`` for every target of the assignment."""
+    files: dict[str, dict[str, str]] = {}
+    for task in assignment.tasks:
+        for target in task.targets:
+            module, qualname = split_target(target)
+            files.setdefault(f"{module}.py", {}).setdefault(qualname, stub_message(task, qualname))
+    return files
+
+
+def changed_files(assignment: Assignment, package: Path) -> list[str]:
+    """The files of a student's ``package`` that differ from this one outside the
+    assignment's functions (their bodies are compared as stubs), or are missing."""
+    targets = targets_by_file(assignment)
+    changed = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE_DIR))
+        theirs = package / name
+        if not theirs.is_file():
+            changed.append(f"{name} (missing)")
+            continue
+        ours, their_text = path.read_text(encoding="utf-8"), theirs.read_text(encoding="utf-8")
+        if name in targets:
+            try:
+                their_text = stub_source(their_text, targets[name])
+            except (SyntaxError, ValueError):
+                changed.append(name)
+                continue
+            ours = stub_source(ours, targets[name])
+        if ours != their_text:
+            changed.append(name)
+    return changed
+
+
+def _copy_package(destination: Path) -> None:
+    shutil.copytree(PACKAGE_DIR, destination, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def make_copy(name: str, out) -> Path:
+    """Write the student copy of assignment ``name`` into folder ``out``: ``out/minilora``
+    (this package, with only the assignment's targets stubbed) and ``out/<name>.md``, the
+    handout (``docs/assignments/<name>.md``; from the manifest alone when the package was
+    installed without the repository's docs). Built in a temporary folder beside
+    ``out`` and moved into place, so a failure leaves no half-made copy. Refuses an ``out``
+    that already holds a ``minilora`` folder."""
+    assignment = get_assignment(name)
+    out = Path(out)
+    if (out / "minilora").exists():
+        raise ValueError(f"{out / 'minilora'} already exists; choose an empty --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".minilora-", dir=out))
+    try:
+        _copy_package(work / "minilora")
+        for filename, stubs in targets_by_file(assignment).items():
+            path = work / "minilora" / filename
+            path.write_text(stub_source(path.read_text(encoding="utf-8"), stubs), encoding="utf-8")
+        (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")
+        os.replace(work / "handout.md", out / f"{name}.md")
+        os.replace(work / "minilora", out / "minilora")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out / "minilora"
+
+
+def handout_text(assignment: Assignment) -> str:
+    """The handout: the repository's page, or, without it, the tasks from the manifest."""
+    page = PACKAGE_DIR.parent / assignment.handout
+    if page.is_file():
+        return page.read_text(encoding="utf-8")
+    rows = [
+        f"| {t.id} | {t.points} | {t.title} | {', '.join(f'`{x}`' for x in t.targets)} |"
+        for t in assignment.tasks
+    ]
+    return "\n".join(
+        [
+            f"# {assignment.name}: {assignment.title}",
+            "",
+            f"**{assignment.points} points, {len(assignment.tasks)} tasks**: {assignment.summary}.",
+            "",
+            "| task | points | what | functions (module:name) |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Grade with `minilora grade {assignment.name}` in the folder that holds minilora/.",
+            "",
+        ]
+    )
+
+
+# ======================================================================================
+# A Gradescope autograder
+# ======================================================================================
+
+SETUP_SH = """#!/usr/bin/env bash
+# Gradescope runs this once, when the autograder image is built.
+set -euo pipefail
+apt-get update -q && apt-get install -y -q python3 python3-pip python3-venv
+python3 -m venv /autograder/venv
+/autograder/venv/bin/pip install -q /autograder/source/minilora-src
+"""
+
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this for every submission: the student's minilora/ folder is somewhere in
+# /autograder/submission (at its top, or a folder or two down).
+set -uo pipefail
+results=/autograder/results/results.json
+mkdir -p /autograder/results
+found=$(find /autograder/submission -path '*/minilora/__init__.py' -not -path '*/__MACOSX/*' \
+  | head -n 1)
+if [ -z "$found" ]; then
+  echo '{{"score": 0, "output": "no minilora/ folder with an __init__.py in the submission:' \
+    'submit your minilora/ folder"}}' > "$results"
+  exit 0
+fi
+/autograder/venv/bin/minilora grade {name} "$(dirname "$(dirname "$found")")" \
+  --gradescope "$results"
+exit 0  # the score is in results.json; a failing grade is not a failing autograder
+"""
+
+
+def autograder_zip(name: str) -> bytes:
+    """A Gradescope autograder for assignment ``name``, as the bytes of a zip: ``setup.sh``,
+    ``run_autograder``, and the minilora source (``minilora-src/``) that setup.sh installs.
+    Needs the repository's ``pyproject.toml`` beside this package (a clone, or an editable
+    install)."""
+    get_assignment(name)
+    source = PACKAGE_DIR.parent
+    if not (source / "pyproject.toml").is_file():
+        raise ValueError(
+            f"{source} has no pyproject.toml: build the autograder from a clone of the "
+            "minilora repository (pip install -e .)"
+        )
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        for script, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER)):
+            info = zipfile.ZipInfo(script)
+            info.external_attr = 0o755 << 16  # executable, as Gradescope requires
+            z.writestr(info, text.format(name=name))
+        for path in sorted(PACKAGE_DIR.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                z.write(path, f"minilora-src/minilora/{path.relative_to(PACKAGE_DIR)}")
+        for extra in ("pyproject.toml", "README.md"):
+            z.write(source / extra, f"minilora-src/{extra}")
+    return buffer.getvalue()

@@ -1,0 +1,555 @@
+"""Course assignments: the student copies, the grader, and the grader's own tests.
+
+The grader is held to what the issue asks of it: the stubs score 0 with "not implemented",
+the reference scores full marks, and a dozen typical student bugs each cost the right task
+(and only that task) its points, with a message that names what is wrong.
+
+Each grading runs a separate Python process, so each test grades a whole assignment (or
+one task) in one run; fixed seeds keep the mutations' messages reproducible.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import safetensors.numpy
+
+from minilora import assignments, cli, grading, vectors
+
+PACKAGE = Path(assignments.__file__).resolve().parent
+FAST = {"a1": None, "a2": None, "a3": None, "a4": "a4.1"}  # a4.2 fine-tunes: its own test
+PACKAGES = [name for name, a in assignments.ASSIGNMENTS.items() if not a.port]
+
+
+def reference_copy(folder: Path) -> Path:
+    shutil.copytree(PACKAGE, folder / "minilora", ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def grade(name, folder, task=None, seed=0, **kw) -> grading.Report:
+    return grading.grade(name, folder, task, seed, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# The manifest and the student copies
+# --------------------------------------------------------------------------------------
+
+
+def test_every_task_has_checks_and_every_target_exists():
+    for a in assignments.ASSIGNMENTS.values():
+        assert [t.id for t in a.tasks] == [f"{a.name}.{i}" for i in range(1, len(a.tasks) + 1)]
+        for task in a.tasks:
+            assert grading.CHECKS[task.id], task.id
+            for target in task.targets:
+                module, qualname = assignments.split_target(target)
+                tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+                assignments.find_def(tree, qualname)  # raises if missing
+    assert set(grading.CHECKS) == {t.id for a in assignments.ASSIGNMENTS.values() for t in a.tasks}
+
+
+@pytest.mark.parametrize("name", list(assignments.ASSIGNMENTS))
+def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
+    package = assignments.make_copy(name, tmp_path / "copy")
+    assignment = assignments.get_assignment(name)
+    stubbed = {}
+    for task in assignment.tasks:
+        for target in task.targets:
+            module, qualname = assignments.split_target(target)
+            stubbed.setdefault(f"{module}.py", {}).setdefault(qualname, task.id)
+    for path in sorted(PACKAGE.rglob("*")):
+        if not path.is_file() or "__pycache__" in path.parts:
+            continue
+        relative = path.relative_to(PACKAGE)
+        copy = package / relative
+        if str(relative) not in stubbed:
+            assert copy.read_bytes() == path.read_bytes(), relative
+            continue
+        ours, theirs = ast.parse(path.read_text()), ast.parse(copy.read_text())
+        for qualname, task_id in stubbed[str(relative)].items():
+            ref, stub = assignments.find_def(ours, qualname), assignments.find_def(theirs, qualname)
+            assert ast.dump(stub.args) == ast.dump(ref.args)  # the signature is kept
+            assert ast.get_docstring(stub) == ast.get_docstring(ref)  # and the docstring
+            body = stub.body[1:] if ast.get_docstring(stub) else stub.body
+            assert len(body) == 1 and isinstance(body[0], ast.Raise)
+            message = ast.unparse(body[0])
+            assert f"Task {task_id}: {qualname}" in message
+            assert f"docs/assignments/{name}.md" in message
+    handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
+    assert handout == (PACKAGE.parent / "docs" / "assignments" / f"{name}.md").read_text()
+
+
+def test_without_the_docs_the_handout_comes_from_the_manifest(monkeypatch, tmp_path):
+    monkeypatch.setattr(assignments, "PACKAGE_DIR", tmp_path / "site-packages" / "minilora")
+    text = assignments.handout_text(assignments.get_assignment("a3"))
+    assert text.startswith("# a3: the LoRA layer")
+    assert "| a3.4 | 4 | fused backward | `functional:LoRALinearFunction.backward` |" in text
+
+
+def test_make_refuses_a_folder_that_already_holds_a_copy(tmp_path):
+    assignments.make_copy("a3", tmp_path)
+    with pytest.raises(ValueError, match="already exists"):
+        assignments.make_copy("a3", tmp_path)
+
+
+def test_stub_source_keeps_a_method_without_docstring_runnable():
+    source = (
+        "class A:\n    def f(self, x=1):\n        y = x\n        return y\n\n"
+        "    def g(self):\n        return 2\n"
+    )
+    stubbed = assignments.stub_source(source, {"A.f": "Task t"})
+    namespace = {}
+    exec(stubbed, namespace)
+    assert namespace["A"]().g() == 2
+    with pytest.raises(NotImplementedError, match="Task t"):
+        namespace["A"]().f()
+
+
+# --------------------------------------------------------------------------------------
+# Stubs score 0, the reference full marks
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_stubs_score_zero_and_each_task_says_not_implemented(tmp_path, name):
+    assignments.make_copy(name, tmp_path)
+    report = grade(name, tmp_path, FAST[name])
+    assert report.earned == 0 and not report.ok
+    for t in report.tasks:
+        assert t.failures and t.failures[0].startswith(f"not implemented: Task {t.id}:"), t
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_the_reference_scores_full_marks(tmp_path, name):
+    report = grade(name, reference_copy(tmp_path), FAST[name], seed=None)  # a fresh seed
+    assert report.ok, report.format()
+    assert report.earned == report.possible > 0
+
+
+def test_the_fine_tune_task_passes_on_the_reference_and_fails_on_the_stub(tmp_path):
+    report = grade("a4", reference_copy(tmp_path / "ref"), "a4.2")
+    assert report.ok, report.format()
+    assignments.make_copy("a4", tmp_path / "stub")
+    assert grade("a4", tmp_path / "stub", "a4.2").earned == 0
+
+
+def test_a_port_is_graded_by_its_vector_set(tmp_path):
+    """a5: minilora's own set passes (as a port that reproduces it would); a port whose
+    rsLoRA layer uses α/r loses a5.2 only, with the tensor named."""
+    vectors.write_vectors(tmp_path)
+    report = grade("a5", tmp_path)
+    assert report.ok and report.earned == 10, report.format()
+    path = tmp_path / "lora_layer_rslora.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    tensors["output"] = tensors["output"] * 1.01
+    safetensors.numpy.save_file(tensors, path)
+    report = grade("a5", tmp_path)
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == ["a5.2"] and "lora_layer_rslora/output" in lost["a5.2"][0]
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        grade("a5", tmp_path / "nothing")
+
+
+@pytest.mark.oracle
+def test_the_pytorch_port_scores_full_marks_on_a5(tmp_path, monkeypatch):
+    """examples/torch_vectors.py, an independent port (PyTorch and PEFT), passes a5."""
+    pytest.importorskip("torch", reason="needs PyTorch: pip install -e '.[oracle]'")
+    pytest.importorskip("peft", reason="needs PEFT: pip install -e '.[oracle]'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from examples import torch_vectors
+
+    vectors.write_vectors(tmp_path / "ref")
+    port = torch_vectors.write_torch_vectors(tmp_path / "ref", tmp_path / "torch")
+    report = grade("a5", port)
+    assert report.ok and report.earned == 10, report.format()
+
+
+# --------------------------------------------------------------------------------------
+# Typical student bugs: the right task, and only it, loses its points
+# --------------------------------------------------------------------------------------
+
+# (bug, assignment, task, file, reference line, buggy line, what the message must say)
+MUTATIONS = [
+    (
+        "a missing transpose",
+        "a1",
+        "a1.3",
+        "functional.py",
+        'da = unbroadcast(mm(g, _swap(self.b), "matmul.da"), self.a.shape)',
+        'da = unbroadcast(mm(g, self.b, "matmul.da"), self.a.shape)',
+        "matmul",
+    ),
+    (
+        "broadcasting not undone",
+        "a1",
+        "a1.2",
+        "functional.py",
+        "return (unbroadcast(g, sa) if na else None, unbroadcast(g, sb) if nb else None)",
+        "return (g if na else None, g if nb else None)",
+        "Add.backward returned a gradient of shape",
+    ),
+    (
+        "a gradient overwritten instead of accumulated",
+        "a1",
+        "a1.10",
+        "autograd.py",
+        "grads[id(inp)] = ig if prev is None else prev + ig",
+        "grads[id(inp)] = ig",
+        "x used twice",
+    ),
+    (
+        "softmax without subtracting the max overflows",
+        "a1",
+        "a1.5",
+        "functional.py",
+        "e = xp.exp(x - x.max(axis=axis, keepdims=True))",
+        "e = xp.exp(x)",
+        "subtract the row maximum",
+    ),
+    (
+        "layer norm with the wrong variance",
+        "a1",
+        "a1.7",
+        "functional.py",
+        "var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)",
+        "var = x.var(axis=-1, ddof=1, keepdims=True)",
+        "biased variance",
+    ),
+    (
+        "cross-entropy ignoring the ignore index",
+        "a1",
+        "a1.6",
+        "functional.py",
+        "dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)",
+        "dz *= g / self.n",
+        "ignore_index=-100",
+    ),
+    (
+        "embedding rows overwritten, not accumulated",
+        "a1",
+        "a1.9",
+        "functional.py",
+        "xp.add.at(dw, self.ids.reshape(-1), g.reshape(-1, self.weight_shape[1]))",
+        "dw[self.ids.reshape(-1)] = g.reshape(-1, self.weight_shape[1])",
+        "use np.add.at",
+    ),
+    (
+        "GELU's chain rule stops at tanh",
+        "a1",
+        "a1.8",
+        "functional.py",
+        "du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x * x)",
+        "du_dx = _GELU_C",
+        "gelu",
+    ),
+    (
+        "the causal mask off by one",
+        "a2",
+        "a2.1",
+        "functional.py",
+        "future = xp.triu(xp.ones((T, T), dtype=bool), k=1)",
+        "future = xp.triu(xp.ones((T, T), dtype=bool), k=2)",
+        "must be masked",
+    ),
+    (
+        "B initialised at random",
+        "a3",
+        "a3.1",
+        "lora.py",
+        "self.lora_B = Parameter(backend.zeros((out_f, r), dtype, device))",
+        "self.lora_B = Parameter(gen.normal((out_f, r), std=1.0, dtype=dtype, device=device))",
+        "lora_B must start at zero",
+    ),
+    (
+        "the scaling α/r forgotten in the forward",
+        "a3",
+        "a3.3",
+        "functional.py",
+        'y += self.s * mm(u, lora_B.T, "lora.B")',
+        'y += mm(u, lora_B.T, "lora.B")',
+        "scaling=",
+    ),
+    (
+        "the rank forgotten in the scaling",
+        "a3",
+        "a3.2",
+        "lora.py",
+        "return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r",
+        "return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha",
+        "(α/r)",
+    ),
+    (
+        "dA without the scaling",
+        "a3",
+        "a3.4",
+        "functional.py",
+        'dA = s * mm(gB.T, self.d2, "lora.dA") if need_A else None',
+        'dA = mm(gB.T, self.d2, "lora.dA") if need_A else None',
+        "dlora_A",
+    ),
+    (
+        "merge without the scaling",
+        "a3",
+        "a3.5",
+        "lora.py",
+        'return self.scaling * backend.matmul(self.lora_B.data, self.lora_A.data, "lora.merge")',
+        'return backend.matmul(self.lora_B.data, self.lora_A.data, "lora.merge")',
+        "(s·B·A)",
+    ),
+    (
+        "frozen parameters counted as trainable",
+        "a3",
+        "a3.7",
+        "lora.py",
+        "return sum(p.size for p in params if p.requires_grad), sum(p.size for p in params)",
+        "return sum(p.size for p in params), sum(p.size for p in params)",
+        "do not count as trainable",
+    ),
+    (
+        "AdamW state for frozen parameters",
+        "a4",
+        "a4.1",
+        "optim.py",
+        "for p in self._trainable(group):\n                xp",
+        'for p in (q for q in group["params"] if q.grad is not None):\n                xp',
+        "frozen parameter",
+    ),
+]
+
+
+@pytest.mark.parametrize("bug", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_a_typical_bug_costs_its_task_and_only_its_task(tmp_path, bug):
+    _, name, task_id, filename, right, wrong, said = bug
+    path = reference_copy(tmp_path) / "minilora" / filename
+    source = path.read_text(encoding="utf-8")
+    assert source.count(right) == 1, f"the mutation's line is no longer in {filename}"
+    path.write_text(source.replace(right, wrong), encoding="utf-8")
+    report = grade(name, tmp_path, FAST[name], seed=1)
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == [task_id], report.format()
+    assert any(said in line for line in lost[task_id]), lost[task_id]
+    assert not any("Traceback" in line for line in lost[task_id])
+
+
+def test_isolation_a_broken_op_costs_nothing_elsewhere(tmp_path):
+    """Every binary op's backward calls unbroadcast: with it broken, only a1.1 fails."""
+    ref = reference_copy(tmp_path / "ref")
+    target = ref / "minilora" / "functional.py"
+    text = target.read_text(encoding="utf-8")
+    start = text.index('    """Sum ``grad`` over the axes that broadcasting added')
+    end = text.index("\n\n\ndef _broadcast_shape")
+    target.write_text(text[:start] + '    """Broken."""\n    return None' + text[end:])
+    report = grade("a1", ref, seed=2)
+    assert [t.id for t in report.tasks if t.failures] == ["a1.1"], report.format()
+
+
+# --------------------------------------------------------------------------------------
+# Hidden tests, broken packages
+# --------------------------------------------------------------------------------------
+
+
+def test_the_report_notes_files_changed_outside_the_tasks(tmp_path, capsys):
+    """A student's edit outside the assignment's functions is named for the instructor; the
+    functions they were asked to write are not."""
+    package = assignments.make_copy("a3", tmp_path)
+    lora_py = package / "lora.py"
+    text = lora_py.read_text().replace(
+        'raise NotImplementedError("Task a3.2: lora_scaling',
+        'return lora_alpha / r\n    raise NotImplementedError("Task a3.2: lora_scaling',
+    )
+    lora_py.write_text(text)
+    assert grade("a3", tmp_path).changed == []
+    (package / "gradcheck.py").write_text(  # a gradcheck that passes everything
+        "class GradcheckError(AssertionError):\n    pass\n\n\n"
+        "def gradcheck(*args, **kwargs):\n    return True\n"
+    )
+    assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.4"]) == 1
+    out = capsys.readouterr().out
+    assert "not implemented: Task a3.4" in out  # graded with the installed gradcheck
+    assert out.strip().endswith("differ from the installed minilora's: gradcheck.py")
+
+
+def test_hidden_tests_grade_their_task(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "hidden_a3.py").write_text(
+        "from minilora import lora\n\n\n"
+        "def check_a3_2_big_rank(ctx):\n"
+        "    assert lora.lora_scaling(16, 256) == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
+        "def check_a3_5_always_fails(ctx):\n"
+        "    assert False, 'a hidden property'\n"
+    )
+    report = grade("a3", reference_copy(tmp_path / "ref"), extra_tests=hidden)
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == ["a3.5"]
+    assert lost["a3.5"][0] == "check_a3_5_always_fails: a hidden property"
+    assert lost["a3.5"][1].startswith("hint: ")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="time limits need SIGALRM")
+def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "loops.py").write_text(
+        "def check_a3_2_forever(ctx):\n    while True:\n        pass\n"
+    )
+    report = grading.grade(
+        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=0.5
+    )
+    lost = {t.id: t.failures for t in report.tasks if t.failures}
+    assert list(lost) == ["a3.2"]
+    assert lost["a3.2"][0] == "check_a3_2_forever took longer than 0.5 s (a loop that never ends?)"
+
+
+def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
+    reference_copy(tmp_path)
+    (tmp_path / "minilora" / "lora.py").write_text("def broken(:\n")
+    report = grade("a3", tmp_path)
+    assert report.earned == 0
+    assert "importing minilora from" in report.tasks[0].failures[0]
+    assert "SyntaxError" in report.tasks[0].failures[0]
+
+
+def test_grading_leaves_the_students_folder_as_it_was(tmp_path):
+    assignments.make_copy("a3", tmp_path)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    grade("a3", tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_deleted_function_is_named(tmp_path):
+    reference_copy(tmp_path)
+    lora_py = tmp_path / "minilora" / "lora.py"
+    lora_py.write_text(lora_py.read_text().replace("def lora_scaling(", "def scaling_of_lora("))
+    lost = {t.id: t.failures[0] for t in grade("a3", tmp_path).tasks}
+    assert "has no attribute 'lora_scaling'" in lost["a3.2"]  # its own task
+    assert lost["a3.1"].startswith("minilora.lora has no lora_scaling")  # the others' swap
+
+
+def test_grade_refuses_a_folder_without_a_package(tmp_path):
+    with pytest.raises(ValueError, match="has no minilora/ package"):
+        grade("a3", tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------
+
+
+def test_assignments_list(capsys):
+    assert cli.main(["assignments", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(assignments.ASSIGNMENTS)
+    assert lines[2].startswith("a3  the LoRA layer  (15 points")
+
+
+def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
+    reference_copy(tmp_path)
+    gs, js = tmp_path / "results.json", tmp_path / "report.json"
+    argv = ["grade", "a3", str(tmp_path), "--seed", "4", "--gradescope", str(gs), "--json", str(js)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "total: 15 of 15 points" in out and "(seed 4)" in out
+    results = json.loads(gs.read_text())
+    assert results["score"] == 15
+    assert len(results["tests"]) == 7
+    for test in results["tests"]:
+        assert set(test) == {"name", "score", "max_score", "output", "visibility"}
+        assert test["score"] == test["max_score"]
+    assert json.loads(js.read_text())["earned"] == 15
+
+
+def test_grade_defaults_to_the_current_folder(tmp_path, monkeypatch, capsys):
+    reference_copy(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["grade", "a3", "--task", "a3.2"]) == 0
+    assert capsys.readouterr().out.startswith("minilora grade a3: . (seed ")
+
+
+def test_grade_one_task(tmp_path, capsys):
+    assignments.make_copy("a3", tmp_path)
+    assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2"]) == 1
+    out = capsys.readouterr().out
+    assert "a3.2" in out and "a3.1" not in out and "total: 0 of 1 points" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["grade", "a9", "."], "no assignment named 'a9'"),
+        (["grade", "a3", "--task", "a3.99"], "a3 has no task 'a3.99'"),
+        (["grade", "a3", "/nonexistent"], "has no minilora/ package"),
+        (["assignments", "make", "a9", "--out", "x"], "no assignment named 'a9'"),
+        (["assignments", "make", "a3", "--out", str(PACKAGE / "x")], "inside the installed"),
+        (["grade", "a3", "--seed", "-1"], "is less than 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:  # argparse refuses a bad option value itself
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_autograder_zip(tmp_path, capsys):
+    out = tmp_path / "autograder.zip"
+    assert cli.main(["assignments", "autograder", "a3", "--out", str(out)]) == 0
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        assert {"setup.sh", "run_autograder", "minilora-src/pyproject.toml"} <= names
+        assert "minilora-src/minilora/grading.py" in names
+        assert z.getinfo("run_autograder").external_attr >> 16 == 0o755
+        run = z.read("run_autograder").decode()
+    assert "minilora grade a3" in run and "/autograder/results/results.json" in run
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_autograder is a bash script")
+@pytest.mark.parametrize("submitted", ["copy", "nothing"])
+def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
+    """Gradescope's flow, with /autograder moved into tmp_path and the venv's minilora this
+    Python's: a submission scores its points, and one without minilora/ scores 0."""
+    root = tmp_path / "autograder"
+    (root / "venv" / "bin").mkdir(parents=True)
+    minilora_cmd = root / "venv" / "bin" / "minilora"
+    minilora_cmd.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m minilora "$@"\n')
+    minilora_cmd.chmod(0o755)
+    submission = root / "submission" / "my-work"
+    submission.mkdir(parents=True)
+    if submitted == "copy":
+        assignments.make_copy("a3", submission)
+    script = assignments.RUN_AUTOGRADER.format(name="a3").replace("/autograder", str(root))
+    subprocess.run(["bash", "-c", script], check=True, capture_output=True)
+    results = json.loads((root / "results" / "results.json").read_text())
+    assert results["score"] == 0
+    if submitted == "copy":
+        assert [t["max_score"] for t in results["tests"]] == [2, 1, 2, 4, 2, 2, 2]
+        assert all(t["output"].startswith("not implemented") for t in results["tests"])
+    else:
+        assert "no minilora/ folder" in results["output"]
+
+
+def test_done_criterion_from_the_command_line(tmp_path):
+    """`minilora assignments make a3 --out DIR && minilora grade a3 DIR`: 0 of 15, a line
+    per task, a non-zero exit; the reference copy: 15 of 15, exit 0."""
+    exe = [sys.executable, "-m", "minilora"]
+    made = subprocess.run([*exe, "assignments", "make", "a3", "--out", str(tmp_path / "a3")])
+    assert made.returncode == 0
+    run = subprocess.run(
+        [*exe, "grade", "a3", str(tmp_path / "a3")], capture_output=True, text=True
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stdout + run.stderr
+    assert "total: 0 of 15 points" in run.stdout
+    assert run.stdout.count("- not implemented: Task a3.") == 7
+    ref = reference_copy(tmp_path / "ref")
+    run = subprocess.run([*exe, "grade", "a3", str(ref)], capture_output=True, text=True)
+    assert run.returncode == 0 and "total: 15 of 15 points" in run.stdout
