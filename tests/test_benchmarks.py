@@ -126,3 +126,16 @@ def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
     assert report["gpu_vs_cpu"] == {"speedup": 3.0}
     assert [t["met"] for t in report["targets"]] == ["met", "met"]
     assert report["failed_scripts"] == []
+
+
+def test_generate_quick_gives_the_tokens_of_pytorch_with_a_kv_cache(bench_module, tmp_path):
+    result = run_quick(bench_module, "generate", tmp_path)
+    (row,) = result["rows"]
+    assert row["config"] == "tiny" and row["batch_size"] == 1
+    check_summary(row["minilora"])
+    check_summary(row["no_cache"])
+    assert row["tokens_per_s"]["minilora"] > 0
+    if "torch_sdpa" in row:  # with PyTorch: the same greedy tokens from the same weights
+        assert row["same_tokens_as_torch"] is True
+        assert row["minilora_over_torch_sdpa"]["ratio"] > 0
+        assert "met" in result["target"]
