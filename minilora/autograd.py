@@ -287,9 +287,12 @@ class Function:
     def __call__(self, *inputs) -> Tensor:
         tensors = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
         _check_devices_and_dtypes(type(self).__name__, tensors)
-        self.needs_input_grad = tuple(
-            _grad_enabled and t is not None and t.requires_grad for t in tensors
-        )
+        if not _grad_enabled:  # inference: no gradient, no graph, nothing more to decide
+            self.needs_input_grad = (False,) * len(tensors)
+            return Tensor._from_op(
+                self.forward(*(None if t is None else t.data for t in tensors)), None
+            )
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in tensors)
         out = self.forward(*(None if t is None else t.data for t in tensors))
         if any(self.needs_input_grad):
             # The node keeps its inputs to route gradients back. An input another node made
@@ -352,6 +355,8 @@ def _check_devices_and_dtypes(op: str, tensors) -> None:
     device, and dtype.kind "f" marks floating dtypes.
     """
     arrays = [t.data for t in tensors if t is not None]
+    if len(arrays) < 2:
+        return  # one array (most ops): nothing to mix
     if len({type(a) for a in arrays}) > 1:
         devices = {backend.device_of(a) for a in arrays}
         if len(devices) > 1:

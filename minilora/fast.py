@@ -225,12 +225,31 @@ class CausalSelfAttention(F.CausalSelfAttention):
         return dq, dk, dv
 
 
+class CachedAttention(F.CachedAttention):
+    """``functional.CachedAttention`` with the mask's rows taken from the cached causal mask
+    (none at all for a single new query, which sees every key) and the softmax in place."""
+
+    def forward(self, q, k, v):
+        F._check_cached_attention_inputs(q, k, v)
+        xp = backend.get_array_module(q)
+        Tq, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
+        self.scale = 1.0 / math.sqrt(hs)
+        scores = mm(q, F._swap(k), "attention.scores")  # (B, nh, Tq, Tk)
+        scores *= self.scale
+        if Tq > 1:  # the last Tq rows of the (Tk, Tk) mask: query i at position Tk - Tq + i
+            scores += _causal_mask(Tk, scores.dtype, xp)[Tk - Tq :]
+        self.P = _softmax_(scores, axis=-1)  # (B, nh, Tq, Tk)
+        self.q, self.k, self.v = q, k, v
+        return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
+
+
 F.FAST_OPS.update(
     {
         F.GELU: GELU,
         F.LayerNormFunction: LayerNormFunction,
         F.SoftmaxCrossEntropy: SoftmaxCrossEntropy,
         F.CausalSelfAttention: CausalSelfAttention,
+        F.CachedAttention: CachedAttention,
     }
 )
 

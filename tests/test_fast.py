@@ -46,6 +46,10 @@ def inputs_for(op: type, shape: tuple, rng: np.random.Generator, dtype) -> tuple
         return [x * 4, targets], {"ignore_index": -100}
     if op is F.CausalSelfAttention:
         return [x, rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)], {}
+    if op is F.CachedAttention:  # shape is q's; the keys hold 3 positions more
+        kv_shape = (*shape[:2], shape[2] + 3, shape[3])
+        k, v = (rng.normal(size=kv_shape).astype(dtype) for _ in range(2))
+        return [x, k, v], {}
     raise AssertionError(f"no inputs for {op.__name__}: add them when a fast op is added")
 
 
@@ -62,6 +66,7 @@ SHAPES = {
     F.LayerNormFunction: [(1, 1), (2, 3, 8), (700, 130)],
     F.SoftmaxCrossEntropy: [(2, 3), (2, 4, 9), (600, 130)],
     F.CausalSelfAttention: [(1, 1, 1, 2), (2, 3, 5, 4), (40, 1, 64, 8)],  # 40 rows: 3 blocks
+    F.CachedAttention: [(2, 3, 1, 4), (2, 3, 5, 4), (16, 2, 3, 8)],  # one query, and several
 }
 
 
