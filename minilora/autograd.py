@@ -356,7 +356,10 @@ def _check_devices_and_dtypes(op: str, tensors) -> None:
     """
     arrays = [t.data for t in tensors if t is not None]
     if len(arrays) < 2:
-        return  # one array (most ops): nothing to mix
+        return  # one array: nothing to mix
+    first_type, first_dtype = type(arrays[0]), arrays[0].dtype
+    if all(type(a) is first_type and a.dtype == first_dtype for a in arrays):
+        return  # the usual case: one device, one dtype
     if len({type(a) for a in arrays}) > 1:
         devices = {backend.device_of(a) for a in arrays}
         if len(devices) > 1:

@@ -109,14 +109,23 @@ def _gelu_block(xp, x, y, d) -> None:
         d[...] = h
 
 
+def _mean_last(x):
+    """``x.mean(axis=-1, keepdims=True)``: the same sum divided by the count, without mean's
+    Python-level bookkeeping (a tenth of a small forward's time). float16 keeps ``mean``,
+    which sums in float32."""
+    if x.dtype.itemsize < 4:
+        return x.mean(axis=-1, keepdims=True)
+    return x.sum(axis=-1, keepdims=True) / x.shape[-1]
+
+
 class LayerNormFunction(F.LayerNormFunction):
     """``functional.LayerNormFunction`` with x̂ and dx built in place (3 temporaries, not 5)."""
 
     def forward(self, x, weight, bias):
         F._check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
-        xhat = x - x.mean(axis=-1, keepdims=True)  # x - μ, (..., C)
-        var = (xhat * xhat).mean(axis=-1, keepdims=True)
+        xhat = x - _mean_last(x)  # x - μ, (..., C)
+        var = _mean_last(xhat * xhat)
         self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
         xhat *= self.rstd  # x̂ = (x - μ)·rstd, in the same buffer
         self.xhat, self.weight = xhat, weight

@@ -115,6 +115,8 @@ def unbroadcast(grad, shape: tuple):
 
 
 def _broadcast_shape(op: str, a, b) -> None:
+    if a.shape == b.shape:
+        return  # nothing to broadcast (the residual adds)
     try:
         backend.broadcast_shapes(a.shape, b.shape)  # host shape arithmetic, on any device
     except ValueError:

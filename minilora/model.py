@@ -107,7 +107,7 @@ class CausalSelfAttention(Module):
         nh = self.n_head
 
         def heads(t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
-            return t.reshape(B, T, nh, C // nh).transpose(1, 2)
+            return t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if cache is None or cache.length == 0:  # nothing earlier: plain causal attention
