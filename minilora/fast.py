@@ -234,6 +234,29 @@ class CausalSelfAttention(F.CausalSelfAttention):
         return dq, dk, dv
 
 
+class EmbeddingFunction(F.EmbeddingFunction):
+    """``functional.EmbeddingFunction`` with the backward's scatter-add as a sort and a
+    segmented sum: the rows of g ordered by id, then ``add.reduceat`` sums each id's run
+    (one vectorised pass, where ``add.at`` visits the rows one by one: 4 to 7 times faster
+    for a small vocabulary; docs/performance.md)."""
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        C = self.weight_shape[1]
+        ids, rows = self.ids.reshape(-1), g.reshape(-1, C)  # (N,), (N, C)
+        dw = xp.zeros(self.weight_shape, dtype=g.dtype)  # (V, C)
+        if ids.size == 0:
+            return None, dw
+        order = xp.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        # where each id's run of rows starts in the sorted order
+        starts = xp.flatnonzero(
+            xp.concatenate([xp.ones(1, dtype=bool), sorted_ids[1:] != sorted_ids[:-1]])
+        )
+        dw[sorted_ids[starts]] = xp.add.reduceat(rows[order], starts, axis=0)
+        return None, dw
+
+
 class CachedAttention(F.CachedAttention):
     """``functional.CachedAttention`` with the mask's rows taken from the cached causal mask
     (none at all for a single new query, which sees every key) and the softmax in place."""
@@ -259,6 +282,7 @@ F.FAST_OPS.update(
         F.SoftmaxCrossEntropy: SoftmaxCrossEntropy,
         F.CausalSelfAttention: CausalSelfAttention,
         F.CachedAttention: CachedAttention,
+        F.EmbeddingFunction: EmbeddingFunction,
     }
 )
 
