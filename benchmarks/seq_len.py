@@ -10,8 +10,9 @@ writes). Targets: minilora / PyTorch <= 1.0 at T=512, and peak step memory <= Py
 Peak memory is measured the same way for every engine, each in a fresh process: the
 resident set size (RSS) before a first training step, after the model, optimizer and batch
 exist and one small no-grad forward has warmed the engine, subtracted from the process's
-peak RSS (``ru_maxrss``) after it. That counts what the step itself holds at its peak
-(activations, gradients, AdamW's moments, temporaries), whichever allocator holds it.
+peak RSS during the step (Linux's VmHWM, reset just before the step). That counts what the
+step itself holds at its peak (activations, gradients, AdamW's moments, temporaries),
+whichever allocator holds it.
 
     python benchmarks/seq_len.py [--quick] [--threads N] [--seq-lens 64,128,256,512]
                                  [--no-memory]
@@ -20,7 +21,6 @@ peak RSS (``ru_maxrss``) after it. That counts what the step itself holds at its
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -76,16 +76,23 @@ def steps(bench: common.Bench, engines=ENGINES) -> dict:
     return out
 
 
-def _rss_bytes() -> int:
-    """The resident set size now (Linux's /proc/self/statm counts pages)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (Linux), in bytes: VmRSS now, VmHWM its peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: "5" to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def memory_child(engine: str, T: int, threads: int, tokens: int = TOKENS) -> dict:
     """Run in a fresh process: the step's peak RSS over the RSS before it."""
-    import resource
-
     common.set_threads(threads)
     bench = bench_for(T, tokens)
     step = steps(bench, [engine])[engine]
@@ -102,9 +109,11 @@ def memory_child(engine: str, T: int, threads: int, tokens: int = TOKENS) -> dic
         twin, _ = common.torch_twin(common.build_model(warm))
         with torch.no_grad():
             twin(torch.from_numpy(wx))
-    before = _rss_bytes()
+    _reset_peak_rss()
+    before = _status_bytes("VmRSS")
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _status_bytes("VmHWM")  # this process's own peak (getrusage's ru_maxrss would
+    # carry the parent's RSS over the fork and exec, which is larger than a small step)
     return {"engine": engine, "T": T, "peak_step_bytes": max(0, peak - before)}
 
 
