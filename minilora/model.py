@@ -65,7 +65,7 @@ class KVCache:
     keys and values of all earlier positions, which do not change (a position only attends
     to positions before it), so they are kept here instead of recomputed. Per layer,
     ``keys[i]`` and ``values[i]`` are (B, nh, block_size, hs), filled up to ``length``:
-    2·L·B·block_size·C elements in all (``accounting.kv_cache_elements``). Why reusing them
+    2·L·B·block_size·C elements in all (``accounting.kv_cache_bytes``). Why reusing them
     gives the same tokens: docs/math.md, "Incremental decoding with a KV cache".
     """
 
@@ -244,6 +244,7 @@ class GPT(Module):
                 "would not reach the positions whose keys and values are cached)"
             )
         idx = self._device_ids("idx", idx)
+        self._check_id_ranges(idx, None)
         B, T = idx.shape
         if B != cache.keys[0].shape[0]:
             raise ValueError(f"idx has batch {B} but the cache holds {cache.keys[0].shape[0]}")
@@ -252,7 +253,11 @@ class GPT(Module):
                 f"the cache holds {cache.length} positions and idx adds {T}, more than "
                 f"block_size={cache.capacity}"
             )
-        start = cache.length
+        return self._decode(idx, cache)
+
+    def _decode(self, idx, cache: KVCache):
+        """``forward_cached`` on ids already checked (generate's own tokens): the work alone."""
+        T, start = idx.shape[1], cache.length
         positions = backend.arange(T, dtype=backend.int64, device=self.device) + start
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -296,7 +301,7 @@ class GPT(Module):
         with no_grad():
             for _ in range(max_new_tokens):
                 if cache is not None and cache.length + new.shape[1] <= block_size:
-                    logits = self.forward_cached(new, cache)[:, -1, :]  # (B, vocab)
+                    logits = self._decode(new, cache)[:, -1, :]  # (B, vocab), ids checked
                 else:  # past block_size: positions shift, so recompute the cropped window
                     cache = None
                     logits = self(idx[:, -block_size:])[0].data[:, -1, :]

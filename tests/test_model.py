@@ -336,6 +336,8 @@ def test_forward_cached_refuses_a_graph_an_overflow_and_another_batch():
             model.forward_cached(idx, cache)
         with pytest.raises(ValueError, match="batch 3"):
             model.forward_cached(np.zeros((3, 1), dtype=np.int64), cache)
+        with pytest.raises(ValueError, match="idx contains id -1"):
+            model.forward_cached(np.full((2, 1), -1), cache)
     assert cache.length == 4  # refused calls store nothing
 
 
