@@ -238,9 +238,11 @@ class EmbeddingFunction(F.EmbeddingFunction):
     """``functional.EmbeddingFunction`` with the backward's scatter-add as a sort and a
     segmented sum: the rows of g ordered by id, then ``add.reduceat`` sums each id's run
     (one vectorised pass, where ``add.at`` visits the rows one by one: 4 to 7 times faster
-    for a small vocabulary; docs/performance.md)."""
+    for a small vocabulary; docs/performance.md). On the CPU only."""
 
     def backward(self, g):
+        if backend.device_of(g) != "cpu":
+            return super().backward(g)  # on a GPU the scatter-add is already one kernel
         xp = backend.get_array_module(g)
         C = self.weight_shape[1]
         ids, rows = self.ids.reshape(-1), g.reshape(-1, C)  # (N,), (N, C)
