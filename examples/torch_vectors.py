@@ -37,6 +37,15 @@ def _attention(t, a):
     return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
 
 
+def _cached_attention(t, a):
+    """The newest Tq queries against Tk keys: query i sits at position Tk - Tq + i."""
+    q, k, v = t["q"], t["k"], t["v"]
+    Tq, Tk, hs = q.shape[-2], k.shape[-2], q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, Tq, Tk)
+    future = torch.triu(torch.ones(Tq, Tk, dtype=torch.bool), Tk - Tq + 1)
+    return F.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
 def _cross_entropy(t, a):
     logits, targets = t["logits"], t["targets"]
     V = logits.shape[-1]
@@ -80,6 +89,7 @@ OPS = {
     # minilora's rule: keep an element where its uniform draw u >= p, scale by 1/(1-p)
     "dropout": lambda t, a: t["x"] * (t["uniform"] >= a["p"]).to(t["x"].dtype) / (1 - a["p"]),
     "causal_self_attention": _attention,
+    "cached_attention": _cached_attention,
 }
 
 

@@ -17,7 +17,7 @@ from minilora.lora import (
     print_trainable_parameters,
     unmerge_lora,
 )
-from minilora.model import GPT, GPTConfig
+from minilora.model import GPT, GPTConfig, KVCache
 from minilora.nn import Linear, Module, Parameter
 from minilora.optim import SGD, AdamW, clip_grad_norm_
 
@@ -30,6 +30,7 @@ __all__ = [
     "Function",
     "GPTConfig",
     "GradcheckError",
+    "KVCache",
     "Linear",
     "LoRAConfig",
     "LoraConfig",

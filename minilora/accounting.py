@@ -624,6 +624,19 @@ def train_memory(
     return out
 
 
+def kv_cache_bytes(shape, batch_size: int = 1, seq_len: int | None = None, dtype="float32") -> int:
+    """Bytes of the keys and values incremental decoding keeps (``model.KVCache``): per
+    layer a key and a value of width C for every position of every sequence, 2·L·B·T·C
+    elements, with T = ``seq_len`` positions (default ``block_size``: minilora's cache
+    holds that many from the start). Independent of LoRA: the cache holds activations,
+    and merged or not, the keys have the same shape."""
+    s = _shape(shape)
+    check_positive_int("kv_cache_bytes", "batch_size", batch_size)
+    T = s.block_size if seq_len is None else seq_len
+    check_positive_int("kv_cache_bytes", "seq_len", T)
+    return 2 * s.n_layer * batch_size * T * s.n_embd * dtype_bytes(dtype)
+
+
 def adapter_bytes(shape, lora, dtype="float32") -> int:
     """Size of the adapter's tensors (what ``lora_state_dict`` holds and a PEFT folder
     stores): trainable parameters × bytes per element. The safetensors file adds a small

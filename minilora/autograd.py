@@ -286,11 +286,13 @@ class Function:
 
     def __call__(self, *inputs) -> Tensor:
         tensors = tuple(x if x is None or isinstance(x, Tensor) else Tensor(x) for x in inputs)
-        _check_devices_and_dtypes(type(self).__name__, tensors)
-        self.needs_input_grad = tuple(
-            _grad_enabled and t is not None and t.requires_grad for t in tensors
-        )
-        out = self.forward(*(None if t is None else t.data for t in tensors))
+        arrays = [None if t is None else t.data for t in tensors]
+        _check_devices_and_dtypes(type(self).__name__, arrays)
+        if not _grad_enabled:  # inference: no gradient, no graph, nothing more to decide
+            self.needs_input_grad = (False,) * len(arrays)
+            return Tensor._from_op(self.forward(*arrays), None)
+        self.needs_input_grad = tuple(t is not None and t.requires_grad for t in tensors)
+        out = self.forward(*arrays)
         if any(self.needs_input_grad):
             # The node keeps its inputs to route gradients back. An input another node made
             # is kept as a GraphInput (its node and shape, not its array): an activation
@@ -345,13 +347,18 @@ class GraphInput:
         return f"GraphInput(shape={self.shape}, grad_fn={type(self._ctx).__name__})"
 
 
-def _check_devices_and_dtypes(op: str, tensors) -> None:
+def _check_devices_and_dtypes(op: str, arrays: list) -> None:
     """Refuse to mix devices (never copy silently) or floating dtypes in one op.
 
     This runs for every op, so it starts with cheap tests: arrays of one type live on one
     device, and dtype.kind "f" marks floating dtypes.
     """
-    arrays = [t.data for t in tensors if t is not None]
+    arrays = [a for a in arrays if a is not None]
+    if len(arrays) < 2:
+        return  # one array: nothing to mix
+    first_type, first_dtype = type(arrays[0]), arrays[0].dtype
+    if all(type(a) is first_type and a.dtype == first_dtype for a in arrays):
+        return  # the usual case: one device, one dtype
     if len({type(a) for a in arrays}) > 1:
         devices = {backend.device_of(a) for a in arrays}
         if len(devices) > 1:

@@ -197,11 +197,13 @@ def unravel_index(flat: int, shape: tuple) -> tuple:
 
 
 def is_floating(array) -> bool:
-    return np.issubdtype(array.dtype, np.floating)
+    # dtype.kind is what np.issubdtype(dtype, np.floating) decides, at a tenth of the cost
+    # (it runs for most ops of every forward)
+    return array.dtype.kind == "f"
 
 
 def is_integer(array) -> bool:
-    return np.issubdtype(array.dtype, np.integer)
+    return array.dtype.kind in "iu"  # signed or unsigned; not bool
 
 
 def dtype_name(dtype) -> str:

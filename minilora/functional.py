@@ -115,6 +115,8 @@ def unbroadcast(grad, shape: tuple):
 
 
 def _broadcast_shape(op: str, a, b) -> None:
+    if a.shape == b.shape:
+        return  # nothing to broadcast (the residual adds)
     try:
         backend.broadcast_shapes(a.shape, b.shape)  # host shape arithmetic, on any device
     except ValueError:
@@ -942,6 +944,51 @@ def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return _use(CausalSelfAttention)()(q, k, v)
 
 
+class CachedAttention(CausalSelfAttention):
+    """Causal attention of the *newest* Tq queries against all Tk >= Tq keys and values.
+
+    q (B, nh, Tq, hs) holds positions Tk-Tq .. Tk-1; k, v (B, nh, Tk, hs) hold positions
+    0 .. Tk-1 (the earlier ones from a KV cache, the last Tq computed with q). Query i sits
+    at position Tk-Tq+i and sees keys 0 .. Tk-Tq+i. With Tq = Tk this is
+    :class:`CausalSelfAttention`; with Tq = 1 (one new token) no key is in the future and
+    the row is a plain softmax. The backward is CausalSelfAttention's unchanged: the mask
+    enters only through P, which is 0 on masked entries. Why this equals the full
+    attention's last rows: docs/math.md, "Incremental decoding with a KV cache".
+    """
+
+    def forward(self, q, k, v):
+        _check_cached_attention_inputs(q, k, v)
+        xp = backend.get_array_module(q)
+        Tq, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
+        self.scale = 1.0 / math.sqrt(hs)
+        S = mm(q, _swap(k), "attention.scores") * self.scale  # (B, nh, Tq, Tk)
+        query_pos = xp.arange(Tk - Tq, Tk)[:, None]  # (Tq, 1): positions of the queries
+        future = xp.arange(Tk)[None, :] > query_pos  # (Tq, Tk): key after query
+        self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, Tq, Tk)
+        self.q, self.k, self.v = q, k, v
+        return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
+
+
+def _check_cached_attention_inputs(q, k, v) -> None:
+    if (
+        q.ndim != 4
+        or k.shape != v.shape
+        or k.ndim != 4
+        or q.shape[:2] + q.shape[3:] != k.shape[:2] + k.shape[3:]
+        or q.shape[2] > k.shape[2]
+    ):
+        raise ValueError(
+            "cached_attention: q must have shape (B, n_head, Tq, head_size) and k, v "
+            "(B, n_head, Tk, head_size) with Tq <= Tk, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of the newest queries against all keys so far (see :class:`CachedAttention`)."""
+    return _use(CachedAttention)()(q, k, v)
+
+
 # ======================================================================================
 # Tensor's operators and methods are these ops (attached here, so autograd.py needs no
 # import of this file)
@@ -1006,6 +1053,7 @@ __all__ = [
     "embedding",
     "dropout",
     "causal_self_attention",
+    "cached_attention",
     "manual_seed",
     "default_generator",
     "unbroadcast",

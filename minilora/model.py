@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from minilora import backend
 from minilora import functional as F
-from minilora.autograd import Tensor, no_grad
+from minilora.autograd import Tensor, is_grad_enabled, no_grad
 from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 
 
@@ -58,6 +58,36 @@ def check_sizes(owner: str, shape) -> None:
     F.check_probability(owner, "dropout", shape.dropout)
 
 
+class KVCache:
+    """The keys and values of every position a model has seen, for incremental decoding.
+
+    ``GPT.generate`` feeds the prompt once, then one new token per step: each step needs the
+    keys and values of all earlier positions, which do not change (a position only attends
+    to positions before it), so they are kept here instead of recomputed. Per layer,
+    ``keys[i]`` and ``values[i]`` are (B, nh, block_size, hs), filled up to ``length``:
+    2·L·B·block_size·C elements in all (``accounting.kv_cache_bytes``). Why reusing them
+    gives the same tokens: docs/math.md, "Incremental decoding with a KV cache".
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, *, dtype, device: str = "cpu"):
+        check_positive_int("KVCache", "batch_size", batch_size)
+        nh, hs = config.n_head, config.n_embd // config.n_head
+        shape = (batch_size, nh, config.block_size, hs)
+        self.keys = [backend.zeros(shape, dtype, device) for _ in range(config.n_layer)]
+        self.values = [backend.zeros(shape, dtype, device) for _ in range(config.n_layer)]
+        self.capacity = config.block_size
+        self.length = 0  # positions stored (the same in every layer after a forward)
+
+    def append(self, layer: int, k, v) -> tuple:
+        """Store the new positions' k, v (B, nh, Tn, hs) after the ``length`` stored ones;
+        returns this layer's keys and values of all positions so far, (B, nh, length+Tn, hs).
+        ``length`` itself moves on once every layer has appended (``GPT.forward_cached``)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class CausalSelfAttention(Module):
     def __init__(self, config: GPTConfig, dtype, device):
         C, bias = config.n_embd, config.bias
@@ -70,15 +100,23 @@ class CausalSelfAttention(Module):
         self.o_proj = Linear(C, C, bias, init_std=residual_std, dtype=dtype, device=device)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """x (B, T, C); with a ``cache``, x holds only the T positions after the cached ones
+        (this is layer ``layer``), and their keys and values join the cache."""
         B, T, C = x.shape
         nh = self.n_head
 
         def heads(t: Tensor) -> Tensor:  # (B, T, C) -> (B, nh, T, hs)
-            return t.reshape(B, T, nh, C // nh).transpose(1, 2)
+            return t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        y = F.causal_self_attention(q, k, v)  # (B, nh, T, hs)
+        if cache is None or cache.length == 0:  # nothing earlier: plain causal attention
+            if cache is not None:
+                cache.append(layer, k.data, v.data)
+            y = F.causal_self_attention(q, k, v)  # (B, nh, T, hs)
+        else:  # the new queries against the cached keys and values and their own
+            k_all, v_all = cache.append(layer, k.data, v.data)  # (B, nh, length + T, hs)
+            y = F.cached_attention(q, Tensor(k_all), Tensor(v_all))  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.o_proj(y))
 
@@ -102,8 +140,8 @@ class Block(Module):
         self.ln2 = LayerNorm(config.n_embd, bias=config.bias, dtype=dtype, device=device)
         self.mlp = MLP(config, dtype, device)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))  # (B, T, C)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)  # (B, T, C)
         return x + self.mlp(self.ln2(x))
 
 
@@ -190,6 +228,43 @@ class GPT(Module):
         loss = None if targets is None else F.softmax_cross_entropy(logits, targets)
         return logits, loss
 
+    def kv_cache(self, batch_size: int) -> KVCache:
+        """An empty :class:`KVCache` for ``batch_size`` sequences, on the model's device."""
+        return KVCache(self.config, batch_size, dtype=self.tok_emb.weight.dtype, device=self.device)
+
+    def forward_cached(self, idx, cache: KVCache):
+        """Logits (B, Tn, vocab_size) array for ``idx`` (B, Tn): the Tn positions that follow
+        the ``cache.length`` ones already in ``cache``, whose keys and values are reused;
+        the new positions' keys and values are added. Inference only (under ``no_grad``):
+        no gradient flows into cached keys. The logits equal the last Tn rows of
+        ``self(whole sequence)`` (docs/math.md, "Incremental decoding with a KV cache")."""
+        if is_grad_enabled():
+            raise RuntimeError(
+                "forward_cached is for inference: call it under no_grad() (a gradient "
+                "would not reach the positions whose keys and values are cached)"
+            )
+        idx = self._device_ids("idx", idx)
+        self._check_id_ranges(idx, None)
+        B, T = idx.shape
+        if B != cache.keys[0].shape[0]:
+            raise ValueError(f"idx has batch {B} but the cache holds {cache.keys[0].shape[0]}")
+        if cache.length + T > cache.capacity:
+            raise ValueError(
+                f"the cache holds {cache.length} positions and idx adds {T}, more than "
+                f"block_size={cache.capacity}"
+            )
+        return self._decode(idx, cache)
+
+    def _decode(self, idx, cache: KVCache):
+        """``forward_cached`` on ids already checked (generate's own tokens): the work alone."""
+        T, start = idx.shape[1], cache.length
+        positions = backend.arange(T, dtype=backend.int64, device=self.device) + start
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        cache.length += T
+        return self.lm_head(self.ln_f(x)).data  # (B, T, vocab_size)
+
     def generate(
         self,
         idx,
@@ -197,11 +272,20 @@ class GPT(Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: backend.Generator | None = None,
+        use_cache: bool = True,
     ):
         """Append ``max_new_tokens`` sampled ids to ``idx`` (B, T); returns (B, T + new).
 
         ``temperature=0`` picks the most likely token (greedy); ``top_k`` samples only among
         the k most likely. Runs without a graph, in whatever mode the model is in.
+
+        The prompt runs once and each new token then costs one position's forward, with
+        the earlier positions' keys and values reused from a :class:`KVCache` (``use_cache``;
+        the tokens are those of recomputing the whole window every step, which
+        ``use_cache=False`` does). Once the sequence outgrows ``block_size``, the window is
+        cropped to the last ``block_size`` tokens: every token then moves to a new
+        position, no cached key is valid any more, and each further step recomputes the
+        cropped window.
         """
         if temperature < 0:
             raise ValueError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
@@ -211,23 +295,34 @@ class GPT(Module):
         self._check_id_ranges(idx, None)
         xp = backend.get_array_module(idx)
         gen = generator or F.default_generator()
+        block_size = self.config.block_size
+        cache = self.kv_cache(idx.shape[0]) if use_cache else None
+        new = idx  # the positions the cache has not seen yet
         with no_grad():
             for _ in range(max_new_tokens):
-                window = idx[:, -self.config.block_size :]  # crop to the context the model has
-                logits = self(window)[0].data[:, -1, :]  # (B, vocab) at the last position
-                if temperature == 0:
-                    nxt = logits.argmax(axis=-1)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = xp.sort(logits, axis=-1)[:, -top_k][:, None]
-                        logits = xp.where(logits < kth, -xp.inf, logits)
-                    probs = F.softmax(Tensor(logits)).data  # (B, vocab)
-                    cdf = xp.cumsum(probs, axis=-1)
-                    u = gen.random((probs.shape[0], 1), dtype=probs.dtype, device=self.device)
-                    # inverse-CDF sampling: the first id whose cumulative probability exceeds
-                    # u; u is scaled by the total so that rounding in cdf never overshoots it
-                    nxt = (cdf <= u * cdf[:, -1:]).sum(axis=-1)
-                    nxt = xp.minimum(nxt, probs.shape[-1] - 1)
-                idx = xp.concatenate([idx, nxt[:, None].astype(idx.dtype)], axis=1)
+                if cache is not None and cache.length + new.shape[1] <= block_size:
+                    logits = self._decode(new, cache)[:, -1, :]  # (B, vocab), ids checked
+                else:  # past block_size: positions shift, so recompute the cropped window
+                    cache = None
+                    logits = self(idx[:, -block_size:])[0].data[:, -1, :]
+                nxt = self._next_token(logits, temperature, top_k, gen)[:, None]
+                idx = xp.concatenate([idx, nxt.astype(idx.dtype)], axis=1)
+                new = idx[:, -1:]
         return idx
+
+    def _next_token(self, logits, temperature: float, top_k: int | None, gen):
+        """The next id per row of ``logits`` (B, vocab): the most likely one, or a sample."""
+        xp = backend.get_array_module(logits)
+        if temperature == 0:
+            return logits.argmax(axis=-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = xp.sort(logits, axis=-1)[:, -top_k][:, None]
+            logits = xp.where(logits < kth, -xp.inf, logits)
+        probs = F.softmax(Tensor(logits)).data  # (B, vocab)
+        cdf = xp.cumsum(probs, axis=-1)
+        u = gen.random((probs.shape[0], 1), dtype=probs.dtype, device=self.device)
+        # inverse-CDF sampling: the first id whose cumulative probability exceeds u; u is
+        # scaled by the total so that rounding in cdf never overshoots it
+        nxt = (cdf <= u * cdf[:, -1:]).sum(axis=-1)
+        return xp.minimum(nxt, probs.shape[-1] - 1)

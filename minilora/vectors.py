@@ -402,6 +402,11 @@ def _cases() -> list[Case]:
             F.causal_self_attention,
             {"q": _u((2, 2, 4, 3)), "k": _u((2, 2, 4, 3)), "v": _u((2, 2, 4, 3))},
         ),
+        _op(  # two new queries against five positions' keys (a KV cache's step)
+            "cached_attention",
+            F.cached_attention,
+            {"q": _u((2, 2, 2, 3)), "k": _u((2, 2, 5, 3)), "v": _u((2, 2, 5, 3))},
+        ),
         _lora_layer_case("lora_layer", use_rslora=False),
         _lora_layer_case("lora_layer_rslora", use_rslora=True),
         _gpt_case(),

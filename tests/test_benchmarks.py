@@ -127,3 +127,34 @@ def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
     assert report["gpu_vs_cpu"] == {"speedup": 3.0}
     assert [t["met"] for t in report["targets"]] == ["met", "met"]
     assert report["failed_scripts"] == []
+
+
+def test_generate_quick_gives_the_tokens_of_pytorch_with_a_kv_cache(bench_module, tmp_path):
+    result = run_quick(bench_module, "generate", tmp_path)
+    (row,) = result["rows"]
+    assert row["config"] == "tiny" and row["batch_size"] == 1
+    check_summary(row["minilora"])
+    check_summary(row["no_cache"])
+    assert row["tokens_per_s"]["minilora"] > 0
+    if "torch_sdpa" in row:  # with PyTorch: the same greedy tokens from the same weights
+        assert row["same_tokens_as_torch"] is True
+        assert row["minilora_over_torch_sdpa"]["ratio"] > 0
+        assert "met" in result["target"]
+
+
+@pytest.mark.oracle
+def test_seq_len_quick_times_three_engines_from_the_same_weights(bench_module, tmp_path):
+    pytest.importorskip("torch", reason="the PyTorch side of the comparison needs torch")
+    result = run_quick(bench_module, "seq_len", tmp_path, "--no-memory")
+    (row,) = result["rows"]
+    assert row["T"] == 64 and result["target"]["T"] == 64
+    for engine in ("minilora", "torch_explicit", "torch_sdpa"):
+        check_summary(row[engine])
+    losses = row["first_loss"]  # the same weights and batch: the same first loss
+    assert losses["torch_sdpa"] == pytest.approx(losses["minilora"], rel=1e-4)
+    assert losses["torch_explicit"] == pytest.approx(losses["minilora"], rel=1e-4)
+
+
+def test_seq_len_measures_a_step_peak_memory_in_a_fresh_process(bench_module):
+    peak = bench_module("seq_len").peak_memory("minilora", 64, 1, tokens=128)
+    assert peak > 0

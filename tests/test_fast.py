@@ -46,6 +46,14 @@ def inputs_for(op: type, shape: tuple, rng: np.random.Generator, dtype) -> tuple
         return [x * 4, targets], {"ignore_index": -100}
     if op is F.CausalSelfAttention:
         return [x, rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)], {}
+    if op is F.EmbeddingFunction:  # ids (shape[:-1]) with repeats, a (V, C) table
+        V = 5
+        ids = rng.integers(0, V, size=shape[:-1])
+        return [ids, rng.normal(size=(V, shape[-1])).astype(dtype)], {}
+    if op is F.CachedAttention:  # shape is q's; the keys hold 3 positions more
+        kv_shape = (*shape[:2], shape[2] + 3, shape[3])
+        k, v = (rng.normal(size=kv_shape).astype(dtype) for _ in range(2))
+        return [x, k, v], {}
     raise AssertionError(f"no inputs for {op.__name__}: add them when a fast op is added")
 
 
@@ -62,6 +70,8 @@ SHAPES = {
     F.LayerNormFunction: [(1, 1), (2, 3, 8), (700, 130)],
     F.SoftmaxCrossEntropy: [(2, 3), (2, 4, 9), (600, 130)],
     F.CausalSelfAttention: [(1, 1, 1, 2), (2, 3, 5, 4), (40, 1, 64, 8)],  # 40 rows: 3 blocks
+    F.CachedAttention: [(2, 3, 1, 4), (2, 3, 5, 4), (16, 2, 3, 8)],  # one query, and several
+    F.EmbeddingFunction: [(1, 3), (2, 7, 4), (64, 18, 16)],  # output (ids..., C)
 }
 
 
@@ -81,7 +91,7 @@ def test_fast_op_equals_reference_op(op, dtype, seed, which, data):
     floating = [np.issubdtype(a.dtype, np.floating) for a in arrays]
     trainable = [f and data.draw(st.booleans()) for f in floating]
     if not any(trainable):
-        trainable[0] = True  # something must need a gradient for a backward to run
+        trainable[floating.index(True)] = True  # something must need a gradient
     # the upstream gradient (a loss takes none: its gradient is 1)
     g = None if op is F.SoftmaxCrossEntropy else rng.normal(size=shape).astype(dtype)
     ref_out, ref_grads = run(op, arrays, settings, trainable, g)

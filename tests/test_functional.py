@@ -565,6 +565,29 @@ def test_causal_self_attention_ignores_the_future():
     np.testing.assert_array_equal(y1[..., 0, :], v[..., 0, :])  # position 0 sees only itself
 
 
+@given(shape=attention_shapes(), new=st.integers(1, 4), data=st.data())
+def test_cached_attention_is_the_last_rows_of_causal_attention(shape, new, data):
+    """The newest Tq queries against all Tk keys give the last Tq rows of the full causal
+    attention (what a KV cache relies on), with its backward gradchecked."""
+    Tq = min(new, shape[2])
+    q, k, v = (data.draw(arrays(shape)) for _ in range(3))
+    frozen = data.draw(frozen_subsets(3))
+    q_new = q[..., shape[2] - Tq :, :]
+    out = F.cached_attention(T64(q_new), T64(k), T64(v))
+    np.testing.assert_allclose(
+        out.data, np_attention(q, k, v)[..., shape[2] - Tq :, :], rtol=1e-12, atol=1e-14
+    )
+    assert gradcheck(F.cached_attention, [q_new, k, v], no_grads=frozen)
+
+
+def test_cached_attention_refuses_more_queries_than_keys():
+    q = T64(np.zeros((1, 2, 3, 4)))
+    with pytest.raises(ValueError, match=r"Tq <= Tk, got \(1, 2, 3, 4\), \(1, 2, 2, 4\)"):
+        F.cached_attention(q, T64(np.zeros((1, 2, 2, 4))), T64(np.zeros((1, 2, 2, 4))))
+    with pytest.raises(ValueError, match="cached_attention"):
+        F.cached_attention(q, T64(np.zeros((1, 2, 3, 5))), T64(np.zeros((1, 2, 3, 5))))
+
+
 # --------------------------------------------------------------------------------------
 # Work done by the backward (counted, never timed)
 # --------------------------------------------------------------------------------------

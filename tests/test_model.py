@@ -5,13 +5,25 @@ import math
 
 import numpy as np
 import pytest
-from helpers import TINY, make_gpt, randomize_weights
+from helpers import TINY, TINY_2x2, make_gpt, randomize_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import float_dtypes, gpt_configs, seeds, token_batches
 
 import minilora
-from minilora import GPT, AdamW, GPTConfig, backend, gradcheck, no_grad
+from minilora import (
+    GPT,
+    AdamW,
+    GPTConfig,
+    KVCache,
+    LoRAConfig,
+    apply_lora,
+    backend,
+    gradcheck,
+    merge_lora,
+    no_grad,
+)
+from minilora.accounting import kv_cache_bytes
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")
@@ -252,6 +264,81 @@ def test_generate_sampling_is_seeded_and_stays_in_the_vocabulary():
         model.generate(idx, 1, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(idx, 1, top_k=12)
+
+
+# --------------------------------------------------------------------------------------
+# Incremental decoding with a KV cache
+# --------------------------------------------------------------------------------------
+
+
+def _adapted(model: GPT, how: str | None) -> GPT:
+    """``model`` as it is, or with LoRA on every attention and MLP layer (non-zero B), merged
+    or not: the cache must give the same tokens whichever layers compute the keys."""
+    if how is None:
+        return model
+    apply_lora(
+        model, LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "fc1"])
+    )
+    randomize_weights(model, 7, scale=0.5)  # B != 0: the bypass changes every key
+    if how == "merged":
+        merge_lora(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("lora", [None, "unmerged", "merged"])
+@pytest.mark.parametrize("prompt_len", [1, 2, 5, 6])  # block_size 6: the last fills it
+@pytest.mark.parametrize("temperature, top_k", [(0, None), (1.0, None), (0.8, 3)])
+def test_generate_with_a_kv_cache_gives_the_tokens_of_the_full_window(
+    lora, prompt_len, temperature, top_k
+):
+    """Token for token what recomputing the window every step gives, greedy and seeded
+    sampling, past block_size (where the window is cropped and the cache dropped)."""
+    model = _adapted(randomize_weights(make_gpt(TINY_2x2, 3), 3, scale=0.5), lora)
+    idx = np.random.default_rng(prompt_len).integers(0, TINY_2x2.vocab_size, (3, prompt_len))
+    n_new = 2 * TINY_2x2.block_size  # well past block_size
+    cached = model.generate(idx, n_new, temperature, top_k, backend.Generator(11))
+    full = model.generate(idx, n_new, temperature, top_k, backend.Generator(11), use_cache=False)
+    assert cached.shape == (3, prompt_len + n_new)
+    np.testing.assert_array_equal(cached, full)
+    if temperature:  # the sampled tokens really depend on the random stream
+        other = model.generate(idx, n_new, temperature, top_k, backend.Generator(12))
+        assert not np.array_equal(other, cached)
+
+
+@pytest.mark.parametrize("lora", [None, "unmerged", "merged"])
+def test_forward_cached_equals_the_full_forward_in_chunks(lora):
+    """Feeding a sequence in pieces (3, then 1, then 2 positions) gives the rows of the
+    whole sequence's logits, and the cache then holds every position's keys."""
+    model = _adapted(randomize_weights(make_gpt(TINY_2x2, 1, dtype=np.float64), 1), lora)
+    idx = np.random.default_rng(0).integers(0, TINY_2x2.vocab_size, (2, 6))
+    cache = model.kv_cache(2)
+    assert isinstance(cache, KVCache) and cache.length == 0
+    with no_grad():
+        want = model(idx)[0].numpy()
+        pieces = [model.forward_cached(idx[:, a:b], cache) for a, b in [(0, 3), (3, 4), (4, 6)]]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), want, rtol=1e-12, atol=1e-12)
+    assert cache.length == 6
+    hs = TINY_2x2.n_embd // TINY_2x2.n_head
+    assert cache.keys[0].shape == (2, TINY_2x2.n_head, TINY_2x2.block_size, hs)
+    cached_bytes = sum(a.nbytes for a in cache.keys + cache.values)
+    assert cached_bytes == kv_cache_bytes(TINY_2x2, batch_size=2, dtype="float64")
+
+
+def test_forward_cached_refuses_a_graph_an_overflow_and_another_batch():
+    model = make_gpt(TINY_2x2, 0)
+    cache = model.kv_cache(2)
+    idx = np.zeros((2, 4), dtype=np.int64)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.forward_cached(idx, cache)
+    with no_grad():
+        model.forward_cached(idx, cache)
+        with pytest.raises(ValueError, match="holds 4 positions and idx adds 4.*block_size=6"):
+            model.forward_cached(idx, cache)
+        with pytest.raises(ValueError, match="batch 3"):
+            model.forward_cached(np.zeros((3, 1), dtype=np.int64), cache)
+        with pytest.raises(ValueError, match="idx contains id -1"):
+            model.forward_cached(np.full((2, 1), -1), cache)
+    assert cache.length == 4  # refused calls store nothing
 
 
 # --------------------------------------------------------------------------------------

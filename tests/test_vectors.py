@@ -130,7 +130,7 @@ def test_another_seed_gives_other_inputs(tmp_path):
 
 def test_cli_out_writes_the_set(tmp_path, capsys):
     assert cli.main(["vectors", "--out", str(tmp_path / "v"), "--dtype", "float32"]) == 0
-    assert "wrote 29 cases (float32, seed 0)" in capsys.readouterr().out
+    assert "wrote 30 cases (float32, seed 0)" in capsys.readouterr().out
     assert json.loads((tmp_path / "v" / "manifest.json").read_text())["dtype"] == "float32"
 
 
