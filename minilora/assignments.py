@@ -3,7 +3,7 @@
 An assignment is a list of tasks; a task names the functions or methods a student writes
 (its *targets*, ``"functional:LayerNormFunction.backward"`` = module ``minilora.functional``,
 qualified name ``LayerNormFunction.backward``), its points, and the checks in
-``minilora/grading.py`` that grade it.
+``minilora/checks.py`` that grade it.
 
 A student copy is this package, copied, with only the assignment's targets stubbed: each
 keeps its signature and docstring, and its body becomes::

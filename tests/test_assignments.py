@@ -376,6 +376,20 @@ def test_the_report_notes_files_changed_outside_the_tasks(tmp_path, capsys):
     assert out.strip().endswith("differ from the installed minilora's: gradcheck.py")
 
 
+def test_a_students_own_checks_change_nothing(tmp_path, capsys):
+    """The checks come from the installed library: a copy whose checks.py passes every task
+    is still graded by the real ones."""
+    package = assignments.make_copy("a3", tmp_path)
+    (package / "checks.py").write_text(
+        "import collections\n\n\nclass CheckFailed(Exception):\n    pass\n\n\n"
+        "class Context:\n    pass\n\n\nCHECKS = collections.defaultdict(list)\n"
+    )
+    assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2"]) == 1
+    out = capsys.readouterr().out
+    assert "not implemented: Task a3.2" in out
+    assert out.strip().endswith("differ from the installed minilora's: checks.py")
+
+
 def test_hidden_tests_grade_their_task(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()

@@ -236,6 +236,7 @@ LAYERS = [
     "demo",
     "exercises",
     "assignments",
+    "checks",
     "grading",
     "cli",
 ]
