@@ -16,7 +16,11 @@ CUDA kernel gets for free and NumPy does not:
   times faster than ``max``, which propagates NaN element by element (both give NaN for
   a row that holds NaN, once through the softmax);
 * **a cached causal mask** of 0 and -inf, added to the scores (faster than assigning
-  -inf through a boolean index).
+  -inf through a boolean index);
+* **less work and memory by blocks**: causal attention takes the queries 64 rows at a
+  time against their key prefix, never computing the future above the diagonal blocks,
+  and keeps a log-sum-exp per row instead of the T×T probabilities (recomputed in the
+  backward).
 
 Importing minilora registers these classes in ``functional.FAST_OPS``; they run unless
 ``MINILORA_OPS=reference`` or ``functional.set_ops("reference")``. Measurements of what
