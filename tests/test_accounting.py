@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from minilora import GPT, SGD, AdamW, GPTConfig, LoRAConfig, apply_lora, backend, lora_state_dict
 from minilora import accounting as acc
+from minilora import functional as F
 from minilora.accounting import LoRASpec, ModelShape
 from minilora.lora import BIAS_MODES, count_parameters, print_trainable_parameters
 
@@ -268,6 +269,14 @@ def test_training_step_equals_the_trace_over_several_query_blocks(spec):
     check_step(config, False, spec, 2, 150, "adamw", np.float32)  # 64 + 64 + 22 query rows
 
 
+def test_the_trace_follows_its_ops_argument(ops):
+    shape = ModelShape(2, 32, 4, vocab_size=10, block_size=130)
+    here = acc.trace_step(shape, None, 2, 130)  # the engine's path now: ops
+    with F.use_ops("reference" if ops == "fast" else "fast"):
+        assert acc.trace_step(shape, None, 2, 130, ops=ops).records == here.records
+        assert acc.trace_step(shape, None, 2, 130).records != here.records
+
+
 def test_lora_backward_has_no_weight_gradient_and_full_backward_is_twice_forward(ops):
     shape = ModelShape(4, 32, 4, vocab_size=50, block_size=16)
     spec = LoRASpec(["q_proj", "v_proj"], 4)
@@ -445,6 +454,8 @@ def test_other_bad_input():
         acc.flops_per_token(shape, None, 9)
     with pytest.raises(ValueError, match="optimizer="):
         acc.train_memory(shape, None, optimizer="lion")
+    with pytest.raises(ValueError, match=r"ops='quick' is not one of \('fast', 'reference'\)"):
+        acc.trace_step(shape, None, 1, 8, ops="quick")
     with pytest.raises(ValueError, match="dtype="):
         acc.dtype_bytes("int8")
     with pytest.raises(ValueError, match="divisible"):
