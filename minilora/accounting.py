@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
+from minilora import fast
+from minilora import functional as F
 from minilora.functional import check_probability
 from minilora.lora import LoRAConfig, check_bias_mode, check_rank
 from minilora.model import GPTConfig, check_positive_int, check_sizes
@@ -398,7 +400,9 @@ def _trainability(s: ModelShape, spec: LoRASpec | None):
     return linear, ln, spec is None
 
 
-def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None) -> StepTrace:
+def trace_step(
+    shape, lora=None, batch_size: int = 1, seq_len: int | None = None, ops: str | None = None
+) -> StepTrace:
     """Walk minilora's GPT forward + backward symbolically (see the class docstring).
 
     A node exists, and saves what its backward needs, only when one of its inputs requires
@@ -408,8 +412,15 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
     one ``Function`` in functional.py; tests compare the result with a real step, exactly.
     Dropout masks are counted when ``shape.dropout`` / ``lora.lora_dropout`` are non-zero
     (training mode); they change no matrix product.
+
+    ``ops``: the path traced, ``"fast"`` or ``"reference"`` (default: the one the engine
+    runs on now, ``functional.get_ops()``). They differ in attention only: the reference
+    multiplies over the whole T×T square and saves P; the fast path multiplies each block
+    of query rows with its key prefix only, saves a log-sum-exp per row instead of P, and
+    recomputes each block's scores in the backward.
     """
     s, spec = _shape(shape), _spec(lora)
+    ops = F.get_ops() if ops is None else F._check_ops(ops, "trace_step: ops")
     B = batch_size
     T = s.block_size if seq_len is None else seq_len
     check_positive_int("trace_step", "batch_size", B)
@@ -473,24 +484,37 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
             mm("backward", "linear.dinput", 2 * N * n_out * n_in)
         return key + ".out", True
 
-    def attention(key, q, k, v):  # CausalSelfAttention saves P (B, nh, T, T) and q, k, v
-        square = 2 * B * T * T * C  # each product over the full T×T square, all heads
-        mm("forward", "attention.scores", square)
-        mm("forward", "attention.values", square)
+    # attention's products: one over the T×T square (reference), or one per block of query
+    # rows against its key prefix (fast path), each 2·B·C·rows·keys over all heads
+    if ops == "fast":
+        products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.query_blocks(T)]
+    else:
+        products = [2 * B * T * T * C]
+
+    def attention(key, q, k, v):  # saves q, k, v and P (B, nh, T, T), or lse (B, nh, T)
+        for f in products:
+            mm("forward", "attention.scores", f)
+            mm("forward", "attention.values", f)
         (q, q_rg), (k, k_rg), (v, v_rg) = q, k, v
         if not (q_rg or k_rg or v_rg):
             return key + ".out", False
-        save(key + ".P", B * nh * T * T)
+        if ops == "fast":
+            save(key + ".lse", B * nh * T)
+        else:
+            save(key + ".P", B * nh * T * T)
         for t in (q, k, v):
             save(t, N * C)
-        if v_rg:
-            mm("backward", "attention.dv", square)
-        if q_rg or k_rg:
-            mm("backward", "attention.dP", square)
-        if q_rg:
-            mm("backward", "attention.dq", square)
-        if k_rg:
-            mm("backward", "attention.dk", square)
+        for f in products:
+            if ops == "fast":  # P recomputed from q, k and lse
+                mm("backward", "attention.scores", f)
+            if v_rg:
+                mm("backward", "attention.dv", f)
+            if q_rg or k_rg:
+                mm("backward", "attention.dP", f)
+            if q_rg:
+                mm("backward", "attention.dq", f)
+            if k_rg:
+                mm("backward", "attention.dk", f)
         return key + ".out", True  # (B, T, C) after merging heads: a new array
 
     def block(i, x_rg):
@@ -537,8 +561,10 @@ def trace_step(shape, lora=None, batch_size: int = 1, seq_len: int | None = None
 def flops_per_token(shape, lora=None, seq_len: int | None = None) -> dict:
     """Matmul FLOPs per token of one training step (forward, backward, total).
 
-    Every product scales with N = B·T rows except attention's, which scale with B·T²; per
-    token both are exact integers and do not depend on the batch size.
+    Every product scales with N = B·T rows except attention's, which scale with B·T² (the
+    reference ops) or with B·K(T), K(T) = Σ rows·keys over the blocks of query rows (the
+    fast path). Per token they do not depend on the batch size and are exact integers,
+    except K(T)/T on the fast path once T spans several blocks: rounded down here.
     """
     s = _shape(shape)
     tr = trace_step(s, lora, 1, seq_len)
@@ -583,10 +609,12 @@ def activation_bytes(
 ) -> int:
     """Bytes of the floating arrays the graph saves for the backward pass, in ``dtype``.
 
-    Full fine-tuning, dropout off, per block: (16·C + 2)·N + nh·B·T² elements (see
-    docs/accounting.md), plus ln_f and the softmax: 2·N·C + N + N·V. Not included: the
-    integer token ids and targets, the logits the model returns, and the transient
-    gradient arrays of the backward pass itself.
+    Full fine-tuning, dropout off, per block: (16·C + 2)·N + nh·B·T² elements on the
+    reference ops, (16·C + 2)·N + nh·B·T on the fast path (see docs/accounting.md), plus
+    ln_f and the softmax: 2·N·C + N + N·V. The path is the engine's current one
+    (``functional.get_ops()``), as for every function here built on ``trace_step``. Not
+    included: the integer token ids and targets, the logits the model returns, and the
+    transient gradient arrays of the backward pass itself.
     """
     return trace_step(shape, lora, batch_size, seq_len).activation_elements * dtype_bytes(dtype)
 

@@ -16,7 +16,11 @@ CUDA kernel gets for free and NumPy does not:
   times faster than ``max``, which propagates NaN element by element (both give NaN for
   a row that holds NaN, once through the softmax);
 * **a cached causal mask** of 0 and -inf, added to the scores (faster than assigning
-  -inf through a boolean index).
+  -inf through a boolean index);
+* **less work and memory by blocks**: causal attention takes the queries 64 rows at a
+  time against their key prefix, never computing the future above the diagonal blocks,
+  and keeps a log-sum-exp per row instead of the T×T probabilities (recomputed in the
+  backward).
 
 Importing minilora registers these classes in ``functional.FAST_OPS``; they run unless
 ``MINILORA_OPS=reference`` or ``functional.set_ops("reference")``. Measurements of what
@@ -197,40 +201,83 @@ def _causal_mask(T: int, dtype, xp):
     return _causal_masks[key]
 
 
+#: Query rows causal attention processes at a time (see CausalSelfAttention below)
+QUERY_ROWS = 64
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """The (start, end) of each block of query rows: rows start .. end-1 see keys 0 .. end-1.
+    ``accounting.trace_step`` counts the fast path's attention products from these."""
+    return [(i, min(i + QUERY_ROWS, T)) for i in range(0, T, QUERY_ROWS)]
+
+
 class CausalSelfAttention(F.CausalSelfAttention):
-    """``functional.CausalSelfAttention`` with the mask added from a cache and the softmax
-    and dS computed in place, batch elements block by block."""
+    """``functional.CausalSelfAttention`` by blocks of query rows, never forming the future.
+
+    Query rows i0 .. i1-1 are multiplied only with keys 0 .. i1-1 (their past and the block
+    itself): the blocks of the T×T square above the diagonal, which the mask would set to
+    0 anyway, are never computed (at T = 512, 56% of the square's products). Only the
+    block's own (n, n) diagonal square needs the mask.
+
+    Nothing of size T×T is kept: the forward saves q, k, v and each row's log-sum-exp,
+    lse = max + log Σ exp(S - max) (B, nh, T), and the backward recomputes each block's
+    P = exp(S - lse) from q and k (one more product, recorded as a backward
+    ``attention.scores``). A block holds whole rows of P and dP, so softmax's backward
+    needs no saved output: D = Σ_row dP·P, dS = P · (dP - D), as in the reference (equal
+    to FlashAttention-2's D = Σ_row dO·O, since dP = dO vᵀ and O = P v).
+    """
 
     def forward(self, q, k, v):
         F._check_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
-        scores = mm(q, F._swap(k), "attention.scores")  # (B, nh, T, T)
-        future = _causal_mask(T, scores.dtype, xp)
-        for b in _blocks(scores):
-            s = scores[b]
-            s *= self.scale
-            s += future  # the future to -inf
-            _softmax_(s, axis=-1)  # P, in the scores' buffer
-        self.P = scores  # (B, nh, T, T)
+        y = xp.empty_like(q)  # (B, nh, T, hs)
+        lse = xp.empty(q.shape[:3], dtype=q.dtype)  # (B, nh, T)
+        for i0, i1 in query_blocks(T):
+            s = self._scores(q, k, i0, i1)  # (B, nh, n, i1), n = i1 - i0
+            m = _max_keepdims(s, -1)  # (B, nh, n, 1)
+            s -= m
+            xp.exp(s, out=s)
+            total = s.sum(axis=-1, keepdims=True)
+            s /= total  # P of these rows
+            lse[:, :, i0:i1] = (m + xp.log(total))[..., 0]
+            y[:, :, i0:i1] = mm(s, v[:, :, :i1], "attention.values")  # (B, nh, n, hs)
+        self.lse = lse
         self.q, self.k, self.v = q, k, v
-        return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
+        return y
+
+    def _scores(self, q, k, i0: int, i1: int):
+        """S / √hs of query rows i0 .. i1-1 against keys 0 .. i1-1, the future at -inf."""
+        xp = backend.get_array_module(q)
+        s = mm(q[:, :, i0:i1], F._swap(k[:, :, :i1]), "attention.scores")  # (B, nh, n, i1)
+        s *= self.scale
+        s[..., i0:] += _causal_mask(i1 - i0, s.dtype, xp)  # the diagonal (n, n) square
+        return s
 
     def backward(self, g):
         need_q, need_k, need_v = self.needs_input_grad
-        P = self.P
-        dv = mm(F._swap(P), g, "attention.dv") if need_v else None
-        dq = dk = None
-        if need_q or need_k:
-            dS = mm(g, F._swap(self.v), "attention.dP")  # dP (B, nh, T, T), then in place:
-            for b in _blocks(dS):
-                d, p = dS[b], P[b]
-                d -= (d * p).sum(axis=-1, keepdims=True)
-                d *= p
-                d *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
-            dq = mm(dS, self.k, "attention.dq") if need_q else None
-            dk = mm(F._swap(dS), self.q, "attention.dk") if need_k else None
+        xp = backend.get_array_module(g)
+        q, k, v = self.q, self.k, self.v
+        dq = xp.empty_like(q) if need_q else None  # each row written once
+        dk = xp.zeros_like(k) if need_k else None  # summed over the blocks that see a key
+        dv = xp.zeros_like(v) if need_v else None
+        for i0, i1 in query_blocks(q.shape[2]):
+            gb = g[:, :, i0:i1]  # (B, nh, n, hs)
+            p = self._scores(q, k, i0, i1)
+            p -= self.lse[:, :, i0:i1, None]
+            xp.exp(p, out=p)  # P (B, nh, n, i1), again
+            if need_v:
+                dv[:, :, :i1] += mm(F._swap(p), gb, "attention.dv")
+            if need_q or need_k:
+                ds = mm(gb, F._swap(v[:, :, :i1]), "attention.dP")  # dP, then in place:
+                ds -= (ds * p).sum(axis=-1, keepdims=True)
+                ds *= p
+                ds *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
+                if need_q:
+                    dq[:, :, i0:i1] = mm(ds, k[:, :, :i1], "attention.dq")
+                if need_k:
+                    dk[:, :, :i1] += mm(F._swap(ds), q[:, :, i0:i1], "attention.dk")
         return dq, dk, dv
 
 

@@ -27,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from minilora import GPT, SGD, AdamW, GPTConfig, LoRAConfig, apply_lora, backend, lora_state_dict
 from minilora import accounting as acc
+from minilora import functional as F
 from minilora.accounting import LoRASpec, ModelShape
 from minilora.lora import BIAS_MODES, count_parameters, print_trainable_parameters
 
@@ -206,9 +207,9 @@ def check_step(config, tied, spec, B, T, optimizer, dtype):
     trace = acc.trace_step(shape, spec, B, T)
     assert Counter((r.name, r.flops) for r in fwd.records) == trace.by_name("forward")
     assert Counter((r.name, r.flops) for r in bwd.records) == trace.by_name("backward")
-    per_token = acc.flops_per_token(shape, spec, T)
-    assert per_token["forward"] * B * T == fwd.flops
-    assert per_token["backward"] * B * T == bwd.flops
+    per_token = acc.flops_per_token(shape, spec, T)  # rounded down where not an integer
+    assert per_token["forward"] == fwd.flops // (B * T)
+    assert per_token["backward"] == bwd.flops // (B * T)
 
     name = np.dtype(dtype).name
     memory = acc.train_memory(shape, spec, name, B, T, optimizer)
@@ -262,12 +263,28 @@ def test_training_step_equals_the_trace_for_known_cases(config, tied, spec):
     check_step(config, tied, spec, 2, 5, "adamw", np.float32)
 
 
-def test_lora_backward_has_no_weight_gradient_and_full_backward_is_twice_forward():
+@pytest.mark.parametrize("spec", [None, LoRASpec(["q_proj", "v_proj"], 2)])
+def test_training_step_equals_the_trace_over_several_query_blocks(spec):
+    config = dataclasses.replace(CONFIG, block_size=150)
+    check_step(config, False, spec, 2, 150, "adamw", np.float32)  # 64 + 64 + 22 query rows
+
+
+def test_the_trace_follows_its_ops_argument(ops):
+    shape = ModelShape(2, 32, 4, vocab_size=10, block_size=130)
+    here = acc.trace_step(shape, None, 2, 130)  # the engine's path now: ops
+    with F.use_ops("reference" if ops == "fast" else "fast"):
+        assert acc.trace_step(shape, None, 2, 130, ops=ops).records == here.records
+        assert acc.trace_step(shape, None, 2, 130).records != here.records
+
+
+def test_lora_backward_has_no_weight_gradient_and_full_backward_is_twice_forward(ops):
     shape = ModelShape(4, 32, 4, vocab_size=50, block_size=16)
     spec = LoRASpec(["q_proj", "v_proj"], 4)
     assert acc.trace_step(shape, spec, 2, 16).flops("backward", "linear.dweight") == 0
     full = acc.flops_per_token(shape, None)
-    assert full["backward"] == 2 * full["forward"]  # every product gets dinput + dweight
+    # every product gets dinput + dweight; the fast path also recomputes attention's scores
+    recomputed = 2 * 16 * 32 * 4 if ops == "fast" else 0  # 2·T·C per token and layer
+    assert full["backward"] == 2 * full["forward"] + recomputed
     cmp = acc.flops_comparison(shape, spec)
     assert 0 < cmp["weight_gradient_share"] < 0.5
     assert cmp["lora"]["backward"] < cmp["full_ft"]["backward"]
@@ -283,35 +300,48 @@ shapes = st.builds(
     st.integers(1, 8),
     st.integers(1, 16),
     st.integers(2, 500),
-    st.integers(1, 64),
+    st.integers(1, 300),  # up to 5 blocks of 64 query rows on the fast path
 )
 
 
 @given(shapes, st.integers(1, 4), st.data())
-def test_closed_forms_in_the_docs(shape, B, data):
+def test_closed_forms_in_the_docs(ops, shape, B, data):
     L, C, V, nh = shape.n_layer, shape.n_embd, shape.vocab_size, shape.n_head
     T = data.draw(st.integers(1, shape.block_size), label="T")
     r = data.draw(st.integers(1, C), label="r")
     N = B * T
+    # per sequence, the (query, key) pairs each attention product covers, and what
+    # attention saves besides q, k, v: the reference's T×T square and P; the fast path's
+    # blocks of Q = 64 query rows, each against its key prefix, and one lse per row
+    Q, m = 64, -(-T // 64)
+    K = T * T if ops == "reference" else Q * Q * m * (m - 1) // 2 + T * (T - (m - 1) * Q)
+    saved = nh * B * T * T if ops == "reference" else nh * B * T
+    recompute = 0 if ops == "reference" else 1  # the fast backward recomputes the scores
 
-    # full fine-tuning
-    fwd = 2 * (12 * C * C * L + C * V) + 4 * T * C * L
-    full = acc.flops_per_token(shape, None, T)
-    assert (full["forward"], full["backward"]) == (fwd, 2 * fwd)
-    act = L * (16 * N * C + 2 * N + nh * B * T * T) + 2 * N * C + N + N * V
+    tr_full = acc.trace_step(shape, None, B, T)
+    tr_lora = acc.trace_step(shape, LoRASpec(["q_proj", "v_proj"], r), B, T)
+
+    # full fine-tuning: forward and backward over the whole step, in FLOPs
+    fwd = N * 2 * (12 * C * C * L + C * V) + 4 * B * K * C * L
+    bwd = 2 * fwd + recompute * 2 * B * K * C * L
+    assert (tr_full.flops("forward"), tr_full.flops("backward")) == (fwd, bwd)
+    act = L * (16 * N * C + 2 * N + saved) + 2 * N * C + N + N * V
     assert acc.activation_bytes(shape, None, "float32", B, T) == 4 * act
 
     # LoRA on q_proj and v_proj, rank r, no bias
     spec = LoRASpec(["q_proj", "v_proj"], r)
-    lo = acc.flops_per_token(shape, spec, T)
-    assert lo["forward"] == fwd + 8 * C * r * L
-    block0 = 18 * C * C + 6 * T * C + 12 * C * r
-    rest = 24 * C * C + 8 * T * C + 16 * C * r
-    assert lo["backward"] == block0 + (L - 1) * rest + 2 * C * V
-    act0 = 9 * N * C + 2 * N * r + N + nh * B * T * T
-    act_rest = 10 * N * C + 2 * N * r + 2 * N + nh * B * T * T
+    assert tr_lora.flops("forward") == fwd + N * 8 * C * r * L
+    block0 = N * (18 * C * C + 12 * C * r) + (6 + 2 * recompute) * B * K * C
+    rest = N * (24 * C * C + 16 * C * r) + (8 + 2 * recompute) * B * K * C
+    assert tr_lora.flops("backward") == block0 + (L - 1) * rest + N * 2 * C * V
+    act0 = 9 * N * C + 2 * N * r + N + saved
+    act_rest = 10 * N * C + 2 * N * r + 2 * N + saved
     expected = act0 + (L - 1) * act_rest + N * C + N + N * V
     assert acc.activation_bytes(shape, spec, "float16", B, T) == 2 * expected
+
+    # per token: the same, divided by N (rounded down where the fast path's K/T is not whole)
+    assert acc.flops_per_token(shape, None, T)["forward"] == fwd // N
+    assert acc.flops_per_token(shape, spec, T)["backward"] == tr_lora.flops("backward") // N
 
     # parameters: |Θ| = 2·L̂·d·r for square matrices
     assert acc.lora_params(shape, spec) == 2 * (2 * L) * C * r
@@ -424,6 +454,8 @@ def test_other_bad_input():
         acc.flops_per_token(shape, None, 9)
     with pytest.raises(ValueError, match="optimizer="):
         acc.train_memory(shape, None, optimizer="lion")
+    with pytest.raises(ValueError, match=r"ops='quick' is not one of \('fast', 'reference'\)"):
+        acc.trace_step(shape, None, 1, 8, ops="quick")
     with pytest.raises(ValueError, match="dtype="):
         acc.dtype_bytes("int8")
     with pytest.raises(ValueError, match="divisible"):

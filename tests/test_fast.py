@@ -69,7 +69,8 @@ SHAPES = {
     F.GELU: [(3,), (2, 5, 7), (300, 257)],  # 77,100 elements: two blocks
     F.LayerNormFunction: [(1, 1), (2, 3, 8), (700, 130)],
     F.SoftmaxCrossEntropy: [(2, 3), (2, 4, 9), (600, 130)],
-    F.CausalSelfAttention: [(1, 1, 1, 2), (2, 3, 5, 4), (40, 1, 64, 8)],  # 40 rows: 3 blocks
+    # one query block; three (64 + 64 + 22 rows, T not a multiple of 64); three exactly
+    F.CausalSelfAttention: [(2, 3, 5, 4), (2, 2, 150, 8), (3, 1, 192, 4)],
     F.CachedAttention: [(2, 3, 1, 4), (2, 3, 5, 4), (16, 2, 3, 8)],  # one query, and several
     F.EmbeddingFunction: [(1, 3), (2, 7, 4), (64, 18, 16)],  # output (ids..., C)
 }

@@ -553,6 +553,15 @@ def test_causal_self_attention_backward(shape, data):
     assert gradcheck(F.causal_self_attention, [q, k, v], no_grads=frozen)
 
 
+def test_causal_self_attention_backward_over_several_query_blocks():
+    """T = 130: three of the fast path's blocks of 64 query rows, the last of two rows."""
+    r = np.random.default_rng(1)
+    q, k, v = (r.normal(size=(1, 1, 130, 2)) for _ in range(3))
+    out = F.causal_self_attention(T64(q), T64(k), T64(v))
+    np.testing.assert_allclose(out.data, np_attention(q, k, v), rtol=1e-12, atol=1e-14)
+    assert gradcheck(F.causal_self_attention, [q, k, v])
+
+
 def test_causal_self_attention_ignores_the_future():
     r = np.random.default_rng(0)
     q, k, v = (r.normal(size=(1, 2, 4, 3)) for _ in range(3))
