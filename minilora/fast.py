@@ -165,12 +165,7 @@ class SoftmaxCrossEntropy(F.SoftmaxCrossEntropy):
         z = logits.reshape(-1, V)  # (N, V)
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index
-        n = int(valid.sum())
-        if n == 0:
-            raise ValueError(
-                f"softmax_cross_entropy: every target equals ignore_index={self.ignore_index}; "
-                "the mean loss over no targets is undefined"
-            )
+        n = F._count_targets(valid, self.ignore_index)
         rows = xp.arange(t.shape[0])
         safe_t = xp.where(valid, t, 0)
         shifted = z - _max_keepdims(z, 1)

@@ -778,12 +778,7 @@ class SoftmaxCrossEntropy(Function):
         z = logits.reshape(-1, V)  # (N, V)
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index  # (N,)
-        self.n = int(valid.sum())
-        if self.n == 0:
-            raise ValueError(
-                f"softmax_cross_entropy: every target equals ignore_index={self.ignore_index}; "
-                "the mean loss over no targets is undefined"
-            )
+        self.n = _count_targets(valid, self.ignore_index)
         shifted = z - z.max(axis=1, keepdims=True)  # (N, V), no overflow in exp
         logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # log softmax
         rows, safe_t = xp.arange(t.shape[0]), xp.where(valid, t, 0)  # ignored rows: any id
@@ -797,6 +792,17 @@ class SoftmaxCrossEntropy(Function):
         dz[xp.arange(dz.shape[0]), self.t] -= 1.0  # - onehot(target)
         dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)  # ignored rows: 0
         return dz.reshape(self.shape), None
+
+
+def _count_targets(valid, ignore_index: int) -> int:
+    """How many targets count (``valid``: not ``ignore_index``); none is an error."""
+    n = int(valid.sum())
+    if n == 0:
+        raise ValueError(
+            f"softmax_cross_entropy: every target equals ignore_index={ignore_index}; "
+            "the mean loss over no targets is undefined"
+        )
+    return n
 
 
 def _check_cross_entropy_inputs(logits, targets) -> None:
