@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import rng, seeds
 
 import minilora as ml
-from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
 from minilora.compress import METHODS, compressed, storage_bytes
 from minilora.lora import count_parameters
 from minilora.lowrank import LowRankLinear, low_rank_parameters, svd_compress

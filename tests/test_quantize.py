@@ -17,12 +17,12 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from helpers import TINY_2x2, make_gpt, randomize_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import rng, seeds
 
 import minilora as ml
-from helpers import TINY_2x2, make_gpt, randomize_weights
 from minilora import backend
 from minilora import functional as F
 from minilora.lora import count_parameters, lora_layers
