@@ -34,6 +34,13 @@ def storage_bytes(model: Module) -> int:
     return params + sum(layer.qweight.nbytes for _, layer in quantized_layers(model))
 
 
+def stored_parameters(model: Module) -> int:
+    """The weights a model represents: its parameters plus the values of every quantized
+    weight (which are not parameters). Pruned zeros still count: they are stored."""
+    params = sum(p.size for p in model.parameters())
+    return params + sum(layer.qweight.size for _, layer in quantized_layers(model))
+
+
 def compressed(base: Module, method: str, **options) -> Module:
     """A compressed copy of ``base`` (frozen; ``base`` itself is not changed):
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from strategies import rng, seeds
 
 import minilora as ml
-from minilora.compress import METHODS, compressed, storage_bytes
+from minilora.compress import METHODS, compressed, storage_bytes, stored_parameters
 from minilora.lora import count_parameters
 from minilora.lowrank import LowRankLinear, low_rank_parameters, svd_compress
 from minilora.prune import (
@@ -273,6 +273,7 @@ def test_storage_bytes_are_the_closed_forms():
     assert storage_bytes(compressed(base, "int8")) == float_rest + int8
     nf4 = L * sum(o * i // 2 + 4 * -(-(o * i) // 64) for o, i in shapes)
     assert storage_bytes(compressed(base, "nf4")) == float_rest + nf4
+    assert stored_parameters(compressed(base, "nf4")) == stored_parameters(base) == n_params
     svd = L * sum(4 * low_rank_parameters(i, o, 2) - 4 * o for o, i in shapes)  # bias in rest
     assert storage_bytes(compressed(base, "svd", rank=2)) == float_rest + svd
     # connection pruning stores its zeros densely: no bytes saved
