@@ -44,19 +44,17 @@ def stored_parameters(model: Module) -> int:
 def compressed(base: Module, method: str, **options) -> Module:
     """A compressed copy of ``base`` (frozen; ``base`` itself is not changed):
 
-    ============== =====================================================================
-    ``int8``       absmax int8, per output channel (``block_size="channel"``, the default)
-                   or per tensor (``block_size=None``)
-    ``int4``       4-bit absmax, blocks of ``block_size=64``, levels -7..7
-    ``nf4``        NF4, blocks of ``block_size=64``, ``double_quant=False``
-    ``svd``        truncated SVD to ``rank`` (required)
-    ``prune``      magnitude pruning of connections to ``sparsity`` (required),
-                   ``scope="layer"`` or ``"global"``
-    ``prune-neurons`` remove the fraction ``sparsity`` (required) of MLP hidden units
-    ``drop-blocks``   remove the Transformer blocks ``blocks`` (a list of indices)
-    ``qlora``      NF4 with double quantization, plus a LoRA adapter (``config``, a
-                   ``LoRAConfig``, default r=8 on q_proj and v_proj) that is trainable
-    ============== =====================================================================
+    * ``int8``: absmax int8, per output channel (``block_size="channel"``, the default) or
+      per tensor (``block_size=None``);
+    * ``int4``: 4-bit absmax in blocks of ``block_size=64``, levels -7..7;
+    * ``nf4``: NF4 in blocks of ``block_size=64``, ``double_quant=False``;
+    * ``svd``: truncated SVD to ``rank`` (required);
+    * ``prune``: magnitude pruning of connections to ``sparsity`` (required),
+      ``scope="layer"`` or ``"global"``;
+    * ``prune-neurons``: remove the fraction ``sparsity`` (required) of MLP hidden units;
+    * ``drop-blocks``: remove the Transformer blocks ``blocks`` (a list of indices);
+    * ``qlora``: NF4 with double quantization, plus a trainable LoRA adapter (``config``, a
+      ``LoRAConfig``, default r=8 on q_proj and v_proj).
 
     Quantization, SVD and connection pruning act on the Linear layers inside the blocks
     (``target_modules``, default ``quantize.BLOCK_LINEARS``); embeddings, layer norms and

@@ -6,13 +6,9 @@ keep its absmax ``c = max |w|`` (float32) and, per value, the index of the level
 to ``w / c`` in a sorted table of levels in [-1, 1]. Dequantizing is a table look-up:
 ``w' = levels[code] · c``.
 
-=========  ===========================================  =======================
-quant_type levels (normalised)                           bits per code
-=========  ===========================================  =======================
-``int8``   k / 127, k = -127..127 (absmax int8)          8, one code per byte
-``int4``   k / 7,   k = -7..7 (symmetric: -8 unused)     4, two codes per byte
-``nf4``    QLoRA's 16 normal-float values (:data:`NF4`)  4, two codes per byte
-=========  ===========================================  =======================
+* ``int8``: levels k / 127, k = -127..127 (absmax int8); 8 bits, one code per byte;
+* ``int4``: levels k / 7, k = -7..7 (symmetric: -8 unused); 4 bits, two codes per byte;
+* ``nf4``: QLoRA's 16 normal-float values (:data:`NF4`); 4 bits, two codes per byte.
 
 ``block_size=None`` makes the whole tensor one block (int8 "per tensor"); for a weight
 (out, in), ``block_size=in`` makes each output channel (row) one block ("per channel").
