@@ -14,6 +14,7 @@ SVD), or fewer connections, units or blocks (:mod:`minilora.prune`). QLoRA
 from __future__ import annotations
 
 import copy
+import inspect
 
 from minilora.lora import LoRAConfig
 from minilora.lowrank import svd_compress
@@ -62,9 +63,17 @@ def compressed(base: Module, method: str, **options) -> Module:
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r} must be one of {METHODS}")
+    build = _BUILDERS[method]
+    try:  # refuse a missing or unknown option before copying anything
+        inspect.signature(build).bind(base, **options)
+    except TypeError as e:
+        parameters = list(inspect.signature(build).parameters)[1:]
+        raise TypeError(
+            f"compressed(method={method!r}): {e}; its options are {parameters}"
+        ) from None
     model = copy.deepcopy(base)
     model.requires_grad_(False)
-    _BUILDERS[method](model, **options)
+    build(model, **options)
     return model
 
 

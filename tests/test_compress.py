@@ -284,9 +284,15 @@ def test_storage_bytes_are_the_closed_forms():
     assert storage_bytes(qlora) == float_rest + dq + adapters
 
 
-def test_an_unknown_method_is_refused():
+def test_an_unknown_method_or_option_is_refused():
     with pytest.raises(ValueError, match="method='zip'"):
         compressed(make_gpt(TINY_2x2), "zip")
+    with pytest.raises(TypeError, match=r"method='svd'.*rank.*options are \['rank'"):
+        compressed(make_gpt(TINY_2x2), "svd")
+    with pytest.raises(TypeError, match=r"method='nf4'.*'rnk'"):
+        compressed(make_gpt(TINY_2x2), "nf4", rnk=3)
+    with pytest.raises(ValueError, match=r"target_modules=\['lm_hed'\] match no Linear"):
+        compressed(make_gpt(TINY_2x2), "svd", rank=2, target_modules=["lm_hed"])
 
 
 def test_compressed_copies_do_not_share_state_with_the_base():
