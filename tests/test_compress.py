@@ -186,6 +186,18 @@ def test_removing_a_unit_with_zero_outgoing_weights_leaves_the_logits_unchanged(
     assert model.blocks[0].mlp.fc2.weight.shape == (C, H - 1)
 
 
+def test_neuron_pruning_keeps_connection_masks_aligned():
+    model = randomize_weights(make_gpt(TINY_2x2), 3)
+    prune_connections(model, 0.5)
+    kept = prune_neurons(model, 0.5)
+    for path, units in kept.items():
+        mlp = model.get_submodule(path)
+        assert mlp.fc1.weight_mask.shape == mlp.fc1.weight.shape == (len(units), 8)
+        assert mlp.fc2.weight_mask.shape == mlp.fc2.weight.shape == (8, len(units))
+        assert not mlp.fc1.weight.data[~mlp.fc1.weight_mask].any()
+        assert not mlp.fc2.weight.data[~mlp.fc2.weight_mask].any()
+
+
 def test_removing_a_live_unit_changes_the_logits():
     """The check above can fail: removing a unit that does send something changes them."""
     model = randomize_weights(make_gpt(TINY_2x2, dtype=np.float64), 2)

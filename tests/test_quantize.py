@@ -311,10 +311,16 @@ def test_qlora_model_trains_only_the_adapters():
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
     assert count_parameters(model)[0] == 4 * 2 * (8 + 8)
+    codes = [layer.qweight.codes.copy() for _, layer in lora_layers(model)]
+    opt = ml.AdamW(model.parameters(), lr=0.1)
     idx = np.array([[1, 2, 3, 4]])
     _, loss = model(idx, idx)
     loss.backward()
     assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    opt.step()
+    assert all(layer.lora_B.data.any() for _, layer in lora_layers(model))  # B moved
+    for before, (_, layer) in zip(codes, lora_layers(model), strict=True):
+        assert np.array_equal(layer.qweight.codes, before)  # the base did not
 
 
 def _qlora_model(seed=0):
