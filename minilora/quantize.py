@@ -248,6 +248,9 @@ class QuantizedLinear(Module):
     The weight is a :class:`QuantizedTensor` (not a parameter: nothing can train it); the
     bias, if any, stays a float parameter. The forward dequantizes, then runs the reference
     ``linear`` on a constant weight, so no gradient is ever asked for it.
+
+    The codes live on the device of the weight they were made from: quantize a model where
+    it will run (``Module.to`` moves parameters, and a ``QuantizedTensor`` is not one).
     """
 
     def __init__(self, qweight: QuantizedTensor, bias: Parameter | None = None):

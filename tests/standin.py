@@ -70,6 +70,7 @@ _STANDIN_FUNCTIONS = (
     "any",
     "arange",
     "argmax",
+    "argsort",
     "broadcast_to",
     "clip",
     "concatenate",
@@ -91,8 +92,11 @@ _STANDIN_FUNCTIONS = (
     "mean",
     "min",
     "minimum",
+    "nonzero",
     "ones",
     "ones_like",
+    "repeat",
+    "searchsorted",
     "sort",
     "sqrt",
     "square",
@@ -115,6 +119,7 @@ _STANDIN_CONSTANTS = (
     "float64",
     "int32",
     "int64",
+    "uint8",
     "dtype",
 )
 # What CuPy's arrays have and minilora may use; no route to host memory (.data, .ctypes,
@@ -285,6 +290,8 @@ for _name in (
     "and",
     "or",
     "xor",
+    "lshift",
+    "rshift",
 ):
     setattr(StandInArray, f"__{_name}__", _binary(f"__{_name}__"))
     setattr(StandInArray, f"__r{_name}__", _binary(f"__r{_name}__"))
@@ -368,6 +375,10 @@ class _UfuncWithAt:
 
 
 standin.add = _UfuncWithAt()
+standin.linalg = types.SimpleNamespace(  # cupy.linalg's names that minilora uses
+    norm=_on_standin(np.linalg.norm),
+    svd=lambda a, **kwargs: _wrap(tuple(np.linalg.svd(_unwrap(a), **kwargs))),  # (U, S, Vh)
+)
 
 
 def register() -> None:

@@ -312,3 +312,19 @@ def test_compressed_copies_do_not_share_state_with_the_base():
     model = compressed(base, "prune", sparsity=0.5)
     model.blocks[0].ln1.weight.data[...] = 7.0
     assert not (base.blocks[0].ln1.weight.data == 7.0).any()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_variant_runs_on_every_device_with_the_cpu_numbers(method, device):
+    """Quantization, SVD and pruning use only array-module functions a GPU has: built on a
+    device, each variant computes the CPU variant's logits."""
+    idx = rng(8).integers(0, 11, (2, 6))
+    logits = {}
+    for where in ("cpu", device):
+        base = randomize_weights(make_gpt(TINY_2x2), 6).to(where)
+        options = _options(method)
+        if method == "qlora":
+            options = {"generator": ml.backend.Generator(0)}
+        model = compressed(base, method, **options)
+        logits[where] = ml.backend.to_numpy(model(idx)[0].data)
+    np.testing.assert_allclose(logits[device], logits["cpu"], rtol=1e-5, atol=1e-6)
