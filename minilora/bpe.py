@@ -31,6 +31,7 @@ the same ids (tests/test_bpe.py proves it on many strings).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import regex  # the `regex` package: Python's `re` has no \p{L} (letter) or \p{N} (number)
@@ -188,11 +189,10 @@ class BPETokenizer:
             )
         while len(symbols) > 1:
             pairs = zip(symbols, symbols[1:], strict=False)
-            rank, i = min(
-                (self.ranks.get(pair, len(self.ranks)), i) for i, pair in enumerate(pairs)
-            )
-            if rank == len(self.ranks):
-                break  # no adjacent pair was ever merged in training
+            # the best adjacent pair; a pair never merged in training ranks last (inf)
+            rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(pairs))
+            if rank == math.inf:
+                break  # nothing left to merge
             first, second = symbols[i], symbols[i + 1]
             merged, j = [], 0
             while j < len(symbols):
