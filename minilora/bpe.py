@@ -24,8 +24,9 @@ Decoding runs backwards: ids -> token strings -> bytes (each character back to i
 :class:`BPETokenizer` reads a Hugging Face ``tokenizer.json`` of this kind and refuses,
 naming the value, any setting it does not implement (another model type, a normalizer,
 a pre-tokenizer other than ``ByteLevel``). :func:`load_tokenizer` returns it, or the same
-interface over the ``tokenizers`` library (the ``text`` extra), which is faster and gives
-the same ids (tests/test_bpe.py proves it on many strings).
+interface over the ``tokenizers`` library (the ``text`` extra), which reads every kind of
+tokenizer.json and gives the same ids on this kind (tests/test_bpe.py checks it on many
+strings).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class BPETokenizer:
             raise ValueError("; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.id_to_token.update({i: t for t, i in self.added_tokens.items()})
+        self._bytes = {i: _token_bytes(t) for i, t in self.id_to_token.items()}  # for decode
         # Added tokens are found before pre-tokenisation: the longest one wins where two
         # start at the same place (an alternation tries its branches in order).
         longest_first = sorted(self.added_tokens, key=len, reverse=True)
@@ -129,10 +131,9 @@ class BPETokenizer:
         try:
             return cls(**read_tokenizer_json(path))
         except ValueError as e:
-            message = str(e)
-            if not message.startswith("tokenizer "):  # BPETokenizer's own checks
-                message = f"tokenizer {path}: {message}"
-            raise ValueError(message) from None
+            if str(e).startswith("tokenizer "):  # read_tokenizer_json's: it names the file
+                raise
+            raise ValueError(f"tokenizer {path}: {e}") from None  # BPETokenizer's checks
 
     @property
     def vocab_size(self) -> int:
@@ -210,25 +211,34 @@ class BPETokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of ``ids``: each token's characters back to bytes, the bytes read as UTF-8
         (a sequence cut inside a character shows U+FFFD there, as ``tokenizers`` does)."""
-        data = bytearray()
+        pieces = []
         for i in ids:
-            token = self.id_to_token.get(int(i))
-            if token is None:
+            i = int(i)
+            if i not in self._bytes:
                 raise ValueError(
-                    f"decode: id {int(i)} is not in the tokenizer (ids 0..{self.vocab_size - 1})"
+                    f"decode: id {i} is not in the tokenizer (ids 0..{self.vocab_size - 1})"
                 )
-            if skip_special_tokens and token in self.special:
-                continue
-            if all(c in CHAR_TO_BYTE for c in token):
-                data += bytes(CHAR_TO_BYTE[c] for c in token)
-            else:  # an added token written in plain text (e.g. with a space): as it is
-                data += token.encode("utf-8")
-        return data.decode("utf-8", errors="replace")
+            if not (skip_special_tokens and self.id_to_token[i] in self.special):
+                pieces.append(self._bytes[i])
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def _token_bytes(token: str) -> bytes:
+    """The bytes a token stands for: each character back to its byte; a token written in
+    plain text instead (an added token such as "<|end of text|>", with a space) as its
+    UTF-8, as the tokenizers library decodes it."""
+    if all(c in CHAR_TO_BYTE for c in token):
+        return bytes(CHAR_TO_BYTE[c] for c in token)
+    return token.encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------
 # Reading tokenizer.json
 # --------------------------------------------------------------------------------------
+
+
+class UnsupportedTokenizer(ValueError):
+    """A tokenizer.json that uses a setting :class:`BPETokenizer` does not implement."""
 
 
 def read_tokenizer_json(path) -> dict:
@@ -252,9 +262,9 @@ def read_tokenizer_json(path) -> dict:
         raise ValueError(f"tokenizer {path} has no 'model' object; expected a tokenizer.json")
 
     def refuse(where: str, value, expected: str):
-        raise ValueError(
+        raise UnsupportedTokenizer(
             f"tokenizer {path}: {where} is {value!r}; minilora's BPE reads {expected} only "
-            "(load_tokenizer(path, fast=True) reads any tokenizer the tokenizers library does)"
+            "(with the tokenizers library installed, load_tokenizer reads any tokenizer it does)"
         )
 
     model = data["model"]
@@ -363,22 +373,28 @@ class FastTokenizer:
 def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokenizer:
     """A tokenizer from a Hugging Face ``tokenizer.json``.
 
-    ``fast=False``: minilora's :class:`BPETokenizer` (byte-level BPE only, refuses other
-    kinds with the setting named). ``fast=True``: :class:`FastTokenizer` over the
-    ``tokenizers`` library (``pip install "minilora[text]"``), an error without it.
-    ``fast=None`` (the default): the library when it is installed, else minilora's.
+    ``fast=None`` (the default): minilora's :class:`BPETokenizer`; for a file that uses a
+    setting it does not implement (:class:`UnsupportedTokenizer`: a WordPiece model, a
+    normalizer, ...), the ``tokenizers`` library when it is installed, else that refusal.
+    ``fast=False``: minilora's only. ``fast=True``: :class:`FastTokenizer` over the library
+    (``pip install "minilora[text]"``), an error without it.
+
+    minilora's is the default because it is not the slower one here: it merges each
+    distinct word once, and on a 1 MB text it encoded faster than the library did
+    (docs/text.md gives the measurement).
     """
-    if fast is False:
-        return BPETokenizer.from_file(path)
-    try:
-        import tokenizers
-    except ImportError:
-        if fast:
-            raise ValueError(
-                "load_tokenizer(fast=True) needs the tokenizers library: pip install "
-                '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
-            ) from None
-        return BPETokenizer.from_file(path)
+    if not fast:
+        try:
+            return BPETokenizer.from_file(path)
+        except UnsupportedTokenizer:
+            if fast is False or _library() is None:
+                raise
+    tokenizers = _library()
+    if tokenizers is None:
+        raise ValueError(
+            "load_tokenizer(fast=True) needs the tokenizers library: pip install "
+            '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
+        )
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"tokenizer {path} is a folder; expected a tokenizer.json file")
@@ -387,3 +403,12 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
         return FastTokenizer(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # the library raises a bare Exception for every parse error
         raise ValueError(f"tokenizer {path} could not be read: {e}") from None
+
+
+def _library():
+    """The tokenizers module, or None when it is not installed."""
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    return tokenizers

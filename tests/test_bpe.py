@@ -16,6 +16,7 @@ from minilora.bpe import (
     GPT2_PATTERN,
     BPETokenizer,
     FastTokenizer,
+    UnsupportedTokenizer,
     bytes_to_unicode,
     load_tokenizer,
 )
@@ -235,6 +236,9 @@ def test_load_tokenizer_without_the_library_is_minilora_s(small, tmp_path, monke
     assert isinstance(load_tokenizer(path, fast=False), BPETokenizer)
     with pytest.raises(ValueError, match="needs the tokenizers library"):
         load_tokenizer(path, fast=True)
+    nfc = write_small_tokenizer(tmp_path / "nfc.json", normalizer={"type": "NFC"})
+    with pytest.raises(UnsupportedTokenizer, match="normalizer is 'NFC'"):
+        load_tokenizer(nfc)  # the refusal itself: no library to hand the file to
 
 
 # --------------------------------------------------------------------------------------
@@ -356,7 +360,7 @@ def test_load_tokenizer_fast_path_has_the_same_interface_and_ids(trained):
     fast = load_tokenizer(trained / "pairs.json", fast=True)
     readable = load_tokenizer(trained / "pairs.json", fast=False)
     assert isinstance(fast, FastTokenizer) and isinstance(readable, BPETokenizer)
-    assert isinstance(load_tokenizer(trained / "pairs.json"), FastTokenizer)  # when installed
+    assert isinstance(load_tokenizer(trained / "pairs.json"), BPETokenizer)  # the default
     assert fast.vocab_size == readable.vocab_size
     assert fast.token_to_id("<|endoftext|>") == readable.token_to_id("<|endoftext|>")
     for text in STRINGS:
@@ -365,6 +369,19 @@ def test_load_tokenizer_fast_path_has_the_same_interface_and_ids(trained):
         assert fast.decode(ids) == readable.decode(ids) == text
     with pytest.raises(ValueError, match="is not in the tokenizer"):
         fast.decode([fast.vocab_size])
+
+
+@pytest.mark.oracle
+def test_a_setting_minilora_does_not_implement_goes_to_the_library(trained, tmp_path):
+    pytest.importorskip("tokenizers")
+    data = json.loads((trained / "pairs.json").read_text(encoding="utf-8"))
+    data["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "lower.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(UnsupportedTokenizer, match="normalizer is 'Lowercase'"):
+        load_tokenizer(tmp_path / "lower.json", fast=False)
+    tok = load_tokenizer(tmp_path / "lower.json")
+    assert isinstance(tok, FastTokenizer)
+    assert tok.encode("The Quick") == load_tokenizer(trained / "pairs.json").encode("the quick")
 
 
 @pytest.mark.oracle
