@@ -237,6 +237,17 @@ def _token_bytes(token: str) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
+def _check_file(path) -> Path:
+    """``path`` as a Path, if it is a regular file (a missing one is an OSError naming it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"tokenizer {path} is a folder; expected a tokenizer.json file")
+    path.stat()
+    if not path.is_file():  # a device or a pipe could be read forever
+        raise ValueError(f"tokenizer {path} is not a regular file")
+    return path
+
+
 class UnsupportedTokenizer(ValueError):
     """A tokenizer.json that uses a setting :class:`BPETokenizer` does not implement."""
 
@@ -251,9 +262,7 @@ def read_tokenizer_json(path) -> dict:
     than ByteLevel, a post-processor that adds tokens, BPE dropout, subword prefixes or
     suffixes, byte fallback, and added tokens that strip spaces or match whole words only.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"tokenizer {path} is a folder; expected a tokenizer.json file")
+    path = _check_file(path)
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -307,6 +316,8 @@ def read_tokenizer_json(path) -> dict:
             raise ValueError(
                 f"tokenizer {path}: model.merges[{n}] is {merge!r}; expected 'a b' or ['a', 'b']"
             )
+    if not isinstance(data.get("added_tokens") or [], list):
+        raise ValueError(f"tokenizer {path}: added_tokens must be a list")
     added, special = {}, set()
     for n, entry in enumerate(data.get("added_tokens") or []):
         if not (
@@ -395,10 +406,7 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
             "load_tokenizer(fast=True) needs the tokenizers library: pip install "
             '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
         )
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"tokenizer {path} is a folder; expected a tokenizer.json file")
-    path.stat()  # a missing file is an OSError naming the path, as for BPETokenizer
+    path = _check_file(path)
     try:
         return FastTokenizer(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # the library raises a bare Exception for every parse error

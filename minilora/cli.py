@@ -470,15 +470,15 @@ def _add_job_commands(sub) -> None:
         help=f"sequences per step (default {DIGIT_DEFAULTS['batch_size']}, "
         f"{TEXT_DEFAULTS['batch_size']} with --data)",
     )
-    text = p.add_argument_group("text (these need --data)")
-    text.add_argument(
+    group = p.add_argument_group("text (these need --data)")
+    group.add_argument(
         "--data",
         metavar="FILE",
         help="fine-tune on text: FILE.txt (plain text) or FILE.jsonl (one "
         '{"prompt": ..., "response": ...} object a line)',
     )
-    _tokenizer_arg(text)
-    text.add_argument(
+    _tokenizer_arg(group)
+    group.add_argument(
         "--held-out",
         type=_fraction,
         default=None,
@@ -486,7 +486,7 @@ def _add_job_commands(sub) -> None:
         help=f"share of the data held out to measure the loss (default {TEXT_HELD_OUT}): the "
         "end of a text, or whole prompt/response pairs",
     )
-    text.add_argument(
+    group.add_argument(
         "--block-size",
         type=_positive_int,
         default=None,
@@ -554,9 +554,9 @@ def _add_job_commands(sub) -> None:
         default=0.0,
         help="sampling temperature; 0 picks the most likely token (greedy, the default)",
     )
-    text = p.add_argument_group("text (these need --base)")
-    _tokenizer_arg(text)
-    text.add_argument(
+    group = p.add_argument_group("text (these need --base)")
+    _tokenizer_arg(group)
+    group.add_argument(
         "--top-k",
         type=_positive_int,
         default=None,

@@ -141,8 +141,8 @@ def _edit(data: dict, where: str, value) -> dict:
     *parents, last = where.split(".")
     node = data
     for key in parents:
-        node = node[key]
-    node[last] = value
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
     return data
 
 
@@ -160,6 +160,7 @@ REFUSED = {
     "a bad merge": ("model.merges", ["Ġ t", "a b c"], "model.merges[1] is 'a b c'"),
     "a merge of unknown tokens": ("model.merges", [["Ġ", "zz"]], "'zz', not in vocab"),
     "merges not a list": ("model.merges", "Ġ t", "model.merges must be a list"),
+    "added tokens not a list": ("added_tokens", 3, "added_tokens must be a list"),
     "vocab not an object": ("model.vocab", ["a"], "model.vocab must be an object"),
     "a negative id": ("model.vocab.a", -1, "'a' has id -1"),
     "an added token without id": ("added_tokens.0", {"content": "x"}, "added_tokens[0]"),
@@ -169,10 +170,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("where, value, fragment", REFUSED.values(), ids=REFUSED.keys())
 def test_settings_it_does_not_implement_are_refused_by_name(tmp_path, where, value, fragment):
-    data = small_tokenizer()
-    data["added_tokens"] = {str(i): t for i, t in enumerate(data["added_tokens"])}
-    _edit(data, where, value)
-    data["added_tokens"] = list(data["added_tokens"].values())
+    data = _edit(small_tokenizer(), where, value)
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError) as info:
@@ -206,6 +204,8 @@ def test_a_missing_file_or_a_folder_is_refused_naming_it(tmp_path):
         BPETokenizer.from_file(tmp_path)
     with pytest.raises(ValueError, match="is a folder"):
         load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+        load_tokenizer("/dev/null")
 
 
 def test_unknown_ids_bytes_and_non_text_are_refused(small, tmp_path):
@@ -394,3 +394,5 @@ def test_the_fast_path_refuses_a_corrupt_file_naming_it(tmp_path):
     assert str(path) in str(info.value)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "none.json", fast=True)
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+        load_tokenizer("/dev/null", fast=True)
