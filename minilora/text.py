@@ -21,7 +21,6 @@ Two kinds of file, each with a held-out part that training never sees:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from minilora import backend
@@ -53,7 +52,7 @@ def _check_fraction(held_out: float) -> None:
 class TokenStream:
     """A token stream for next-token prediction, split by position.
 
-    The last ``held_out`` fraction of ``ids`` (at least one token) is held out. Windows
+    The last ``held_out`` fraction of ``ids`` (rounded, at least one token) is held out. Windows
     hold ``seq_len`` = min(``block_size``, what each part allows) tokens: a training window
     is ``x = ids[s : s + seq_len]``, ``y = ids[s + 1 : s + seq_len + 1]`` at a random start
     ``s`` with every position in the training part; the held-out windows tile the held-out
@@ -63,7 +62,7 @@ class TokenStream:
     def __init__(self, ids: list[int], block_size: int, held_out: float = 0.1):
         _check_fraction(held_out)
         n = len(ids)
-        self.split = n - max(1, math.ceil(n * held_out))  # the first held-out position
+        self.split = n - max(1, round(n * held_out))  # the first held-out position
         self.train_ids, self.held_ids = list(ids[: self.split]), list(ids[self.split :])
         self.seq_len = min(block_size, len(self.train_ids) - 1, len(self.held_ids) - 1)
         if self.seq_len < 1:
@@ -94,7 +93,9 @@ def read_pairs(path) -> list[tuple[int, str, str]]:
     """(line number, prompt, response) for each line of a JSONL file; blank lines are
     skipped. A bad line is an error naming the file, the line and the problem."""
     pairs = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    # lines end at "\n" only: str.splitlines would also cut at U+2028 and other characters
+    # that JSON allows inside a string
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path} line {number}"

@@ -325,6 +325,11 @@ def test_same_ids_as_the_tokenizers_library(trained, name):
         assert mine.decode(want, True) == library.decode(want, skip_special_tokens=True), text
         if name != "prefix":  # (a prefix space is added to the text, and decoded back)
             assert mine.decode(want) == text
+    # every token alone, many of them cut inside a character (U+FFFD there), and pairs
+    for i in range(mine.vocab_size):
+        assert mine.decode([i]) == library.decode([i], skip_special_tokens=False), i
+        pair = [i, (7 * i) % mine.vocab_size]
+        assert mine.decode(pair) == library.decode(pair, skip_special_tokens=False), pair
 
 
 @pytest.mark.oracle

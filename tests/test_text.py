@@ -62,6 +62,7 @@ def test_windows_shrink_to_fit_a_short_text_and_a_text_too_short_is_refused():
     assert (data.split, data.seq_len) == (24, 5)  # the held-out part has 6 tokens
     x, y = data.held_out()
     assert x.tolist() == [[24, 25, 26, 27, 28]] and y.tolist() == [[25, 26, 27, 28, 29]]
+    assert TokenStream(list(range(10)), 4, held_out=0.7).split == 3  # 7 held out, not 8
     with pytest.raises(ValueError, match="the text is 3 tokens"):
         TokenStream([1, 2, 3], block_size=8, held_out=0.5)
     for bad in (0, 1, 1.5, -0.1):
@@ -148,8 +149,12 @@ def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, fragment):
 
 def test_read_pairs_skips_blank_lines_and_keeps_line_numbers(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    path.write_text('\n{"prompt": "p", "response": "r"}\n\n{"prompt": "é", "response": ""}\n')
-    assert read_pairs(path) == [(2, "p", "r"), (4, "é", "")]
+    path.write_text(
+        '\n{"prompt": "p", "response": "r"}\r\n\n{"prompt": "é\u2028x", "response": ""}\n',
+        encoding="utf-8",
+        newline="",
+    )
+    assert read_pairs(path) == [(2, "p", "r"), (4, "é\u2028x", "")]  # (U+2028 is no line end)
     path.write_bytes(b'{"prompt": "\xff"}')
     with pytest.raises(ValueError, match="not UTF-8"):
         read_pairs(path)
