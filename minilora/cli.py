@@ -827,13 +827,14 @@ def _cmd_generate_text(args) -> int:
         raise ValueError(
             f"--top-k {args.top_k} is more than the vocab_size {model.config.vocab_size}"
         )
-    idx = backend.array([ids], dtype=backend.int64, device=args.device)
+    context = ids[-model.config.block_size :]  # a longer prompt: its end is what the model sees
+    idx = backend.array([context], dtype=backend.int64, device=args.device)
     model.eval()
     new = args.max_new_tokens or TEXT_NEW_TOKENS
     out = model.generate(
         idx, new, args.temperature, top_k=args.top_k, generator=backend.Generator(args.seed)
     )
-    completion = backend.to_numpy(out)[0, len(ids) :].tolist()
+    completion = backend.to_numpy(out)[0, len(context) :].tolist()
     eot = tokenizer.token_to_id(bpe.END_OF_TEXT)
     if eot in completion:  # the model says the text ends here
         completion = completion[: completion.index(eot)]

@@ -119,6 +119,15 @@ def test_generate_prints_the_text_the_model_and_adapter_give(root, tmp_path, cap
     assert main(sample) == 0 and main(sample) == 0
     first, second = capsys.readouterr().out.splitlines()
     assert first == second
+    # a prompt longer than the block: the model sees its last 16 tokens
+    long_prompt = "the low, the lower, " * 4
+    assert main([*argv, "--prompt", long_prompt, "--max-new-tokens", "3"]) == 0
+    context = tokenizer.encode(long_prompt)
+    assert len(context) > 16
+    out = model.generate(backend.array([context[-16:]], dtype=backend.int64), 3, temperature=0.0)
+    new = backend.to_numpy(out)[0, 16:].tolist()
+    new = new[: new.index(eot)] if eot in new else new
+    assert capsys.readouterr().out == tokenizer.decode(context + new) + "\n"
     top_1 = ["--top-k", "1", "--temperature", "2"]  # a sample among one token: greedy
     assert main([*argv, "--prompt", "the low, the", "--max-new-tokens", "6", *top_1]) == 0
     assert capsys.readouterr().out == printed
