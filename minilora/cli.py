@@ -10,13 +10,18 @@ import sys
 import warnings
 from pathlib import Path
 
-from minilora import accounting, assignments, backend, checkpoint, demo, fast, grading
-from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
-from minilora.lora import BIAS_MODES, merge_and_unload
+from minilora import accounting, assignments, backend, bpe, checkpoint, demo, fast, grading, text
+from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
+from minilora.lora import BIAS_MODES, LoRAConfig, merge_and_unload
 from minilora.train import evaluate
 
 TASK_LETTERS = "C copy, R reverse, S sort ascending (the pretraining tasks), D sort descending"
 PACKAGE_DIR = Path(__file__).resolve().parent  # never written to (its base model is shipped)
+# finetune's defaults: the digit tasks' (unchanged), and text's (a real model is slower per
+# step, and a pretrained one needs a gentler learning rate)
+DIGIT_DEFAULTS = {"steps": 300, "batch_size": 64}
+TEXT_DEFAULTS = {"steps": 200, "batch_size": 8, "lr": 1e-3}
+TEXT_ADAPTER, TEXT_HELD_OUT, TEXT_NEW_TOKENS = "minilora-adapter", 0.1, 50
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +68,19 @@ def _float_option(positive: bool):
 
 
 _positive_int, _non_negative_int = _int_option(1), _int_option(0)
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction strictly between 0 and 1")
+    return value
+
+
 _positive_float, _non_negative_float = _float_option(True), _float_option(False)
 
 
@@ -351,6 +369,15 @@ def _model_args(p) -> None:
     p.add_argument("--adapter", help="a PEFT adapter folder to load on top of the model")
 
 
+def _tokenizer_arg(group) -> None:
+    group.add_argument(
+        "--tokenizer",
+        metavar="TOKENIZER_JSON",
+        help="a Hugging Face tokenizer.json, byte-level BPE (default: BASE/tokenizer.json when "
+        "--base is a folder; required when it is a file)",
+    )
+
+
 def _add_job_commands(sub) -> None:
     p = sub.add_parser(
         "demo",
@@ -378,41 +405,92 @@ def _add_job_commands(sub) -> None:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a model on a task, fully or with LoRA",
-        description="Fine-tune on a digit task. LoRA writes a PEFT adapter folder; full "
-        "fine-tuning writes a model file.",
+        help="fine-tune a model on a task, fully or with LoRA, or with LoRA on text",
+        description="Digit tasks (without --data): fine-tune on a task; LoRA writes a PEFT "
+        "adapter folder, full fine-tuning writes a model file. Text (with --data FILE.txt or "
+        "FILE.jsonl): LoRA on a plain-text file (next-token prediction) or on prompt/response "
+        "pairs (loss on the responses), printing the held-out loss before and after. Guide: "
+        "docs/text.md.",
+        epilog="example: minilora finetune --base gpt2/ --data notes.txt --out my-adapter",
     )
-    _common(p, "(required) adapter folder (lora) or model file (full)")
-    p.add_argument("--base", help="base model file (default: the pretrained base)")
+    _common(
+        p,
+        "adapter folder (lora) or model file (full); required for the digit tasks, "
+        f"default {TEXT_ADAPTER} with --data",
+    )
+    p.add_argument(
+        "--base",
+        help="base model file (default: the pretrained base); with --data (required): a "
+        "minilora model file or a Hugging Face GPT-2 folder",
+    )
     p.add_argument(
         "--method",
         choices=("lora", "full"),
-        default="lora",
+        default=None,
         help="lora: train a low-rank adapter, the base frozen; full: train every weight "
-        "(default: lora)",
+        "(default: lora; text fine-tuning is lora only)",
     )
     p.add_argument(
         "--task",
         choices=sorted(TASKS),
-        default=DOWNSTREAM_TASK,
+        default=None,
         help=f"the task to learn: {TASK_LETTERS} (default: {DOWNSTREAM_TASK})",
     )
     p.add_argument("--r", type=_positive_int, default=4, help="LoRA rank (default 4)")
-    p.add_argument("--alpha", type=_positive_float, default=None, help="lora_alpha (default 2·r)")
+    p.add_argument(
+        "--alpha",
+        "--lora-alpha",
+        type=_positive_float,
+        default=None,
+        help="lora_alpha (default 2·r)",
+    )
     p.add_argument(
         "--targets",
         default="q_proj,v_proj",
         help="comma-separated names of the layers LoRA adapts (default: q_proj,v_proj)",
     )
-    p.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help=f"optimizer steps (default {DIGIT_DEFAULTS['steps']}, "
+        f"{TEXT_DEFAULTS['steps']} with --data)",
+    )
     p.add_argument(
         "--lr",
         type=_positive_float,
         default=None,
-        help="peak learning rate (default 1e-2 for lora, 1e-3 for full)",
+        help="peak learning rate (default 1e-2 for lora, 1e-3 for full, "
+        f"{TEXT_DEFAULTS['lr']:g} with --data)",
     )
     p.add_argument(
-        "--batch-size", type=_positive_int, default=64, help="sequences per step (default 64)"
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help=f"sequences per step (default {DIGIT_DEFAULTS['batch_size']}, "
+        f"{TEXT_DEFAULTS['batch_size']} with --data)",
+    )
+    group = p.add_argument_group("text (these need --data)")
+    group.add_argument(
+        "--data",
+        metavar="FILE",
+        help="fine-tune on text: FILE.txt (plain text) or FILE.jsonl (one "
+        '{"prompt": ..., "response": ...} object a line)',
+    )
+    _tokenizer_arg(group)
+    group.add_argument(
+        "--held-out",
+        type=_fraction,
+        default=None,
+        metavar="FRACTION",
+        help=f"share of the data held out to measure the loss (default {TEXT_HELD_OUT}): the "
+        "end of a text, or whole prompt/response pairs",
+    )
+    group.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=None,
+        help="tokens per training example (default: the model's block_size)",
     )
     p.set_defaults(func=_cmd_finetune)
 
@@ -443,25 +521,46 @@ def _add_job_commands(sub) -> None:
     )
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("generate", help="complete a prompt such as 'D 3 1 4 ='")
+    p = sub.add_parser(
+        "generate",
+        help="complete a prompt such as 'D 3 1 4 =', or text with --base",
+        description="Digit tasks (without --base): complete a task prompt. Text (with --base): "
+        "complete a text prompt with a model file or a Hugging Face GPT-2 folder and its "
+        "tokenizer, stopping at the end-of-text token. Guide: docs/text.md.",
+        epilog="example: minilora generate --base gpt2/ --adapter my-adapter --prompt 'Once'",
+    )
     _common(p)
     _model_args(p)
     p.add_argument(
+        "--base",
+        help="text mode: a minilora model file or a Hugging Face GPT-2 folder (instead of --model)",
+    )
+    p.add_argument(
         "--prompt",
         required=True,
-        help=f"a task letter ({TASK_LETTERS}), digits and '=', e.g. 'S 3 1 4 ='",
+        help=f"a task letter ({TASK_LETTERS}), digits and '=', e.g. 'S 3 1 4 ='; with --base, "
+        "any text",
     )
     p.add_argument(
         "--max-new-tokens",
         type=_positive_int,
         default=None,
-        help="tokens to generate (default: the answer's length, digits + 1)",
+        help="tokens to generate (default: the answer's length, digits + 1; "
+        f"{TEXT_NEW_TOKENS} with --base)",
     )
     p.add_argument(
         "--temperature",
         type=_non_negative_float,
         default=0.0,
         help="sampling temperature; 0 picks the most likely token (greedy, the default)",
+    )
+    group = p.add_argument_group("text (these need --base)")
+    _tokenizer_arg(group)
+    group.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=None,
+        help="sample among the k most likely tokens only (default: all)",
     )
     p.set_defaults(func=_cmd_generate)
 
@@ -532,34 +631,129 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _refuse_mixed(args, mode: str, flags: tuple[str, ...]) -> None:
+    """Refuse options of the other mode: ``flags`` (attribute names) must all be unset."""
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used {mode}")
+
+
 def _cmd_finetune(args) -> int:
-    _check_out(args.out, "folder" if args.method == "lora" else "file")  # before training
+    if args.data is not None:
+        return _cmd_finetune_text(args)
+    _refuse_mixed(
+        args, "without --data (they are for text)", ("tokenizer", "held_out", "block_size")
+    )
+    method = args.method or "lora"
+    if args.out is None:
+        raise ValueError(
+            "--out is required: an adapter folder (lora) or a model file (full) to write"
+        )
+    _check_out(args.out, "folder" if method == "lora" else "file")  # before training
     _setup(args)
     base = (
         checkpoint.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
     )
     defaults = demo.DemoSettings()
     settings = demo.DemoSettings(
-        steps=args.steps,
-        batch_size=args.batch_size,
+        steps=args.steps or DIGIT_DEFAULTS["steps"],
+        batch_size=args.batch_size or DIGIT_DEFAULTS["batch_size"],
         lr_full=defaults.lr_full if args.lr is None else args.lr,
         lr_lora=defaults.lr_lora if args.lr is None else args.lr,
         targets=tuple(t for t in args.targets.split(",") if t),
         seed=args.seed,
     )
-    rank = args.r if args.method == "lora" else None
+    task = args.task or DOWNSTREAM_TASK
+    rank = args.r if method == "lora" else None
     model, opt, config, history = demo.finetune(
-        base, args.method, settings, rank, not args.no_progress, task=args.task, alpha=args.alpha
+        base, method, settings, rank, not args.no_progress, task=task, alpha=args.alpha
     )
-    if args.method == "lora":
+    if method == "lora":
         checkpoint.save_adapter(model, args.out, config)
     else:
         checkpoint.save_model(model, args.out)
-    x, y = DigitTasks((args.task,)).eval_set(seed=2024, n=512, device=args.device)
+    x, y = DigitTasks((task,)).eval_set(seed=2024, n=512, device=args.device)
     acc = evaluate(model, x, y)["accuracy"]
     print(
-        f"{args.method} fine-tuning on task {args.task}: final loss {history[-1]['loss']:.4f}, "
+        f"{method} fine-tuning on task {task}: final loss {history[-1]['loss']:.4f}, "
         f"accuracy {acc:.1%}; wrote {args.out}"
+    )
+    return 0
+
+
+def _text_model(args, base: str):
+    """The base model and its tokenizer for text mode: ``base`` is a model file or a Hugging
+    Face folder; the tokenizer is --tokenizer, or tokenizer.json in the folder."""
+    if args.tokenizer is not None:
+        path = Path(args.tokenizer)
+    elif Path(base).is_dir():
+        path = Path(base) / "tokenizer.json"
+        if not path.exists():
+            raise ValueError(f"{base} has no tokenizer.json; give --tokenizer TOKENIZER_JSON")
+    else:
+        raise ValueError(
+            f"--base {base} is a model file, which holds no tokenizer: give --tokenizer "
+            "TOKENIZER_JSON (a Hugging Face tokenizer.json)"
+        )
+    tokenizer = bpe.load_tokenizer(path)  # before the model: it is the quicker to refuse
+    model = checkpoint.load_model(base, args.device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}: its ids would not fit the model's embedding (use "
+            "the tokenizer the model was trained with)"
+        )
+    return model, tokenizer
+
+
+def _cmd_finetune_text(args) -> int:
+    _refuse_mixed(args, "with --data (they are for the digit tasks)", ("task",))
+    if args.method not in (None, "lora"):
+        raise ValueError(
+            f"--method {args.method} cannot be used with --data: text fine-tuning "
+            "trains a LoRA adapter"
+        )
+    if args.base is None:
+        raise ValueError(
+            "--data needs --base: a minilora model file or a Hugging Face GPT-2 folder"
+        )
+    out = _check_out(args.out if args.out is not None else TEXT_ADAPTER, "folder")
+    text.check_data_path(args.data)  # before loading a model that may take a while
+    _setup(args)
+    model, tokenizer = _text_model(args, args.base)
+    block_size = args.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise ValueError(
+            f"--block-size {block_size} is more than the model's block_size "
+            f"{model.config.block_size}"
+        )
+    held_out = TEXT_HELD_OUT if args.held_out is None else args.held_out
+    data = text.load_text_data(args.data, tokenizer, block_size, held_out, args.seed)
+    x, y = data.held_out(args.device)
+    scored = int((backend.to_numpy(y) != IGNORE_INDEX).sum())
+    before = text.held_out_loss(model, x, y)
+    print(f"held-out loss before: {before:.4f} ({scored} tokens of {args.data})", flush=True)
+    config = LoRAConfig(
+        r=args.r,
+        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+        target_modules=[t for t in args.targets.split(",") if t],
+    )
+    steps = args.steps or TEXT_DEFAULTS["steps"]
+    history = text.finetune(
+        model,
+        data,
+        config,
+        steps,
+        TEXT_DEFAULTS["lr"] if args.lr is None else args.lr,
+        args.batch_size or TEXT_DEFAULTS["batch_size"],
+        args.seed,
+        not args.no_progress,
+    )
+    after = text.held_out_loss(model, x, y)
+    checkpoint.save_adapter(model, out, config)
+    print(
+        f"held-out loss after:  {after:.4f} (LoRA r={config.r}, {steps} steps, final training "
+        f"loss {history[-1]['loss']:.4f}); wrote {out}"
     )
     return 0
 
@@ -603,6 +797,9 @@ def _prompt_digits(prompt: str, block_size: int) -> int:
 
 
 def _cmd_generate(args) -> int:
+    if args.base is not None:
+        return _cmd_generate_text(args)
+    _refuse_mixed(args, "without --base (they are for text)", ("tokenizer", "top_k"))
     _setup(args)
     model = _load(args)
     n_digits = _prompt_digits(args.prompt, model.config.block_size)
@@ -614,6 +811,34 @@ def _cmd_generate(args) -> int:
         idx, new, temperature=args.temperature, generator=backend.Generator(args.seed)
     )
     print(" ".join(decode(backend.to_numpy(out)[0])))
+    return 0
+
+
+def _cmd_generate_text(args) -> int:
+    _refuse_mixed(args, "with --base (give the model file as --base)", ("model",))
+    _setup(args)
+    model, tokenizer = _text_model(args, args.base)
+    if args.adapter:
+        checkpoint.load_adapter(model, args.adapter)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty; expected some text to complete")
+    if args.top_k is not None and args.top_k > model.config.vocab_size:
+        raise ValueError(
+            f"--top-k {args.top_k} is more than the vocab_size {model.config.vocab_size}"
+        )
+    context = ids[-model.config.block_size :]  # a longer prompt: its end is what the model sees
+    idx = backend.array([context], dtype=backend.int64, device=args.device)
+    model.eval()
+    new = args.max_new_tokens or TEXT_NEW_TOKENS
+    out = model.generate(
+        idx, new, args.temperature, top_k=args.top_k, generator=backend.Generator(args.seed)
+    )
+    completion = backend.to_numpy(out)[0, len(context) :].tolist()
+    eot = tokenizer.token_to_id(bpe.END_OF_TEXT)
+    if eot in completion:  # the model says the text ends here
+        completion = completion[: completion.index(eot)]
+    print(tokenizer.decode(ids + completion))
     return 0
 
 
