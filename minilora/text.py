@@ -29,8 +29,7 @@ from minilora.bpe import END_OF_TEXT
 from minilora.data import IGNORE_INDEX
 from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora
-from minilora.optim import AdamW
-from minilora.train import cosine_schedule, train
+from minilora.train import fine_tune
 
 
 def read_text(path) -> str:
@@ -246,17 +245,10 @@ def finetune(
     a cosine schedule with a short warm-up. Returns the history of :func:`train.train`."""
     manual_seed(seed)  # the adapter's initialisation
     apply_lora(model, config)
-    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    draws, device = backend.Generator(seed + 1000), model.device
-    return train(
-        model,
-        opt,
-        lambda step: data.batch(draws, batch_size, device),
-        steps,
-        lr_schedule=cosine_schedule(steps, max(steps // 15, 1)),
-        progress=progress,
-        desc=f"lora r={config.r}",
+    history, _ = fine_tune(
+        model, data, steps, lr, batch_size, seed=seed, progress=progress, desc=f"lora r={config.r}"
     )
+    return history
 
 
 def _arrays(x, y, device: str):

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from minilora import backend
 from minilora.autograd import no_grad
 from minilora.data import exact_match
-from minilora.optim import Optimizer, clip_grad_norm_
+from minilora.optim import AdamW, Optimizer, clip_grad_norm_
 
 LOG_INTERVAL = 5.0  # seconds between progress lines when stderr is not a terminal
 
@@ -106,6 +106,38 @@ def train(
         if log is not None:
             log.update(step, value)
     return history
+
+
+def fine_tune(
+    model,
+    data,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[list[dict], AdamW]:
+    """The fine-tuning recipe every job shares: train ``model``'s trainable parameters in
+    place on ``data`` (anything with ``.batch(generator, batch_size, device)``: digit tasks,
+    a text stream, prompt/response pairs) with AdamW (no weight decay), a linear warm-up over
+    the first ``steps // 15`` steps and a cosine decay, batches drawn from the generator
+    ``seed + 1000``. What trains is whatever the caller left with ``requires_grad`` (all of
+    it, or an adapter it inserted). Returns the history of :func:`train` and the optimizer.
+    """
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    draws, device = backend.Generator(seed + 1000), model.device
+    history = train(
+        model,
+        opt,
+        lambda step: data.batch(draws, batch_size, device),
+        steps,
+        lr_schedule=cosine_schedule(steps, max(steps // 15, 1)),
+        progress=progress,
+        desc=desc,
+    )
+    return history, opt
 
 
 def cosine_schedule(steps: int, warmup: int = 0, floor: float = 0.1) -> Callable[[int], float]:
