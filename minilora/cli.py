@@ -10,7 +10,18 @@ import sys
 import warnings
 from pathlib import Path
 
-from minilora import accounting, assignments, backend, bpe, checkpoint, demo, fast, grading, text
+from minilora import (
+    accounting,
+    assignments,
+    backend,
+    bpe,
+    checkpoint,
+    compare,
+    demo,
+    fast,
+    grading,
+    text,
+)
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
 from minilora.lora import BIAS_MODES, LoRAConfig, merge_and_unload
 from minilora.train import evaluate
@@ -390,6 +401,18 @@ def _add_job_commands(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
+        "compare",
+        help="LoRA beside full fine-tuning, adapters, prefix tuning, QLoRA and compression",
+        description="Train each method on the downstream task from the shipped base and print "
+        "one row each: trainable parameters, bytes kept for the task, held-out and "
+        "pretraining-task accuracy, latency relative to the base, context length. Writes "
+        "compare.json (and compare.png with matplotlib).",
+    )
+    _common(p, "output folder (default: minilora-compare)")
+    p.add_argument("--quick", action="store_true", help="a smoke run (under a minute)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
         "pretrain",
         help="train the base model (reproduces the one shipped in the package)",
         description="Pretrain the tiny GPT on copy, reverse and sort-ascending.",
@@ -614,6 +637,18 @@ def _cmd_demo(args) -> int:
         demo.DemoSettings.quick(args.seed) if args.quick else demo.DemoSettings(seed=args.seed)
     )
     demo.run_demo(settings, out, args.device, not args.no_progress)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    out = _check_out(args.out if args.out is not None else "minilora-compare", "folder")
+    _setup(args)
+    settings = (
+        compare.CompareSettings.quick(args.seed)
+        if args.quick
+        else compare.CompareSettings(seed=args.seed)
+    )
+    compare.run_compare(settings, out, args.device, not args.no_progress)
     return 0
 
 

@@ -96,23 +96,32 @@ class Trained:
 
 
 def adapt(
-    base: GPT,
-    prepare: Callable[[GPT], None],
+    build: Callable[[], GPT],
     lr: float,
     settings: CompareSettings,
     progress: bool = True,
     desc: str = "train",
 ) -> Trained:
-    """Fine-tune a copy of ``base`` on the downstream task after ``prepare(copy)`` inserted
-    (and froze around) what trains; inputs longer than the model's context are left out."""
+    """Fine-tune the model ``build()`` returns (a copy of the base with what trains inserted,
+    the rest frozen) on the downstream task; inputs longer than its context are left out."""
     manual_seed(settings.seed)  # every method starts from the same random state
-    model = copy.deepcopy(base)
-    prepare(model)
+    model = build()
     trainable = count_parameters(model)[0]
     tasks = DigitTasks((DOWNSTREAM_TASK,), max_len=longest_input(model))
     s = settings
     fine_tune(model, tasks, s.steps, lr, s.batch_size, seed=s.seed, progress=progress, desc=desc)
     return Trained(model.eval(), trainable)
+
+
+def copy_with(base: GPT, insert: Callable[[GPT], object]) -> Callable[[], GPT]:
+    """A builder for :func:`adapt`: a copy of ``base`` changed in place by ``insert``."""
+
+    def build() -> GPT:
+        model = copy.deepcopy(base)
+        insert(model)
+        return model
+
+    return build
 
 
 def longest_input(model: GPT) -> int:
@@ -143,25 +152,36 @@ def _lora_config(r: int) -> LoRAConfig:
     return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
 
 
-def _adaptation_preparers(s: CompareSettings) -> dict:
-    """How each trained method changes a copy of the base before training."""
+def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
+    """How each trained method makes its model from the base, and its learning rate."""
     return {
-        "full": (lambda m: None, s.lr_full),
-        "lora": (lambda m: apply_lora(m, _lora_config(s.r)), s.lr_peft),
+        "full": (copy_with(base, lambda m: None), s.lr_full),
+        "lora": (copy_with(base, lambda m: apply_lora(m, _lora_config(s.r))), s.lr_peft),
         "adapter_houlsby": (
-            lambda m: apply_adapters(m, AdapterConfig("houlsby", s.bottleneck)),
+            copy_with(base, lambda m: apply_adapters(m, AdapterConfig("houlsby", s.bottleneck))),
             s.lr_peft,
         ),
         "adapter_lin": (
-            lambda m: apply_adapters(m, AdapterConfig("lin", s.bottleneck)),
+            copy_with(base, lambda m: apply_adapters(m, AdapterConfig("lin", s.bottleneck))),
             s.lr_peft,
         ),
         "prefix_layer": (
-            lambda m: apply_prefix_tuning(m, PrefixConfig("layer", s.num_virtual_tokens)),
+            copy_with(
+                base,
+                lambda m: apply_prefix_tuning(m, PrefixConfig("layer", s.num_virtual_tokens)),
+            ),
             s.lr_peft,
         ),
         "prefix_embedding": (
-            lambda m: apply_prefix_tuning(m, PrefixConfig("embedding", s.num_virtual_tokens)),
+            copy_with(
+                base,
+                lambda m: apply_prefix_tuning(m, PrefixConfig("embedding", s.num_virtual_tokens)),
+            ),
+            s.lr_peft,
+        ),
+        # LoRA on an NF4 base (double quantization), dequantized in the forward
+        "qlora": (
+            lambda: compress.compressed(base, "qlora", config=_lora_config(s.r)),
             s.lr_peft,
         ),
     }
@@ -183,35 +203,22 @@ def run_compare(
 
     models: dict[str, GPT] = {}
     info: dict[str, dict] = {}
-    for method, (prepare, lr) in _adaptation_preparers(settings).items():
-        trained = adapt(base, prepare, lr, settings, progress, method)
+    nf4_base = compress.compressed(base, "nf4", double_quant=True)  # what QLoRA keeps shared
+    for method, (build, lr) in _adaptation_builders(base, settings).items():
+        trained = adapt(build, lr, settings, progress, method)
         models[method] = trained.model
         standalone = method == "full"
         info[method] = {
             "trainable_params": trained.trainable_params,
             "storage_bytes": base_bytes if standalone else _trained_bytes(trained.model),
-            "base_bytes": 0 if standalone else base_bytes,
+            "base_bytes": 0
+            if standalone
+            else compress.storage_bytes(nf4_base if method == "qlora" else base),
         }
     merged = copy.deepcopy(models["lora"])
     merge_lora(merged)
     models["lora_merged"] = merged
     info["lora_merged"] = dict(info["lora"])
-
-    nf4_base = compress.compressed(base, "nf4", double_quant=True)
-    qlora = adapt(
-        base,
-        lambda m: _become(m, compress.compressed(m, "qlora", config=_lora_config(settings.r))),
-        settings.lr_peft,
-        settings,
-        progress,
-        "qlora",
-    )
-    models["qlora"] = qlora.model
-    info["qlora"] = {
-        "trainable_params": qlora.trainable_params,
-        "storage_bytes": _trained_bytes(qlora.model),
-        "base_bytes": compress.storage_bytes(nf4_base),
-    }
 
     full = models["full"]
     compression_options = {
@@ -278,11 +285,6 @@ def run_compare(
     return results
 
 
-def _become(model: GPT, other: GPT) -> None:
-    """Make ``model`` (a copy that :func:`adapt` owns) into ``other``'s modules."""
-    model.__dict__.update(other.__dict__)
-
-
 def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
     """Accuracy against trainable parameters for LoRA, adapters and prefix tuning; accuracy
     and storage against SVD rank, bits and sparsity for compression of the full model."""
@@ -302,7 +304,8 @@ def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
         ),
     ):
         for size in sizes:
-            trained = adapt(base, make(size), s.lr_peft, s, progress, f"{kind} {size}")
+            build = copy_with(base, make(size))
+            trained = adapt(build, s.lr_peft, s, progress, f"{kind} {size}")
             points.append(
                 {
                     "method": kind,
