@@ -232,6 +232,7 @@ LAYERS = [
     "data",
     "train",
     "checkpoint",
+    "adapters",
     "vectors",
     "demo",
     "exercises",
