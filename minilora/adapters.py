@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,6 +65,8 @@ class AdapterConfig:
                 f"AdapterConfig: adapter_type={self.adapter_type!r} must be one of "
                 f"{sorted(ADAPTER_SITES)}"
             )
+        if isinstance(self.bottleneck, numbers.Integral) and not isinstance(self.bottleneck, bool):
+            object.__setattr__(self, "bottleneck", int(self.bottleneck))  # numpy.int64(4) too
         if not isinstance(self.bottleneck, int) or isinstance(self.bottleneck, bool):
             raise TypeError(
                 f"AdapterConfig: bottleneck={self.bottleneck!r} must be an int, got "

@@ -16,6 +16,7 @@ from minilora.adapters import (
     AdapterLinear,
     adapter_layers,
     adapter_parameter_count,
+    adapter_state_dict,
     apply_adapters,
     load_adapters,
     save_adapters,
@@ -99,6 +100,24 @@ def test_sublayer_output_goes_through_the_bottleneck_with_a_residual(adapter_typ
     z = np.maximum(h @ layer.adapter_down.weight.numpy().T + layer.adapter_down.bias.numpy(), 0)
     want = h + z @ layer.adapter_up.weight.numpy().T + layer.adapter_up.bias.numpy()
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_to_linear_gives_back_the_wrapped_layer_itself():
+    base, model, paths = adapted()
+    randomize_adapters(model, 6)
+    layer = model.get_submodule(paths[0])
+    plain = layer.to_linear()
+    assert type(plain) is ml.Linear
+    assert plain.weight is layer.weight and plain.bias is layer.bias
+    x = ml.Tensor(np.ones((1, layer.in_features), np.float32))
+    want = base.get_submodule(paths[0])(x).numpy()
+    assert np.array_equal(plain(x).numpy(), want)
+    assert not np.array_equal(layer(x).numpy(), want)
+
+
+def test_a_numpy_integer_bottleneck_is_a_plain_int():
+    config = AdapterConfig(bottleneck=np.int64(3))
+    assert type(config.bottleneck) is int and json.dumps(vars(config))
 
 
 def test_generation_with_the_kv_cache_matches_recomputation():
@@ -310,9 +329,7 @@ def test_load_refuses_a_file_that_does_not_fit_and_leaves_the_model_untouched(
 ):
     config = AdapterConfig("lin", 3, train_layer_norms=False)
     _, model, _ = adapted(adapter_config=config)
-    state = {
-        k: backend.to_numpy(v) for k, v in ml.adapters.adapter_state_dict(model, config).items()
-    }
+    state = {k: backend.to_numpy(v) for k, v in adapter_state_dict(model, config).items()}
     cfg = json.loads(json.dumps(vars(config)))
     path = tmp_path / "bad.safetensors"
     target = make_gpt(TINY_2x2)
