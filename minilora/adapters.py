@@ -12,7 +12,8 @@ computes exactly what the base model computed. Where the adapters go:
 
 * ``"houlsby"``: two per block, on the attention's output projection (``attn.o_proj``) and
   on the MLP's (``mlp.fc2``): the adapter is applied to the sublayer's output, before the
-  residual add, as in the paper (Houlsby et al., figure 2);
+  residual add, as in the paper (Houlsby et al., figure 2), and before the branch's
+  dropout (which the demo's model does not use);
 * ``"lin"``: one per block, on the MLP's output only (Lin et al.; their adapter also has a
   LayerNorm of its own, which this one leaves out).
 

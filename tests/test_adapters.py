@@ -356,3 +356,44 @@ def test_save_refuses_a_config_that_does_not_match_the_model(tmp_path):
     with pytest.raises(ValueError, match="is this the config"):
         save_adapters(model, tmp_path / "a.safetensors", AdapterConfig("houlsby", 2))
     assert not (tmp_path / "a.safetensors").exists()
+
+
+# --------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------
+
+
+def _adapter_run(device: str, nonlinearity: str):
+    """Three AdamW steps with Houlsby adapters on ``device``: (model, losses)."""
+    model = make_gpt(TINY_2x2, 0, device=device)
+    apply_adapters(model, AdapterConfig("houlsby", 3, nonlinearity), backend.Generator(0))
+    opt = ml.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        _, loss = model(IDX, TARGETS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.item()))
+    return model, losses
+
+
+@pytest.mark.parametrize("nonlinearity", ["gelu", "relu"])
+def test_adapters_train_save_and_load_on_every_device(device, nonlinearity, tmp_path):
+    """On the stand-in (CuPy's rules on the CPU) a host fallback in the adapter fails;
+    its numbers are the CPU's bit for bit (on a GPU, to float32 rounding)."""
+    model, losses = _adapter_run(device, nonlinearity)
+    ref, ref_losses = _adapter_run("cpu", nonlinearity)
+    assert all(p.device == device for p in model.parameters())
+    if device == "cuda":
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    else:
+        assert losses == ref_losses
+    config = AdapterConfig("houlsby", 3, nonlinearity)
+    save_adapters(model, tmp_path / "a.safetensors", config)
+    for dev in ("cpu", device):
+        fresh = make_gpt(TINY_2x2, 0, device=dev)
+        load_adapters(fresh, tmp_path / "a.safetensors")
+        for (_, p), (_, q) in zip(fresh.named_parameters(), model.named_parameters(), strict=True):
+            assert p.device == dev
+            np.testing.assert_array_equal(backend.to_numpy(p.data), backend.to_numpy(q.data))
