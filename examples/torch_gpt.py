@@ -151,3 +151,59 @@ def load_minilora_state(torch_model: nn.Module, state: dict) -> list[str]:
             p = params[by_minilora[k]]
             p.copy_(torch.as_tensor(array).to(p.dtype))
     return [by_minilora[k] for k in state]
+
+
+# --------------------------------------------------------------------------------------
+# Adapter layers (Houlsby et al. 2019, Lin et al. 2020), as minilora/adapters.py
+# --------------------------------------------------------------------------------------
+
+ADAPTER_SITES = {"houlsby": ("attn.o_proj", "mlp.fc2"), "lin": ("mlp.fc2",)}
+
+
+class AdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` followed by a bottleneck adapter with a residual connection,
+    ``y = h + up(act(down(h)))`` with ``h = x Wᵀ + b``: minilora's ``AdapterLinear``, with
+    the same parameter names (``weight``, ``bias``, ``adapter_down.*``, ``adapter_up.*``)."""
+
+    def __init__(self, linear: nn.Linear, bottleneck: int, nonlinearity: str = "gelu"):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the wrapped layer's own
+        C = linear.out_features
+        factory = {"dtype": linear.weight.dtype, "device": linear.weight.device}
+        self.adapter_down = nn.Linear(C, bottleneck, **factory)  # (m, C)
+        self.adapter_up = nn.Linear(bottleneck, C, **factory)  # (C, m), zero: identity at init
+        nn.init.zeros_(self.adapter_up.weight)
+        nn.init.zeros_(self.adapter_up.bias)
+        self.nonlinearity = nonlinearity
+
+    def forward(self, x):
+        h = F.linear(x, self.weight, self.bias)  # (..., C): the frozen sublayer output
+        z = self.adapter_down(h)  # (..., m)
+        a = F.gelu(z, approximate="tanh") if self.nonlinearity == "gelu" else F.relu(z)
+        return h + self.adapter_up(a)  # (..., C)
+
+
+def apply_adapters(
+    model: nn.Module,
+    adapter_type: str = "houlsby",
+    bottleneck: int = 8,
+    nonlinearity: str = "gelu",
+    train_layer_norms: bool = True,
+) -> list[str]:
+    """Wrap the sublayers ``adapter_type`` names in :class:`AdapterLinear` and freeze all
+    but the adapters (and the LayerNorms with ``train_layer_norms``), as
+    ``minilora.adapters.apply_adapters``; returns the adapted paths."""
+    suffixes = ADAPTER_SITES[adapter_type]
+    paths = [p for p, _ in model.named_modules() if p.endswith(tuple("." + s for s in suffixes))]
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, name, AdapterLinear(getattr(owner, name), bottleneck, nonlinearity))
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, AdapterLinear):
+            m.adapter_down.requires_grad_(True)
+            m.adapter_up.requires_grad_(True)
+        elif isinstance(m, nn.LayerNorm) and train_layer_norms:
+            m.requires_grad_(True)
+    return paths

@@ -651,7 +651,7 @@ def check_adamw(ctx: Context) -> None:
         )
 
 
-FINETUNE = {"steps": 120, "batch_size": 32, "r": 4, "lr": 1e-2, "accuracy": 0.6, "examples": 256}
+FINETUNE = {"steps": 160, "batch_size": 32, "r": 4, "lr": 1e-2, "accuracy": 0.6, "examples": 256}
 
 
 def check_finetune(ctx: Context) -> None:

@@ -15,7 +15,12 @@ seen. Why this is a fair LoRA demonstration:
 * it is *new*: the base model has never seen ``D``, and it does badly on it (it answers
   with one of the tasks it knows), so any gain is the adapter's;
 * it is *exact*: an answer is right or wrong (exact match of the whole output), with no
-  judgement involved, and held-out examples are generated from a different seed.
+  judgement involved;
+* it is *held out*: a fixed eighth of all digit strings (chosen by a hash of the digits,
+  :func:`is_held_out`) is reserved for evaluation. ``batch`` never emits one, whatever the
+  task, and ``eval_set`` draws only those, so no evaluation input was ever trained on, in
+  pretraining or in fine-tuning. A different seed alone would not do: there are only 1000
+  three-digit strings, and most held-out short inputs would also occur in training.
 
 The tokenizer is one character per token. Only the output and end positions are trained
 and scored (the rest of the targets are ``IGNORE_INDEX``).
@@ -23,6 +28,7 @@ and scored (the rest of the targets are ``IGNORE_INDEX``).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 from minilora import backend
@@ -38,6 +44,18 @@ TASKS = {
     "S": lambda digits: sorted(digits),  # sort ascending
     "D": lambda digits: sorted(digits, reverse=True),  # sort descending (downstream)
 }
+HELD_OUT_EVERY = 8  # one digit string in 8 is reserved for evaluation
+
+
+def is_held_out(digits) -> bool:
+    """True for the digit strings reserved for evaluation (about 1 in ``HELD_OUT_EVERY``).
+
+    The choice depends on the digits only (not on the task): a held-out input is never
+    trained on under any task. CRC-32 is a fixed, well-mixed hash (Python's ``hash`` of a
+    string changes from run to run), so the split is the same on every machine. Every
+    length has inputs on both sides (checked down to one digit by the tests).
+    """
+    return zlib.crc32(bytes(digits)) % HELD_OUT_EVERY == 0
 
 
 def encode(text: str) -> list[int]:
@@ -91,22 +109,36 @@ class DigitTasks:
         return x, y
 
     def batch(self, generator: backend.Generator, batch_size: int, device: str = "cpu"):
-        """A random batch: ``x`` and ``y`` int64 arrays of shape (batch_size, block_size)."""
-        tasks = generator.integers(0, len(self.tasks), (batch_size,))
-        lengths = generator.integers(self.min_len, self.max_len + 1, (batch_size,))
-        digits = generator.integers(0, 10, (batch_size, self.max_len))
+        """A random training batch: ``x`` and ``y`` int64 arrays of shape (batch_size, block_size).
+
+        Never contains a held-out input (:func:`is_held_out`): those are redrawn.
+        """
+        return self._sample(generator, batch_size, held_out=False, device=device)
+
+    def eval_set(self, seed: int, n: int, device: str = "cpu"):
+        """A fixed evaluation set of ``n`` examples whose inputs are all held out.
+
+        The same ``seed`` always gives the same examples. Short inputs may repeat (there are
+        only about 125 held-out three-digit strings).
+        """
+        return self._sample(backend.Generator(seed), n, held_out=True, device=device)
+
+    def _sample(self, generator: backend.Generator, n: int, held_out: bool, device: str):
+        """``n`` examples whose inputs are held out (``held_out=True``) or not: a task and a
+        length per example, then digits drawn until they fall on the requested side."""
+        tasks = generator.integers(0, len(self.tasks), (n,))
+        lengths = generator.integers(self.min_len, self.max_len + 1, (n,))
         xs, ys = [], []
-        for t, n, d in zip(tasks.tolist(), lengths.tolist(), digits.tolist(), strict=True):
-            x, y = self.example(self.tasks[t], d[:n])
+        for t, length in zip(tasks.tolist(), lengths.tolist(), strict=True):
+            digits = generator.integers(0, 10, (length,)).tolist()
+            while is_held_out(digits) != held_out:  # rejection sampling: the sides never meet
+                digits = generator.integers(0, 10, (length,)).tolist()
+            x, y = self.example(self.tasks[t], digits)
             xs.append(x)
             ys.append(y)
         x = backend.array(xs, dtype=backend.int64, device=device)
         y = backend.array(ys, dtype=backend.int64, device=device)
         return x, y
-
-    def eval_set(self, seed: int, n: int, device: str = "cpu"):
-        """A fixed held-out set: the same ``seed`` always gives the same examples."""
-        return self.batch(backend.Generator(seed), n, device)
 
 
 def exact_match(logits, y) -> float:

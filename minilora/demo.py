@@ -224,6 +224,12 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
         f"\npretraining tasks after fine-tuning: full {pre_full:.1%}, LoRA r={lora_config.r} "
         f"{pre_lora:.1%}, LoRA with adapters disabled {pre_lora_off:.1%} (the base is intact)"
     )
+    echo(
+        "  (an adapter is trained for one task: it saw only prompts that start with "
+        f"{DOWNSTREAM_TASK!r}, so with it on, the copy, reverse and sort-ascending prompts get "
+        "wrong answers; switched off, the base model answers them as before. Full fine-tuning "
+        "has no switch: the base is overwritten.)"
+    )
 
     # Save the adapter (PEFT layout), load it into a fresh base, merge, compare, time.
     adapter_dir = out / "adapter"

@@ -239,6 +239,7 @@ LAYERS = [
     "train",
     "text",
     "checkpoint",
+    "adapters",
     "vectors",
     "demo",
     "exercises",
