@@ -28,7 +28,7 @@ from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, merge_lora
 from minilora.model import GPT, GPTConfig
 from minilora.optim import AdamW
-from minilora.train import cosine_schedule, evaluate, median, train
+from minilora.train import cosine_schedule, evaluate, fine_tune, median, train
 
 BASE_ASSET = "base.safetensors"  # in minilora/assets; `minilora pretrain --out F` reproduces it
 
@@ -136,17 +136,13 @@ def finetune(
         lr = settings.lr_lora
     else:
         config, lr = None, settings.lr_full
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = AdamW(params, lr=lr, weight_decay=0.0)
-    tasks = DigitTasks((task,))
-    data = backend.Generator(settings.seed + 1000)
-    device = base.device
-    history = train(
+    history, opt = fine_tune(
         model,
-        opt,
-        lambda step: tasks.batch(data, settings.batch_size, device),
+        DigitTasks((task,)),
         settings.steps,
-        lr_schedule=cosine_schedule(settings.steps, max(settings.steps // 15, 1)),
+        lr,
+        settings.batch_size,
+        seed=settings.seed,
         progress=progress,
         desc=f"{method}" + (f" r={rank}" if rank else ""),
     )
