@@ -227,6 +227,7 @@ LAYERS = [
     "nn",
     "model",
     "lora",
+    "hf_gpt2",
     "optim",
     "accounting",
     "data",
