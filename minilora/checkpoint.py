@@ -14,6 +14,10 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
                                    base_model.model.<module path>.bias            (per ``bias``;
                                    <path>.base_layer.bias for an adapted layer, as PEFT)
 
+* ``load_model`` also reads a Hugging Face GPT-2 folder (``config.json`` and
+  ``model.safetensors``); adapters of such a model are saved and loaded in GPT-2's module
+  names, as PEFT's on ``GPT2LMHeadModel`` (the mapping: minilora/hf_gpt2.py).
+
 Three promises, each tested in tests/test_checkpoint.py:
 
 * **Refuse, don't guess.** A truncated or corrupt file, a header that is not JSON, a dtype

@@ -216,37 +216,30 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
             "lm_head out of target_modules"
         )
     xp = backend.module_for("cpu")
-    parts = {}  # GPT-2 module path -> [(A (r, in), B rows (out_slice, B (n, r)))]
+    parts = {}  # GPT-2 module path -> [(a minilora LoRA layer, the outputs it computes)]
     for i in range(L):
         for gpt2, ours in _modules_of_block(C).items():
-            pieces = [
-                (
-                    backend.to_numpy(layers[p].lora_A.data),
-                    cols,
-                    backend.to_numpy(layers[p].lora_B.data),
-                )
-                for name, cols in ours
-                if (p := f"blocks.{i}.{name}") in layers
-            ]
+            paths = [(f"blocks.{i}.{name}", cols) for name, cols in ours]
+            pieces = [(layers[path], cols) for path, cols in paths if path in layers]
             if pieces:
                 parts[f"transformer.h.{i}.{gpt2}"] = pieces
-    rank = max(len(pieces) for pieces in parts.values()) * config.r  # r'
+    r = config.r
+    rank = max(len(pieces) for pieces in parts.values()) * r  # r'
     arrays = {}
     for path, pieces in parts.items():
-        module = path.split(".", 3)[3]
-        n_in, n_out = _conv1d_shapes(C)[module]
-        dtype = pieces[0][0].dtype
-        A = xp.zeros((rank, n_in), dtype=dtype)  # (r', in)
-        B = xp.zeros((n_out, rank), dtype=dtype)  # (out, r')
-        for j, (A_j, cols, B_j) in enumerate(pieces):  # block j: its rows of A, its outputs
-            A[j * config.r : (j + 1) * config.r] = A_j
-            B[cols, j * config.r : (j + 1) * config.r] = B_j
+        n_in, n_out = _conv1d_shapes(C)[path.split(".", 3)[3]]
+        dtype = backend.to_numpy(pieces[0][0].lora_A.data).dtype
+        A = xp.zeros((rank, n_in), dtype=dtype)  # (r', in): zero rows past the pieces'
+        B = xp.zeros((n_out, rank), dtype=dtype)  # (out, r'): zero where no piece writes
+        for j, (layer, cols) in enumerate(pieces):  # piece j: rank block j, its outputs
+            A[j * r : (j + 1) * r] = backend.to_numpy(layer.lora_A.data)  # (r, in)
+            B[cols, j * r : (j + 1) * r] = backend.to_numpy(layer.lora_B.data)  # (n, r)
         arrays[f"{path}.lora_A"], arrays[f"{path}.lora_B"] = A, B
     arrays.update(_gpt2_biases(model, config.bias, set(parts)))
 
-    ratio = rank / config.r
+    ratio = rank / r
     alpha = config.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
-    if rank == config.r:
+    if rank == r:
         alpha = config.lora_alpha  # unchanged, not recomputed
     elif float(alpha).is_integer():
         alpha = int(alpha)

@@ -397,3 +397,10 @@ def test_outgrow_minilora_example_runs(tmp_path, monkeypatch):
     exec(compile(doc_code("When you outgrow minilora"), "porting.md", "exec"), {})
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "gpt2-tuned" / "model.safetensors").exists()
+
+
+def test_config_that_is_not_json_is_refused(tmp_path):
+    gpt2_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(tmp_path)
