@@ -404,3 +404,29 @@ def test_config_that_is_not_json_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_model(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# benchmarks/gpt2_peft.py still runs (--quick: a tiny GPT-2), on the same weights
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # about 20 s: two fresh processes measure each engine's memory
+def test_gpt2_peft_benchmark_quick(tmp_path, monkeypatch):
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    import gpt2_peft
+
+    result = gpt2_peft.main(["--quick", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "gpt2_peft.json").read_text())
+    assert written["command"].startswith("python benchmarks/gpt2_peft.py")
+    # the same weights and batch: the same first loss
+    assert result["first_loss"]["minilora"] == pytest.approx(
+        result["first_loss"]["torch"], rel=1e-5
+    )
+    # PEFT's fused c_attn adapter: rank 2r, 3C rows of B, so twice minilora's parameters
+    assert result["trainable_params"]["torch"] == 2 * result["trainable_params"]["minilora"]
+    for engine in ("minilora", "torch"):
+        assert 0 < result[engine]["min_s"] <= result[engine]["median_s"]
+        assert result["memory"][engine]["peak_mib"] >= result["memory"][engine]["loaded_mib"] > 0
+    assert result["memory"]["minilora"]["step_traced_mib"] > 0
