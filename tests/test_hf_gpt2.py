@@ -24,6 +24,7 @@ from helpers import snapshot
 
 import minilora as ml
 from minilora import backend
+from minilora.accounting import total_params
 from minilora.checkpoint import load_adapter, load_model, save_adapter, save_model
 from minilora.lora import count_parameters
 
@@ -127,7 +128,7 @@ def test_tied_head_is_one_parameter_with_both_gradients(tmp_path):
     names = [n for n, _ in model.named_parameters()]
     assert "tok_emb.weight" in names and "lm_head.weight" not in names
     assert len(model.parameters()) == len({id(p) for p in model.parameters()})
-    assert count_parameters(model)[1] == hf.num_parameters()
+    assert count_parameters(model)[1] == hf.num_parameters() == total_params(model.config)
     opt = ml.AdamW(model.parameters(), lr=1e-3)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
 
