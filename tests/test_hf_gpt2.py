@@ -334,6 +334,9 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
     want = theirs(hf, idx)
     assert np.abs(want - ours(load_model(tmp_path / "hf"), idx)).max() > 1e-3  # it matters
     assert_close(ours(model, idx), want, dtype)
+    # and on: saved again by minilora, it loads in PEFT with the same logits
+    save_adapter(model, tmp_path / "again", config)
+    assert_close(theirs(peft_model(tmp_path / "hf", tmp_path / "again", dtype), idx), want, dtype)
 
 
 @pytest.mark.parametrize(
