@@ -92,10 +92,10 @@ def gpt_config(raw, where) -> GPTConfig:
         if key in raw and raw[key] != want:
             problems.append(f"{key}={raw[key]!r} is not supported by minilora (expected {want})")
     n_embd, n_inner = raw.get("n_embd"), raw.get("n_inner")
-    if n_inner is not None and n_inner != (4 * n_embd if isinstance(n_embd, int) else None):
+    if n_inner is not None and not (isinstance(n_embd, int) and n_inner == 4 * n_embd):
         problems.append(
             f"n_inner={n_inner!r} is not supported: minilora's MLP is 4 * n_embd wide "
-            f"(n_inner null or {4 * n_embd if isinstance(n_embd, int) else '4 * n_embd'})"
+            f"(n_embd={n_embd!r}; expected n_inner null or 4 * n_embd)"
         )
     if problems:
         raise ValueError(

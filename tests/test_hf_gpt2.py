@@ -176,7 +176,7 @@ def edit_config(folder: Path, **changes):
         ({"scale_attn_by_inverse_layer_idx": True}, ["scale_attn_by_inverse_layer_idx=True"]),
         ({"add_cross_attention": True}, ["add_cross_attention=True"]),
         ({"scale_attn_weights": False}, ["scale_attn_weights=False"]),
-        ({"n_inner": 64}, ["n_inner=64", "128"]),
+        ({"n_inner": 64}, ["n_inner=64", "n_embd=32"]),
         ({"n_embd": 48}, ["wte.weight", "(50, 32)", "(50, 48)"]),
         ({"n_layer": 3}, ["missing tensor 'h.2.ln_1.weight'"]),
         ({"n_layer": 1}, ["unexpected tensor 'transformer.h.1.ln_1.weight'"]),
