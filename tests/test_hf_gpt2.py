@@ -42,15 +42,17 @@ SHAPES = {
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def gpt2_folder(folder: Path, shape: str = "32x4x2", dtype=torch.float32, seed=0, **changes):
+def gpt2_folder(
+    folder: Path, shape: str = "32x4x2", dtype=torch.float32, seed=0, noise=0.1, **changes
+):
     """A random GPT2LMHeadModel saved with save_pretrained; every parameter (biases and
-    LayerNorms too) moved off its init, so a wrong mapping of any of them shows."""
+    LayerNorms too) moved off its init by ``noise``, so a wrong mapping of any of them shows."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(**SHAPES[shape], **changes)
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(noise * torch.randn_like(p))
     model = model.to(dtype).eval()
     model.save_pretrained(folder, safe_serialization=True)
     return model
@@ -434,3 +436,17 @@ def test_gpt2_peft_benchmark_quick(tmp_path, monkeypatch):
         assert 0 < result[engine]["min_s"] <= result[engine]["median_s"]
         assert result["memory"][engine]["peak_mib"] >= result["memory"][engine]["loaded_mib"] > 0
     assert result["memory"]["minilora"]["step_traced_mib"] > 0
+
+
+def test_greedy_generation_equals_transformers(tmp_path):
+    """minilora's KV-cached decoding on the loaded GPT-2 picks transformers' tokens (large
+    random weights, so that the tokens vary instead of repeating one)."""
+    hf = gpt2_folder(tmp_path, dtype=torch.float64, noise=1.0)
+    model = load_model(tmp_path)
+    prompt = ids()[:, :4]
+    with torch.no_grad():
+        want = hf.generate(
+            torch.from_numpy(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0
+        ).numpy()
+    assert len(np.unique(want[:, 4:])) > 4
+    np.testing.assert_array_equal(model.generate(prompt, 8, temperature=0), want)
