@@ -69,8 +69,10 @@ class ModelShape:
         check_sizes("ModelShape", self)
 
     @classmethod
-    def from_config(cls, config: GPTConfig, tied: bool = False) -> ModelShape:
-        """The shape of ``GPT(config)`` (untied, as minilora builds it, unless ``tied``)."""
+    def from_config(cls, config: GPTConfig, tied: bool | None = None) -> ModelShape:
+        """The shape of ``GPT(config)``: tied as ``config.tie_word_embeddings`` says (a
+        GPT-2 checkpoint; minilora's own GPT is untied) unless ``tied`` is given."""
+        tied = config.tie_word_embeddings if tied is None else tied
         return cls(
             config.n_layer,
             config.n_embd,

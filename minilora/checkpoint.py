@@ -14,6 +14,10 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
                                    base_model.model.<module path>.bias            (per ``bias``;
                                    <path>.base_layer.bias for an adapted layer, as PEFT)
 
+* ``load_model`` also reads a Hugging Face GPT-2 folder (``config.json`` and
+  ``model.safetensors``); adapters of such a model are saved and loaded in GPT-2's module
+  names, as PEFT's on ``GPT2LMHeadModel`` (the mapping: minilora/hf_gpt2.py).
+
 Three promises, each tested in tests/test_checkpoint.py:
 
 * **Refuse, don't guess.** A truncated or corrupt file, a header that is not JSON, a dtype
@@ -51,7 +55,7 @@ from pathlib import Path
 import safetensors
 import safetensors.numpy
 
-from minilora import backend
+from minilora import backend, hf_gpt2
 from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, GPTConfig
@@ -151,9 +155,14 @@ def save_model(model: GPT, path) -> None:
 
 
 def load_model(path, device: str = "cpu") -> GPT:
-    """Read a file written by :func:`save_model`: a new ``GPT`` on ``device``, in the
-    file's dtype, in eval mode, with every parameter loaded (strict: no missing or
-    unexpected keys).
+    """Read a file written by :func:`save_model`, or a Hugging Face GPT-2 folder
+    (``config.json`` and ``model.safetensors``, as ``save_pretrained`` writes them): a new
+    ``GPT`` on ``device``, in the file's dtype, in eval mode, with every parameter loaded
+    (strict: no missing or unexpected keys).
+
+    A GPT-2 is mapped into minilora's names (minilora/hf_gpt2.py); its head stays tied to
+    the token embedding, and its adapters are saved and loaded in GPT-2's names, so
+    that PEFT loads them on ``GPT2LMHeadModel``.
 
     The stored ``GPTConfig`` is checked against the tensors wherever the shapes tell
     (``vocab_size``, ``block_size``, ``n_embd``, ``n_layer``, ``bias``); ``n_head`` (any
@@ -162,13 +171,18 @@ def load_model(path, device: str = "cpu") -> GPT:
     """
     device = backend.check_device(device)
     path = Path(path)
+    if path.is_dir() and (path / hf_gpt2.CONFIG_NAME).exists():
+        return _load_gpt2(path, device)
     if path.is_dir():
         hint = (
             "; it looks like an adapter folder: use load_adapter(model, folder)"
             if (path / ADAPTER_CONFIG_NAME).exists()
             else ""
         )
-        raise ValueError(f"load_model: {path} is a folder, expected a .safetensors file{hint}")
+        raise ValueError(
+            f"load_model: {path} is a folder, expected a .safetensors file or a Hugging Face "
+            f"GPT-2 folder (with {hf_gpt2.CONFIG_NAME}){hint}"
+        )
     tensors, metadata = _read_safetensors(path, "load_model")
 
     fmt = metadata.get("format")
@@ -187,6 +201,32 @@ def load_model(path, device: str = "cpu") -> GPT:
             f"version {MODEL_FORMAT_VERSION!r}"
         )
     config = _model_config(path, metadata.get("config"), tensors)
+    return _build_model(path, config, tensors, device)
+
+
+def _load_gpt2(folder: Path, device: str) -> GPT:
+    """A Hugging Face GPT-2 folder as a minilora GPT; every tensor is checked against
+    config.json before the model is built."""
+    config_path, weights_path = folder / hf_gpt2.CONFIG_NAME, folder / hf_gpt2.WEIGHTS_NAME
+    text = _read_file(config_path, "load_model")
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"load_model: {config_path} is not valid JSON: {e}") from None
+    config = hf_gpt2.gpt_config(raw, config_path)
+    if not weights_path.exists():
+        raise FileNotFoundError(
+            f"load_model: {weights_path} does not exist (minilora reads one safetensors file: "
+            "not pytorch_model.bin, a pickle it never loads, nor sharded weights; save with "
+            "save_pretrained(folder, safe_serialization=True))"
+        )
+    tensors, _ = _read_safetensors(weights_path, "load_model")
+    state = hf_gpt2.state_dict_from_gpt2(tensors, config, weights_path)
+    return _build_model(weights_path, config, state, device)
+
+
+def _build_model(path: Path, config: GPTConfig, tensors: dict, device: str) -> GPT:
+    """A new GPT in the tensors' one dtype, loaded with them (strict), in eval mode."""
     dtypes = sorted({backend.dtype_name(a.dtype) for a in tensors.values()})
     if len(dtypes) > 1:
         raise ValueError(f"load_model: {path} mixes dtypes {dtypes}; expected one dtype")
@@ -268,16 +308,18 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
             "save_adapter: the config does not describe the model's LoRA layers:\n  "
             + "\n  ".join(problems)
         )
+    arrays = _lora_state_dict(model, config.bias)
+    adapted = {p for p, _ in lora_layers(model)}
+    peft_config = _peft_config_dict(config)
+    if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
+        arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"save_adapter: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
 
-    tensors = {}
-    adapted = {p for p, _ in lora_layers(model)}
-    for name, arr in _lora_state_dict(model, config.bias).items():
-        tensors[_peft_key(name, adapted)] = _host_copy(arr)
-    text = (json.dumps(_peft_config_dict(config), indent=2, sort_keys=True) + "\n").encode()
+    tensors = {_peft_key(name, adapted): _host_copy(arr) for name, arr in arrays.items()}
+    text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
     # "format": "pt" is what PEFT writes, for transformers; the digest binds the two files
     digest = hashlib.sha256(text).hexdigest()
     weights = serialize(tensors, {"format": "pt", CONFIG_DIGEST_KEY: digest})
@@ -339,7 +381,24 @@ def load_adapter(model: Module, path) -> LoRAConfig:
             "weights): a save was interrupted between the two files, or one of them was "
             "replaced or edited. Nothing was changed; save the adapter again"
         )
-    fields, layers = _read_adapter_config(config_path, config_bytes)
+    # A PEFT adapter of GPT2LMHeadModel, for a model loaded from GPT-2: mapped into
+    # minilora's names (checked first), then loaded as any other
+    gpt2 = hf_gpt2.is_gpt2(model) and any(
+        k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
+    )
+    fields, layers = _read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if gpt2:
+        fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
+            model, fields, layers, tensors, PEFT_PREFIX
+        )
+        if problems:
+            raise ValueError(
+                f"load_adapter: {folder} does not fit the GPT-2 model; nothing was changed:\n  "
+                + "\n  ".join(problems)
+            )
+        adapted = set(fields["target_modules"])
+        tensors = {_peft_key(name, adapted): arr for name, arr in arrays.items()}
+        layers = (None, None)
     fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
     if problems:
         raise ValueError(
@@ -397,10 +456,12 @@ def _peft_config_dict(config: LoRAConfig) -> dict:
     }
 
 
-def _read_adapter_config(path: Path, data: bytes) -> tuple[dict, tuple]:
+def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[dict, tuple]:
     """Parse and check adapter_config.json: (the LoRAConfig fields, with target_modules as
     written, and (layers_to_transform, layers_pattern)), or a ValueError naming the file
-    and every problem. Each key is honoured, known to be harmless, or refused when set."""
+    and every problem. Each key is honoured, known to be harmless, or refused when set.
+    ``conv1d``: the adapter is GPT-2's, whose Conv1D layers PEFT adapts with
+    ``fan_in_fan_out`` true whatever the file says (hf_gpt2 maps them)."""
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
@@ -426,8 +487,11 @@ def _read_adapter_config(path: Path, data: bytes) -> tuple[dict, tuple]:
         or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
     ):
         problems.append(f"target_modules={targets!r} must be a module name or a list of them")
+    read = _PEFT_READ | ({"fan_in_fan_out"} if conv1d else set())
+    if conv1d and not isinstance(raw.get("fan_in_fan_out", True), bool):
+        problems.append(f"fan_in_fan_out={raw['fan_in_fan_out']!r} must be true or false")
     for key, value in sorted(raw.items()):
-        if key not in _PEFT_READ | _PEFT_HARMLESS and not _unset(value):
+        if key not in read | _PEFT_HARMLESS and not _unset(value):
             problems.append(
                 f"{key}={value!r} is not supported by minilora (a PEFT option it does not "
                 "implement would make the adapter compute something else); it must be "

@@ -34,9 +34,26 @@ class GPTConfig:
     n_embd: int = 32  # width C of the residual stream; must divide by n_head
     dropout: float = 0.0  # on embeddings and residual branches, training only
     bias: bool = True  # biases in Linear layers and LayerNorms
+    layer_norm_epsilon: float = 1e-5  # the eps of every LayerNorm (GPT-2's name)
+    tie_word_embeddings: bool = False  # lm_head.weight *is* tok_emb.weight (one Parameter)
+    hf_model_type: str | None = None  # "gpt2": loaded from a Hugging Face GPT-2 folder, so
+    # adapters are saved and loaded in GPT-2's module names (minilora/hf_gpt2.py)
 
     def __post_init__(self):
         check_sizes("GPTConfig", self)
+        eps = self.layer_norm_epsilon
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < math.inf:
+            raise ValueError(
+                f"GPTConfig: layer_norm_epsilon={eps!r} must be a positive finite number"
+            )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(
+                f"GPTConfig: tie_word_embeddings={self.tie_word_embeddings!r} must be a bool"
+            )
+        if self.hf_model_type not in (None, "gpt2"):
+            raise ValueError(
+                f"GPTConfig: hf_model_type={self.hf_model_type!r} must be None or 'gpt2'"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,9 +152,10 @@ class MLP(Module):
 
 class Block(Module):
     def __init__(self, config: GPTConfig, dtype, device):
-        self.ln1 = LayerNorm(config.n_embd, bias=config.bias, dtype=dtype, device=device)
+        C, eps = config.n_embd, config.layer_norm_epsilon
+        self.ln1 = LayerNorm(C, eps, bias=config.bias, dtype=dtype, device=device)
         self.attn = CausalSelfAttention(config, dtype, device)
-        self.ln2 = LayerNorm(config.n_embd, bias=config.bias, dtype=dtype, device=device)
+        self.ln2 = LayerNorm(C, eps, bias=config.bias, dtype=dtype, device=device)
         self.mlp = MLP(config, dtype, device)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
@@ -162,8 +180,13 @@ class GPT(Module):
         self.pos_emb = Embedding(config.block_size, C, dtype=dtype, device=device)
         self.drop = Dropout(config.dropout)
         self.blocks = ModuleList([Block(config, dtype, device) for _ in range(config.n_layer)])
-        self.ln_f = LayerNorm(C, bias=config.bias, dtype=dtype, device=device)
+        eps = config.layer_norm_epsilon
+        self.ln_f = LayerNorm(C, eps, bias=config.bias, dtype=dtype, device=device)
         self.lm_head = Linear(C, config.vocab_size, bias=False, dtype=dtype, device=device)
+        if config.tie_word_embeddings:  # GPT-2: the head reuses the embedding, (vocab, C)
+            # one Parameter in two places: both uses add into its one .grad, and
+            # named_parameters lists it once, as tok_emb.weight
+            self.lm_head.weight = self.tok_emb.weight
 
     @property
     def device(self) -> str:
