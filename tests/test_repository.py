@@ -232,6 +232,7 @@ LAYERS = [
     "data",
     "train",
     "checkpoint",
+    "prefix",
     "vectors",
     "demo",
     "exercises",
