@@ -6,7 +6,6 @@ are tests/test_parity_model.py's for a whole GPT. Skipped without PyTorch."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,8 +16,9 @@ from minilora.prefix import PrefixConfig, apply_prefix_tuning
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch: pip install -e '.[oracle]'")
 
-from examples.torch_gpt import TorchPrefixGPT, load_minilora_state  # noqa: E402
 from test_parity_model import DTYPES, TORCH_DTYPE, randomize, run_both  # noqa: E402
+
+from examples.torch_gpt import TorchPrefixGPT, load_minilora_state  # noqa: E402
 
 pytestmark = [pytest.mark.oracle, pytest.mark.usefixtures("ops")]  # both op paths
 
