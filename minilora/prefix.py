@@ -216,7 +216,8 @@ def apply_prefix_tuning(model: GPT, config: PrefixConfig, generator=None) -> lis
 def collapse_prefix(model: GPT) -> None:
     """Replace a reparameterised prefix's MLP by its output, the plain prefix the model
     computes with (the logits do not change); the config's ``prefix_projection`` becomes
-    False. For inference and smaller files; the collapsed prefix trains as a plain one."""
+    False. For inference and smaller files (PEFT's ``PrefixEncoder`` in inference mode
+    likewise has no MLP); the collapsed prefix trains as a plain one."""
     _check_model(model, "collapse_prefix")
     encoder = model.prefix
     if encoder is None or encoder.transform is None:
