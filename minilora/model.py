@@ -179,11 +179,14 @@ class GPT(Module):
         return self.tok_emb.weight.device
 
     @property
+    def prefix_length(self) -> int:
+        """P, the positions a prefix (minilora/prefix.py) takes before the tokens; 0 without."""
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
+
+    @property
     def context_length(self) -> int:
-        """The most tokens a forward accepts: block_size, less the P positions that a
-        prefix (minilora/prefix.py) takes before the tokens."""
-        P = 0 if self.prefix is None else self.prefix.num_virtual_tokens
-        return self.config.block_size - P
+        """The most tokens a forward accepts: block_size, less the prefix's P positions."""
+        return self.config.block_size - self.prefix_length
 
     def _device_ids(self, name: str, ids):
         """Token ids as an integer (batch, time) array on the model's device. Host ids (a
@@ -202,7 +205,7 @@ class GPT(Module):
             raise ValueError(f"{name} must have shape (batch, time), got {tuple(data.shape)}")
         T = data.shape[1]
         if T > self.context_length:
-            taken = self.config.block_size - self.context_length
+            taken = self.prefix_length
             prefix = f", less the {taken} its prefix takes: at most {self.context_length}"
             raise ValueError(
                 f"{name} has {T} positions but block_size is {self.config.block_size}"
@@ -239,7 +242,7 @@ class GPT(Module):
                 )
         self._check_id_ranges(idx, targets)
         B, T = idx.shape
-        P = self.config.block_size - self.context_length  # positions a prefix takes first
+        P = self.prefix_length  # positions a prefix takes first
         positions = backend.arange(T, dtype=backend.int64, device=self.device) + P  # (T,)
         x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C) + (T, C)
         if self.prefix is not None:  # prefix-embedding: (B, P + T, C) with P virtual tokens
@@ -279,6 +282,12 @@ class GPT(Module):
         B, T = idx.shape
         if B != cache.keys[0].shape[0]:
             raise ValueError(f"idx has batch {B} but the cache holds {cache.keys[0].shape[0]}")
+        P = self.prefix_length
+        if cache.length < P:  # an empty KVCache(...) would run the model without its prefix
+            raise ValueError(
+                f"the cache holds {cache.length} positions but the model's prefix takes {P}: "
+                "make the cache with model.kv_cache(batch_size), which puts the prefix first"
+            )
         if cache.length + T > cache.capacity:
             raise ValueError(
                 f"the cache holds {cache.length} positions and idx adds {T}, more than "

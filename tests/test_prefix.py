@@ -314,6 +314,9 @@ def test_generation_with_the_cache_gives_the_tokens_of_recomputing(kind):
     with no_grad():
         logits = model.forward_cached(IDX, cache)
     np.testing.assert_allclose(logits, model(IDX)[0].data, rtol=1e-12, atol=1e-12)
+    bare = ml.KVCache(TINY_2x2, len(IDX), dtype=np.float64)  # without the prefix: refused
+    with no_grad(), pytest.raises(ValueError, match="holds 0 positions but the model's prefix"):
+        model.forward_cached(IDX, bare)
 
 
 # --------------------------------------------------------------------------------------
