@@ -411,8 +411,9 @@ def test_refused_loads_leave_the_model_untouched(tmp_path):
     # a model of another width: the shapes disagree
     wide = make_gpt(TINY_2x2, n_embd=4)
     before = snapshot(wide)
-    with pytest.raises(ValueError, match=r"does not fit this model.*prefix|embedding has shape"):
+    with pytest.raises(ValueError, match="does not fit this model") as info:
         load_prefix(wide, path)
+    assert "embedding has shape (2, 32), expected (2, 16)" in str(info.value)  # L·2·C
     assert snapshot(wide) == before and wide.prefix is None
     # a truncated file
     cut = tmp_path / "cut.safetensors"
@@ -444,3 +445,39 @@ def test_prefix_models_run_on_the_stand_in_device_alike(kind):
     np.testing.assert_allclose(backend.to_numpy(got.data), want, rtol=1e-12, atol=1e-12)
     got_tokens = model.generate(IDX[:, :2], 5, temperature=0)
     np.testing.assert_array_equal(backend.to_numpy(got_tokens), tokens)
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [
+        ({"format": "minilora.prefix", "format_version": "2"}, "format_version '2', expected '1'"),
+        ({"config": "{not json"}, "has a config that is not JSON"),
+        ({"config": '{"prefix_type": "layer"}'}, "expected the keys"),
+        (
+            {
+                "config": '{"prefix_type": "layer", "num_virtual_tokens": 0, '
+                '"prefix_projection": false, "encoder_hidden_size": 3}'
+            },
+            "num_virtual_tokens=0 must be a positive integer",
+        ),
+    ],
+)
+def test_a_bad_prefix_header_is_refused(metadata, match, tmp_path):
+    model, _ = prefixed(("layer", False))
+    good = {
+        "format": "minilora.prefix",
+        "format_version": "1",
+        "config": '{"encoder_hidden_size": 3, "num_virtual_tokens": 2, '
+        '"prefix_projection": false, "prefix_type": "layer"}',
+    }
+    path = tmp_path / "p.safetensors"
+    tensors = {"prefix.embedding": model.prefix.embedding.data.copy()}
+    checkpoint.atomic_write([(path, checkpoint.serialize(tensors, {**good, **metadata}))])
+    fresh = make_gpt(TINY_2x2)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        load_prefix(fresh, path)
+    assert snapshot(fresh) == before and fresh.prefix is None
+    checkpoint.atomic_write([(path, checkpoint.serialize(tensors, good))])
+    load_prefix(fresh, path)  # the same file with the good header loads
+    assert fresh.prefix is not None
