@@ -207,3 +207,88 @@ def apply_adapters(
         elif isinstance(m, nn.LayerNorm) and train_layer_norms:
             m.requires_grad_(True)
     return paths
+
+
+# ======================================================================================
+# Prefix tuning (minilora/prefix.py): the same parameters, names and positions
+# ======================================================================================
+
+
+class TorchPrefixEncoder(nn.Module):
+    """minilora's ``PrefixEncoder``: ``embedding`` (P, width), or (P, C) followed by the MLP
+    ``transform`` (C -> h -> width, tanh between). width = L·2·C for a prefix-layer (per
+    layer its keys, then its values), C for a prefix-embedding."""
+
+    def __init__(self, config, prefix_config):
+        super().__init__()
+        C, P = config.n_embd, prefix_config.num_virtual_tokens
+        layer = prefix_config.prefix_type == "layer"
+        width = config.n_layer * 2 * C if layer else C
+        rows = C if prefix_config.prefix_projection else width
+        self.embedding = nn.Parameter(torch.zeros(P, rows))
+        self.transform = None
+        if prefix_config.prefix_projection:
+            h = prefix_config.encoder_hidden_size
+            self.transform = nn.ModuleList([nn.Linear(C, h), nn.Linear(h, width)])
+
+    def forward(self):  # (P, width)
+        if self.transform is None:
+            return self.embedding
+        return self.transform[1](torch.tanh(self.transform[0](self.embedding)))
+
+
+def prefix_attention(attn, x, k_prefix, v_prefix):
+    """``attn`` (the port's CausalSelfAttention) over [prefix; tokens]: x (B, T, C); the
+    prefix's keys and values (P, C). Query i sees the P prefix keys and tokens 0..i."""
+    B, T, C = x.shape
+    nh, hs, P = attn.n_head, C // attn.n_head, k_prefix.shape[0]
+
+    def heads(t):  # (B, n, C) -> (B, nh, n, hs)
+        return t.view(t.shape[0], -1, nh, hs).transpose(1, 2)
+
+    q = heads(attn.q_proj(x))
+    k = torch.cat([heads(k_prefix[None]).expand(B, -1, -1, -1), heads(attn.k_proj(x))], dim=2)
+    v = torch.cat([heads(v_prefix[None]).expand(B, -1, -1, -1), heads(attn.v_proj(x))], dim=2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, P + T)
+    future = torch.ones(T, P + T, dtype=torch.bool, device=x.device).triu(P + 1)  # key > P + i
+    y = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
+    return attn.resid_dropout(attn.o_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class TorchPrefixGPT(TorchGPT):
+    """``TorchGPT`` with minilora's prefix (``prefix_config``: any object with
+    ``PrefixConfig``'s fields). The prefix takes positions 0..P-1, the tokens P..P+T-1,
+    so at most block_size - P tokens; the virtual tokens' logits are dropped. Freezing
+    is the caller's (``requires_grad_``), as with PEFT."""
+
+    def __init__(self, config, prefix_config):
+        super().__init__(config)
+        self.prefix_type = prefix_config.prefix_type
+        self.prefix = TorchPrefixEncoder(config, prefix_config)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        P, C = self.prefix.embedding.shape[0], self.config.n_embd
+        if T > self.config.block_size - P:
+            raise ValueError(f"idx has {T} positions, at most {self.config.block_size - P}")
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(P, P + T, device=idx.device))
+        prefix = self.prefix()  # (P, width)
+        if self.prefix_type == "embedding":  # (B, P + T, C)
+            x = torch.cat([prefix[None].expand(B, -1, -1), x], dim=1)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            if self.prefix_type == "layer":
+                k, v = (
+                    prefix[:, 2 * i * C : (2 * i + 1) * C],
+                    prefix[:, (2 * i + 1) * C : (2 * i + 2) * C],
+                )
+                x = x + prefix_attention(block.attn, block.ln1(x), k, v)
+            else:
+                x = x + block.attn(block.ln1(x))
+            x = x + block.mlp(block.ln2(x))
+        logits = self.lm_head(self.ln_f(x[:, -T:]))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            V = logits.shape[-1]
+            loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

@@ -996,6 +996,58 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 # ======================================================================================
+# Concatenation (prefix tuning joins learned keys, values or embeddings to the tokens')
+# ======================================================================================
+
+
+class Cat(Function):
+    """y = the inputs joined along ``axis`` (their other axes equal);  each input's gradient
+    is g's slice where that input lies: dx_i = g[..., o_i : o_i + n_i, ...] along ``axis``,
+    with o_i the sum of the earlier inputs' sizes n_j there."""
+
+    def __init__(self, axis: int):
+        self.axis = axis
+
+    def forward(self, *arrays):
+        _check_cat_inputs(arrays, self.axis)
+        xp = backend.get_array_module(arrays[0])
+        self.sizes = [a.shape[self.axis] for a in arrays]  # n_i along axis
+        return xp.concatenate(arrays, axis=self.axis)
+
+    def backward(self, g):
+        xp = backend.get_array_module(g)
+        starts, offset = [], 0
+        for n in self.sizes[:-1]:
+            offset += n
+            starts.append(offset)  # where inputs 1, 2, ... begin along axis
+        pieces = xp.split(g, starts, axis=self.axis)  # the gradient, split back per input
+        return tuple(
+            p if need else None for p, need in zip(pieces, self.needs_input_grad, strict=True)
+        )
+
+
+def _check_cat_inputs(arrays, axis: int) -> None:
+    shapes = [tuple(a.shape) for a in arrays]
+    ndim = len(shapes[0]) if shapes else 0
+    if not shapes or not -ndim <= axis < ndim:
+        raise ValueError(f"cat: axis={axis} is not an axis of the arrays, got shapes {shapes}")
+    a = axis % ndim
+
+    def others(s):  # the shape without the joined axis
+        return s[:a] + s[a + 1 :]
+
+    if any(len(s) != ndim or others(s) != others(shapes[0]) for s in shapes):
+        raise ValueError(
+            f"cat: arrays must have the same shape except along axis {axis}, got {shapes}"
+        )
+
+
+def cat(tensors, axis: int = 0) -> Tensor:
+    """Join ``tensors`` along ``axis`` (PyTorch's ``torch.cat``)."""
+    return Cat(axis)(*tensors)
+
+
+# ======================================================================================
 # Tensor's operators and methods are these ops (attached here, so autograd.py needs no
 # import of this file)
 # ======================================================================================

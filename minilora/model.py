@@ -116,10 +116,14 @@ class CausalSelfAttention(Module):
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.o_proj = Linear(C, C, bias, init_std=residual_std, dtype=dtype, device=device)
         self.resid_dropout = Dropout(config.dropout)
+        # prefix tuning (minilora/prefix.py): a callable giving this layer's learned keys and
+        # values, or None. Not a Module: its parameters belong to the GPT's ``prefix``
+        self.prefix = None
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x (B, T, C); with a ``cache``, x holds only the T positions after the cached ones
-        (this is layer ``layer``), and their keys and values join the cache."""
+        (this is layer ``layer``), and their keys and values join the cache (with prefix
+        tuning the cache starts with the prefix's)."""
         B, T, C = x.shape
         nh = self.n_head
 
@@ -127,7 +131,11 @@ class CausalSelfAttention(Module):
             return t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        if cache is None or cache.length == 0:  # nothing earlier: plain causal attention
+        if cache is None and self.prefix is not None:  # P learned keys and values come first
+            k_prefix, v_prefix = self.prefix(B)  # (B, nh, P, hs) each
+            k, v = F.cat([k_prefix, k], axis=2), F.cat([v_prefix, v], axis=2)  # (B, nh, P+T, hs)
+            y = F.cached_attention(q, k, v)  # query i sees the P prefix keys and tokens 0..i
+        elif cache is None or cache.length == 0:  # nothing earlier: plain causal attention
             if cache is not None:
                 cache.append(layer, k.data, v.data)
             y = F.causal_self_attention(q, k, v)  # (B, nh, T, hs)
@@ -187,10 +195,21 @@ class GPT(Module):
             # one Parameter in two places: both uses add into its one .grad, and
             # named_parameters lists it once, as tok_emb.weight
             self.lm_head.weight = self.tok_emb.weight
+        self.prefix = None  # prefix tuning (minilora/prefix.py): a PrefixEncoder, or None
 
     @property
     def device(self) -> str:
         return self.tok_emb.weight.device
+
+    @property
+    def prefix_length(self) -> int:
+        """P, the positions a prefix (minilora/prefix.py) takes before the tokens; 0 without."""
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens a forward accepts: block_size, less the prefix's P positions."""
+        return self.config.block_size - self.prefix_length
 
     def _device_ids(self, name: str, ids):
         """Token ids as an integer (batch, time) array on the model's device. Host ids (a
@@ -208,10 +227,13 @@ class GPT(Module):
         if data.ndim != 2:
             raise ValueError(f"{name} must have shape (batch, time), got {tuple(data.shape)}")
         T = data.shape[1]
-        if T > self.config.block_size:
+        if T > self.context_length:
+            taken = self.prefix_length
+            prefix = f", less the {taken} its prefix takes: at most {self.context_length}"
             raise ValueError(
-                f"{name} has {T} positions but block_size is {self.config.block_size}; "
-                "crop the sequence or use a model with a larger block_size"
+                f"{name} has {T} positions but block_size is {self.config.block_size}"
+                f"{prefix if taken else ''}; crop the sequence or use a model with a larger "
+                "block_size"
             )
         return backend.to_device(data, self.device)
 
@@ -243,17 +265,29 @@ class GPT(Module):
                 )
         self._check_id_ranges(idx, targets)
         B, T = idx.shape
-        positions = backend.arange(T, dtype=backend.int64, device=self.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C) + (T, C)
+        P = self.prefix_length  # positions a prefix takes first
+        positions = backend.arange(T, dtype=backend.int64, device=self.device) + P  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C) + (T, C)
+        if self.prefix is not None:  # prefix-embedding: (B, P + T, C) with P virtual tokens
+            x = self.prefix.prepend(x)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x)
+        if x.shape[1] > T:  # the virtual tokens' outputs are dropped: logits (B, T, V)
+            x = x[:, -T:]
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None if targets is None else F.softmax_cross_entropy(logits, targets)
         return logits, loss
 
     def kv_cache(self, batch_size: int) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` sequences, on the model's device."""
-        return KVCache(self.config, batch_size, dtype=self.tok_emb.weight.dtype, device=self.device)
+        """An empty :class:`KVCache` for ``batch_size`` sequences, on the model's device
+        (with prefix tuning, holding the prefix's keys and values already)."""
+        cache = KVCache(
+            self.config, batch_size, dtype=self.tok_emb.weight.dtype, device=self.device
+        )
+        if self.prefix is not None:
+            self.prefix.fill(self, cache)
+        return cache
 
     def forward_cached(self, idx, cache: KVCache):
         """Logits (B, Tn, vocab_size) array for ``idx`` (B, Tn): the Tn positions that follow
@@ -271,6 +305,12 @@ class GPT(Module):
         B, T = idx.shape
         if B != cache.keys[0].shape[0]:
             raise ValueError(f"idx has batch {B} but the cache holds {cache.keys[0].shape[0]}")
+        P = self.prefix_length
+        if cache.length < P:  # an empty KVCache(...) would run the model without its prefix
+            raise ValueError(
+                f"the cache holds {cache.length} positions but the model's prefix takes {P}: "
+                "make the cache with model.kv_cache(batch_size), which puts the prefix first"
+            )
         if cache.length + T > cache.capacity:
             raise ValueError(
                 f"the cache holds {cache.length} positions and idx adds {T}, more than "
@@ -318,16 +358,16 @@ class GPT(Module):
         self._check_id_ranges(idx, None)
         xp = backend.get_array_module(idx)
         gen = generator or F.default_generator()
-        block_size = self.config.block_size
+        context = self.context_length
         cache = self.kv_cache(idx.shape[0]) if use_cache else None
         new = idx  # the positions the cache has not seen yet
         with no_grad():
             for _ in range(max_new_tokens):
-                if cache is not None and cache.length + new.shape[1] <= block_size:
+                if cache is not None and cache.length + new.shape[1] <= cache.capacity:
                     logits = self._decode(new, cache)[:, -1, :]  # (B, vocab), ids checked
                 else:  # past block_size: positions shift, so recompute the cropped window
                     cache = None
-                    logits = self(idx[:, -block_size:])[0].data[:, -1, :]
+                    logits = self(idx[:, -context:])[0].data[:, -1, :]
                 nxt = self._next_token(logits, temperature, top_k, gen)[:, None]
                 idx = xp.concatenate([idx, nxt.astype(idx.dtype)], axis=1)
                 new = idx[:, -1:]

@@ -241,6 +241,7 @@ LAYERS = [
     "text",
     "checkpoint",
     "adapters",
+    "prefix",
     "vectors",
     "demo",
     "compare",
