@@ -140,7 +140,7 @@ def accuracy(model: GPT, x, y) -> float:
     scored = y != IGNORE_INDEX  # (N, T)
     needed = T - xp.argmax(scored[:, ::-1], axis=1)  # (N,) positions up to the last scored
     ctx = min(model.context_length, T)
-    fits = backend.to_host(needed <= ctx)  # (N,) bool, on the host for indexing
+    fits = backend.to_numpy(needed <= ctx)  # (N,) bool, on the host for indexing
     if not fits.any():
         return 0.0
     keep = backend.array(fits.nonzero()[0], dtype=backend.int64, device=backend.device_of(x))
