@@ -57,7 +57,8 @@ class CompareSettings:
     steps: int = 300  # optimizer steps per trained method
     batch_size: int = 64
     lr_full: float = 1e-3
-    lr_peft: float = 1e-2  # LoRA, adapters, prefixes, QLoRA: small, freshly initialised
+    lr_peft: float = 1e-2  # LoRA, adapters, QLoRA: small, freshly initialised modules
+    lr_prefix: float = 1e-1  # prefixes learn nothing in 300 steps at 1e-2 (docs/relatives.md)
     r: int = 4  # LoRA and QLoRA rank (q_proj, v_proj, lora_alpha = 2r as in the demo)
     bottleneck: int = 4  # adapter width m
     num_virtual_tokens: int = 2  # prefix length P
@@ -170,14 +171,14 @@ def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
                 base,
                 lambda m: apply_prefix_tuning(m, PrefixConfig("layer", s.num_virtual_tokens)),
             ),
-            s.lr_peft,
+            s.lr_prefix,
         ),
         "prefix_embedding": (
             copy_with(
                 base,
                 lambda m: apply_prefix_tuning(m, PrefixConfig("embedding", s.num_virtual_tokens)),
             ),
-            s.lr_peft,
+            s.lr_prefix,
         ),
         # LoRA on an NF4 base (double quantization), dequantized in the forward
         "qlora": (
@@ -290,22 +291,24 @@ def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
     and storage against SVD rank, bits and sparsity for compression of the full model."""
     s = settings
     points = []
-    for kind, sizes, make in (
-        ("lora", s.sweep_ranks, lambda n: lambda m: apply_lora(m, _lora_config(n))),
+    for kind, sizes, lr, make in (
+        ("lora", s.sweep_ranks, s.lr_peft, lambda n: lambda m: apply_lora(m, _lora_config(n))),
         (
             "adapter_houlsby",
             s.sweep_bottlenecks,
+            s.lr_peft,
             lambda n: lambda m: apply_adapters(m, AdapterConfig("houlsby", n)),
         ),
         (
             "prefix_layer",
             s.sweep_prefix,
+            s.lr_prefix,
             lambda n: lambda m: apply_prefix_tuning(m, PrefixConfig("layer", n)),
         ),
     ):
         for size in sizes:
             build = copy_with(base, make(size))
-            trained = adapt(build, s.lr_peft, s, progress, f"{kind} {size}")
+            trained = adapt(build, lr, s, progress, f"{kind} {size}")
             points.append(
                 {
                     "method": kind,
