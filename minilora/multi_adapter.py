@@ -303,7 +303,9 @@ def add_weighted_adapter(
     factors = {}
     for path in paths:
         terms = [
-            (float(w), by_path[path]) for w, by_path in zip(weights, layers) if path in by_path
+            (float(w), by_path[path])
+            for w, by_path in zip(weights, layers, strict=True)
+            if path in by_path
         ]
         if combination_type == "cat":
             factors[path] = _cat(terms, r)

@@ -19,9 +19,9 @@ from minilora import checkpoint
 from minilora.lora import apply_lora, disable_adapters, lora_layers, lora_state_dict, merge_lora
 from minilora.multi_adapter import (
     active_adapter,
+    adapter_names,
     add_adapter,
     add_weighted_adapter,
-    adapter_names,
     delete_adapter,
     set_adapter,
     unload,
@@ -342,7 +342,7 @@ def adapter_sets(draw):
     weights = draw(st.lists(st.floats(-2, 2), min_size=n, max_size=n))
     model = base()
     names = [f"a{i}" for i in range(n)]
-    for i, (name, config) in enumerate(zip(names, configs)):
+    for i, (name, config) in enumerate(zip(names, configs, strict=True)):
         add_adapter(model, name, config)
         set_adapter(model, name)
         randomize_adapter(model, i)
@@ -352,7 +352,7 @@ def adapter_sets(draw):
 def weighted_sum(model, names, weights):
     """{path: Σ wᵢ sᵢ Bᵢ Aᵢ}, over the adapters that adapt each path."""
     total = {}
-    for name, w in zip(names, weights):
+    for name, w in zip(names, weights, strict=True):
         for path, layer in layers_of(model, name).items():
             total[path] = total.get(path, 0) + w * delta(layer)
     return total
@@ -430,27 +430,31 @@ def test_add_weighted_adapter_refuses_bad_input_changing_nothing(kwargs, match):
 
 
 def peft_linear(adapters, weights):
-    """PEFT's "linear" combination of equal-rank adapters (A, B, s): A' = Σ √wᵢ sᵢ Aᵢ,
-    B' = Σ √wᵢ Bᵢ, new scaling 1."""
-    A = sum(np.sqrt(w) * s * a for (a, _, s), w in zip(adapters, weights))
-    B = sum(np.sqrt(w) * b for (_, b, s), w in zip(adapters, weights))
+    """PEFT's "linear" combination of equal-rank adapters (A, B, s), for wᵢsᵢ > 0:
+    A' = Σ √(wᵢsᵢ) Aᵢ, B' = Σ √(wᵢsᵢ) Bᵢ, new scaling 1: B'A'."""
+    A = sum(np.sqrt(w * s) * a for (a, _, s), w in zip(adapters, weights, strict=True))
+    B = sum(np.sqrt(w * s) * b for (_, b, s), w in zip(adapters, weights, strict=True))
     return B @ A
+
+
+def weighted(adapters, weights):
+    return sum(w * s * b @ a for (a, b, s), w in zip(adapters, weights, strict=True))
 
 
 def test_linear_adds_cross_terms_and_is_the_sum_only_without_them():
     rng = np.random.default_rng(0)
     adapters = [(rng.standard_normal((2, 5)), rng.standard_normal((4, 2)), s) for s in (0.5, 2.0)]
     weights = [0.3, 0.7]
-    want = sum(w * s * b @ a for (a, b, s), w in zip(adapters, weights))
-    got = peft_linear(adapters, weights)
+    want, got = weighted(adapters, weights), peft_linear(adapters, weights)
     assert np.linalg.norm(got - want) > 0.1 * np.linalg.norm(want)  # not the weighted sum
     (a1, b1, s1), (a2, b2, s2) = adapters
-    cross = np.sqrt(weights[0] * weights[1]) * (s2 * b1 @ a2 + s1 * b2 @ a1)
+    cross = np.sqrt(weights[0] * s1 * weights[1] * s2) * (b1 @ a2 + b2 @ a1)
     np.testing.assert_allclose(got, want + cross, rtol=1e-12, atol=1e-12)  # exactly those
     # Adapters in disjoint rank slots (Bᵢ Aⱼ = 0 for i ≠ j) have no cross terms: equal
     a1[1], a2[0], b1[:, 1], b2[:, 0] = 0, 0, 0, 0
-    want = sum(w * s * b @ a for (a, b, s), w in zip(adapters, weights))
-    np.testing.assert_allclose(peft_linear(adapters, weights), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        peft_linear(adapters, weights), weighted(adapters, weights), rtol=1e-12, atol=1e-12
+    )
 
 
 # ======================================================================================
@@ -467,7 +471,7 @@ def peft_combination(tmp_path, model, configs, weights, combination_type, svd_ra
     from examples.torch_gpt import TorchGPT, load_minilora_state
 
     names = adapter_names(model)
-    for name, config in zip(names, configs):
+    for name, config in zip(names, configs, strict=True):
         checkpoint.save_adapter(model, tmp_path / name, config, adapter_name=name)
     port = TorchGPT(TINY_2x2).to(torch.float64)
     load_minilora_state(port, base().state_dict())
@@ -491,7 +495,7 @@ def peft_combination(tmp_path, model, configs, weights, combination_type, svd_ra
 def test_combinations_match_peft(tmp_path, combination_type):
     model = base()
     configs = [A_CFG, ml.LoRAConfig(r=3, lora_alpha=5, target_modules=["q_proj", "k_proj"]), C_CFG]
-    for i, (name, config) in enumerate(zip(["a", "b", "c"], configs)):
+    for i, (name, config) in enumerate(zip(["a", "b", "c"], configs, strict=True)):
         add_adapter(model, name, config)
         set_adapter(model, name)
         randomize_adapter(model, i)
@@ -536,3 +540,27 @@ def test_peft_cat_scales_an_rslora_first_adapter_by_sqrt_r(tmp_path):
     for path, layer in ours.items():
         want = theirs[path].get_delta_weight("mix").detach().numpy()
         np.testing.assert_allclose(np.sqrt(5) * delta(layer), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.oracle
+def test_peft_linear_is_the_formula_with_cross_terms(tmp_path):
+    """The formula above is PEFT's "linear" (so the counterexample is about PEFT)."""
+    model = base()
+    configs = [A_CFG, ml.LoRAConfig(r=2, lora_alpha=7, target_modules=["q_proj", "k_proj"])]
+    for i, (name, config) in enumerate(zip(["a", "b"], configs, strict=True)):
+        add_adapter(model, name, config)
+        set_adapter(model, name)
+        randomize_adapter(model, i)
+    set_adapter(model, "a")
+    weights = [0.75, 1.5]
+    theirs = peft_combination(tmp_path, model, configs, weights, "linear")
+    mine = [layers_of(model, name) for name in ("a", "b")]
+    for path, their in theirs.items():
+        pairs = [(m[path], w) for m, w in zip(mine, weights, strict=True) if path in m]
+        adapters = [(la.lora_A.data, la.lora_B.data, la.scaling) for la, _ in pairs]
+        want = peft_linear(adapters, [w for _, w in pairs])
+        got = their.get_delta_weight("mix").detach().numpy()
+        # PEFT rounds the √(wᵢsᵢ) to float32 (a float32 tensor of weights): ~1e-7 relative
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=path)
+        if len(pairs) == 2:  # q_proj: both adapters, so cross terms
+            assert np.linalg.norm(got - weighted(adapters, [w for _, w in pairs])) > 0.1
