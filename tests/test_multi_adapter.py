@@ -457,6 +457,13 @@ def test_linear_adds_cross_terms_and_is_the_sum_only_without_them():
     )
 
 
+
+def test_the_two_by_two_counterexample_of_docs_math():
+    e = np.eye(2)
+    adapters = [(e[:1], e[:, :1], 1.0), (e[1:], e[:, 1:], 1.0)]  # (A (1, 2), B (2, 1), s)
+    np.testing.assert_array_equal(weighted(adapters, [1, 1]), e)
+    np.testing.assert_array_equal(peft_linear(adapters, [1, 1]), np.ones((2, 2)))
+
 # ======================================================================================
 # PEFT as the oracle
 # ======================================================================================
