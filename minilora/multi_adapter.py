@@ -25,7 +25,12 @@ The rules (each refused with a ``ValueError`` naming the problem):
 * Adapters are swapped only while unmerged and enabled: a merged weight holds the active
   adapter, and a layer swapped inside ``disable_adapters`` would come back enabled.
 * Biases are shared by every adapter, so, as in PEFT, a model with several adapters trains
-  no bias (``bias="none"``).
+  no bias (``bias="none"``); adding or loading a second adapter leaves what the base
+  trains as it was.
+* Saving and loading by name: ``checkpoint.save_adapter(model, folder, config,
+  adapter_name=name)`` and ``checkpoint.load_adapter(model, folder, adapter_name=name)``
+  (PEFT's ``save_pretrained(selected_adapters=...)`` and ``load_adapter(model_id,
+  adapter_name)``); the files are PEFT's, without the name in the keys.
 * An optimizer holds the parameters it was given: build it after :func:`set_adapter`.
 * ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
   with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
@@ -190,11 +195,20 @@ def adding_adapter(model: Module, adapter_name: str):
         return
     _check_swappable(shelf, "add_adapter")
     _unplug(model, shelf.layers)
+    base_flags = [(p, p.requires_grad) for p in model.parameters()]  # the base's, alone
     try:
         yield model
         added = dict(lora_layers(model))
+        biases = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        if biases:  # a loaded adapter with bias "all" or "lora_only"
+            raise ValueError(
+                f"add_adapter: the new adapter {adapter_name!r} trains biases {biases}, which "
+                "every adapter shares; a model with several adapters trains none (as in PEFT)"
+            )
     finally:
         _unplug(model, dict(lora_layers(model)))
+        for p, flag in base_flags:  # apply_lora/load_adapter re-marked what trains
+            p.requires_grad_(flag)
         _plug(model, shelf.layers)
     shelf.shelved[adapter_name] = added
 

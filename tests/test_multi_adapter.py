@@ -309,6 +309,18 @@ def test_a_named_adapter_saves_and_loads_by_name(tmp_path):
         checkpoint.save_adapter(fresh, tmp_path / "z", B_CFG, adapter_name="zz")
 
 
+def test_an_adapter_that_trains_biases_is_not_loaded_beside_others(tmp_path):
+    config = ml.LoRAConfig(r=2, target_modules=["fc1"], bias="all")
+    other = base()
+    apply_lora(other, config)
+    checkpoint.save_adapter(other, tmp_path, config)
+    model = two_adapters()
+    before, names = snapshot(model), adapter_names(model)
+    with pytest.raises(ValueError, match=r"trains biases \['blocks.0.ln1.bias'"):
+        checkpoint.load_adapter(model, tmp_path, adapter_name="c")
+    assert snapshot(model) == before and adapter_names(model) == names
+
+
 def test_loading_by_name_into_a_base_model_makes_it_active(tmp_path):
     model = two_adapters()
     checkpoint.save_adapter(model, tmp_path, A_CFG)
@@ -457,12 +469,12 @@ def test_linear_adds_cross_terms_and_is_the_sum_only_without_them():
     )
 
 
-
 def test_the_two_by_two_counterexample_of_docs_math():
     e = np.eye(2)
     adapters = [(e[:1], e[:, :1], 1.0), (e[1:], e[:, 1:], 1.0)]  # (A (1, 2), B (2, 1), s)
     np.testing.assert_array_equal(weighted(adapters, [1, 1]), e)
     np.testing.assert_array_equal(peft_linear(adapters, [1, 1]), np.ones((2, 2)))
+
 
 # ======================================================================================
 # PEFT as the oracle
