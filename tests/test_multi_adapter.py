@@ -160,6 +160,15 @@ def test_unload_gives_the_base_model_back():
         active_adapter(model)
 
 
+def test_merge_and_unload_drops_every_adapter_and_a_new_one_is_default():
+    model = two_adapters()
+    ml.merge_and_unload(model)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        adapter_names(model)
+    apply_lora(model, C_CFG)
+    assert adapter_names(model) == ["default"]
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
