@@ -142,12 +142,21 @@ def _unplug(model: Module, layers: dict) -> None:
         _put(model, path, layer.to_linear())
 
 
-def _plug(model: Module, layers: dict) -> None:
-    """Put shelved layers back, around the weight, bias, mode and device the model has now."""
+def _refresh(model: Module, layers: dict) -> None:
+    """Give shelved layers the weight, bias, mode and device the model has now (model.to()
+    and model.eval() do not see the shelf)."""
     for path, layer in layers.items():
         current = model.get_submodule(path)
-        layer.weight, layer.bias, layer.training = current.weight, current.bias, current.training
-        layer.to(backend.device_of(current.weight.data))  # model.to() did not see the shelf
+        if current is not layer:
+            layer.weight, layer.bias = current.weight, current.bias
+            layer.training = current.training
+            layer.to(backend.device_of(current.weight.data))
+
+
+def _plug(model: Module, layers: dict) -> None:
+    """Put shelved layers back in the model, as the model is now."""
+    _refresh(model, layers)
+    for path, layer in layers.items():
         _put(model, path, layer)
 
 
@@ -306,6 +315,8 @@ def add_weighted_adapter(
         raise ValueError(f"{caller}: svd_rank={svd_rank!r} is used by 'svd' only; leave it None")
     layers = [_adapter_layers(shelf, name, caller) for name in adapters]
     _check_new_name(adapter_name, shelf, caller)
+    for by_path in layers:  # shelved adapters, on the model's device
+        _refresh(model, by_path)
 
     chosen = set().union(*layers)
     paths = [p for p, m in model.named_modules() if p in chosen]  # in the model's order

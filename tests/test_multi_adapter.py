@@ -28,6 +28,7 @@ from minilora.multi_adapter import (
 )
 from minilora.nn import Linear
 
+COMBINATIONS = ["cat", "svd"]
 IDX = np.array([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])
 A_CFG = ml.LoRAConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"])
 B_CFG = ml.LoRAConfig(
@@ -280,6 +281,25 @@ def test_shelved_adapters_follow_the_model_to_eval_mode():
     model.eval()
     set_adapter(model, "b")
     assert all(not layer.training for _, layer in lora_layers(model))
+
+
+@pytest.mark.parametrize("combination_type", COMBINATIONS)
+def test_shelved_adapters_follow_the_model_to_a_device(combination_type):
+    """On the stand-in device (a GPU's rules on the CPU, tests/standin.py): a shelved
+    adapter comes back on the model's device, and combining runs there, bitwise as on
+    the CPU."""
+    import standin
+
+    standin.register()
+    cpu = two_adapters()
+    add_weighted_adapter(cpu, ["default", "b"], [0.5, -2.0], "mix", combination_type)
+    model = two_adapters().to("standin")
+    add_weighted_adapter(model, ["default", "b"], [0.5, -2.0], "mix", combination_type)
+    for name in ("b", "mix"):
+        set_adapter(model, name)
+        set_adapter(cpu, name)
+        assert all(ml.backend.device_of(p.data) == "standin" for p in model.parameters())
+        np.testing.assert_array_equal(ml.backend.to_numpy(logits(model)), logits(cpu))
 
 
 # ======================================================================================
