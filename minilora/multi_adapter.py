@@ -69,6 +69,8 @@ class _Shelf:
 
 
 def _shelf(model: Module, caller: str) -> _Shelf:
+    """The model's shelf; a new one, with the model's LoRA layers as ``"default"``, when it
+    has none or its LoRA layers are no longer those the shelf knows."""
     if not isinstance(model, Module):
         raise TypeError(f"{caller}: model must be a Module, got {type(model).__name__}")
     current = dict(lora_layers(model))
