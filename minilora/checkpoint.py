@@ -55,7 +55,7 @@ from pathlib import Path
 import safetensors
 import safetensors.numpy
 
-from minilora import backend, hf_gpt2
+from minilora import backend, hf_gpt2, multi_adapter
 from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, GPTConfig
@@ -286,13 +286,18 @@ def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
 # ======================================================================================
 
 
-def save_adapter(model: Module, path, config: LoRAConfig) -> None:
+def save_adapter(model: Module, path, config: LoRAConfig, adapter_name: str | None = None) -> None:
     """Write the model's LoRA adapter as a PEFT folder: ``adapter_config.json`` and
     ``adapter_model.safetensors`` (``lora_A``/``lora_B`` and biases per ``config.bias``).
 
     ``config`` must describe the model's LoRA layers (same targets, ``r``, ``lora_alpha``,
     ``use_rslora``). A model without LoRA layers, or with merged ones, is refused.
+    ``adapter_name``: save that adapter instead of the active one (minilora.multi_adapter;
+    PEFT's ``save_pretrained(selected_adapters=[name])``, without the name in the keys).
     """
+    if adapter_name is not None:
+        with multi_adapter.using_adapter(model, adapter_name):
+            return save_adapter(model, path, config)
     if not isinstance(model, Module):
         raise TypeError(f"save_adapter: model must be a Module, got {type(model).__name__}")
     if not isinstance(config, LoRAConfig):
@@ -328,9 +333,13 @@ def save_adapter(model: Module, path, config: LoRAConfig) -> None:
     atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
 
 
-def load_adapter(model: Module, path) -> LoRAConfig:
+def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRAConfig:
     """Load a PEFT adapter folder into ``model`` and return its ``LoRAConfig``; the model
     is left in eval mode, as ``PeftModel.from_pretrained`` leaves it.
+
+    ``adapter_name``: load the folder as a new adapter of that name beside the model's
+    adapters, not active (PEFT's ``load_adapter(model_id, adapter_name)``; see
+    minilora.multi_adapter); into a model without adapters, as its active adapter.
 
     A base model gets LoRA layers (as ``apply_lora`` with the folder's config) before the
     arrays are copied in; a model that already has LoRA layers must have exactly the
@@ -351,6 +360,9 @@ def load_adapter(model: Module, path) -> LoRAConfig:
     """
     if not isinstance(model, Module):
         raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
+    if adapter_name is not None:
+        with multi_adapter.adding_adapter(model, adapter_name):
+            return load_adapter(model, path)
     folder = Path(path)
     try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
         mode = os.stat(folder).st_mode

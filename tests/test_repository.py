@@ -227,6 +227,7 @@ LAYERS = [
     "nn",
     "model",
     "lora",
+    "multi_adapter",
     "quantize",
     "qlora",
     "lowrank",

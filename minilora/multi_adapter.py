@@ -1,0 +1,371 @@
+"""Several named LoRA adapters on one model, with PEFT's names: ``add_adapter``,
+``set_adapter``, ``active_adapter``, ``delete_adapter``, ``add_weighted_adapter``.
+
+The design, in one sentence: **the model is always a one-adapter minilora model.** The
+active adapter's ``LoRALinear`` layers sit in the model exactly as :func:`apply_lora`
+left them, so every existing name still holds (``blocks.0.attn.q_proj.lora_A``), and
+saving, loading, merging, :func:`disable_adapters` and training all work on it unchanged.
+The other adapters wait on a *shelf* beside the model: for each name, its
+``{module path: LoRALinear}``, outside the module tree, so they are not in
+``named_parameters``, get no gradient and no optimizer state. :func:`set_adapter` swaps:
+the active adapter's layers go to the shelf (a plain ``Linear`` sharing the same weight
+takes each one's place) and the chosen adapter's layers come back. A layer that the
+active adapter does not target is a plain ``Linear``, so it computes the base model.
+
+Why not PEFT's layout, where every adapted layer holds a dict ``lora_A[name]`` for all
+adapters? It would change the parameter names minilora saves and teaches, and every
+function that reads ``layer.lora_A``; whole layers on a shelf change nothing of what a
+one-adapter reader already knows. The adapter that :func:`apply_lora` (or a
+``load_adapter`` into a base model) creates is called ``"default"``, as in PEFT.
+
+The rules (each refused with a ``ValueError`` naming the problem):
+
+* The active adapter is never deleted (PEFT would quietly switch to another one):
+  :func:`set_adapter` to another first, or :func:`unload` every adapter.
+* Adapters are swapped only while unmerged and enabled: a merged weight holds the active
+  adapter, and a layer swapped inside ``disable_adapters`` would come back enabled.
+* Biases are shared by every adapter, so, as in PEFT, a model with several adapters trains
+  no bias (``bias="none"``); adding or loading a second adapter leaves what the base
+  trains as it was.
+* Saving and loading by name: ``checkpoint.save_adapter(model, folder, config,
+  adapter_name=name)`` and ``checkpoint.load_adapter(model, folder, adapter_name=name)``
+  (PEFT's ``save_pretrained(selected_adapters=...)`` and ``load_adapter(model_id,
+  adapter_name)``); the files are PEFT's, without the name in the keys.
+* An optimizer holds the parameters it was given: build it after :func:`set_adapter`.
+* ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
+  with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
+  (by hand, or ``apply_lora`` after ``merge_and_unload``) start afresh as ``"default"``.
+
+:func:`add_weighted_adapter` makes a new adapter from weighted existing ones: ``"cat"``
+exactly (the weighted sum of the updates, rank Σ rᵢ) or ``"svd"`` (its best rank-k
+approximation). The math, and why PEFT's ``"linear"`` is not the weighted sum, are in
+docs/math.md, "Several adapters, and combining them".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from dataclasses import dataclass
+
+from minilora import backend
+from minilora.lora import LoRAConfig, add_lora_layers, apply_lora, check_rank, lora_layers
+from minilora.nn import Module
+
+DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
+COMBINATION_TYPES = ("cat", "svd")
+_SHELF = "_lora_adapter_shelf"  # the attribute of the model that holds the shelf
+
+
+@dataclass
+class _Shelf:
+    """Which adapter is active (and its layers, to notice when they were replaced), and
+    the layers of every other adapter, by name."""
+
+    active: str
+    layers: dict  # {path: LoRALinear}: the active adapter's layers, as in the model
+    shelved: dict  # {name: {path: LoRALinear}}
+
+
+def _shelf(model: Module, caller: str) -> _Shelf:
+    """The model's shelf; a new one, with the model's LoRA layers as ``"default"``, when it
+    has none or its LoRA layers are no longer those the shelf knows."""
+    if not isinstance(model, Module):
+        raise TypeError(f"{caller}: model must be a Module, got {type(model).__name__}")
+    current = dict(lora_layers(model))
+    if not current:
+        raise ValueError(
+            f"{caller}: the model has no LoRA adapter; add one first with "
+            f"apply_lora(model, config) (it is called {DEFAULT_ADAPTER!r}) or "
+            "add_adapter(model, adapter_name, config)"
+        )
+    shelf = vars(model).get(_SHELF)
+    known = shelf is not None and shelf.layers.keys() == current.keys()
+    if not known or any(shelf.layers[p] is not layer for p, layer in current.items()):
+        shelf = _Shelf(DEFAULT_ADAPTER, current, {})
+        vars(model)[_SHELF] = shelf  # a plain attribute: not a Module, not a Parameter
+    return shelf
+
+
+def active_adapter(model: Module) -> str:
+    """The name of the adapter whose layers are in the model (PEFT's ``active_adapter``)."""
+    return _shelf(model, "active_adapter").active
+
+
+def adapter_names(model: Module) -> list[str]:
+    """Every adapter's name, the active one first (PEFT: ``model.peft_config.keys()``)."""
+    shelf = _shelf(model, "adapter_names")
+    return [shelf.active, *shelf.shelved]
+
+
+def _adapter_layers(shelf: _Shelf, name, caller: str) -> dict:
+    if name == shelf.active:
+        return shelf.layers
+    if name not in shelf.shelved:
+        raise ValueError(
+            f"{caller}: no adapter named {name!r}; the model has {[shelf.active, *shelf.shelved]}"
+        )
+    return shelf.shelved[name]
+
+
+def _check_new_name(name, shelf: _Shelf | None, caller: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{caller}: adapter_name={name!r} must be a non-empty string")
+    if shelf is not None and (name == shelf.active or name in shelf.shelved):
+        raise ValueError(
+            f"{caller}: an adapter named {name!r} already exists; pick another name or "
+            f"delete_adapter(model, {name!r}) first"
+        )
+
+
+def _check_swappable(shelf: _Shelf, caller: str) -> None:
+    merged = [p for p, layer in shelf.layers.items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"{caller}: the active adapter {shelf.active!r} is merged into {merged}; call "
+            "unmerge_lora(model) first"
+        )
+    if any(layer.disable_adapters for layer in shelf.layers.values()):
+        raise ValueError(
+            f"{caller}: called inside disable_adapters(model); adapters cannot be swapped "
+            "while disabled"
+        )
+
+
+def _put(model: Module, path: str, module: Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
+
+
+def _unplug(model: Module, layers: dict) -> None:
+    """Put a plain Linear (the same weight and bias objects) in place of each layer."""
+    for path, layer in layers.items():
+        _put(model, path, layer.to_linear())
+
+
+def _refresh(model: Module, layers: dict) -> None:
+    """Give shelved layers the weight, bias, mode and device the model has now (model.to()
+    and model.eval() do not see the shelf)."""
+    for path, layer in layers.items():
+        current = model.get_submodule(path)
+        if current is not layer:
+            layer.weight, layer.bias = current.weight, current.bias
+            layer.training = current.training
+            layer.to(backend.device_of(current.weight.data))
+
+
+def _plug(model: Module, layers: dict) -> None:
+    """Put shelved layers back in the model, as the model is now."""
+    _refresh(model, layers)
+    for path, layer in layers.items():
+        _put(model, path, layer)
+
+
+def set_adapter(model: Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the active adapter: its layers go into the model, the active
+    one's go to the shelf. Its parameters keep their ``requires_grad`` (new adapters train)."""
+    shelf = _shelf(model, "set_adapter")
+    if adapter_name == shelf.active:
+        return
+    layers = _adapter_layers(shelf, adapter_name, "set_adapter")
+    _check_swappable(shelf, "set_adapter")
+    _unplug(model, shelf.layers)
+    shelf.shelved[shelf.active] = shelf.layers
+    _plug(model, layers)
+    del shelf.shelved[adapter_name]
+    shelf.active, shelf.layers = adapter_name, layers
+
+
+@contextlib.contextmanager
+def using_adapter(model: Module, adapter_name: str):
+    """Make ``adapter_name`` active inside the block, and the previous one again after it
+    (how ``save_adapter(..., adapter_name=...)`` saves a shelved adapter)."""
+    previous = active_adapter(model)
+    set_adapter(model, adapter_name)
+    try:
+        yield model
+    finally:
+        set_adapter(model, previous)
+
+
+@contextlib.contextmanager
+def adding_adapter(model: Module, adapter_name: str):
+    """Inside the block the model is its base model (the active adapter is on the shelf);
+    the LoRA layers the block adds (``apply_lora``, ``load_adapter``) become the adapter
+    ``adapter_name``, shelved, and the active adapter comes back. On an exception
+    anything the block added is dropped. On a model without adapters, the new one is
+    simply the active one, named ``adapter_name``."""
+    if not isinstance(model, Module):
+        raise TypeError(f"add_adapter: model must be a Module, got {type(model).__name__}")
+    shelf = _shelf(model, "add_adapter") if lora_layers(model) else None
+    _check_new_name(adapter_name, shelf, "add_adapter")
+    if shelf is None:
+        yield model
+        vars(model)[_SHELF] = _Shelf(adapter_name, dict(lora_layers(model)), {})
+        return
+    _check_swappable(shelf, "add_adapter")
+    _unplug(model, shelf.layers)
+    base_flags = [(p, p.requires_grad) for p in model.parameters()]  # the base's, alone
+    try:
+        yield model
+        added = dict(lora_layers(model))
+        biases = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        if biases:  # a loaded adapter with bias "all" or "lora_only"
+            raise ValueError(
+                f"add_adapter: the new adapter {adapter_name!r} trains biases {biases}, which "
+                "every adapter shares; a model with several adapters trains none (as in PEFT)"
+            )
+    finally:
+        _unplug(model, dict(lora_layers(model)))
+        for p, flag in base_flags:  # apply_lora/load_adapter re-marked what trains
+            p.requires_grad_(flag)
+        _plug(model, shelf.layers)
+    shelf.shelved[adapter_name] = added
+
+
+def add_adapter(model: Module, adapter_name: str, config: LoRAConfig, generator=None) -> None:
+    """Add a new adapter, as ``apply_lora`` on the base model would create it (same
+    checks, same init), under ``adapter_name``; the active adapter stays active (as in
+    PEFT). Adapters may differ in ``r``, ``lora_alpha``, ``use_rslora`` and targets."""
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"add_adapter: config must be a LoRAConfig, got {type(config).__name__}")
+    if lora_layers(model):
+        trained = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        if config.bias != "none" or trained:
+            raise ValueError(
+                f"add_adapter: biases are shared by every adapter, so a model with several "
+                f"adapters trains none (as in PEFT); got bias={config.bias!r} and trainable "
+                f"biases {trained}; use bias='none' for every adapter"
+            )
+    with adding_adapter(model, adapter_name):
+        apply_lora(model, config, generator)
+
+
+def delete_adapter(model: Module, adapter_name: str) -> None:
+    """Drop a shelved adapter. The active one is refused: set another active first, or
+    :func:`unload` every adapter."""
+    shelf = _shelf(model, "delete_adapter")
+    if adapter_name == shelf.active:
+        others = list(shelf.shelved)
+        hint = f"set_adapter(model, {others[0]!r}) first" if others else "it is the only one"
+        raise ValueError(
+            f"delete_adapter: {adapter_name!r} is the active adapter ({hint}); to remove every "
+            "adapter use unload(model) (or merge_and_unload(model) to keep the active one)"
+        )
+    _adapter_layers(shelf, adapter_name, "delete_adapter")  # refuses an unknown name
+    del shelf.shelved[adapter_name]
+
+
+def unload(model: Module) -> Module:
+    """Remove every adapter without merging: the base model again (PEFT's ``unload``)."""
+    shelf = _shelf(model, "unload")
+    _check_swappable(shelf, "unload")
+    _unplug(model, shelf.layers)
+    del vars(model)[_SHELF]
+    return model
+
+
+# ======================================================================================
+# Combining adapters
+# ======================================================================================
+
+
+def add_weighted_adapter(
+    model: Module,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> LoRAConfig:
+    """Add ``adapter_name``, made of ``Σ wᵢ ΔWᵢ`` with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own
+    scaling, rsLoRA included) on every layer any of them adapts; returns its config (to
+    save it with). As PEFT, the new adapter has ``lora_alpha = r``; and it has
+    ``use_rslora=False``, so its scaling is exactly 1 (PEFT copies the first adapter's
+    ``use_rslora``, which scales an rsLoRA combination by √r).
+
+    * ``"cat"``: exact. ``A = [w₁s₁A₁; w₂s₂A₂; …]`` (rows stacked), ``B = [B₁ B₂ …]``
+      (columns), so ``B A = Σ wᵢ sᵢ Bᵢ Aᵢ``; rank ``Σ rᵢ`` (a layer some adapters skip gets
+      zero rows and columns, as in PEFT).
+    * ``"svd"``: the best rank-k approximation of that sum (Eckart–Young), ``k = svd_rank``
+      or the largest rank: ``B = U_k S_k``, ``A = V_kᵀ``; the error in Frobenius norm is the
+      norm of the discarded singular values.
+
+    PEFT's ``"linear"`` (and its relatives) are refused: they average the A's and the
+    B's separately, which adds cross terms ``Bᵢ Aⱼ``; see docs/math.md.
+    """
+    caller = "add_weighted_adapter"
+    shelf = _shelf(model, caller)
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(
+            f"{caller}: combination_type={combination_type!r} must be one of "
+            f"{COMBINATION_TYPES} (PEFT's 'linear' averages the A's and the B's separately, "
+            "which is not the weighted sum of the updates: docs/math.md)"
+        )
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+        raise TypeError(f"{caller}: adapters={adapters!r} must be a non-empty list of names")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+        raise ValueError(
+            f"{caller}: weights={weights!r} must be a list of {len(adapters)} numbers, one per "
+            "adapter"
+        )
+    for w in weights:
+        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w):
+            raise ValueError(f"{caller}: weight {w!r} in weights must be a finite number")
+    if combination_type == "cat" and svd_rank is not None:
+        raise ValueError(f"{caller}: svd_rank={svd_rank!r} is used by 'svd' only; leave it None")
+    layers = [_adapter_layers(shelf, name, caller) for name in adapters]
+    _check_new_name(adapter_name, shelf, caller)
+    for by_path in layers:  # shelved adapters, on the model's device
+        _refresh(model, by_path)
+
+    chosen = set().union(*layers)
+    paths = [p for p, m in model.named_modules() if p in chosen]  # in the model's order
+    ranks = [max(layer.r for layer in by_path.values()) for by_path in layers]
+    r = sum(ranks) if combination_type == "cat" else svd_rank or max(ranks)
+    if combination_type == "svd":
+        for path in paths:  # a rank-k SVD needs k <= min(out, in)
+            check_rank(r, model.get_submodule(path).weight.shape, path)
+    factors = {}
+    for path in paths:
+        terms = [
+            (float(w), by_path[path])
+            for w, by_path in zip(weights, layers, strict=True)
+            if path in by_path
+        ]
+        if combination_type == "cat":
+            factors[path] = _cat(terms, r)
+        else:
+            factors[path] = _svd(terms, r)
+
+    first = next(iter(layers[0].values()))
+    config = LoRAConfig(
+        r=r, lora_alpha=r, lora_dropout=first.lora_dropout, target_modules=paths, bias="none"
+    )
+    with adding_adapter(model, adapter_name):
+        add_lora_layers(model, paths, config, backend.Generator(0))  # the init is overwritten
+    for path, layer in shelf.shelved[adapter_name].items():
+        layer.lora_A.data, layer.lora_B.data = factors[path]
+    return config
+
+
+def _cat(terms: list, r: int) -> tuple:
+    """A (r, in) = the wᵢsᵢAᵢ stacked, B (out, r) = the Bᵢ side by side, zero-padded to r."""
+    out_f, in_f = terms[0][1].weight.shape
+    dtype, device = terms[0][1].lora_A.dtype, terms[0][1].lora_A.device
+    A, B = backend.zeros((r, in_f), dtype, device), backend.zeros((out_f, r), dtype, device)
+    row = 0
+    for w, layer in terms:  # the weight and the scaling go into A, as in PEFT
+        A[row : row + layer.r] = layer.lora_A.data * w * layer.scaling  # (r_i, in)
+        B[:, row : row + layer.r] = layer.lora_B.data  # (out, r_i)
+        row += layer.r
+    return A, B
+
+
+def _svd(terms: list, k: int) -> tuple:
+    """The top-k SVD of Σ wᵢ ΔWᵢ: A = V_kᵀ (k, in), B = U_k S_k (out, k)."""
+    delta = sum(w * layer.get_delta_weight() for w, layer in terms)  # (out, in)
+    xp = backend.get_array_module(delta)
+    U, S, Vh = xp.linalg.svd(delta, full_matrices=False)  # U (out, m), S (m,), Vh (m, in)
+    return Vh[:k].copy(), U[:, :k] * S[:k]
