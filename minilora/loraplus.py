@@ -17,7 +17,7 @@ The groups, every trainable parameter in exactly one:
   decay. The ratio is an argument about B's shape (out, r); a vector is not B, so it keeps
   A's rate. PEFT puts every 1-D parameter in B's group, which gives biases the boosted rate.
 
-Empty groups are left out. Derivation and discussion: docs/math.md#lora-plus.
+Empty groups are left out. Discussion: docs/math.md#lora-plus.
 """
 
 from __future__ import annotations
