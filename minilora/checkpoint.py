@@ -457,6 +457,12 @@ def load_adapter(model: Module, path) -> LoRAConfig:
         k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
     )
     fields, layers = _read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
+        raise ValueError(
+            f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "
+            f"init_lora_weights={fields['init_lora_weights']!r}: DoRA and PiSSA adapters of a "
+            "GPT-2 model are not supported yet; nothing was changed"
+        )
     if gpt2:
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
             model, fields, layers, tensors, PEFT_PREFIX

@@ -142,8 +142,12 @@ class LoRALinear(Linear):
     """A ``Linear`` with a LoRA bypass: ``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ``.
 
     Keeps ``weight`` and ``bias`` under their usual names (a base checkpoint still loads)
-    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r).
+    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r); with DoRA also
+    ``lora_magnitude_vector`` (out_features,).
     """
+
+    use_dora = False  # DoRA: a trainable magnitude per output row (set by _init_variants)
+    merged_norm = None  # DoRA: the norm at merge time, which unmerge divides back out
 
     def __init__(
         self,
@@ -167,9 +171,8 @@ class LoRALinear(Linear):
         # checked before any random draw, so a refused layer leaves the generator alone
         check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
         check_rank(r, self.weight.shape, "this LoRALinear")  # (from_linear allows more)
-        self._init_lora(
-            r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator, use_dora
-        )
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
+        self._init_variants(init_lora_weights, use_dora)
 
     @classmethod
     def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
@@ -187,13 +190,11 @@ class LoRALinear(Linear):
             config.use_rslora,
             config.init_lora_weights,
             generator,
-            config.use_dora,
         )
+        layer._init_variants(config.init_lora_weights, config.use_dora)
         return layer
 
-    def _init_lora(
-        self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator, use_dora
-    ):
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
         """Add the adapter (settings already checked by the caller)."""
         out_f, in_f = self.weight.shape
         gen = generator or F.default_generator()
@@ -201,30 +202,31 @@ class LoRALinear(Linear):
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(lora_alpha, r, use_rslora)
         self.lora_dropout = lora_dropout
-        B = backend.zeros((out_f, r), dtype, device)  # (out, r): zero, so B·A starts at zero
         if init_lora_weights == "gaussian":  # PEFT's "gaussian": N(0, (1/r)²)
             A = gen.normal((r, in_f), std=1.0 / r, dtype=dtype, device=device)
-        elif init_lora_weights == "kaiming":  # kaiming_uniform(a=√5) as loralib/PEFT
-            bound = 1.0 / math.sqrt(in_f)  # U(-1/√in, 1/√in)
+        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in) ("pissa": replaced)
+            bound = 1.0 / math.sqrt(in_f)
             A = gen.uniform((r, in_f), -bound, bound, dtype=dtype, device=device)
-        else:  # "pissa": A, B from W's top-r SVD (s·B·A ≠ 0), and W becomes the residual
-            A, B, residual = pissa.pissa_init(self.weight.data, r, self.scaling)
-            # a new array, not W0 edited in place: a weight tied elsewhere keeps W0
-            self.weight = Parameter(residual, requires_grad=self.weight.requires_grad)
         self.lora_A = Parameter(A)  # (r, in)
-        self.lora_B = Parameter(B)  # (out, r)
-        self.use_dora = use_dora
-        if use_dora:  # m = ‖W0 + s·B·A‖ per output row, so that at init m / ‖·‖ = 1
-            norm = F.dora_weight_norm(
-                self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling
-            )
-            self.lora_magnitude_vector = Parameter(norm)  # (out,)
-        self.merged_norm = None  # DoRA: the norm at merge time, which unmerge divides back out
+        self.lora_B = Parameter(backend.zeros((out_f, r), dtype, device))  # (out, r): zero
         # The bypass dropout draws from its own generator so that adding LoRA does not shift
         # the random stream the base model's dropouts draw from (zero-init stays bitwise).
         self.lora_generator = backend.Generator(int(gen.integers(0, 2**31 - 1, ()).item()))
         self.merged = False
         self.disable_adapters = False
+
+    def _init_variants(self, init_lora_weights: str, use_dora: bool) -> None:
+        """PiSSA's init and DoRA's magnitude, after :meth:`_init_lora` (docs/math.md#pissa,
+        docs/math.md#dora)."""
+        if init_lora_weights == "pissa":  # A, B from W's top-r SVD; W becomes the residual
+            A, B, residual = pissa.pissa_init(self.weight.data, self.r, self.scaling)
+            self.lora_A.data, self.lora_B.data = A, B
+            # a new array, not W0 edited in place: a weight tied elsewhere keeps W0
+            self.weight = Parameter(residual, requires_grad=self.weight.requires_grad)
+        self.use_dora = use_dora
+        if use_dora:  # m = ‖W0 + s·B·A‖ per output row, so that at init m / ‖·‖ = 1
+            w, A, B = self.weight.data, self.lora_A.data, self.lora_B.data
+            self.lora_magnitude_vector = Parameter(F.dora_weight_norm(w, A, B, self.scaling))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
