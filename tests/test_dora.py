@@ -434,3 +434,33 @@ def test_dora_adapter_folders_both_ways(torch_peft, tmp_path):
     theirs.eval()
     with torch.no_grad():
         close(logits(target), theirs(torch.tensor(IDX))[0], np.float32, "minilora loads PEFT's")
+
+
+# --------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------
+
+
+def test_dora_and_pissa_train_and_merge_on_every_device(device):
+    """DoRA on PiSSA-initialised layers: a forward, backward and AdamW step, then merge and
+    unmerge, give the CPU's numbers on every device (nothing falls back to the host)."""
+
+    def run(dev):
+        model = randomize_weights(make_gpt(TINY_2x2, dtype=np.float64), 1).to(dev)
+        config = copy.deepcopy(DORA)
+        config.init_lora_weights = "pissa"
+        ml.apply_lora(model, config)
+        opt = ml.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model(IDX, IDX)[1].backward()
+        opt.step()
+        model.eval()
+        with ml.no_grad():
+            out = [model(IDX)[0].data]
+            ml.merge_lora(model)
+            out.append(model(IDX)[0].data)
+            ml.unmerge_lora(model)
+            out.append(model(IDX)[0].data)
+        return [ml.backend.to_numpy(o) for o in out]
+
+    for got, want in zip(run(device), run("cpu"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
