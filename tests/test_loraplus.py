@@ -7,6 +7,7 @@ the biases as one with ``lr``.
 """
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -116,3 +117,41 @@ def test_sgd_works_too_and_bad_settings_are_refused():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         create_loraplus_optimizer(frozen, lr=0.1, loraplus_lr_ratio=2)
+
+
+@pytest.mark.oracle
+def test_matrices_get_peft_rates_and_vectors_do_not():
+    """The same model in PEFT (on the PyTorch port): every lora_A and lora_B gets the rate
+    PEFT's create_loraplus_optimizer gives it. The vectors are where minilora departs on
+    purpose: PEFT puts every 1-D parameter (here the biases and DoRA's magnitudes) in B's
+    group at lr · ratio; minilora keeps them at lr (docs/math.md#lora-plus)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch = pytest.importorskip("torch", reason="parity tests need PyTorch")
+    peft = pytest.importorskip("peft", reason="LoRA+ parity needs PEFT")
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    from examples.torch_gpt import TorchGPT, minilora_name
+
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "fc1"], bias="all", use_dora=True
+    )
+    port = peft.get_peft_model(TorchGPT(TINY_2x2), config)
+    theirs = peft_loraplus(port, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    their_lr = {
+        minilora_name(n): g["lr"]
+        for g in theirs.param_groups
+        for p in g["params"]
+        for n, q in port.named_parameters()
+        if q is p
+    }
+    model = randomize_weights(make_gpt(TINY_2x2), 1)
+    ml.apply_lora(model, CONFIG)
+    ours = create_loraplus_optimizer(model, lr=1e-3, loraplus_lr_ratio=16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    our_lr = {names[id(p)]: g["lr"] for g in ours.param_groups for p in g["params"]}
+    assert set(our_lr) == set(their_lr)
+    for name, lr in our_lr.items():
+        if name.endswith(("lora_A", "lora_B")):
+            assert lr == pytest.approx(their_lr[name]), name
+        else:
+            assert (lr, their_lr[name]) == (pytest.approx(1e-3), pytest.approx(16e-3)), name
