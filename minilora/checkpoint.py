@@ -363,7 +363,12 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
     fields, _ = _read_adapter_config(
         initial / ADAPTER_CONFIG_NAME, _read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
     )
-    mine = {"r": config.r, "lora_alpha": config.lora_alpha, "init_lora_weights": "pissa"}
+    mine = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": "pissa",
+    }
     problems = [
         f"{key}={fields.get(key)!r} in {initial}, expected {want!r} (this adapter's)"
         for key, want in mine.items()
@@ -417,7 +422,10 @@ def load_adapter(model: Module, path) -> LoRAConfig:
     ``layers_to_transform`` covering every adapted layer are plain LoRA and load. The
     init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
     change what a trained adapter computes; the returned config says ``"gaussian"`` for
-    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others.
+    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others. A PiSSA adapter
+    (``"pissa"``) loads only on a base model, whose adapted weights it replaces by their
+    SVD residuals first (as PEFT does); DoRA's ``lora_magnitude_vector`` loads with
+    ``use_dora``.
     """
     if not isinstance(model, Module):
         raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
@@ -487,6 +495,11 @@ def load_adapter(model: Module, path) -> LoRAConfig:
         raise ValueError(f"load_adapter: {config_path}: {e}") from None
 
     expected, problems = _adapter_plan(model, config)
+    if config.init_lora_weights == "pissa" and lora_layers(model):
+        problems.append(
+            "init_lora_weights='pissa': a PiSSA adapter loads only on a base model (its "
+            "weights become the SVD residuals); the model already has LoRA layers"
+        )
     adapted = [name[: -len(".lora_A")] for name in expected if name.endswith(".lora_A")]
     problems += _layers_to_transform_problems(adapted, *layers)
     problems += _tensor_problems(tensors, expected, config.r)

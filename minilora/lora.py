@@ -47,7 +47,7 @@ class LoRAConfig:
     bias: str = "none"  # which biases train: "none", "all", or "lora_only" (adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
-    use_dora: bool = False  # DoRA: a trainable magnitude per output row (minilora/functional.py)
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row (docs/math.md#dora)
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init

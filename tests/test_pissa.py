@@ -254,3 +254,15 @@ def test_peft_loads_the_unconverted_pissa_adapter_on_the_original_base(torch_pef
     checkpoint.save_adapter(model, tmp_path / "pissa", PISSA)
     got = peft_on_the_original_base(torch, peft, base, tmp_path / "pissa")
     np.testing.assert_allclose(got, logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_a_pissa_file_is_refused_by_a_model_that_already_has_lora_layers(tmp_path):
+    """Its A and B only mean something on the residuals, which only a base model gets."""
+    _, model, initial = pissa_models(tmp_path)
+    target = make_gpt(TINY_2x2)
+    plain = LoRAConfig(r=2, lora_alpha=4, target_modules=PISSA.target_modules)
+    ml.apply_lora(target, plain)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match="loads only on a base model"):
+        checkpoint.load_adapter(target, initial)
+    assert snapshot(target) == before
