@@ -114,13 +114,18 @@ class TorchGPT(nn.Module):
         return logits, loss
 
 
+# PEFT's per-adapter parts of a LoRA layer, each ``<part>.<adapter>.weight``
+LORA_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
 def minilora_name(torch_name: str) -> str:
     """The minilora parameter path of a PyTorch parameter, plain or wrapped by PEFT:
     ``base_model.model.<path>.base_layer.weight`` -> ``<path>.weight`` and
-    ``base_model.model.<path>.lora_A.<adapter>.weight`` -> ``<path>.lora_A``."""
+    ``base_model.model.<path>.lora_A.<adapter>.weight`` -> ``<path>.lora_A`` (likewise
+    ``lora_B`` and DoRA's ``lora_magnitude_vector``)."""
     name = torch_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     parts = name.split(".")
-    if len(parts) >= 3 and parts[-3] in ("lora_A", "lora_B") and parts[-1] == "weight":
+    if len(parts) >= 3 and parts[-3] in LORA_PARTS and parts[-1] == "weight":
         return ".".join(parts[:-2])  # drop the adapter name and ".weight"
     return name
 

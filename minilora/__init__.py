@@ -17,6 +17,7 @@ from minilora.lora import (
     print_trainable_parameters,
     unmerge_lora,
 )
+from minilora.loraplus import create_loraplus_optimizer
 from minilora.model import GPT, GPTConfig, KVCache
 from minilora.nn import Linear, Module, Parameter
 from minilora.optim import SGD, AdamW, clip_grad_norm_
@@ -40,6 +41,7 @@ __all__ = [
     "Tensor",
     "apply_lora",
     "clip_grad_norm_",
+    "create_loraplus_optimizer",
     "disable_adapters",
     "fast",
     "functional",

@@ -55,7 +55,7 @@ from pathlib import Path
 import safetensors
 import safetensors.numpy
 
-from minilora import backend, hf_gpt2, multi_adapter
+from minilora import backend, hf_gpt2, multi_adapter, pissa
 from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, GPTConfig
@@ -89,6 +89,7 @@ _PEFT_READ = frozenset(
         "bias",
         "use_rslora",
         "init_lora_weights",
+        "use_dora",
         "rank_pattern",
         "alpha_pattern",
         "layers_to_transform",
@@ -113,14 +114,15 @@ _PEFT_HARMLESS = frozenset(
         "qalora_group_size",  # used only with use_qalora
     }
 )
-# Every other key (use_dora, lora_bias, exclude_modules, target_parameters,
+# Every other key (lora_bias, exclude_modules, target_parameters,
 # alora_invocation_tokens, modules_to_save, ...) is refused unless its value is null, false
 # or empty: an option minilora does not implement would otherwise load silently wrong.
 _UNSET = (None, False, "", [], {})
 # PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
 # whatever they drew, so they all load the same. PiSSA, OLoRA, LoftQ, CorDA and the like
-# rewrite the base weights when the adapter is created, and are refused.
-_PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+# rewrite the base weights when the adapter is created; of them minilora does PiSSA (on a
+# base model it redoes the SVD, as PEFT does), and refuses the others.
+_INITS = (True, False, "gaussian", "orthogonal", "pissa")
 
 
 # ======================================================================================
@@ -286,18 +288,32 @@ def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
 # ======================================================================================
 
 
-def save_adapter(model: Module, path, config: LoRAConfig, adapter_name: str | None = None) -> None:
+def save_adapter(
+    model: Module,
+    path,
+    config: LoRAConfig,
+    adapter_name: str | None = None,
+    path_initial_model_for_weight_conversion=None,
+) -> None:
     """Write the model's LoRA adapter as a PEFT folder: ``adapter_config.json`` and
-    ``adapter_model.safetensors`` (``lora_A``/``lora_B`` and biases per ``config.bias``).
+    ``adapter_model.safetensors`` (``lora_A``/``lora_B``, DoRA's ``lora_magnitude_vector``,
+    and biases per ``config.bias``).
 
     ``config`` must describe the model's LoRA layers (same targets, ``r``, ``lora_alpha``,
-    ``use_rslora``). A model without LoRA layers, or with merged ones, is refused.
-    ``adapter_name``: save that adapter instead of the active one (minilora.multi_adapter;
-    PEFT's ``save_pretrained(selected_adapters=[name])``, without the name in the keys).
+    ``use_rslora``, ``use_dora``). A model without LoRA layers, or with merged ones, is
+    refused. ``adapter_name``: save that adapter instead of the active one
+    (minilora.multi_adapter; PEFT's ``save_pretrained(selected_adapters=[name])``, without
+    the name in the keys).
+
+    ``path_initial_model_for_weight_conversion`` (PEFT's name), for a PiSSA adapter: the
+    folder this adapter was saved to right after ``apply_lora``, before training. The
+    adapter is then written as a plain LoRA adapter of rank 2r for the ORIGINAL base
+    weights (:func:`minilora.pissa.pissa_to_lora`), which PEFT and minilora load on the
+    base model without any SVD.
     """
     if adapter_name is not None:
         with multi_adapter.using_adapter(model, adapter_name):
-            return save_adapter(model, path, config)
+            return save_adapter(model, path, config, None, path_initial_model_for_weight_conversion)
     if not isinstance(model, Module):
         raise TypeError(f"save_adapter: model must be a Module, got {type(model).__name__}")
     if not isinstance(config, LoRAConfig):
@@ -316,6 +332,14 @@ def save_adapter(model: Module, path, config: LoRAConfig, adapter_name: str | No
     arrays = _lora_state_dict(model, config.bias)
     adapted = {p for p, _ in lora_layers(model)}
     peft_config = _peft_config_dict(config)
+    if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
+        raise ValueError(
+            "save_adapter: DoRA and PiSSA adapters of a GPT-2 model are not supported yet"
+        )
+    if path_initial_model_for_weight_conversion is not None:
+        arrays, peft_config = _pissa_as_lora(
+            model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
+        )
     if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
         arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     folder = Path(path)
@@ -331,6 +355,61 @@ def save_adapter(model: Module, path, config: LoRAConfig, adapter_name: str | No
     # Both files are written in full before either replaces its predecessor; a crash
     # between the two replacements leaves files whose digest disagrees, refused on load.
     atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
+
+
+def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict):
+    """The arrays and config of a PiSSA adapter rewritten as a rank-2r LoRA adapter for
+    the original base: A' = [A; A0], B' = [B, -B0], lora_alpha doubled (√2 with rsLoRA) so
+    the scaling stays; A0, B0 read from the ``initial`` folder. Refuses what it cannot
+    convert exactly."""
+    where = "save_adapter: path_initial_model_for_weight_conversion"
+    if config.init_lora_weights != "pissa" or config.use_dora:
+        raise ValueError(
+            f"{where} converts a PiSSA adapter (init_lora_weights='pissa', use_dora=False); "
+            f"the config has init_lora_weights={config.init_lora_weights!r}, "
+            f"use_dora={config.use_dora!r}"
+        )
+    fields, _ = _read_adapter_config(
+        initial / ADAPTER_CONFIG_NAME, _read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
+    )
+    mine = {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": "pissa",
+    }
+    problems = [
+        f"{key}={fields.get(key)!r} in {initial}, expected {want!r} (this adapter's)"
+        for key, want in mine.items()
+        if fields.get(key) != want
+    ]
+    tensors, _ = _read_safetensors(initial / ADAPTER_WEIGHTS_NAME, "save_adapter")
+    adapted = {p for p, _ in lora_layers(model)}
+    initial_arrays = {}
+    for name, arr in arrays.items():
+        if name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"):
+            continue
+        key = _peft_key(name, adapted)
+        if key not in tensors or tuple(tensors[key].shape) != tuple(arr.shape):
+            got = tuple(tensors[key].shape) if key in tensors else "missing"
+            problems.append(f"{key} in {initial}: {got}, expected shape {tuple(arr.shape)}")
+        else:
+            initial_arrays[name] = tensors[key].astype(arr.dtype)  # host arrays
+    if problems:
+        raise ValueError(f"{where}={str(initial)!r} does not fit:\n  " + "\n  ".join(problems))
+    converted = dict(arrays)
+    for path in adapted:
+        A, B = f"{path}.lora_A", f"{path}.lora_B"
+        converted[A], converted[B] = pissa.pissa_to_lora(
+            _host_copy(arrays[A]), _host_copy(arrays[B]), initial_arrays[A], initial_arrays[B]
+        )  # on the host, where the file is written from
+    peft_config = {
+        **peft_config,
+        "r": 2 * config.r,
+        "lora_alpha": pissa.converted_alpha(config.lora_alpha, config.use_rslora),
+        "init_lora_weights": True,
+    }
+    return converted, peft_config
 
 
 def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRAConfig:
@@ -356,7 +435,10 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     ``layers_to_transform`` covering every adapted layer are plain LoRA and load. The
     init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
     change what a trained adapter computes; the returned config says ``"gaussian"`` for
-    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others.
+    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others. A PiSSA adapter
+    (``"pissa"``) loads only on a base model, whose adapted weights it replaces by their
+    SVD residuals first (as PEFT does); DoRA's ``lora_magnitude_vector`` loads with
+    ``use_dora``.
     """
     if not isinstance(model, Module):
         raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
@@ -399,6 +481,12 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
         k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
     )
     fields, layers = _read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
+        raise ValueError(
+            f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "
+            f"init_lora_weights={fields['init_lora_weights']!r}: DoRA and PiSSA adapters of a "
+            "GPT-2 model are not supported yet; nothing was changed"
+        )
     if gpt2:
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
             model, fields, layers, tensors, PEFT_PREFIX
@@ -423,6 +511,11 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
         raise ValueError(f"load_adapter: {config_path}: {e}") from None
 
     expected, problems = _adapter_plan(model, config)
+    if config.init_lora_weights == "pissa" and lora_layers(model):
+        problems.append(
+            "init_lora_weights='pissa': a PiSSA adapter loads only on a base model (its "
+            "weights become the SVD residuals); the model already has LoRA layers"
+        )
     adapted = [name[: -len(".lora_A")] for name in expected if name.endswith(".lora_A")]
     problems += _layers_to_transform_problems(adapted, *layers)
     problems += _tensor_problems(tensors, expected, config.r)
@@ -454,7 +547,7 @@ def _peft_config_dict(config: LoRAConfig) -> dict:
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "init_lora_weights": init,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "fan_in_fan_out": False,
         "task_type": None,
         "base_model_name_or_path": None,
@@ -531,15 +624,15 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
     ):
         problems.append(f"layers_pattern={layers_pattern!r} must be a name or a list of names")
     init = raw.get("init_lora_weights", True)  # PEFT's default is true (kaiming)
-    if not any(init == i and type(init) is type(i) for i in _PLAIN_INITS):
+    if not any(init == i and type(init) is type(i) for i in _INITS):
         problems.append(
             f"init_lora_weights={init!r} is not supported by minilora: it loads adapters whose "
-            "init left the base weights as they were: true, false, 'gaussian' or 'orthogonal' "
-            "(PiSSA, OLoRA, LoftQ and the like change the base weights)"
+            "init left the base weights as they were (true, false, 'gaussian', 'orthogonal') "
+            "and PiSSA ('pissa'); OLoRA, LoftQ and the like change the base weights otherwise"
         )
-    use_rslora = raw.get("use_rslora")
-    if use_rslora is not None and not isinstance(use_rslora, bool):
-        problems.append(f"use_rslora={use_rslora!r} must be true or false")
+    for key in ("use_rslora", "use_dora"):
+        if raw.get(key) is not None and not isinstance(raw[key], bool):
+            problems.append(f"{key}={raw[key]!r} must be true or false")
     if problems:
         raise ValueError(
             f"load_adapter: {path} is not a usable LoRA config:\n  " + "\n  ".join(problems)
@@ -549,9 +642,9 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
         "r": r,
         "lora_alpha": alpha,
         "target_modules": targets,
-        "init_lora_weights": "gaussian" if init == "gaussian" else "kaiming",
+        "init_lora_weights": init if init in ("gaussian", "pissa") else "kaiming",
     }
-    for key in ("lora_dropout", "bias", "use_rslora"):
+    for key in ("lora_dropout", "bias", "use_rslora", "use_dora"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
     try:
@@ -656,6 +749,8 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         out_f, in_f = m.weight.shape
         expected[f"{p}.lora_A"] = (config.r, in_f)
         expected[f"{p}.lora_B"] = (out_f, config.r)
+        if config.use_dora:
+            expected[f"{p}.lora_magnitude_vector"] = (out_f,)
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
@@ -675,7 +770,7 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
     for path, layer in layers:
         if not is_target(targets, path):
             problems.append(f"the model has a LoRA layer {path}, not in target_modules")
-        for attr in ("r", "lora_alpha", "use_rslora"):
+        for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
             if getattr(layer, attr) != getattr(config, attr):
                 problems.append(
                     f"config says {attr}={getattr(config, attr)!r} but the LoRA layer {path} "
@@ -717,7 +812,7 @@ def _peft_key(name: str, adapted=frozenset()) -> str:
     owner, _, leaf = name.rpartition(".")
     if leaf in ("lora_A", "lora_B"):
         return f"{PEFT_PREFIX}{name}.weight"
-    if owner in adapted:
+    if owner in adapted and leaf != "lora_magnitude_vector":  # PEFT keeps m beside lora_A
         return f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"
     return PEFT_PREFIX + name
 

@@ -26,14 +26,14 @@ import numbers
 import warnings
 from dataclasses import dataclass, field, fields
 
-from minilora import backend
+from minilora import backend, pissa
 from minilora import functional as F
 from minilora.autograd import Tensor, is_grad_enabled
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = ("gaussian", "kaiming")
+INIT_MODES = ("gaussian", "kaiming", "pissa")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class LoRAConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     bias: str = "none"  # which biases train: "none", "all", or "lora_only" (adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
-    init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian") or "kaiming"
+    init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row (docs/math.md#dora)
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
@@ -73,6 +74,8 @@ class LoRAConfig:
                 "module names such as ['q_proj', 'v_proj']"
             )
         check_bias_mode(self.bias, "LoRAConfig")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoRAConfig: use_dora={self.use_dora!r} must be True or False")
 
     @property
     def scaling(self) -> float:
@@ -139,8 +142,12 @@ class LoRALinear(Linear):
     """A ``Linear`` with a LoRA bypass: ``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ``.
 
     Keeps ``weight`` and ``bias`` under their usual names (a base checkpoint still loads)
-    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r).
+    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r); with DoRA also
+    ``lora_magnitude_vector`` (out_features,).
     """
+
+    use_dora = False  # DoRA: a trainable magnitude per output row (set by _init_variants)
+    merged_norm = None  # DoRA: the norm at merge time, which unmerge divides back out
 
     def __init__(
         self,
@@ -153,6 +160,7 @@ class LoRALinear(Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: str = "gaussian",
+        use_dora: bool = False,
         dtype=backend.DEFAULT_DTYPE,
         device: str = "cpu",
         generator=None,
@@ -164,6 +172,7 @@ class LoRALinear(Linear):
         check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
         check_rank(r, self.weight.shape, "this LoRALinear")  # (from_linear allows more)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
+        self._init_variants(init_lora_weights, use_dora)
 
     @classmethod
     def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
@@ -182,6 +191,7 @@ class LoRALinear(Linear):
             config.init_lora_weights,
             generator,
         )
+        layer._init_variants(config.init_lora_weights, config.use_dora)
         return layer
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
@@ -194,7 +204,7 @@ class LoRALinear(Linear):
         self.lora_dropout = lora_dropout
         if init_lora_weights == "gaussian":  # PEFT's "gaussian": N(0, (1/r)²)
             A = gen.normal((r, in_f), std=1.0 / r, dtype=dtype, device=device)
-        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in)
+        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in) ("pissa": replaced)
             bound = 1.0 / math.sqrt(in_f)
             A = gen.uniform((r, in_f), -bound, bound, dtype=dtype, device=device)
         self.lora_A = Parameter(A)  # (r, in)
@@ -204,6 +214,19 @@ class LoRALinear(Linear):
         self.lora_generator = backend.Generator(int(gen.integers(0, 2**31 - 1, ()).item()))
         self.merged = False
         self.disable_adapters = False
+
+    def _init_variants(self, init_lora_weights: str, use_dora: bool) -> None:
+        """PiSSA's init and DoRA's magnitude, after :meth:`_init_lora` (docs/math.md#pissa,
+        docs/math.md#dora)."""
+        if init_lora_weights == "pissa":  # A, B from W's top-r SVD; W becomes the residual
+            A, B, residual = pissa.pissa_init(self.weight.data, self.r, self.scaling)
+            self.lora_A.data, self.lora_B.data = A, B
+            # a new array, not W0 edited in place: a weight tied elsewhere keeps W0
+            self.weight = Parameter(residual, requires_grad=self.weight.requires_grad)
+        self.use_dora = use_dora
+        if use_dora:  # m = ‖W0 + s·B·A‖ per output row, so that at init m / ‖·‖ = 1
+            w, A, B = self.weight.data, self.lora_A.data, self.lora_B.data
+            self.lora_magnitude_vector = Parameter(F.dora_weight_norm(w, A, B, self.scaling))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -223,6 +246,17 @@ class LoRALinear(Linear):
         x_lora = None
         if self.lora_dropout > 0 and self.training:
             x_lora = F.dropout(x, self.lora_dropout, True, self.lora_generator)
+        if self.use_dora:
+            return F.dora_linear(
+                x,
+                self.weight,
+                self.bias,
+                self.lora_A,
+                self.lora_B,
+                self.lora_magnitude_vector,
+                self.scaling,
+                x_lora,
+            )
         return F.lora_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_lora
         )
@@ -242,8 +276,14 @@ class LoRALinear(Linear):
         self._set_merged(self.merged_weight(safe_merge))
 
     def merged_weight(self, safe_merge: bool = True):
-        """W + s·B·A as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
+        """W + s·B·A as a new array, refused (ValueError) if ``safe_merge`` and not finite;
+        with DoRA, m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (per output row)."""
         merged = self.weight.data + self.get_delta_weight()
+        if self.use_dora:
+            norm = F.dora_weight_norm(
+                self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling
+            )
+            merged *= (self.lora_magnitude_vector.data / norm)[:, None]
         xp = backend.get_array_module(merged)
         if safe_merge and not bool(xp.isfinite(merged).all()):
             raise ValueError(
@@ -253,6 +293,10 @@ class LoRALinear(Linear):
         return merged
 
     def _set_merged(self, merged) -> None:
+        if self.use_dora:  # kept for unmerge, as PEFT keeps it: W0 cannot be read back otherwise
+            self.merged_norm = F.dora_weight_norm(
+                self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling
+            )
         self.weight.data[...] = merged  # in place: optimizers keep their references
         self.merged = True
 
@@ -261,6 +305,9 @@ class LoRALinear(Linear):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge(): not merged; nothing was done", stacklevel=2)
             return
+        if self.use_dora:  # W = (m / n) ⊙ (W0 + s·B·A)  =>  W0 = W ⊙ (n / m) - s·B·A
+            self.weight.data *= (self.merged_norm / self.lora_magnitude_vector.data)[:, None]
+            self.merged_norm = None
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
@@ -352,14 +399,15 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: Module, bias: str = "none") -> dict:
-    """The adapter's arrays (copies): every ``lora_A``/``lora_B``, plus biases per ``bias``."""
+    """The adapter's arrays (copies): every ``lora_A``/``lora_B`` (and DoRA's
+    ``lora_magnitude_vector``), plus biases per ``bias``."""
     check_bias_mode(bias, "lora_state_dict")
     lora_paths = {path for path, _ in lora_layers(model)}
     out = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         owner = name.rpartition(".")[0]
-        if leaf in ("lora_A", "lora_B") or (
+        if leaf in ("lora_A", "lora_B", "lora_magnitude_vector") or (
             leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_paths))
         ):
             out[name] = p.data.copy()

@@ -58,6 +58,8 @@ class QLoRALinear(LoRALinear):
         if len(qweight.shape) != 2:
             raise ValueError(f"QLoRALinear: weight shape {qweight.shape} must be (out, in)")
         check_lora_settings("QLoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
+        if init_lora_weights == "pissa":  # it would rewrite the quantized weight
+            raise ValueError("QLoRALinear: init_lora_weights='pissa' is not supported")
         check_rank(r, qweight.shape, "this QLoRALinear")
         self.out_features, self.in_features = qweight.shape
         self.qweight, self.bias = qweight, bias
@@ -69,6 +71,8 @@ class QLoRALinear(LoRALinear):
     ) -> QLoRALinear:
         """An adapter on a ``QuantizedLinear``'s weight (the same ``QuantizedTensor`` and
         bias objects)."""
+        if config.use_dora:
+            raise ValueError("QLoRALinear: use_dora=True is not supported")
         new = cls(
             layer.qweight,
             layer.bias,

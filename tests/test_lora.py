@@ -130,6 +130,7 @@ def test_lora_config_defaults_and_peft_spellings():
         "bias",
         "use_rslora",
         "init_lora_weights",
+        "use_dora",
     }
 
 

@@ -479,7 +479,6 @@ REFUSED_PEFT = {
     "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
     "lora_bias": dict(lora_bias=True),
     "exclude_modules": dict(target_modules="all-linear", exclude_modules=["lm_head"]),
-    "use_dora": dict(use_dora=True),
     "layers_to_transform": dict(layers_to_transform=[1], layers_pattern="blocks"),
     "rank_pattern": dict(rank_pattern={"v_proj": 4}),
     "alpha_pattern": dict(alpha_pattern={"q_proj": 16}),
