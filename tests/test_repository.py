@@ -232,6 +232,7 @@ LAYERS = [
     "lowrank",
     "prune",
     "compress",
+    "analysis",
     "hf_gpt2",
     "optim",
     "accounting",
