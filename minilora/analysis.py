@@ -35,6 +35,8 @@ on the shipped base model. Everything is computed in float64.
 
 from __future__ import annotations
 
+import numbers
+
 from minilora import backend
 
 # ======================================================================================
@@ -63,7 +65,7 @@ def _matrix(x, name: str):
 
 def _check_count(value, name: str, top: int, what: str) -> None:
     """Refuse ``value`` unless it is an integer in [1, top]."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 1 <= value <= top:
         raise ValueError(f"{name}={value!r} must be an integer in [1, {top}] ({what})")
 
 
@@ -100,7 +102,9 @@ def random_subspace(shape: tuple, r: int, generator: backend.Generator, device: 
     """A uniformly random r-dimensional pair of subspaces for a matrix of ``shape`` (out, in):
     ``U`` (out, r) and ``Vh`` (r, in) with orthonormal columns and rows, from the QR
     decomposition of Gaussian matrices (the span of a Gaussian matrix is uniform)."""
-    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+    if not isinstance(generator, backend.Generator):
+        raise TypeError(f"generator must be a minilora.backend.Generator, got {generator!r}")
+    if len(shape) != 2 or not all(isinstance(n, numbers.Integral) and n > 0 for n in shape):
         raise ValueError(f"shape={shape!r} must be (out, in), two positive integers")
     _check_count(r, "r", min(shape), f"at most min(out, in) of the shape {tuple(shape)}")
     xp = backend.module_for(device)

@@ -293,6 +293,9 @@ def test_amplification_refuses_bad_input():
         random_subspace((4, 0), 1, backend.Generator(0))
     with pytest.raises(ValueError, match=r"r=3 must be an integer in \[1, 2\]"):
         random_subspace((2, 4), 3, backend.Generator(0))
+    with pytest.raises(TypeError, match="generator must be a minilora.backend.Generator, got 0"):
+        amplification_table(delta, W, 1, 0)
+    assert amplification_factor(delta, W, np.int64(1)) == 1.0  # NumPy integers are integers
 
 
 # --------------------------------------------------------------------------------------
