@@ -375,9 +375,22 @@ class _UfuncWithAt:
 
 
 standin.add = _UfuncWithAt()
+
+
+def _linalg(fn):
+    """A ``np.linalg`` function on stand-in arrays; a named-tuple result as a plain tuple."""
+
+    def call(a, **kwargs):
+        out = fn(_unwrap(a), **kwargs)
+        return _wrap(tuple(out) if isinstance(out, tuple) else out)
+
+    return call
+
+
 standin.linalg = types.SimpleNamespace(  # cupy.linalg's names that minilora uses
     norm=_on_standin(np.linalg.norm),
-    svd=lambda a, **kwargs: _wrap(tuple(np.linalg.svd(_unwrap(a), **kwargs))),  # (U, S, Vh)
+    svd=_linalg(np.linalg.svd),  # (U, S, Vh), or S alone with compute_uv=False
+    qr=_linalg(np.linalg.qr),  # (Q, R)
 )
 
 

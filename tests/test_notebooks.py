@@ -18,6 +18,7 @@ import pytest
 import minilora
 from minilora import (
     accounting,
+    analysis,
     autograd,
     backend,
     checkpoint,
@@ -41,10 +42,12 @@ EXPECTED = [
     "04_lora_vs_full.ipynb",
     "05_scaling_on_paper.ipynb",
     "06_gpu.ipynb",
+    "09_what_lora_learns.ipynb",
 ]
 MODULES = (
     minilora,
     accounting,
+    analysis,
     autograd,
     backend,
     checkpoint,

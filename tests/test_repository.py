@@ -234,6 +234,7 @@ LAYERS = [
     "lowrank",
     "prune",
     "compress",
+    "analysis",
     "hf_gpt2",
     "optim",
     "loraplus",
