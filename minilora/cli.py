@@ -20,6 +20,7 @@ from minilora import (
     demo,
     fast,
     grading,
+    hf_gpt2,
     text,
 )
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
@@ -762,17 +763,18 @@ def _cmd_finetune_text(args) -> int:
             f"--block-size {block_size} is more than the model's block_size "
             f"{model.config.block_size}"
         )
+    config = LoRAConfig(
+        r=args.r,
+        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+        target_modules=[t for t in args.targets.split(",") if t],
+    )
+    hf_gpt2.check_targets(model, config.target_modules, "--targets")  # before any training
     held_out = TEXT_HELD_OUT if args.held_out is None else args.held_out
     data = text.load_text_data(args.data, tokenizer, block_size, held_out, args.seed)
     x, y = data.held_out(args.device)
     scored = int((backend.to_numpy(y) != IGNORE_INDEX).sum())
     before = text.held_out_loss(model, x, y)
     print(f"held-out loss before: {before:.4f} ({scored} tokens of {args.data})", flush=True)
-    config = LoRAConfig(
-        r=args.r,
-        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-        target_modules=[t for t in args.targets.split(",") if t],
-    )
     steps = args.steps or TEXT_DEFAULTS["steps"]
     history = text.finetune(
         model,

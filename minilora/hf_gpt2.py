@@ -199,6 +199,21 @@ def _modules_of_block(C: int) -> dict:
 # ======================================================================================
 
 
+def check_targets(model, target_modules, caller: str) -> None:
+    """Refuse LoRA on ``lm_head`` of a GPT-2 (``target_modules`` names or paths), before
+    any training: the head is the token embedding's weight (tied), and PEFT's GPT-2
+    adapters live on the Conv1D layers only, so such an adapter could not be saved."""
+    if is_gpt2(model) and any(is_target([t], "lm_head") for t in target_modules):
+        tied = (
+            ", which GPT-2 ties to the token embedding," if model.config.tie_word_embeddings else ""
+        )
+        raise ValueError(
+            f"{caller}: target_modules {list(target_modules)} adapt lm_head{tied} but PEFT's "
+            "GPT-2 adapters target c_attn, c_proj and c_fc (minilora's q_proj, k_proj, "
+            "v_proj, o_proj, fc1, fc2): leave lm_head out of target_modules"
+        )
+
+
 def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict, set, dict]:
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
@@ -209,12 +224,7 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     scaling (lora_alpha'/r', or /√r' with rslora) is minilora's."""
     C, L = model.config.n_embd, model.config.n_layer
     layers = dict(lora_layers(model))
-    if "lm_head" in layers:
-        raise ValueError(
-            "save_adapter: the model adapts lm_head, which GPT-2 ties to the token "
-            "embedding; PEFT's GPT-2 adapters target c_attn, c_proj and c_fc: leave "
-            "lm_head out of target_modules"
-        )
+    check_targets(model, list(layers), "save_adapter")
     xp = backend.module_for("cpu")
     parts = {}  # GPT-2 module path -> [(a minilora LoRA layer, the outputs it computes)]
     for i in range(L):
