@@ -58,8 +58,8 @@ import safetensors.numpy
 from minilora import backend, hf_gpt2
 from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
-from minilora.model import GPT, GPTConfig
-from minilora.nn import Linear, Module
+from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
+from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 
 MODEL_FORMAT = "minilora.model"
 MODEL_FORMAT_VERSION = "1"
@@ -132,7 +132,9 @@ def save_model(model: GPT, path) -> None:
     """Write every parameter of ``model`` and its ``GPTConfig`` to one ``.safetensors`` file.
 
     A model with LoRA layers is refused: fold the adapter in with ``merge_and_unload``
-    first, or save only the adapter with :func:`save_adapter`.
+    first, or save only the adapter with :func:`save_adapter`. So is one with any other
+    layer a plain GPT lacks (adapter layers, a prefix): load_model could not rebuild it;
+    the error names what saves those instead.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_model: model must be a GPT, got {type(model).__name__}")
@@ -144,6 +146,7 @@ def save_model(model: GPT, path) -> None:
             "adapted model with the adapter folded into its weights, or "
             "save_adapter(model, folder, config) to save only the adapter"
         )
+    _refuse_extra_layers(model)
     path = _check_destination(Path(path), "save_model")
     tensors = {name: _host_copy(p.data) for name, p in model.named_parameters()}
     metadata = {
@@ -152,6 +155,40 @@ def save_model(model: GPT, path) -> None:
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
     atomic_write([(path, serialize(tensors, metadata))])
+
+
+# The layers of a plain GPT, the only model load_model can rebuild from its config.
+_PLAIN_LAYERS = (GPT, ModuleList, Block, CausalSelfAttention, MLP, Linear, Embedding, LayerNorm)
+_PLAIN_LAYERS += (Dropout,)
+# What to save instead, for the layers minilora's relatives add (by class name: those
+# modules build on this one, so it cannot import them).
+_SAVE_INSTEAD = {
+    "AdapterLinear": "save the adapters alone with minilora.adapters.save_adapters(model, "
+    "path, config) and load them onto the base with load_adapters",
+    "PrefixEncoder": "save the prefix alone with minilora.prefix.save_prefix(model, path) "
+    "and load it onto the base with load_prefix",
+}
+
+
+def _refuse_extra_layers(model: GPT) -> None:
+    """A ValueError naming every layer of ``model`` that a plain GPT does not have (adapter
+    layers, a prefix, quantized or factored layers): load_model would refuse the file."""
+    extra = {}  # class name -> paths
+    for path, module in model.named_modules():
+        if type(module) not in _PLAIN_LAYERS:
+            extra.setdefault(type(module).__name__, []).append(path)
+    if not extra:
+        return
+    found = "; ".join(f"{kind} at {', '.join(paths)}" for kind, paths in sorted(extra.items()))
+    advice = [_SAVE_INSTEAD.get(kind) for kind in sorted(extra)]
+    advice = (
+        "; ".join(a for a in advice if a)
+        or "minilora has no file for them: save the base model before converting it"
+    )
+    raise ValueError(
+        f"save_model: the model has layers a plain GPT does not ({found}); save_model writes "
+        f"plain models only, which load_model rebuilds from their config: {advice}"
+    )
 
 
 def load_model(path, device: str = "cpu") -> GPT:

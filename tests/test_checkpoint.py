@@ -31,7 +31,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import backend, checkpoint
+from minilora import adapters, backend, checkpoint, prefix
 from minilora.checkpoint import load_adapter, load_model, save_adapter, save_model
 from minilora.lora import lora_layers, merge_lora
 
@@ -202,6 +202,32 @@ def test_save_model_rejects_a_non_gpt_and_a_folder_destination(tmp_path):
         save_model(tiny_gpt(), tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_model(tiny_gpt(), tmp_path / "nowhere" / "m.safetensors")
+
+
+@pytest.mark.parametrize(
+    "attach, words",
+    [
+        (
+            lambda m: adapters.apply_adapters(m, adapters.AdapterConfig("lin", bottleneck=2)),
+            ["AdapterLinear at blocks.0.mlp.fc2", "adapters.save_adapters"],
+        ),
+        (
+            lambda m: prefix.apply_prefix_tuning(m, prefix.PrefixConfig(num_virtual_tokens=2)),
+            ["PrefixEncoder at prefix", "prefix.save_prefix"],
+        ),
+    ],
+    ids=["adapters", "prefix"],
+)
+def test_save_model_refuses_a_model_that_load_model_could_not_rebuild(tmp_path, attach, words):
+    """Adapter layers or a prefix would be written beside the weights, and load_model would
+    then refuse the file: save_model refuses first, naming the layers and what to use."""
+    model = tiny_gpt()
+    attach(model)
+    with pytest.raises(ValueError, match="a plain GPT does not") as info:
+        save_model(model, tmp_path / "m.safetensors")
+    for word in words:
+        assert word in str(info.value)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_missing_paths_raise_file_not_found_naming_them(tmp_path, adapter_dir):
