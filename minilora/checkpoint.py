@@ -220,12 +220,15 @@ def load_model(path, device: str = "cpu") -> GPT:
             f"load_model: {path} is a folder, expected a .safetensors file or a Hugging Face "
             f"GPT-2 folder (with {hf_gpt2.CONFIG_NAME}){hint}"
         )
-    tensors, metadata = _read_safetensors(path, "load_model")
+    # The header first: the config is checked against its shapes, and the model built,
+    # before any tensor is read (loading then holds the model and the tensors, no more).
+    entries, metadata, data_start = _read_header(path, "load_model")
+    shapes = {name: tuple(entry["shape"]) for name, entry in entries}
 
     fmt = metadata.get("format")
     if fmt != MODEL_FORMAT:
         hint = ""
-        if any(k.startswith(PEFT_PREFIX) for k in tensors):
+        if any(k.startswith(PEFT_PREFIX) for k in shapes):
             hint = " (its keys look like a PEFT adapter: use load_adapter)"
         raise ValueError(
             f"load_model: {path} is not a minilora model file: metadata format={fmt!r}, "
@@ -237,8 +240,9 @@ def load_model(path, device: str = "cpu") -> GPT:
             f"load_model: {path} has format_version={version!r}; this minilora reads "
             f"version {MODEL_FORMAT_VERSION!r}"
         )
-    config = _model_config(path, metadata.get("config"), tensors)
-    return _build_model(path, config, tensors, device)
+    config = _model_config(path, metadata.get("config"), shapes)
+    model = _new_model(path, config, [entry["dtype"] for _, entry in entries], device)
+    return _load_into(model, path, _read_tensors(path, "load_model", entries, data_start))
 
 
 def _load_gpt2(folder: Path, device: str) -> GPT:
@@ -257,23 +261,35 @@ def _load_gpt2(folder: Path, device: str) -> GPT:
             "not pytorch_model.bin, a pickle it never loads, nor sharded weights; save with "
             "save_pretrained(folder, safe_serialization=True))"
         )
-    tensors, _ = _read_safetensors(weights_path, "load_model")
+    # The shapes from the header: when they fit, the model is built before any tensor is
+    # read (loading then holds the model and the tensors, no more); when they do not,
+    # state_dict_from_gpt2 refuses the file, naming every problem, before a model is built.
+    entries, _, data_start = _read_header(weights_path, "load_model")
+    shapes = {name: tuple(entry["shape"]) for name, entry in entries}
+    params, problems = hf_gpt2.gpt2_shape_problems(shapes, config)
+    if not problems:
+        dtypes = [entry["dtype"] for name, entry in entries if name in params]
+        model = _new_model(weights_path, config, dtypes, device)
+    tensors = _read_tensors(weights_path, "load_model", entries, data_start)
     state = hf_gpt2.state_dict_from_gpt2(tensors, config, weights_path)
     del tensors  # the state's views keep what they need, and free it as they are loaded
-    return _build_model(weights_path, config, state, device)
+    return _load_into(model, weights_path, state)
 
 
-def _build_model(path: Path, config: GPTConfig, tensors: dict, device: str) -> GPT:
-    """A new GPT in the tensors' one dtype, loaded with them (strict), in eval mode.
-
-    ``tensors`` is emptied: each array is dropped once it is loaded, smallest first, so
-    that loading holds the model and the file's tensors, never a third copy of them."""
-    dtypes = sorted({backend.dtype_name(a.dtype) for a in tensors.values()})
+def _new_model(path: Path, config: GPTConfig, dtypes: list[str], device: str) -> GPT:
+    """A new GPT in the one dtype of the file's parameters (safetensors names, "F32")."""
+    dtypes = sorted({_SAFETENSORS_DTYPES[d] for d in dtypes})
     if len(dtypes) > 1:
         raise ValueError(f"load_model: {path} mixes dtypes {dtypes}; expected one dtype")
     dtype = backend.resolve_dtype(dtypes[0]) if dtypes else backend.DEFAULT_DTYPE
+    return GPT(config, dtype=dtype, device=device)
 
-    model = GPT(config, dtype=dtype, device=device)
+
+def _load_into(model: GPT, path: Path, tensors: dict) -> GPT:
+    """``model`` loaded with ``tensors`` (strict), in eval mode.
+
+    ``tensors`` is emptied: each array is dropped once it is loaded, smallest first, so
+    that loading holds the model and the file's tensors, never a third copy of them."""
     problems = model.state_dict_problems(tensors)  # all checked before any is loaded
     if problems:
         raise ValueError(
@@ -285,7 +301,7 @@ def _build_model(path: Path, config: GPTConfig, tensors: dict, device: str) -> G
     return model.eval()  # as PyTorch's from_pretrained: inference unless told otherwise
 
 
-def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
+def _model_config(path: Path, text, shapes: dict) -> GPTConfig:
     """The GPTConfig stored in the metadata, checked against the tensors before any model
     is built (a corrupt n_embd=10**6 must fail here, not in a huge allocation)."""
     if not isinstance(text, str):
@@ -309,10 +325,10 @@ def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
         ("tok_emb.weight", (config.vocab_size, C)),
         ("pos_emb.weight", (config.block_size, C)),
     ):
-        got = tuple(tensors[name].shape) if name in tensors else None
+        got = shapes.get(name)
         if got != want:
             problems.append(f"config implies {name} of shape {want}, the file has {got}")
-    blocks = {k.split(".")[1] for k in tensors if k.startswith("blocks.") and k.count(".") > 1}
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("blocks.") and k.count(".") > 1}
     want_blocks = {str(i) for i in range(config.n_layer)}
     if blocks != want_blocks:
         problems.append(
@@ -826,49 +842,69 @@ def _check_regular_file(path: Path, caller: str) -> None:
 
 def _read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:
     """(tensors as host arrays, metadata) from a safetensors file, or a ValueError that
-    names the file and what is wrong with it.
+    names the file and what is wrong with it: :func:`_read_header`, then
+    :func:`_read_tensors`."""
+    entries, metadata, data_start = _read_header(path, caller, half_to_float32)
+    return _read_tensors(path, caller, entries, data_start, half_to_float32), metadata
 
-    Each tensor is read from the file straight into its own new array, one at a time, so
-    loading holds the tensors once (not the file's bytes beside them): GPT-2 small's
-    0.5 GiB of weights load in about 0.5 GiB more (docs/performance.md).
 
-    NaN and infinite values are refused, naming the tensor: no trained model holds them,
-    and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
-    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
-    """
+def _read_header(path: Path, caller: str, half_to_float32: bool = False):
+    """(entries, metadata, data_start) of a safetensors file whose structure and dtypes are
+    valid, or a ValueError that names the file and what is wrong with it. ``entries``:
+    (name, {"dtype", "shape", "data_offsets"}) in the file's order; the data begins at
+    byte ``data_start``. No tensor is read: a caller can check shapes first."""
     _check_regular_file(path, caller)
-    # The library validates the structure from the file's header: header length, JSON,
-    # dtypes, shapes, offsets that tile the data and end where the file ends. Its errors
-    # (SafetensorError, or anything else a hostile file provokes) become one ValueError
-    # that names the file.
-    try:
-        with safetensors.safe_open(str(path), framework="numpy"):
-            pass
-    except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
-        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-            raise
-        raise ValueError(
-            f"{caller}: {path} is not a valid safetensors file (truncated or corrupt?): {e}"
-        ) from e
-    known = {**_SAFETENSORS_DTYPES, **(_HALF_DTYPES if half_to_float32 else {})}
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:  # a file we may not read: PermissionError, saying so
+        # The library validates the structure from the file's header: header length,
+        # JSON, dtypes, shapes, offsets that tile the data and end where the file ends.
+        # Its errors (SafetensorError, or anything else a hostile file provokes) become
+        # one ValueError that names the file.
+        try:
+            with safetensors.safe_open(str(path), framework="numpy"):
+                pass
+        except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise ValueError(
+                f"{caller}: {path} is not a valid safetensors file (truncated or corrupt?): {e}"
+            ) from e
+        try:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-            metadata = header.pop("__metadata__", None) or {}
-            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
-            bad = [f"{name}: {v['dtype']}" for name, v in entries if v["dtype"] not in known]
-            # in the file's order (one pass over it); nothing is read when a dtype is refused
-            tensors = {} if bad else {name: _read_tensor(f, 8 + n, v) for name, v in entries}
+        except Exception as e:  # validated above, so this is not expected; still never leak
+            raise ValueError(f"{caller}: {path} could not be read: {e}") from e
+    try:
+        metadata = header.pop("__metadata__", None) or {}
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
     except Exception as e:  # validated above, so this is not expected; still never leak
         raise ValueError(f"{caller}: {path} could not be read: {e}") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
+    known = {**_SAFETENSORS_DTYPES, **(_HALF_DTYPES if half_to_float32 else {})}
+    bad = [f"{name}: {v['dtype']}" for name, v in entries if v["dtype"] not in known]
     if bad:
         raise ValueError(
             f"{caller}: {path} holds tensors of a dtype minilora does not use ({', '.join(bad)}); "
             f"expected one of {sorted(known.values())}"
         )
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
+    return entries, metadata, 8 + n
+
+
+def _read_tensors(path: Path, caller: str, entries, data_start: int, half_to_float32=False):
+    """The tensors of :func:`_read_header`'s ``entries``, as host arrays by name.
+
+    Each tensor is read from the file straight into its own new array, one at a time, so
+    reading holds the tensors once (not the file's bytes beside them).
+
+    NaN and infinite values are refused, naming the tensor: no trained model holds them,
+    and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
+    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
+    """
+    try:
+        with open(path, "rb") as f:  # in the file's order: one pass over it
+            tensors = {name: _read_tensor(f, data_start, v) for name, v in entries}
+    except Exception as e:  # validated by _read_header, so this is not expected either
+        raise ValueError(f"{caller}: {path} could not be read: {e}") from e
     xp = backend.module_for("cpu")
     not_finite = sorted(name for name, a in tensors.items() if not xp.isfinite(a).all())
     if not_finite:
@@ -882,9 +918,9 @@ def _read_safetensors(path: Path, caller: str, half_to_float32: bool = False) ->
         warnings.warn(
             f"{caller}: {path} holds {' and '.join(half)} tensors; they were upcast to float32 "
             "(exactly: every such value is a float32 value)",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return tensors, metadata
+    return tensors
 
 
 def _read_tensor(f, data_start: int, entry: dict):

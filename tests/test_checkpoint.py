@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -1269,3 +1270,33 @@ def test_save_from_gpu_and_load_to_either_device(tmp_path, lora_config):
         load_adapter(loaded, tmp_path / "a")
         assert all(p.device == device for p in loaded.parameters())
         np.testing.assert_allclose(logits(loaded), logits(model), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_holds_the_model_and_the_tensors_no_more(tmp_path, monkeypatch):
+    """load_model on a GPT-2 folder peaks (tracemalloc) at what building the model alone
+    peaks at, or the model and the file's tensors plus one tensor's copy, whichever is
+    more (loading once held the file's bytes and two copies of every tensor besides:
+    3.7 times the weights here)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import load_memory
+
+    shape = load_memory.QUICK_SHAPE
+    weights = load_memory.write_gpt2_folder(tmp_path, shape)
+    peak = load_memory.peak_load(tmp_path)
+    config = ml.GPTConfig(
+        vocab_size=shape["vocab_size"],
+        block_size=shape["n_positions"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        tie_word_embeddings=True,
+        hf_model_type="gpt2",
+    )
+    tracemalloc.start()
+    try:
+        ml.GPT(config)
+        build = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    largest = shape["vocab_size"] * shape["n_embd"] * 4  # the token embedding, float32
+    assert peak <= max(build, 2 * weights + largest) + 2**16  # + Python's own objects
