@@ -7,12 +7,15 @@
   text PEFT's greedy decoding gives;
 * an adapter made in PEFT on that folder loads through ``minilora generate --adapter``, and
   ``minilora merge --base DIR`` writes a minilora model file with the same logits;
-* the tied head as a LoRA target is refused before any training, in one line.
+* the tied head as a LoRA target is refused before any training, in one line;
+* docs/porting.md's worked example, "When you outgrow minilora", runs as written: its
+  commands through the command line, then its Python blocks.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -164,3 +167,48 @@ def test_tied_head_target_is_refused_before_training(root, tmp_path, capsys):
     assert code == 2 and "held-out loss" not in out
     assert err.count("\n") == 1 and "lm_head" in err and "ties" in err
     assert not (tmp_path / "a").exists()
+
+
+# --------------------------------------------------------------------------------------
+# docs/porting.md, "When you outgrow minilora": its commands and code, run as written
+# --------------------------------------------------------------------------------------
+
+
+def doc_blocks(heading: str) -> list[tuple[str, str]]:
+    """(language, code) of each fenced block of one section of docs/porting.md, in order:
+    the test runs the documentation itself, so the two cannot drift apart."""
+    text = (Path(__file__).parent.parent / "docs" / "porting.md").read_text(encoding="utf-8")
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    fences = section.split("```")[1::2]  # the insides of the fences
+    return [tuple(fence.split("\n", 1)) for fence in fences]
+
+
+def commands(code: str) -> list[list[str]]:
+    """The argument lists of the ``minilora`` commands of a bash block."""
+    lines = code.replace("\\\n", " ").splitlines()
+    argvs = [shlex.split(line, comments=True) for line in lines]
+    assert all(argv[0] == "minilora" for argv in argvs if argv), code
+    return [argv[1:] for argv in argvs if argv]
+
+
+def test_outgrow_minilora_example_runs(root, tmp_path, monkeypatch, capsys):
+    blocks = doc_blocks("When you outgrow minilora")
+    assert [language for language, _ in blocks] == ["bash", "python", "python"]
+    # the tiny GPT-2 with a 128-token context, as the commands' --block-size asks
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**SHAPE, "n_positions": 128}))
+    hf.save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    shutil.copy(root / "gpt2" / "tokenizer.json", tmp_path / "gpt2")
+    (tmp_path / "notes.txt").write_text("the low, the lower, the lowest; " * 40)
+    monkeypatch.chdir(tmp_path)
+
+    argvs = commands(blocks[0][1])
+    assert [argv[0] for argv in argvs] == ["finetune", "generate"]
+    quick = ["--steps", "5", "--no-progress"]  # the files are what is tested, not training
+    for argv in argvs:
+        run(capsys, *argv, *(quick if argv[0] == "finetune" else []))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    namespace = {}
+    for _, code in blocks[1:]:
+        exec(compile(code, "porting.md", "exec"), namespace)
+    assert (tmp_path / "gpt2-tuned" / "model.safetensors").exists()
