@@ -521,9 +521,13 @@ def _add_job_commands(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="fold an adapter into its base model and save a plain model",
-        description="base + adapter folder -> merged model file (W = W0 + s·B·A).",
+        description="base + adapter folder -> merged model file (W = W0 + s·B·A). A Hugging "
+        "Face GPT-2 folder as --base gives a minilora model file (its head still tied).",
     )
-    p.add_argument("--base", help="base model file (default: the pretrained base)")
+    p.add_argument(
+        "--base",
+        help="base model file or Hugging Face GPT-2 folder (default: the pretrained base)",
+    )
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--out", required=True, help="merged model file to write")
     p.set_defaults(func=_cmd_merge)
