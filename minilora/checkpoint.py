@@ -871,13 +871,10 @@ def _read_header(path: Path, caller: str, half_to_float32: bool = False):
         try:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
+            metadata = header.pop("__metadata__", None) or {}
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
         except Exception as e:  # validated above, so this is not expected; still never leak
             raise ValueError(f"{caller}: {path} could not be read: {e}") from e
-    try:
-        metadata = header.pop("__metadata__", None) or {}
-        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
-    except Exception as e:  # validated above, so this is not expected; still never leak
-        raise ValueError(f"{caller}: {path} could not be read: {e}") from e
     if not isinstance(metadata, dict):
         raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
     known = {**_SAFETENSORS_DTYPES, **(_HALF_DTYPES if half_to_float32 else {})}
