@@ -216,11 +216,22 @@ def _modules_of_block(C: int) -> dict:
 # ======================================================================================
 
 
+# GPT-2's own layer names, as PEFT's target_modules spell them, and minilora's for each.
+_OUR_NAMES = {
+    "c_attn": "q_proj,k_proj,v_proj",
+    "c_proj": "o_proj (attn.c_proj) or fc2 (mlp.c_proj)",
+    "c_fc": "fc1",
+}
+
+
 def check_targets(model, target_modules, caller: str) -> None:
-    """Refuse LoRA on ``lm_head`` of a GPT-2 (``target_modules`` names or paths), before
-    any training: the head is the token embedding's weight (tied), and PEFT's GPT-2
-    adapters live on the Conv1D layers only, so such an adapter could not be saved."""
-    if is_gpt2(model) and any(is_target([t], "lm_head") for t in target_modules):
+    """Refuse, before any training, LoRA targets on a GPT-2 that its adapter cannot hold
+    or that name no layer: ``lm_head`` (the token embedding's weight when tied; PEFT's
+    GPT-2 adapters live on the Conv1D layers only), and GPT-2's own names (``c_attn``...),
+    which minilora's loaded model does not use."""
+    if not is_gpt2(model):
+        return
+    if any(is_target([t], "lm_head") for t in target_modules):
         tied = (
             ", which GPT-2 ties to the token embedding," if model.config.tie_word_embeddings else ""
         )
@@ -228,6 +239,13 @@ def check_targets(model, target_modules, caller: str) -> None:
             f"{caller}: target_modules {list(target_modules)} adapt lm_head{tied} but PEFT's "
             "GPT-2 adapters target c_attn, c_proj and c_fc (minilora's q_proj, k_proj, "
             "v_proj, o_proj, fc1, fc2): leave lm_head out of target_modules"
+        )
+    theirs = [t for t in target_modules if t.rsplit(".", 1)[-1] in _OUR_NAMES]
+    if theirs:
+        names = "; ".join(f"{t} is {_OUR_NAMES[t.rsplit('.', 1)[-1]]}" for t in theirs)
+        raise ValueError(
+            f"{caller}: target_modules {theirs} are GPT-2's names; minilora loads a GPT-2 "
+            f"with its own ({names}), and saves the adapter in GPT-2's names for PEFT"
         )
 
 
