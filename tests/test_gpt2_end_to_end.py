@@ -7,7 +7,8 @@
   text PEFT's greedy decoding gives;
 * an adapter made in PEFT on that folder loads through ``minilora generate --adapter``, and
   ``minilora merge --base DIR`` writes a minilora model file with the same logits;
-* the tied head as a LoRA target is refused before any training, in one line;
+* targets a GPT-2 adapter cannot hold (the tied head) or that name no layer (GPT-2's own
+  names, c_attn...) are refused before any training, in one line;
 * docs/porting.md's worked example, "When you outgrow minilora", runs as written: its
   commands through the command line, then its Python blocks.
 """
