@@ -58,8 +58,8 @@ import safetensors.numpy
 from minilora import backend, hf_gpt2, multi_adapter, pissa
 from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
 from minilora.lora import lora_state_dict as _lora_state_dict
-from minilora.model import GPT, GPTConfig
-from minilora.nn import Linear, Module
+from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
+from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 
 MODEL_FORMAT = "minilora.model"
 MODEL_FORMAT_VERSION = "1"
@@ -134,7 +134,9 @@ def save_model(model: GPT, path) -> None:
     """Write every parameter of ``model`` and its ``GPTConfig`` to one ``.safetensors`` file.
 
     A model with LoRA layers is refused: fold the adapter in with ``merge_and_unload``
-    first, or save only the adapter with :func:`save_adapter`.
+    first, or save only the adapter with :func:`save_adapter`. So is one with any other
+    layer a plain GPT lacks (adapter layers, a prefix): load_model could not rebuild it;
+    the error names what saves those instead.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_model: model must be a GPT, got {type(model).__name__}")
@@ -146,6 +148,7 @@ def save_model(model: GPT, path) -> None:
             "adapted model with the adapter folded into its weights, or "
             "save_adapter(model, folder, config) to save only the adapter"
         )
+    _refuse_extra_layers(model)
     path = _check_destination(Path(path), "save_model")
     tensors = {name: _host_copy(p.data) for name, p in model.named_parameters()}
     metadata = {
@@ -154,6 +157,40 @@ def save_model(model: GPT, path) -> None:
         "config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
     atomic_write([(path, serialize(tensors, metadata))])
+
+
+# The layers of a plain GPT, the only model load_model can rebuild from its config.
+_PLAIN_LAYERS = (GPT, ModuleList, Block, CausalSelfAttention, MLP, Linear, Embedding, LayerNorm)
+_PLAIN_LAYERS += (Dropout,)
+# What to save instead, for the layers minilora's relatives add (by class name: those
+# modules build on this one, so it cannot import them).
+_SAVE_INSTEAD = {
+    "AdapterLinear": "save the adapters alone with minilora.adapters.save_adapters(model, "
+    "path, config) and load them onto the base with load_adapters",
+    "PrefixEncoder": "save the prefix alone with minilora.prefix.save_prefix(model, path) "
+    "and load it onto the base with load_prefix",
+}
+
+
+def _refuse_extra_layers(model: GPT) -> None:
+    """A ValueError naming every layer of ``model`` that a plain GPT does not have (adapter
+    layers, a prefix, quantized or factored layers): load_model would refuse the file."""
+    extra = {}  # class name -> paths
+    for path, module in model.named_modules():
+        if type(module) not in _PLAIN_LAYERS:
+            extra.setdefault(type(module).__name__, []).append(path)
+    if not extra:
+        return
+    found = "; ".join(f"{kind} at {', '.join(paths)}" for kind, paths in sorted(extra.items()))
+    advice = [_SAVE_INSTEAD.get(kind) for kind in sorted(extra)]
+    advice = (
+        "; ".join(a for a in advice if a)
+        or "minilora has no file for them: save the base model before converting it"
+    )
+    raise ValueError(
+        f"save_model: the model has layers a plain GPT does not ({found}); save_model writes "
+        f"plain models only, which load_model rebuilds from their config: {advice}"
+    )
 
 
 def load_model(path, device: str = "cpu") -> GPT:
@@ -185,12 +222,15 @@ def load_model(path, device: str = "cpu") -> GPT:
             f"load_model: {path} is a folder, expected a .safetensors file or a Hugging Face "
             f"GPT-2 folder (with {hf_gpt2.CONFIG_NAME}){hint}"
         )
-    tensors, metadata = _read_safetensors(path, "load_model")
+    # The header first: the config is checked against its shapes, and the model built,
+    # before any tensor is read (loading then holds the model and the tensors, no more).
+    entries, metadata, data_start = _read_header(path, "load_model")
+    shapes = {name: tuple(entry["shape"]) for name, entry in entries}
 
     fmt = metadata.get("format")
     if fmt != MODEL_FORMAT:
         hint = ""
-        if any(k.startswith(PEFT_PREFIX) for k in tensors):
+        if any(k.startswith(PEFT_PREFIX) for k in shapes):
             hint = " (its keys look like a PEFT adapter: use load_adapter)"
         raise ValueError(
             f"load_model: {path} is not a minilora model file: metadata format={fmt!r}, "
@@ -202,8 +242,9 @@ def load_model(path, device: str = "cpu") -> GPT:
             f"load_model: {path} has format_version={version!r}; this minilora reads "
             f"version {MODEL_FORMAT_VERSION!r}"
         )
-    config = _model_config(path, metadata.get("config"), tensors)
-    return _build_model(path, config, tensors, device)
+    config = _model_config(path, metadata.get("config"), shapes)
+    model = _new_model(path, config, [entry["dtype"] for _, entry in entries], device)
+    return _load_into(model, path, _read_tensors(path, "load_model", entries, data_start))
 
 
 def _load_gpt2(folder: Path, device: str) -> GPT:
@@ -222,27 +263,47 @@ def _load_gpt2(folder: Path, device: str) -> GPT:
             "not pytorch_model.bin, a pickle it never loads, nor sharded weights; save with "
             "save_pretrained(folder, safe_serialization=True))"
         )
-    tensors, _ = _read_safetensors(weights_path, "load_model")
+    # The shapes from the header: when they fit, the model is built before any tensor is
+    # read (loading then holds the model and the tensors, no more); when they do not,
+    # state_dict_from_gpt2 refuses the file, naming every problem, before a model is built.
+    entries, _, data_start = _read_header(weights_path, "load_model")
+    shapes = {name: tuple(entry["shape"]) for name, entry in entries}
+    params, problems = hf_gpt2.gpt2_shape_problems(shapes, config)
+    if not problems:
+        dtypes = [entry["dtype"] for name, entry in entries if name in params]
+        model = _new_model(weights_path, config, dtypes, device)
+    tensors = _read_tensors(weights_path, "load_model", entries, data_start)
     state = hf_gpt2.state_dict_from_gpt2(tensors, config, weights_path)
-    return _build_model(weights_path, config, state, device)
+    del tensors  # the state's views keep what they need, and free it as they are loaded
+    return _load_into(model, weights_path, state)
 
 
-def _build_model(path: Path, config: GPTConfig, tensors: dict, device: str) -> GPT:
-    """A new GPT in the tensors' one dtype, loaded with them (strict), in eval mode."""
-    dtypes = sorted({backend.dtype_name(a.dtype) for a in tensors.values()})
+def _new_model(path: Path, config: GPTConfig, dtypes: list[str], device: str) -> GPT:
+    """A new GPT in the one dtype of the file's parameters (safetensors names, "F32")."""
+    dtypes = sorted({_SAFETENSORS_DTYPES[d] for d in dtypes})
     if len(dtypes) > 1:
         raise ValueError(f"load_model: {path} mixes dtypes {dtypes}; expected one dtype")
     dtype = backend.resolve_dtype(dtypes[0]) if dtypes else backend.DEFAULT_DTYPE
+    return GPT(config, dtype=dtype, device=device)
 
-    model = GPT(config, dtype=dtype, device=device)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except ValueError as e:
-        raise ValueError(f"load_model: {path} does not match its own config: {e}") from None
+
+def _load_into(model: GPT, path: Path, tensors: dict) -> GPT:
+    """``model`` loaded with ``tensors`` (strict), in eval mode.
+
+    ``tensors`` is emptied: each array is dropped once it is loaded, smallest first, so
+    that loading holds the model and the file's tensors, never a third copy of them."""
+    problems = model.state_dict_problems(tensors)  # all checked before any is loaded
+    if problems:
+        raise ValueError(
+            f"load_model: {path} does not match its own config: load_state_dict refused the "
+            "state dict:\n  " + "\n  ".join(problems)
+        )
+    for name in sorted(tensors, key=lambda name: tensors[name].nbytes):
+        model.load_state_dict({name: tensors.pop(name)}, strict=False)  # replaces the init
     return model.eval()  # as PyTorch's from_pretrained: inference unless told otherwise
 
 
-def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
+def _model_config(path: Path, text, shapes: dict) -> GPTConfig:
     """The GPTConfig stored in the metadata, checked against the tensors before any model
     is built (a corrupt n_embd=10**6 must fail here, not in a huge allocation)."""
     if not isinstance(text, str):
@@ -266,10 +327,10 @@ def _model_config(path: Path, text, tensors: dict) -> GPTConfig:
         ("tok_emb.weight", (config.vocab_size, C)),
         ("pos_emb.weight", (config.block_size, C)),
     ):
-        got = tuple(tensors[name].shape) if name in tensors else None
+        got = shapes.get(name)
         if got != want:
             problems.append(f"config implies {name} of shape {want}, the file has {got}")
-    blocks = {k.split(".")[1] for k in tensors if k.startswith("blocks.") and k.count(".") > 1}
+    blocks = {k.split(".")[1] for k in shapes if k.startswith("blocks.") and k.count(".") > 1}
     want_blocks = {str(i) for i in range(config.n_layer)}
     if blocks != want_blocks:
         problems.append(
@@ -868,8 +929,14 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
 
 
 def _read_file(path: Path, caller: str) -> bytes:
-    """The bytes of a regular file. A folder, a device (/dev/zero), a pipe or a socket is
-    refused before it is opened: reading one could block or never end."""
+    """The bytes of a regular file (see :func:`_check_regular_file`)."""
+    _check_regular_file(path, caller)
+    return path.read_bytes()
+
+
+def _check_regular_file(path: Path, caller: str) -> None:
+    """Refuse a missing path, a folder, a device (/dev/zero), a pipe or a socket before it
+    is opened: reading one could block or never end."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -878,44 +945,70 @@ def _read_file(path: Path, caller: str) -> bytes:
         raise ValueError(f"{caller}: {path} is a folder, expected a file")
     if not stat.S_ISREG(mode):
         raise ValueError(f"{caller}: {path} is not a regular file (a device, pipe or socket?)")
-    return path.read_bytes()
 
 
 def _read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:
     """(tensors as host arrays, metadata) from a safetensors file, or a ValueError that
-    names the file and what is wrong with it. The file is read once, into memory.
+    names the file and what is wrong with it: :func:`_read_header`, then
+    :func:`_read_tensors`."""
+    entries, metadata, data_start = _read_header(path, caller, half_to_float32)
+    return _read_tensors(path, caller, entries, data_start, half_to_float32), metadata
 
-    NaN and infinite values are refused, naming the tensor: no trained model holds them,
-    and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
-    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
-    """
-    data = _read_file(path, caller)
-    # The library validates the structure: header length, JSON, dtypes, shapes, offsets
-    # that tile the data exactly. Its errors (SafetensorError, or anything else a hostile
-    # file provokes) become one ValueError that names the file.
-    try:
-        views = safetensors.deserialize(data)
-    except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
-        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-            raise
-        raise ValueError(
-            f"{caller}: {path} is not a valid safetensors file (truncated or corrupt?): {e}"
-        ) from e
+
+def _read_header(path: Path, caller: str, half_to_float32: bool = False):
+    """(entries, metadata, data_start) of a safetensors file whose structure and dtypes are
+    valid, or a ValueError that names the file and what is wrong with it. ``entries``:
+    (name, {"dtype", "shape", "data_offsets"}) in the file's order; the data begins at
+    byte ``data_start``. No tensor is read: a caller can check shapes first."""
+    _check_regular_file(path, caller)
+    with open(path, "rb") as f:  # a file we may not read: PermissionError, saying so
+        # The library validates the structure from the file's header: header length,
+        # JSON, dtypes, shapes, offsets that tile the data and end where the file ends.
+        # Its errors (SafetensorError, or anything else a hostile file provokes) become
+        # one ValueError that names the file.
+        try:
+            with safetensors.safe_open(str(path), framework="numpy"):
+                pass
+        except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise ValueError(
+                f"{caller}: {path} is not a valid safetensors file (truncated or corrupt?): {e}"
+            ) from e
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            metadata = header.pop("__metadata__", None) or {}
+            entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
+        except Exception as e:  # validated above, so this is not expected; still never leak
+            raise ValueError(f"{caller}: {path} could not be read: {e}") from e
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
     known = {**_SAFETENSORS_DTYPES, **(_HALF_DTYPES if half_to_float32 else {})}
-    bad = [f"{name}: {v['dtype']}" for name, v in views if v["dtype"] not in known]
+    bad = [f"{name}: {v['dtype']}" for name, v in entries if v["dtype"] not in known]
     if bad:
         raise ValueError(
             f"{caller}: {path} holds tensors of a dtype minilora does not use ({', '.join(bad)}); "
             f"expected one of {sorted(known.values())}"
         )
+    return entries, metadata, 8 + n
+
+
+def _read_tensors(path: Path, caller: str, entries, data_start: int, half_to_float32=False):
+    """The tensors of :func:`_read_header`'s ``entries``, as host arrays by name.
+
+    Each tensor is read from the file straight into its own new array, one at a time, so
+    reading holds the tensors once (not the file's bytes beside them).
+
+    NaN and infinite values are refused, naming the tensor: no trained model holds them,
+    and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
+    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
+    """
     try:
-        tensors = {name: _host_array(v) for name, v in views}
-        n = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
-    except Exception as e:  # validated above, so this is not expected; still never leak
+        with open(path, "rb") as f:  # in the file's order: one pass over it
+            tensors = {name: _read_tensor(f, data_start, v) for name, v in entries}
+    except Exception as e:  # validated by _read_header, so this is not expected either
         raise ValueError(f"{caller}: {path} could not be read: {e}") from e
-    if not isinstance(metadata, dict):
-        raise ValueError(f"{caller}: {path} has a __metadata__ that is not a JSON object")
     xp = backend.module_for("cpu")
     not_finite = sorted(name for name, a in tensors.items() if not xp.isfinite(a).all())
     if not_finite:
@@ -923,26 +1016,34 @@ def _read_safetensors(path: Path, caller: str, half_to_float32: bool = False) ->
             f"{caller}: {path} holds NaN or infinite values in {', '.join(not_finite)}; "
             "a trained model never does (did training diverge?)"
         )
-    half = sorted({_HALF_DTYPES[v["dtype"]] for _, v in views if v["dtype"] in _HALF_DTYPES})
+    half = sorted({_HALF_DTYPES[v["dtype"]] for _, v in entries if v["dtype"] in _HALF_DTYPES})
     if half and half_to_float32:
         tensors = {name: a.astype(xp.float32) for name, a in tensors.items()}
         warnings.warn(
             f"{caller}: {path} holds {' and '.join(half)} tensors; they were upcast to float32 "
             "(exactly: every such value is a float32 value)",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return tensors, metadata
+    return tensors
 
 
-def _host_array(view: dict):
-    """A NumPy array from one tensor of ``safetensors.deserialize`` (little-endian bytes)."""
+def _read_tensor(f, data_start: int, entry: dict):
+    """One tensor of a safetensors file (header ``entry``; the data begins at byte
+    ``data_start``) read into a new native-order host array: the file's bytes go straight
+    into it, with no second copy (little-endian machines; bfloat16 is widened)."""
     xp = backend.module_for("cpu")
-    if view["dtype"] == "BF16":  # NumPy has no bfloat16: its bits are a float32's top half
-        bits = xp.frombuffer(view["data"], dtype="<u2").astype(xp.uint32) << 16
-        return bits.view(xp.float32).reshape(view["shape"])
-    dtype = xp.dtype(_SAFETENSORS_DTYPES[view["dtype"]]).newbyteorder("<")
-    array = xp.frombuffer(view["data"], dtype=dtype).reshape(view["shape"])
-    return array.astype(dtype.newbyteorder("="))  # native byte order, writable
+    begin, end = entry["data_offsets"]
+    if entry["dtype"] == "BF16":  # NumPy has no bfloat16: its bits are a float32's top half
+        dtype = xp.dtype("<u2")
+    else:
+        dtype = xp.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+    array = xp.empty(entry["shape"], dtype=dtype)
+    f.seek(data_start + begin)
+    if f.readinto(array.reshape(-1).view(xp.uint8)) != end - begin:
+        raise ValueError("the file ended inside a tensor (changed while being read?)")
+    if entry["dtype"] == "BF16":
+        return (array.astype(xp.uint32) << 16).view(xp.float32)
+    return array.astype(dtype.newbyteorder("="), copy=False)  # no copy when already native
 
 
 def _host_copy(array):

@@ -20,6 +20,7 @@ from minilora import (
     demo,
     fast,
     grading,
+    hf_gpt2,
     text,
 )
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
@@ -520,9 +521,13 @@ def _add_job_commands(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="fold an adapter into its base model and save a plain model",
-        description="base + adapter folder -> merged model file (W = W0 + s·B·A).",
+        description="base + adapter folder -> merged model file (W = W0 + s·B·A). A Hugging "
+        "Face GPT-2 folder as --base gives a minilora model file (its head still tied).",
     )
-    p.add_argument("--base", help="base model file (default: the pretrained base)")
+    p.add_argument(
+        "--base",
+        help="base model file or Hugging Face GPT-2 folder (default: the pretrained base)",
+    )
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--out", required=True, help="merged model file to write")
     p.set_defaults(func=_cmd_merge)
@@ -762,17 +767,18 @@ def _cmd_finetune_text(args) -> int:
             f"--block-size {block_size} is more than the model's block_size "
             f"{model.config.block_size}"
         )
+    config = LoRAConfig(
+        r=args.r,
+        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
+        target_modules=[t for t in args.targets.split(",") if t],
+    )
+    hf_gpt2.check_targets(model, config.target_modules, "--targets")  # before any training
     held_out = TEXT_HELD_OUT if args.held_out is None else args.held_out
     data = text.load_text_data(args.data, tokenizer, block_size, held_out, args.seed)
     x, y = data.held_out(args.device)
     scored = int((backend.to_numpy(y) != IGNORE_INDEX).sum())
     before = text.held_out_loss(model, x, y)
     print(f"held-out loss before: {before:.4f} ({scored} tokens of {args.data})", flush=True)
-    config = LoRAConfig(
-        r=args.r,
-        lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-        target_modules=[t for t in args.targets.split(",") if t],
-    )
     steps = args.steps or TEXT_DEFAULTS["steps"]
     history = text.finetune(
         model,

@@ -119,10 +119,33 @@ def gpt_config(raw, where) -> GPTConfig:
         raise ValueError(f"load_model: {where}: {e}") from None
 
 
-def state_dict_from_gpt2(tensors: dict, config: GPTConfig, where) -> dict:
-    """GPT-2's tensors (host arrays by GPT-2 name) as minilora's state dict, or a ValueError
-    naming ``where`` and every missing, unexpected or misshapen tensor. Every shape is
-    checked against ``config`` before anything is split or copied."""
+def gpt2_shape_problems(shapes: dict, config: GPTConfig) -> tuple[set, list[str]]:
+    """GPT-2's tensor shapes (by GPT-2 name, as the file's header gives them) against
+    ``config``, before any tensor is read: (the names of the tensors that are parameters,
+    every missing, unexpected or misshapen tensor). The parameters leave out the old
+    files' attention-mask buffers and a tied head written out."""
+    want = _gpt2_shapes(config)
+    found, problems = {}, []
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) and name.startswith("h."):
+            continue  # the causal-mask buffers of older files: not parameters
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # compared with wte once read (state_dict_from_gpt2)
+        if name not in want:
+            problems.append(f"unexpected tensor {key!r}")
+        elif name in found:
+            problems.append(f"{name} is given twice (with and without 'transformer.')")
+        elif tuple(shape) != want[name]:
+            problems.append(f"{key} has shape {tuple(shape)}, config.json implies {want[name]}")
+        else:
+            found[name] = key
+    problems += [f"missing tensor {name!r}" for name in sorted(set(want) - set(found))]
+    return set(found.values()), problems
+
+
+def _gpt2_shapes(config: GPTConfig) -> dict:
+    """{GPT-2 parameter name: shape} for ``config``."""
     V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
     want = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     for i in range(L):
@@ -133,37 +156,31 @@ def state_dict_from_gpt2(tensors: dict, config: GPTConfig, where) -> dict:
             want[f"h.{i}.{module}.bias"] = (n_out,)
     if not config.tie_word_embeddings:
         want["lm_head.weight"] = (V, C)
+    return want
 
-    found, problems = {}, []
+
+def state_dict_from_gpt2(tensors: dict, config: GPTConfig, where) -> dict:
+    """GPT-2's tensors (host arrays by GPT-2 name) as minilora's state dict, or a ValueError
+    naming ``where`` and every missing, unexpected or misshapen tensor, or a written-out
+    head that differs from the embedding it is tied to. The state's arrays are views of
+    the tensors (q, k and v of ``c_attn``'s columns; the (out, in) transposes)."""
+    params, problems = gpt2_shape_problems({k: a.shape for k, a in tensors.items()}, config)
+    found = {key.removeprefix("transformer."): tensors[key] for key in params}
+    wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
     for key, array in tensors.items():
-        name = key.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")) and name.startswith("h."):
-            continue  # the causal-mask buffers of older files: not parameters
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            wte = tensors.get("transformer.wte.weight", tensors.get("wte.weight"))
+        if key.removeprefix("transformer.") == "lm_head.weight" and key not in params:
             if wte is None or array.shape != wte.shape or not (array == wte).all():
                 problems.append(
                     f"{key} differs from the token embedding wte.weight, but config.json "
                     "says tie_word_embeddings=true (one matrix for both)"
                 )
-            continue
-        if name not in want:
-            problems.append(f"unexpected tensor {key!r}")
-        elif name in found:
-            problems.append(f"{name} is given twice (with and without 'transformer.')")
-        elif tuple(array.shape) != want[name]:
-            problems.append(
-                f"{key} has shape {tuple(array.shape)}, config.json implies {want[name]}"
-            )
-        else:
-            found[name] = array
-    problems += [f"missing tensor {name!r}" for name in sorted(set(want) - set(found))]
     if problems:
         raise ValueError(
             f"load_model: {where} does not hold the GPT-2 that its config.json describes:\n  "
             + "\n  ".join(problems)
         )
 
+    C, L = config.n_embd, config.n_layer
     state = {"tok_emb.weight": found["wte.weight"], "pos_emb.weight": found["wpe.weight"]}
     state["ln_f.weight"], state["ln_f.bias"] = found["ln_f.weight"], found["ln_f.bias"]
     if not config.tie_word_embeddings:
@@ -199,6 +216,39 @@ def _modules_of_block(C: int) -> dict:
 # ======================================================================================
 
 
+# GPT-2's own layer names, as PEFT's target_modules spell them, and minilora's for each.
+_OUR_NAMES = {
+    "c_attn": "q_proj,k_proj,v_proj",
+    "c_proj": "o_proj (attn.c_proj) or fc2 (mlp.c_proj)",
+    "c_fc": "fc1",
+}
+
+
+def check_targets(model, target_modules, caller: str) -> None:
+    """Refuse, before any training, LoRA targets on a GPT-2 that its adapter cannot hold
+    or that name no layer: ``lm_head`` (the token embedding's weight when tied; PEFT's
+    GPT-2 adapters live on the Conv1D layers only), and GPT-2's own names (``c_attn``...),
+    which minilora's loaded model does not use."""
+    if not is_gpt2(model):
+        return
+    if any(is_target([t], "lm_head") for t in target_modules):
+        tied = (
+            ", which GPT-2 ties to the token embedding," if model.config.tie_word_embeddings else ""
+        )
+        raise ValueError(
+            f"{caller}: target_modules {list(target_modules)} adapt lm_head{tied} but PEFT's "
+            "GPT-2 adapters target c_attn, c_proj and c_fc (minilora's q_proj, k_proj, "
+            "v_proj, o_proj, fc1, fc2): leave lm_head out of target_modules"
+        )
+    theirs = [t for t in target_modules if t.rsplit(".", 1)[-1] in _OUR_NAMES]
+    if theirs:
+        names = "; ".join(f"{t} is {_OUR_NAMES[t.rsplit('.', 1)[-1]]}" for t in theirs)
+        raise ValueError(
+            f"{caller}: target_modules {theirs} are GPT-2's names; minilora loads a GPT-2 "
+            f"with its own ({names}), and saves the adapter in GPT-2's names for PEFT"
+        )
+
+
 def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict, set, dict]:
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
@@ -209,12 +259,7 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     scaling (lora_alpha'/r', or /√r' with rslora) is minilora's."""
     C, L = model.config.n_embd, model.config.n_layer
     layers = dict(lora_layers(model))
-    if "lm_head" in layers:
-        raise ValueError(
-            "save_adapter: the model adapts lm_head, which GPT-2 ties to the token "
-            "embedding; PEFT's GPT-2 adapters target c_attn, c_proj and c_fc: leave "
-            "lm_head out of target_modules"
-        )
+    check_targets(model, list(layers), "save_adapter")
     xp = backend.module_for("cpu")
     parts = {}  # GPT-2 module path -> [(a minilora LoRA layer, the outputs it computes)]
     for i in range(L):

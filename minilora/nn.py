@@ -87,13 +87,9 @@ class Module:
         """A snapshot: parameter path -> a *copy* of its array (later training won't change it)."""
         return {name: p.data.copy() for name, p in self.named_parameters()}
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays into parameters by path, after checking every key and shape.
-
-        All problems are reported together (missing keys, unexpected keys, wrong shapes),
-        and nothing is changed unless everything checks out. ``strict=False`` allows
-        missing and unexpected keys but never a wrong shape.
-        """
+    def state_dict_problems(self, state: dict, strict: bool = True) -> list[str]:
+        """What stops ``state`` from loading: wrong shapes, and with ``strict`` missing and
+        unexpected keys (the checks of :meth:`load_state_dict`, without loading)."""
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
@@ -106,6 +102,17 @@ class Module:
             problems.append(f"missing keys: {missing}")
         if strict and unexpected:
             problems.append(f"unexpected keys: {unexpected}")
+        return problems
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays into parameters by path, after checking every key and shape.
+
+        All problems are reported together (missing keys, unexpected keys, wrong shapes),
+        and nothing is changed unless everything checks out. ``strict=False`` allows
+        missing and unexpected keys but never a wrong shape.
+        """
+        params = dict(self.named_parameters())
+        problems = self.state_dict_problems(state, strict)
         # Cast and move every array before assigning any, so that an array that cannot be
         # cast (strings, objects) leaves every parameter as it was.
         arrays = {}

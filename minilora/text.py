@@ -138,20 +138,25 @@ def split_examples(pairs: list, held_out: float, seed: int) -> tuple[list, list]
 
 
 class PromptResponse:
-    """Prompt/response examples padded to ``block_size``, the loss on responses only.
+    """Prompt/response examples padded to the longest of them, the loss on responses only.
 
     An example is ``prompt + response + [eot_id]`` (L tokens): ``x`` its first L - 1 tokens,
     ``y`` its last L - 1, with ``y`` set to ``IGNORE_INDEX`` where it is a prompt token.
-    Both are padded to ``block_size`` (``x`` with ``eot_id``, ``y`` with ``IGNORE_INDEX``: a
-    causal model's earlier positions never see the padding). An example longer than
-    ``block_size + 1`` tokens is refused, naming its line, rather than cut short.
+    Both are padded to ``seq_len``, the longest example's L - 1 (``x`` with ``eot_id``, ``y``
+    with ``IGNORE_INDEX``: a causal model's earlier positions never see the padding), not to
+    ``block_size``: a GPT-2's 1024 would make every step on short pairs many times slower.
+    An example longer than ``block_size + 1`` tokens is refused, naming its line, rather
+    than cut short.
     """
 
     def __init__(self, pairs, tokenizer, block_size: int, eot_id: int, held_out=0.1, seed=0):
         self.block_size = block_size
         train, held = split_examples(pairs, held_out, seed)
-        self.train = [self._example(tokenizer, eot_id, *p) for p in train]
-        self.held = [self._example(tokenizer, eot_id, *p) for p in held]
+        train = [self._example(tokenizer, eot_id, *p) for p in train]
+        held = [self._example(tokenizer, eot_id, *p) for p in held]
+        self.seq_len = max(len(x) for x, _ in train + held)
+        self.train = [self._pad(x, y, eot_id) for x, y in train]
+        self.held = [self._pad(x, y, eot_id) for x, y in held]
 
     def _example(self, tokenizer, eot_id: int, line, prompt: str, response: str):
         p, r = tokenizer.encode(prompt), tokenizer.encode(response) + [eot_id]
@@ -169,16 +174,19 @@ class PromptResponse:
             )
         x = tokens[:-1]
         y = [IGNORE_INDEX] * (len(p) - 1) + r  # y[i] = tokens[i + 1]; prompt targets ignored
-        pad = self.block_size - len(x)
+        return x, y
+
+    def _pad(self, x: list, y: list, eot_id: int):
+        pad = self.seq_len - len(x)
         return x + [eot_id] * pad, y + [IGNORE_INDEX] * pad
 
     def batch(self, generator: backend.Generator, batch_size: int, device: str = "cpu"):
-        """``batch_size`` random training examples: x, y int64 (batch_size, block_size)."""
+        """``batch_size`` random training examples: x, y int64 (batch_size, seq_len)."""
         rows = generator.integers(0, len(self.train), (batch_size,)).tolist()
         return _arrays(*zip(*(self.train[i] for i in rows), strict=True), device)
 
     def held_out(self, device: str = "cpu"):
-        """Every held-out example: x, y int64 arrays (examples, block_size)."""
+        """Every held-out example: x, y int64 arrays (examples, seq_len)."""
         return _arrays(*zip(*self.held, strict=True), device)
 
 

@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import backend, checkpoint
+from minilora import adapters, backend, checkpoint, prefix
 from minilora.checkpoint import load_adapter, load_model, save_adapter, save_model
 from minilora.lora import lora_layers, merge_lora
 
@@ -202,6 +203,32 @@ def test_save_model_rejects_a_non_gpt_and_a_folder_destination(tmp_path):
         save_model(tiny_gpt(), tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_model(tiny_gpt(), tmp_path / "nowhere" / "m.safetensors")
+
+
+@pytest.mark.parametrize(
+    "attach, words",
+    [
+        (
+            lambda m: adapters.apply_adapters(m, adapters.AdapterConfig("lin", bottleneck=2)),
+            ["AdapterLinear at blocks.0.mlp.fc2", "adapters.save_adapters"],
+        ),
+        (
+            lambda m: prefix.apply_prefix_tuning(m, prefix.PrefixConfig(num_virtual_tokens=2)),
+            ["PrefixEncoder at prefix", "prefix.save_prefix"],
+        ),
+    ],
+    ids=["adapters", "prefix"],
+)
+def test_save_model_refuses_a_model_that_load_model_could_not_rebuild(tmp_path, attach, words):
+    """Adapter layers or a prefix would be written beside the weights, and load_model would
+    then refuse the file: save_model refuses first, naming the layers and what to use."""
+    model = tiny_gpt()
+    attach(model)
+    with pytest.raises(ValueError, match="a plain GPT does not") as info:
+        save_model(model, tmp_path / "m.safetensors")
+    for word in words:
+        assert word in str(info.value)
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_missing_paths_raise_file_not_found_naming_them(tmp_path, adapter_dir):
@@ -1243,3 +1270,33 @@ def test_save_from_gpu_and_load_to_either_device(tmp_path, lora_config):
         load_adapter(loaded, tmp_path / "a")
         assert all(p.device == device for p in loaded.parameters())
         np.testing.assert_allclose(logits(loaded), logits(model), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_holds_the_model_and_the_tensors_no_more(tmp_path, monkeypatch):
+    """load_model on a GPT-2 folder peaks (tracemalloc) at what building the model alone
+    peaks at, or the model and the file's tensors plus one tensor's copy, whichever is
+    more (loading once held the file's bytes and two copies of every tensor besides:
+    3.7 times the weights here)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import load_memory
+
+    shape = load_memory.QUICK_SHAPE
+    weights = load_memory.write_gpt2_folder(tmp_path, shape)
+    peak = load_memory.peak_load(tmp_path)
+    config = ml.GPTConfig(
+        vocab_size=shape["vocab_size"],
+        block_size=shape["n_positions"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        n_embd=shape["n_embd"],
+        tie_word_embeddings=True,
+        hf_model_type="gpt2",
+    )
+    tracemalloc.start()
+    try:
+        ml.GPT(config)
+        build = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    largest = shape["vocab_size"] * shape["n_embd"] * 4  # the token embedding, float32
+    assert peak <= max(build, 2 * weights + largest) + 2**16  # + Python's own objects

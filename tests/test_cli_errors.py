@@ -183,7 +183,7 @@ def test_a_permission_error_is_one_line(monkeypatch, capsys):
     def denied(path, caller):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoint, "_read_file", denied)
+    monkeypatch.setattr(checkpoint, "_check_regular_file", denied)
     status, err = run(capsys, ["eval", "--model", "/some/model.safetensors"])
     assert status == 2
     assert err == "minilora eval: error: Permission denied: /some/model.safetensors\n"

@@ -382,29 +382,6 @@ def test_layer_norm_epsilon_and_gelu_spelling_follow_config(tmp_path):
     assert_close(ours(model, idx), theirs(hf, idx), torch.float32)
 
 
-# --------------------------------------------------------------------------------------
-# docs/porting.md, "When you outgrow minilora": its code, run as written
-# --------------------------------------------------------------------------------------
-
-
-def doc_code(heading: str) -> str:
-    """The ```python blocks of one section of docs/porting.md, joined: the test runs the
-    documentation itself, so the two cannot drift apart."""
-    text = (Path(__file__).parent.parent / "docs" / "porting.md").read_text(encoding="utf-8")
-    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    blocks = [b.split("```", 1)[0] for b in section.split("```python\n")[1:]]
-    assert len(blocks) == 2, f"expected the section's two code blocks, found {len(blocks)}"
-    return "\n".join(blocks)
-
-
-def test_outgrow_minilora_example_runs(tmp_path, monkeypatch):
-    gpt2_folder(tmp_path / "gpt2")
-    monkeypatch.chdir(tmp_path)
-    exec(compile(doc_code("When you outgrow minilora"), "porting.md", "exec"), {})
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "gpt2-tuned" / "model.safetensors").exists()
-
-
 def test_config_that_is_not_json_is_refused(tmp_path):
     gpt2_folder(tmp_path)
     (tmp_path / "config.json").write_text("{not json")

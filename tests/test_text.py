@@ -80,10 +80,13 @@ def test_an_example_is_prompt_response_end_with_the_prompt_targets_ignored():
     examples = dict(zip(["train", "held"], [data.train, data.held], strict=True))
     rows = {tuple(x): y for part in examples.values() for x, y in part}
     # "ab" + "cd" + end = [1, 2, 3, 4, 0]: x its first 4, y its last 4 with the position
-    # predicting the prompt's "b" ignored; both padded to 6 (x with the end id)
-    assert rows[(1, 2, 3, 4, 0, 0)] == [IGNORE_INDEX, 3, 4, 0, IGNORE_INDEX, IGNORE_INDEX]
-    # "x" + "y" + end = [24, 25, 0]: a one-token prompt ignores nothing
-    assert rows[(24, 25, 0, 0, 0, 0)] == [25, 0] + [IGNORE_INDEX] * 4
+    # predicting the prompt's "b" ignored; the longest example, so 4 is the padded length
+    # (not the block's 6)
+    assert data.seq_len == 4
+    assert rows[(1, 2, 3, 4)] == [IGNORE_INDEX, 3, 4, 0]
+    # "x" + "y" + end = [24, 25, 0]: a one-token prompt ignores nothing; padded with the end
+    assert rows[(24, 25, 0, 0)] == [25, 0, IGNORE_INDEX, IGNORE_INDEX]
+    assert data.held_out()[0].shape == (1, 4)
 
 
 def test_the_loss_is_the_mean_over_response_tokens_only():
