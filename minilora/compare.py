@@ -34,12 +34,14 @@ from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
 from minilora.prefix import PrefixConfig, apply_prefix_tuning
-from minilora.train import evaluate, fine_tune
+from minilora.train import evaluate, fine_tune, median
 
 ADAPTATION = (
     "full",
     "lora",
     "lora_merged",
+    "dora",
+    "pissa",
     "adapter_houlsby",
     "adapter_lin",
     "prefix_layer",
@@ -94,6 +96,7 @@ class Trained:
 
     model: GPT
     trainable_params: int
+    step_ms: float  # median milliseconds per training step (the first fifth left out: warm-up)
 
 
 def adapt(
@@ -110,8 +113,11 @@ def adapt(
     trainable = count_parameters(model)[0]
     tasks = DigitTasks((DOWNSTREAM_TASK,), max_len=longest_input(model))
     s = settings
-    fine_tune(model, tasks, s.steps, lr, s.batch_size, seed=s.seed, progress=progress, desc=desc)
-    return Trained(model.eval(), trainable)
+    history, _ = fine_tune(
+        model, tasks, s.steps, lr, s.batch_size, seed=s.seed, progress=progress, desc=desc
+    )
+    step_ms = 1000 * median([h["seconds"] for h in history[len(history) // 5 :]])
+    return Trained(model.eval(), trainable, step_ms)
 
 
 def copy_with(base: GPT, insert: Callable[[GPT], object]) -> Callable[[], GPT]:
@@ -149,8 +155,8 @@ def accuracy(model: GPT, x, y) -> float:
     return kept * int(fits.sum()) / x.shape[0]
 
 
-def _lora_config(r: int) -> LoRAConfig:
-    return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
+def _lora_config(r: int, **variant) -> LoRAConfig:
+    return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], **variant)
 
 
 def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
@@ -158,6 +164,14 @@ def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
     return {
         "full": (copy_with(base, lambda m: None), s.lr_full),
         "lora": (copy_with(base, lambda m: apply_lora(m, _lora_config(s.r))), s.lr_peft),
+        "dora": (
+            copy_with(base, lambda m: apply_lora(m, _lora_config(s.r, use_dora=True))),
+            s.lr_peft,
+        ),
+        "pissa": (
+            copy_with(base, lambda m: apply_lora(m, _lora_config(s.r, init_lora_weights="pissa"))),
+            s.lr_peft,
+        ),
         "adapter_houlsby": (
             copy_with(base, lambda m: apply_adapters(m, AdapterConfig("houlsby", s.bottleneck))),
             s.lr_peft,
@@ -209,9 +223,13 @@ def run_compare(
         trained = adapt(build, lr, settings, progress, method)
         models[method] = trained.model
         standalone = method == "full"
+        # PiSSA changed the frozen base (to the residual): for the shared original base it
+        # keeps the rank-2r conversion, twice its trained arrays (minilora/pissa.py)
+        per_task = (2 if method == "pissa" else 1) * _trained_bytes(trained.model)
         info[method] = {
             "trainable_params": trained.trainable_params,
-            "storage_bytes": base_bytes if standalone else _trained_bytes(trained.model),
+            "step_ms": trained.step_ms,
+            "storage_bytes": base_bytes if standalone else per_task,
             "base_bytes": 0
             if standalone
             else compress.storage_bytes(nf4_base if method == "qlora" else base),
@@ -233,6 +251,7 @@ def run_compare(
         models[method] = compress.compressed(full, method, **options).eval()
         info[method] = {
             "trainable_params": info["full"]["trainable_params"],
+            "step_ms": None,  # nothing trains: compressed after full fine-tuning
             "storage_bytes": compress.storage_bytes(models[method]),
             "base_bytes": 0,
         }
@@ -339,13 +358,14 @@ def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'method':<18}{'trainable':>11}{'stored bytes':>14}{'accuracy':>10}{'pretrain':>10}"
-        f"{'lat b1':>8}{'lat b64':>9}{'context':>9}"
+        f"{'method':<18}{'trainable':>11}{'step ms':>9}{'stored bytes':>14}{'accuracy':>10}"
+        f"{'pretrain':>10}{'lat b1':>8}{'lat b64':>9}{'context':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+        step = "-" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
         lines.append(
-            f"{r['method']:<18}{r['trainable_params']:>11,}{r['storage_bytes']:>14,}"
+            f"{r['method']:<18}{r['trainable_params']:>11,}{step:>9}{r['storage_bytes']:>14,}"
             f"{r['accuracy']:>10.1%}{r['pretrain_accuracy']:>10.1%}"
             f"{r['latency_b1']:>7.2f}x{r['latency_b64']:>8.2f}x{r['context_length']:>9}"
         )

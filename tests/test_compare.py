@@ -39,6 +39,7 @@ def test_every_method_has_a_row_with_every_field(results):
     assert [r["method"] for r in res["rows"]] == list(compare.METHODS)
     fields = {
         "trainable_params",
+        "step_ms",
         "storage_bytes",
         "base_bytes",
         "accuracy",
@@ -68,7 +69,9 @@ def test_counts_and_bytes_follow_the_closed_forms(results):
     assert rows["prefix_layer"]["trainable_params"] == prefix_parameter_count(
         PrefixConfig("layer", P), L, C
     )
-    for method in ("lora", "adapter_houlsby", "adapter_lin", "prefix_layer", "qlora"):
+    assert rows["dora"]["trainable_params"] == rows["lora"]["trainable_params"] + L * 2 * C
+    assert rows["pissa"]["storage_bytes"] == 2 * 4 * rows["pissa"]["trainable_params"]  # 2r
+    for method in ("lora", "dora", "adapter_houlsby", "adapter_lin", "prefix_layer", "qlora"):
         row = rows[method]  # a per-task method keeps its float32 trained arrays
         assert row["storage_bytes"] == 4 * row["trainable_params"], method
     assert rows["lora"]["base_bytes"] == base_bytes
