@@ -245,6 +245,7 @@ LAYERS = [
     "vectors",
     "demo",
     "compare",
+    "little_data",
     "exercises",
     "assignments",
     "checks",
