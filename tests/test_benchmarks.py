@@ -95,6 +95,22 @@ def test_inference_quick(bench_module, tmp_path):
     assert "worst" in result["target"]
 
 
+def test_relatives_latency_quick(bench_module, tmp_path):
+    result = run_quick(bench_module, "relatives_latency", tmp_path)
+    variants = ("lora_merged", "lora_unmerged", "adapter_houlsby", "adapter_lin", "prefix")
+    assert [row["batch_size"] for row in result["rows"]] == [1, 16]
+    for row in result["rows"]:
+        assert row["merged_matches_unmerged"]
+        for key in ("base", *variants):
+            check_summary(row[key])
+        assert set(row["over_base"]) == set(variants)
+        assert all(r["ratio"] > 0 and r["paired"] > 0 for r in row["over_base"].values())
+    assert set(result["targets"]) >= {
+        "adapters_slower_than_merged_at_batch_1",
+        "merged_over_base_worst_paired",
+    }
+
+
 def test_breakdown_quick(bench_module, tmp_path):
     result = run_quick(bench_module, "breakdown", tmp_path, "--no-torch")
     (row,) = result["rows"]

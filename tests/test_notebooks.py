@@ -42,6 +42,8 @@ EXPECTED = [
     "04_lora_vs_full.ipynb",
     "05_scaling_on_paper.ipynb",
     "06_gpu.ipynb",
+    "07_relatives.ipynb",
+    "08_compression.ipynb",
     "09_what_lora_learns.ipynb",
 ]
 MODULES = (
@@ -112,7 +114,7 @@ def read(name: str):
     return nbformat.read(NOTEBOOKS / name, as_version=4)
 
 
-def test_the_six_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == EXPECTED
 
 
@@ -223,7 +225,7 @@ def _linked_notebooks(markdown: str) -> list[str]:
 
 
 def test_the_site_shows_every_notebook_in_teaching_order():
-    """The home page, the start page and the site's menu list the six notebooks in order.
+    """The home page, the start page and the site's menu list the notebooks in order.
 
     docs/hooks.py adds notebooks/ to the site and mkdocs-jupyter executes and renders them,
     so a link to ``notebooks/NN_name.ipynb`` becomes the notebook's page with its figures.

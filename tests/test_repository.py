@@ -249,6 +249,7 @@ LAYERS = [
     "vectors",
     "demo",
     "compare",
+    "little_data",
     "exercises",
     "assignments",
     "checks",
