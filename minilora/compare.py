@@ -155,7 +155,9 @@ def accuracy(model: GPT, x, y) -> float:
     return kept * int(fits.sum()) / x.shape[0]
 
 
-def _lora_config(r: int, **variant) -> LoRAConfig:
+def lora_config(r: int, **variant) -> LoRAConfig:
+    """The LoRA every comparison uses: rank ``r`` on ``q_proj`` and ``v_proj`` (the paper's
+    choice), ``lora_alpha = 2r`` as in the demo; ``variant`` adds DoRA, PiSSA, ..."""
     return LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], **variant)
 
 
@@ -163,13 +165,13 @@ def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
     """How each trained method makes its model from the base, and its learning rate."""
     return {
         "full": (copy_with(base, lambda m: None), s.lr_full),
-        "lora": (copy_with(base, lambda m: apply_lora(m, _lora_config(s.r))), s.lr_peft),
+        "lora": (copy_with(base, lambda m: apply_lora(m, lora_config(s.r))), s.lr_peft),
         "dora": (
-            copy_with(base, lambda m: apply_lora(m, _lora_config(s.r, use_dora=True))),
+            copy_with(base, lambda m: apply_lora(m, lora_config(s.r, use_dora=True))),
             s.lr_peft,
         ),
         "pissa": (
-            copy_with(base, lambda m: apply_lora(m, _lora_config(s.r, init_lora_weights="pissa"))),
+            copy_with(base, lambda m: apply_lora(m, lora_config(s.r, init_lora_weights="pissa"))),
             s.lr_peft,
         ),
         "adapter_houlsby": (
@@ -196,7 +198,7 @@ def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
         ),
         # LoRA on an NF4 base (double quantization), dequantized in the forward
         "qlora": (
-            lambda: compress.compressed(base, "qlora", config=_lora_config(s.r)),
+            lambda: compress.compressed(base, "qlora", config=lora_config(s.r)),
             s.lr_peft,
         ),
     }
@@ -311,7 +313,7 @@ def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
     s = settings
     points = []
     for kind, sizes, lr, make in (
-        ("lora", s.sweep_ranks, s.lr_peft, lambda n: lambda m: apply_lora(m, _lora_config(n))),
+        ("lora", s.sweep_ranks, s.lr_peft, lambda n: lambda m: apply_lora(m, lora_config(n))),
         (
             "adapter_houlsby",
             s.sweep_bottlenecks,

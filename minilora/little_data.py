@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from minilora import backend
-from minilora.compare import accuracy, copy_with
+from minilora.compare import accuracy, copy_with, lora_config
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
 from minilora.demo import load_base
 from minilora.functional import manual_seed
-from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters
+from minilora.lora import apply_lora, count_parameters, disable_adapters
 from minilora.train import fine_tune
 
 
@@ -76,9 +76,7 @@ def training_set(n: int, seed: int = 0, device: str = "cpu") -> FixedSet:
 
 
 def _lora(r: int):
-    return lambda model: apply_lora(
-        model, LoRAConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"])
-    )
+    return lambda model: apply_lora(model, lora_config(r))
 
 
 def run_little_data(
