@@ -93,7 +93,10 @@ class LoRAConfig:
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     def adapts(self, path: str) -> bool:
-        """True when the module at ``path`` is a target inside ``layers_to_transform``."""
+        """True when the module at ``path`` is a target inside ``layers_to_transform``; as
+        in PEFT, a target that is the full path is adapted whatever the layers say."""
+        if path in self.target_modules:
+            return True
         return is_target(self.target_modules, path) and patterns.in_layers(
             path, self.layers_to_transform, self.layers_pattern
         )
