@@ -64,6 +64,7 @@ from minilora.lora import (
     add_lora_layers,
     is_target,
     lora_layers,
+    tied_embeddings,
 )
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, GPTConfig
@@ -650,6 +651,9 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
             )
     # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
     chosen = _adapter_paths(model, config)
+    tied = tied_embeddings(model, [p for p, _ in chosen])
+    if tied:
+        problems.append(f"{tied} share their weight with another layer (tie_word_embeddings)")
     expected = {}
     for p, m in chosen:
         r = config.for_module(p).r

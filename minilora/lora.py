@@ -321,6 +321,19 @@ def adapted_layers(model: Module):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
 
 
+def tied_embeddings(model: Module, paths) -> list[str]:
+    """The embeddings among ``paths`` whose table another layer also uses (GPT's
+    ``tie_word_embeddings``): an adapter on them would be merged into that layer too, so
+    merged and unmerged models would differ. LoRA refuses them."""
+    owners = {}
+    for path, m in model.named_modules():
+        w = vars(m).get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(path)
+    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
+    return [p for p in chosen if len(owners[id(model.get_submodule(p).weight)]) > 1]
+
+
 def adaptable_layers(model: Module):
     """(path, layer) for every plain ``Linear`` and ``Embedding``: what LoRA can target."""
     return [(p, m) for p, m in model.named_modules() if type(m) in (Linear, Embedding) and p]
@@ -362,6 +375,12 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
         )
     for path, m in chosen:  # check every rank first, so a bad config changes nothing
         check_rank(config.for_module(path).r, m.weight.shape, path)
+    tied = tied_embeddings(model, [p for p, _ in chosen])
+    if tied:
+        raise ValueError(
+            f"apply_lora: {tied} share their weight with another layer (tie_word_embeddings); "
+            "an embedding adapter there would also be merged into that layer. Nothing was changed"
+        )
     return add_lora_layers(model, [p for p, _ in chosen], config, generator)
 
 

@@ -130,6 +130,10 @@ def test_lora_config_defaults_and_peft_spellings():
         "bias",
         "use_rslora",
         "init_lora_weights",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
     }
 
 

@@ -257,3 +257,17 @@ def test_adapter_folders_cross_both_ways(oracle, tmp_path):
     checkpoint.load_adapter(base, tmp_path / "theirs")
     assert isinstance(base.tok_emb, LoRAEmbedding)
     np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
+    model = make_gpt(TINY_2x2, tie_word_embeddings=True)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"\['tok_emb'\] share their weight"):
+        apply_lora(model, CONFIG)
+    assert not adapted_layers(model)
+    untied = adapted_model(np.float32)
+    checkpoint.save_adapter(untied, tmp_path, CONFIG)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        checkpoint.load_adapter(model, tmp_path)
+    assert not adapted_layers(model)
+    assert all(np.array_equal(before[n], p.data) for n, p in model.named_parameters())
