@@ -145,7 +145,10 @@ def save_model(model: GPT, path) -> None:
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_model: model must be a GPT, got {type(model).__name__}")
-    layers = [p for p, _ in lora_layers(model)]
+    layers = [p for p, _ in adapted_layers(model)]
+    layers += sorted(  # VeRA layers (minilora.vera), found by their trainable vectors
+        {n.rpartition(".")[0] for n, _ in model.named_parameters() if ".vera_lambda_" in n}
+    )
     if layers:
         raise ValueError(
             f"save_model: the model has LoRA layers ({', '.join(layers)}); save_model writes "

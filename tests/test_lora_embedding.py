@@ -271,3 +271,9 @@ def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
         checkpoint.load_adapter(model, tmp_path)
     assert not adapted_layers(model)
     assert all(np.array_equal(before[n], p.data) for n, p in model.named_parameters())
+
+
+def test_save_model_refuses_a_model_with_an_embedding_adapter(tmp_path):
+    model = adapted_model(np.float32, LoRAConfig(r=2, target_modules=["tok_emb"]))
+    with pytest.raises(ValueError, match="tok_emb"):
+        checkpoint.save_model(model, tmp_path / "m.safetensors")

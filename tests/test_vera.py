@@ -378,3 +378,10 @@ def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
     config = vera.load_vera(base, tmp_path)
     assert (config.r, config.projection_prng_key) == (4, 11)
     np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
+    model, _ = vera_model()
+    with pytest.raises(ValueError, match="blocks.0.attn.q_proj"):
+        ml.checkpoint.save_model(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
