@@ -49,10 +49,8 @@ from minilora.nn import Linear, Module, Parameter
 
 mm = backend.matmul
 VERA_LEAVES = ("vera_lambda_d", "vera_lambda_b")
-_PROJECTION_KEYS = (
-    f"{PEFT_PREFIX[: -len('model.')]}vera_A",
-    f"{PEFT_PREFIX[: -len('model.')]}vera_B",
-)
+# PEFT keeps the shared projections on its wrapper, outside base_model.model
+_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 # adapter_config.json keys that do not change what a trained VeRA adapter computes
 _HARMLESS = frozenset(
     {
@@ -154,17 +152,31 @@ class VeraLinearFunction(Function):
         y = mm(x2, weight.T, "linear") + lambda_b * z  # (N, out)
         if bias is not None:
             y += bias
+        need_x, need_w, _, need_A, need_B, need_ld, need_lb, need_d = self.needs_input_grad
         self.separate = x_lora is not None
-        self.saved = (x2, d2, u, v, z, weight, vera_A, vera_B, lambda_d, lambda_b)
+        # keep only what the asked-for gradients read (VeRA: u, z, the λ's, and A, B for dx)
+        need_gu = need_x or need_d or need_A  # the gradient reaching the code u
+        self.x2 = x2 if need_w else None
+        self.d2 = d2 if need_A else None
+        self.u = u if need_ld else None
+        self.v = v if need_B else None
+        self.z = z if need_lb else None
+        self.weight = weight if need_x else None
+        self.A = vera_A if (need_x or need_d) else None
+        self.B = vera_B if (need_gu or need_ld) else None
+        self.lambda_d = lambda_d if need_gu else None
+        self.lambda_b = lambda_b
         return y.reshape(*x.shape[:-1], out_f)
 
     def backward(self, g):
         need_x, need_w, need_b, need_A, need_B, need_ld, need_lb, need_d = self.needs_input_grad
-        x2, d2, u, v, z, weight, A, B, lambda_d, lambda_b = self.saved
+        x2, d2, u, v, z, weight = self.x2, self.d2, self.u, self.v, self.z, self.weight
+        A, B, lambda_d, lambda_b = self.A, self.B, self.lambda_d, self.lambda_b
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
         gz = g2 * lambda_b  # (N, out)
-        gv = mm(gz, B, "vera.dB_path")  # (N, r)
-        gu = gv * lambda_d  # (N, r)
+        need_gu = need_x or need_d or need_A
+        gv = mm(gz, B, "vera.dB_path") if (need_gu or need_ld) else None  # (N, r)
+        gu = gv * lambda_d if need_gu else None  # (N, r)
         d_lb = (g2 * z).sum(axis=0) if need_lb else None  # (out,)
         d_ld = (gv * u).sum(axis=0) if need_ld else None  # (r,)
         dA = mm(gu.T, d2, "vera.dA") if need_A else None  # (r, in)
@@ -173,7 +185,7 @@ class VeraLinearFunction(Function):
         db = g2.sum(axis=0) if need_b else None
         dx = dd = None
         if need_x or need_d:
-            dbypass = mm(gu, A, "vera.dinput")  # (N, in)
+            dbypass = mm(gu, A, "vera.dinput") if (need_d or not self.separate) else None
             if need_x:
                 dx = mm(g2, weight, "linear.dinput")
                 if not self.separate:
@@ -237,8 +249,13 @@ class VeraLinear(Linear):
         return layer
 
     def projections(self) -> tuple[Tensor, Tensor]:
-        """This layer's slices: ``vera_A[:, :in]`` (r, in) and ``vera_B[:out, :]`` (out, r)."""
+        """This layer's slices: ``vera_A[:, :in]`` (r, in) and ``vera_B[:out, :]`` (out, r).
+
+        The shared projections are constants, not parameters, so ``Module.to`` does not move
+        them: they follow the weight's device here (once: the move updates the shared Tensor)."""
         out_f, in_f = self.weight.shape
+        for t in (self.vera_A, self.vera_B):
+            t.data = backend.to_device(t.data, self.weight.device)
         return Tensor(self.vera_A.data[:, :in_f]), Tensor(self.vera_B.data[:out_f, :])
 
     def forward(self, x: Tensor) -> Tensor:

@@ -55,13 +55,14 @@ def logits_of(model) -> np.ndarray:
 @given(
     n=st.integers(1, 3),
     shape=st.sampled_from([(3, 4, 2), (5, 2, 3), (4, 4, 4)]),
-    freeze=st.sampled_from(["vera", "none"]),
+    freeze=st.sampled_from(["vera", "none", "only_lambdas"]),
     bias=st.booleans(),
     separate=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_gradcheck_vera_linear(n, shape, freeze, bias, separate, seed):
-    """Every input against central differences; VeRA's frozen W, b, A and B get none."""
+    """Every input against central differences; VeRA's frozen W, b, A and B get none (and,
+    with "only_lambdas", neither do the inputs: the op then skips the bypass gradient)."""
     n_in, n_out, r = shape
     rng = np.random.default_rng(seed)
     inputs = [rng.normal(size=(n, 2, n_in)), rng.normal(size=(n_out, n_in))]
@@ -79,7 +80,8 @@ def test_gradcheck_vera_linear(n, shape, freeze, bias, separate, seed):
         return vera.vera_linear(x, w, b, A, B, ld, lb, d)
 
     k = 1 if bias else 0  # W, (b), A, B follow x
-    frozen = {"vera": tuple(range(1, 4 + k)), "none": ()}[freeze]
+    only_lambdas = (0, *range(1, 4 + k)) + ((7 + k,) if separate else ())  # x, W, A, B, d
+    frozen = {"vera": tuple(range(1, 4 + k)), "none": (), "only_lambdas": only_lambdas}[freeze]
     assert gradcheck(fn, inputs, no_grads=frozen)
 
 
