@@ -80,7 +80,7 @@ def test_gradcheck_vera_linear(n, shape, freeze, bias, separate, seed):
         return vera.vera_linear(x, w, b, A, B, ld, lb, d)
 
     k = 1 if bias else 0  # W, (b), A, B follow x
-    only_lambdas = (0, *range(1, 4 + k)) + ((7 + k,) if separate else ())  # x, W, A, B, d
+    only_lambdas = (*range(0, 4 + k), *((6 + k,) if separate else ()))  # x, W, (b), A, B, d
     frozen = {"vera": tuple(range(1, 4 + k)), "none": (), "only_lambdas": only_lambdas}[freeze]
     assert gradcheck(fn, inputs, no_grads=frozen)
 
