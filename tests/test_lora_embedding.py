@@ -211,6 +211,7 @@ def test_logits_and_gradients_match_peft(oracle, dtype):
     tdtype = {np.float64: torch.float64, np.float32: torch.float32}[dtype]
     port = peft.get_peft_model(TorchGPT(TINY_2x2).to(tdtype), peft_config(peft, CONFIG))
     load_minilora_state(port, model.state_dict())
+    assert port.get_nb_trainable_parameters() == count_parameters(model)
     model.train()
     logits, loss = model(IDX, TARGETS_OUT)
     loss.backward()

@@ -244,6 +244,7 @@ def test_peft_builds_the_same_layers_and_computes_the_same_logits(oracle, config
     randomize_adapters(model, 2)
     port = peft.get_peft_model(TorchGPT(TINY_2x2).to(torch.float64), peft_config(peft, config))
     load_minilora_state(port, model.state_dict())  # strict: the same layers and shapes
+    assert port.get_nb_trainable_parameters() == count_parameters(model)
     for path, layer in lora_layers(model):
         theirs = port.base_model.model.get_submodule(path)
         assert (theirs.r["default"], theirs.scaling["default"]) == (layer.r, layer.scaling), path

@@ -322,6 +322,7 @@ def test_whole_model_logits_and_gradients_match_peft(oracle, dtype):
     model, config = vera_model(dtype)
     randomize_lambdas(model, 4)
     pm = peft_vera(oracle, model, config, dtype)
+    assert pm.get_nb_trainable_parameters() == count_parameters(model)  # (trainable, all)
     layer = pm.base_model.model.blocks[1].mlp.fc2  # PEFT drew the same projections
     ours = model.get_submodule("blocks.1.mlp.fc2")
     np.testing.assert_array_equal(
