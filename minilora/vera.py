@@ -61,8 +61,6 @@ _HARMLESS = frozenset(
         "peft_version",
         "auto_mapping",
         "init_weights",  # init only: the trained vectors replace what it set
-        "d_initial",
-        "vera_dropout",  # training only
     }
 )
 
@@ -496,6 +494,7 @@ def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
     if raw.get("peft_type") != "VERA":
         problems.append(f"peft_type={raw.get('peft_type')!r}, expected 'VERA'")
     read = {"peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "bias"}
+    read |= {"d_initial", "vera_dropout"}  # init and training only, kept in the config
     for key, value in sorted(raw.items()):
         unset = value is None or value is False or value in ("", [], {})
         if key not in read | _HARMLESS and not unset:

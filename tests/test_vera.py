@@ -225,7 +225,7 @@ def test_apply_vera_refuses_unknown_targets_changing_nothing():
 def test_save_and_load_round_trip_with_and_without_projections(tmp_path):
     for save_projection in (True, False):
         model, config = vera_model(np.float32)
-        config.save_projection = save_projection
+        config.save_projection, config.d_initial, config.vera_dropout = save_projection, 0.5, 0.1
         randomize_lambdas(model, 3)
         folder = tmp_path / str(save_projection)
         vera.save_vera(model, folder, config)
