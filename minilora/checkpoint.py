@@ -361,8 +361,9 @@ def load_adapter(model: Module, path) -> LoRAConfig:
     when set: an option minilora does not implement is never silently ignored. PEFT's
     ``target_modules`` forms all work (names, suffixes, full paths, a regular expression,
     ``"all-linear"``); a string is resolved against the model into the full paths it
-    matches. ``rank_pattern``/``alpha_pattern`` equal to ``r``/``lora_alpha`` and
-    ``layers_to_transform`` covering every adapted layer are plain LoRA and load. The
+    matches. ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform`` and
+    ``layers_pattern`` are honoured as PEFT honours them (:mod:`minilora.patterns`); a
+    GPT-2 adapter is converted at one rank, so its patterns must repeat ``r``. The
     init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
     change what a trained adapter computes; the returned config says ``"gaussian"`` for
     ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others.
@@ -406,9 +407,9 @@ def load_adapter(model: Module, path) -> LoRAConfig:
     )
     fields, layers = _read_adapter_config(config_path, config_bytes, conv1d=gpt2)
     if gpt2:
-        fields = {
-            k: v for k, v in fields.items() if k not in ("layers_to_transform", "layers_pattern")
-        }
+        # converted at one rank (patterns that repeat r), the layers chosen by hf_gpt2
+        per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+        fields = {k: v for k, v in fields.items() if k not in per_layer}
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
             model, fields, layers, tensors, PEFT_PREFIX
         )
