@@ -21,6 +21,8 @@ from minilora.lora import LoRAConfig, adapted_layers, apply_lora, lora_layers
 from minilora.lora_embedding import LoRAEmbedding
 from minilora.loraplus import create_loraplus_optimizer, loraplus_groups
 from minilora.nn import Embedding
+from minilora.qlora import QLoRALinear, apply_qlora
+from minilora.quantize import quantize_model
 
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 PATTERNS = dict(
@@ -260,3 +262,17 @@ def test_dora_adapters_are_not_combined():
         multi_adapter.add_weighted_adapter(model, ["default", "two"], [1.0, 1.0], "sum", "cat")
     assert snapshot(model) == before
     assert multi_adapter.adapter_names(model) == ["default", "two"]
+
+
+# --------------------------------------------------------------------------------------
+# QLoRA with per-layer ranks
+# --------------------------------------------------------------------------------------
+
+
+def test_qlora_honours_rank_pattern_and_layers_to_transform():
+    model = base()
+    quantize_model(model, "nf4", 4)
+    config = LoRAConfig(**PATTERNS, layers_to_transform=[0], layers_pattern="blocks")
+    assert apply_qlora(model, config) == ["blocks.0.attn.q_proj", "blocks.0.mlp.fc1"]
+    assert ranks(model) == {p: WANT_RANKS[p] for p in ("blocks.0.attn.q_proj", "blocks.0.mlp.fc1")}
+    assert all(isinstance(m, QLoRALinear) for _, m in lora_layers(model))
