@@ -122,11 +122,14 @@ def minilora_name(torch_name: str) -> str:
     """The minilora parameter path of a PyTorch parameter, plain or wrapped by PEFT:
     ``base_model.model.<path>.base_layer.weight`` -> ``<path>.weight`` and
     ``base_model.model.<path>.lora_A.<adapter>.weight`` -> ``<path>.lora_A`` (likewise
-    ``lora_B`` and DoRA's ``lora_magnitude_vector``)."""
+    ``lora_B`` and DoRA's ``lora_magnitude_vector``) and
+    ``base_model.model.<path>.lora_embedding_A.<adapter>`` -> ``<path>.lora_embedding_A``."""
     name = torch_name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     parts = name.split(".")
     if len(parts) >= 3 and parts[-3] in LORA_PARTS and parts[-1] == "weight":
         return ".".join(parts[:-2])  # drop the adapter name and ".weight"
+    if len(parts) >= 2 and parts[-2] in ("lora_embedding_A", "lora_embedding_B"):
+        return ".".join(parts[:-1])  # an embedding's adapter: Parameters, no ".weight"
     return name
 
 

@@ -149,6 +149,15 @@ class LoRASpec:
 
     @classmethod
     def from_config(cls, config: LoRAConfig) -> LoRASpec:
+        """The spec of a config with one rank per leaf name in every layer; a config with
+        ``rank_pattern`` or ``layers_to_transform`` is refused (count such a model with
+        ``lora.count_parameters``); ``alpha_pattern`` changes no count."""
+        if config.rank_pattern or config.layers_to_transform not in (None, []):
+            raise ValueError(
+                f"LoRASpec: rank_pattern={config.rank_pattern!r}, layers_to_transform="
+                f"{config.layers_to_transform!r}: the closed-form counts take one rank per "
+                "module name in every layer; count this model with lora.count_parameters"
+            )
         return cls(list(config.target_modules), config.r, config.bias, config.lora_dropout)
 
     def ranks(self, shape: ModelShape) -> dict[str, int]:

@@ -259,6 +259,19 @@ class Generator:
         return self._rng.permutation(n)
 
 
+def torch_uniform_stream(seed: int, n: int):
+    """``n`` numbers in [0, 1) (float64, each a multiple of 2⁻²⁴), the ones
+    ``torch.Generator().manual_seed(seed)`` draws for a float32 ``uniform_`` on the CPU:
+    32-bit MT19937 outputs (PyTorch seeds MT19937 as NumPy's ``RandomState(seed)`` does),
+    each keeping its low 24 bits, times 2⁻²⁴. PyTorch then returns ``x·(to - from) + from``
+    rounded to float32. Lets minilora rebuild PEFT's VeRA projections bit for bit without
+    PyTorch (tests/test_vera.py checks it against PyTorch)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
+    raw = np.random.RandomState(int(seed)).randint(0, 2**32, size=n, dtype=np.uint32)
+    return (raw & np.uint32(2**24 - 1)).astype(np.float64) * 2.0**-24
+
+
 # --------------------------------------------------------------------------------------
 # Matrix products, with an optional counter
 # --------------------------------------------------------------------------------------

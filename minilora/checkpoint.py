@@ -56,7 +56,18 @@ import safetensors
 import safetensors.numpy
 
 from minilora import backend, hf_gpt2, multi_adapter, pissa
-from minilora.lora import LoRAConfig, add_lora_layers, is_target, lora_layers
+from minilora.lora import (
+    LORA_LEAVES,
+    LoRAConfig,
+    adaptable_layers,
+    adapted_layers,
+    add_lora_layers,
+    embedding_variant_problems,
+    is_target,
+    lora_layers,
+    tied_embeddings,
+    vera_paths,
+)
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
@@ -140,7 +151,8 @@ def save_model(model: GPT, path) -> None:
     """
     if not isinstance(model, GPT):
         raise TypeError(f"save_model: model must be a GPT, got {type(model).__name__}")
-    layers = [p for p, _ in lora_layers(model)]
+    layers = [p for p, _ in adapted_layers(model)]
+    layers += vera_paths(model)
     if layers:
         raise ValueError(
             f"save_model: the model has LoRA layers ({', '.join(layers)}); save_model writes "
@@ -379,7 +391,7 @@ def save_adapter(
         raise TypeError(f"save_adapter: model must be a Module, got {type(model).__name__}")
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"save_adapter: config must be a LoRAConfig, got {type(config).__name__}")
-    if not lora_layers(model):
+    if not adapted_layers(model):
         raise ValueError(
             "save_adapter: the model has no LoRA layers (call apply_lora first); to save a "
             "plain model use save_model"
@@ -391,7 +403,7 @@ def save_adapter(
             + "\n  ".join(problems)
         )
     arrays = _lora_state_dict(model, config.bias)
-    adapted = {p for p, _ in lora_layers(model)}
+    adapted = {p for p, _ in adapted_layers(model)}
     peft_config = _peft_config_dict(config)
     if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
         raise ValueError(
@@ -402,6 +414,12 @@ def save_adapter(
             model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
         )
     if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
+        if len(adapted) != len(lora_layers(model)) or _has_patterns(config):
+            raise ValueError(
+                "save_adapter: a GPT-2 model's adapter is saved in GPT2LMHeadModel's names, "
+                "for LoRA layers of one rank on c_attn, c_proj and c_fc; this one has an "
+                "embedding adapter, rank_pattern, alpha_pattern or layers_to_transform"
+            )
         arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -433,16 +451,13 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
     fields, _ = _read_adapter_config(
         initial / ADAPTER_CONFIG_NAME, _read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
     )
-    mine = {
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "use_rslora": config.use_rslora,
-        "init_lora_weights": "pissa",
-    }
+    saved = LoRAConfig(**fields)  # checked by _read_adapter_config
+    keys = ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern")
     problems = [
-        f"{key}={fields.get(key)!r} in {initial}, expected {want!r} (this adapter's)"
-        for key, want in mine.items()
-        if fields.get(key) != want
+        f"{key}={getattr(saved, key)!r} in {initial}, expected {getattr(config, key)!r} "
+        "(this adapter's)"
+        for key in keys
+        if getattr(saved, key) != getattr(config, key)
     ]
     tensors, _ = _read_safetensors(initial / ADAPTER_WEIGHTS_NAME, "save_adapter")
     adapted = {p for p, _ in lora_layers(model)}
@@ -468,6 +483,10 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
         **peft_config,
         "r": 2 * config.r,
         "lora_alpha": pissa.converted_alpha(config.lora_alpha, config.use_rslora),
+        "rank_pattern": {k: 2 * r for k, r in config.rank_pattern.items()},
+        "alpha_pattern": {
+            k: pissa.converted_alpha(a, config.use_rslora) for k, a in config.alpha_pattern.items()
+        },
         "init_lora_weights": True,
     }
     return converted, peft_config
@@ -492,8 +511,9 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     when set: an option minilora does not implement is never silently ignored. PEFT's
     ``target_modules`` forms all work (names, suffixes, full paths, a regular expression,
     ``"all-linear"``); a string is resolved against the model into the full paths it
-    matches. ``rank_pattern``/``alpha_pattern`` equal to ``r``/``lora_alpha`` and
-    ``layers_to_transform`` covering every adapted layer are plain LoRA and load. The
+    matches. ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform`` and
+    ``layers_pattern`` are honoured as PEFT honours them (:mod:`minilora.patterns`); a
+    GPT-2 adapter is converted at one rank, so its patterns must repeat ``r``. The
     init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
     change what a trained adapter computes; the returned config says ``"gaussian"`` for
     ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others. A PiSSA adapter
@@ -549,6 +569,9 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
             "GPT-2 model are not supported yet; nothing was changed"
         )
     if gpt2:
+        # converted at one rank (patterns that repeat r), the layers chosen by hf_gpt2
+        per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+        fields = {k: v for k, v in fields.items() if k not in per_layer}
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
             model, fields, layers, tensors, PEFT_PREFIX
         )
@@ -559,7 +582,6 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
             )
         adapted = set(fields["target_modules"])
         tensors = {_peft_key(name, adapted): arr for name, arr in arrays.items()}
-        layers = (None, None)
     fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
     if problems:
         raise ValueError(
@@ -572,21 +594,20 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
         raise ValueError(f"load_adapter: {config_path}: {e}") from None
 
     expected, problems = _adapter_plan(model, config)
-    if config.init_lora_weights == "pissa" and lora_layers(model):
+    if config.init_lora_weights == "pissa" and adapted_layers(model):
         problems.append(
             "init_lora_weights='pissa': a PiSSA adapter loads only on a base model (its "
             "weights become the SVD residuals); the model already has LoRA layers"
         )
-    adapted = [name[: -len(".lora_A")] for name in expected if name.endswith(".lora_A")]
-    problems += _layers_to_transform_problems(adapted, *layers)
-    problems += _tensor_problems(tensors, expected, config.r)
+    adapted = [p for p, _ in _adapter_paths(model, config)]
+    problems += _tensor_problems(tensors, expected, config)
     if problems:
         raise ValueError(
             f"load_adapter: {folder} does not fit the model; nothing was changed:\n  "
             + "\n  ".join(problems)
         )
     # Everything checked: now (and only now) change the model.
-    if not lora_layers(model):
+    if not adapted_layers(model):
         add_lora_layers(model, adapted, config)
     params = dict(model.named_parameters())
     for key, arr in tensors.items():
@@ -615,11 +636,19 @@ def _peft_config_dict(config: LoRAConfig) -> dict:
         "modules_to_save": None,
         "inference_mode": True,
         "revision": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": config.layers_pattern,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
     }
+
+
+def _has_patterns(config: LoRAConfig) -> bool:
+    """True when some layer may get its own rank or alpha, or only some layers adapt."""
+    return bool(config.rank_pattern or config.alpha_pattern) or config.layers_to_transform not in (
+        None,
+        [],
+    )
 
 
 def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[dict, tuple]:
@@ -663,15 +692,18 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
                 "implement would make the adapter compute something else); it must be "
                 "null, false or empty"
             )
-    # One rank and one alpha for every layer: a pattern that repeats them is plain LoRA.
+    # A GPT-2 adapter is converted at one rank and alpha: a pattern that repeats them is
+    # plain LoRA (minilora's own models take any pattern, checked by LoRAConfig below)
     for key, name, want in (("rank_pattern", "r", r), ("alpha_pattern", "lora_alpha", alpha)):
         pattern = raw.get(key)
         if _unset(pattern):
             continue
-        if not isinstance(pattern, dict) or any(v != want for v in pattern.values()):
+        if not isinstance(pattern, dict):
+            problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
+        elif conv1d and any(v != want for v in pattern.values()):
             problems.append(
-                f"{key}={pattern!r} is not supported by minilora: it uses one {name} for "
-                f"every layer ({name}={want!r})"
+                f"{key}={pattern!r} is not supported for a GPT-2 adapter: minilora converts "
+                f"one {name} for every layer ({name}={want!r})"
             )
     layers = raw.get("layers_to_transform")
     if not _unset(layers) and not (
@@ -705,9 +737,12 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
         "target_modules": targets,
         "init_lora_weights": init if init in ("gaussian", "pissa") else "kaiming",
     }
-    for key in ("lora_dropout", "bias", "use_rslora", "use_dora"):
+    for key in ("lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
+    if not _unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
+        fields["layers_to_transform"] = layers
+        fields["layers_pattern"] = None if _unset(layers_pattern) else layers_pattern
     try:
         LoRAConfig(**fields)  # the remaining checks (bias, dropout); the targets come later
     except (TypeError, ValueError) as e:
@@ -738,11 +773,12 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
     if not isinstance(targets, str) or re.escape(targets) == targets:
         return targets, []
     paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]
+    embeddings = [p for p, m in model.named_modules() if isinstance(m, Embedding) and p]
     if targets.lower() == "all-linear":
         adapts_head = any(key.startswith(f"{PEFT_PREFIX}lm_head.lora_") for key in tensors)
         return [p for p in paths if p != "lm_head" or adapts_head], []
     try:
-        chosen = [p for p in paths if re.fullmatch(targets, p)]
+        chosen = [p for p in paths + embeddings if re.fullmatch(targets, p)]
     except re.error as e:
         return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
     if not chosen:
@@ -753,63 +789,54 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
     return chosen, []
 
 
-def _layers_to_transform_problems(adapted: list[str], layers, layers_pattern) -> list[str]:
-    """PEFT adapts only the targets inside the listed layers; minilora adapts every
-    target, so the list must cover every adapted layer. The layer index of a path is
-    found as PEFT finds it (the first number after ``layers_pattern``, or after the first
-    two path components when there is no pattern)."""
-    if layers is None:
-        return []
-    wanted = {layers} if isinstance(layers, int) else set(layers)
-    if _unset(layers_pattern):
-        regexes = [r".*?\.[^.]*\.(\d+)\."]
-    else:
-        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        regexes = [rf"(?:^|.*?\.){re.escape(name)}\.(\d+)\." for name in names]
-
-    def index(path: str) -> int | None:
-        for regex in regexes:
-            match = re.match(regex, path)
-            if match:
-                return int(match.group(1))
-        return None
-
-    left_out = [p for p in adapted if index(p) not in wanted]
-    if not left_out:
-        return []
-    return [
-        f"layers_to_transform={layers!r} (layers_pattern={layers_pattern!r}) leaves out "
-        f"{left_out}, which target_modules names; minilora adapts every layer that "
-        "target_modules names, so it loads only a layers_to_transform that covers them all"
-    ]
+def _adapter_paths(model: Module, config: LoRAConfig) -> list:
+    """(path, layer) of the layers the adapter is on: the model's LoRA layers when it has
+    some, else the Linear and Embedding layers that ``config`` adapts."""
+    if adapted_layers(model):
+        return adapted_layers(model)
+    return [(p, m) for p, m in adaptable_layers(model) if config.adapts(p)]
 
 
 def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
     """What the adapter must hold for this model: {parameter path: shape}, and the
-    problems that stop it from fitting at all (targets that match nothing, ranks too big,
-    existing LoRA layers that disagree with the config)."""
+    problems that stop it from fitting at all (targets that match nothing, layers that
+    layers_to_transform leaves out, existing LoRA layers that disagree with the config)."""
     problems = []
-    if lora_layers(model):
+    if adapted_layers(model):
         problems += _existing_lora_problems(model, config)
-        chosen = lora_layers(model)
     else:
-        linears = [(p, m) for p, m in model.named_modules() if type(m) is Linear and p]
+        linears = adaptable_layers(model)
         unmatched = [
             t for t in config.target_modules if not any(is_target([t], p) for p, _ in linears)
         ]
         if unmatched:
             available = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
             problems.append(
-                f"target_modules {unmatched} match no Linear layer in the model; available "
-                f"names: {available}"
+                f"target_modules {unmatched} match no Linear or Embedding layer in the model; "
+                f"available names: {available}"
             )
-        # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
-        chosen = [(p, m) for p, m in linears if is_target(config.target_modules, p)]
+        elif not any(config.adapts(p) for p, _ in linears):
+            problems.append(
+                f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+                f"{config.layers_pattern!r}) leaves none of {config.target_modules} to adapt"
+            )
+    # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
+    chosen = _adapter_paths(model, config)
+    problems += embedding_variant_problems(model, [p for p, _ in chosen], config)
+    tied = tied_embeddings(model, [p for p, _ in chosen])
+    if tied:
+        problems.append(f"{tied} share their weight with another layer (tie_word_embeddings)")
     expected = {}
     for p, m in chosen:
+        r = config.for_module(p).r
+        if isinstance(m, Embedding):  # PEFT's layout: A (r, V), B (C, r)
+            V, C = m.weight.shape
+            expected[f"{p}.lora_embedding_A"] = (r, V)
+            expected[f"{p}.lora_embedding_B"] = (C, r)
+            continue
         out_f, in_f = m.weight.shape
-        expected[f"{p}.lora_A"] = (config.r, in_f)
-        expected[f"{p}.lora_B"] = (out_f, config.r)
+        expected[f"{p}.lora_A"] = (r, in_f)
+        expected[f"{p}.lora_B"] = (out_f, r)
         if config.use_dora:
             expected[f"{p}.lora_magnitude_vector"] = (out_f,)
     if config.bias == "all":
@@ -818,7 +845,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
                 expected[name] = param.shape
     elif config.bias == "lora_only":
         for p, m in chosen:
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 expected[f"{p}.bias"] = m.bias.shape
     return expected, problems
 
@@ -826,25 +853,27 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
 def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
     """Ways in which the model's LoRA layers differ from what ``config`` describes."""
     problems = []
-    layers = lora_layers(model)
+    layers = adapted_layers(model)
     targets = config.target_modules
     for path, layer in layers:
-        if not is_target(targets, path):
-            problems.append(f"the model has a LoRA layer {path}, not in target_modules")
+        if not config.adapts(path):
+            problems.append(
+                f"the model has a LoRA layer {path}, not in target_modules (or outside "
+                "layers_to_transform)"
+            )
+        own = config.for_module(path)
         for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
-            if getattr(layer, attr) != getattr(config, attr):
+            if getattr(layer, attr) != getattr(own, attr):
                 problems.append(
-                    f"config says {attr}={getattr(config, attr)!r} but the LoRA layer {path} "
+                    f"config says {attr}={getattr(own, attr)!r} but the LoRA layer {path} "
                     f"has {attr}={getattr(layer, attr)!r}"
                 )
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
-    plain = [
-        p for p, m in model.named_modules() if type(m) is Linear and p and is_target(targets, p)
-    ]
+    plain = [p for p, _ in adaptable_layers(model) if config.adapts(p)]
     if plain:
         problems.append(f"target_modules names layers that have no LoRA in the model: {plain}")
-    paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]
+    paths = [p for p, m in model.named_modules() if isinstance(m, (Linear, Embedding)) and p]
     missing = sorted(t for t in targets if not any(is_target([t], p) for p in paths))
     if missing:
         problems.append(f"target_modules {missing} match no layer in the model")
@@ -873,12 +902,14 @@ def _peft_key(name: str, adapted=frozenset()) -> str:
     owner, _, leaf = name.rpartition(".")
     if leaf in ("lora_A", "lora_B"):
         return f"{PEFT_PREFIX}{name}.weight"
+    if leaf in ("lora_embedding_A", "lora_embedding_B"):  # PEFT: Parameters, no .weight
+        return PEFT_PREFIX + name
     if owner in adapted and leaf != "lora_magnitude_vector":  # PEFT keeps m beside lora_A
         return f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"
     return PEFT_PREFIX + name
 
 
-def _tensor_problems(tensors: dict, expected: dict, r: int) -> list[str]:
+def _tensor_problems(tensors: dict, expected: dict, config: LoRAConfig) -> list[str]:
     """Compare the file's tensors (PEFT keys) with the expected {parameter path: shape}."""
     problems = []
     for key in sorted(tensors):
@@ -890,17 +921,19 @@ def _tensor_problems(tensors: dict, expected: dict, r: int) -> list[str]:
         if got == want:
             continue
         owner, _, leaf = name.rpartition(".")
-        if leaf == "lora_A" and len(got) == 2 and got[1] == want[1]:
-            problems.append(f"config says r={r} but lora_A for {owner} has shape {got}")
-        elif leaf == "lora_B" and len(got) == 2 and got[0] == want[0]:
-            problems.append(f"config says r={r} but lora_B for {owner} has shape {got}")
+        r = config.for_module(owner).r
+        says = f"config says r={r}" + (" (rank_pattern)" if r != config.r else "")
+        if leaf.endswith("A") and leaf in LORA_LEAVES and len(got) == 2 and got[1] == want[1]:
+            problems.append(f"{says} but {leaf} for {owner} has shape {got}")
+        elif leaf.endswith("B") and leaf in LORA_LEAVES and len(got) == 2 and got[0] == want[0]:
+            problems.append(f"{says} but {leaf} for {owner} has shape {got}")
         else:
-            what = f"{leaf} for {owner}" if leaf in ("lora_A", "lora_B") else name
+            what = f"{leaf} for {owner}" if leaf in LORA_LEAVES else name
             problems.append(f"{what} has shape {got}, expected {want}")
     present = [_param_name(key) for key in tensors]
     for name in sorted({n for n in present if present.count(n) > 1} - {None}):
         problems.append(f"{name} is given twice (with and without .base_layer)")
-    adapted = {n.rpartition(".")[0] for n in expected if n.endswith(".lora_A")}
+    adapted = {n.rpartition(".")[0] for n in expected if n.endswith(("lora_A", "lora_embedding_A"))}
     for name in sorted(set(expected) - set(present)):
         problems.append(f"missing key {_peft_key(name, adapted)!r}")
     return problems

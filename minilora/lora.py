@@ -24,15 +24,17 @@ import contextlib
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
-from minilora import backend, pissa
+from minilora import backend, patterns, pissa
 from minilora import functional as F
 from minilora.autograd import Tensor, is_grad_enabled
+from minilora.lora_embedding import LoRAEmbedding
 from minilora.model import check_positive_int
-from minilora.nn import Linear, Module, Parameter
+from minilora.nn import Embedding, Linear, Module, Parameter
 
 BIAS_MODES = ("none", "all", "lora_only")
+LORA_LEAVES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 INIT_MODES = ("gaussian", "kaiming", "pissa")
 
 
@@ -48,6 +50,11 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
     use_dora: bool = False  # DoRA: a trainable magnitude per output row (docs/math.md#dora)
+    # per-module overrides, matched as PEFT matches them (see minilora/patterns.py)
+    rank_pattern: dict = field(default_factory=dict)  # {module pattern: r}
+    alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}
+    layers_to_transform: int | list[int] | None = None  # adapt targets in these layers only
+    layers_pattern: str | list[str] | None = None  # the layer list's name, e.g. "blocks"
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
@@ -76,10 +83,32 @@ class LoRAConfig:
         check_bias_mode(self.bias, "LoRAConfig")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoRAConfig: use_dora={self.use_dora!r} must be True or False")
+        patterns.check_patterns(
+            "LoRAConfig",
+            self.rank_pattern,
+            self.alpha_pattern,
+            self.layers_to_transform,
+            self.layers_pattern,
+        )
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
+
+    def adapts(self, path: str) -> bool:
+        """True when the module at ``path`` is a target inside ``layers_to_transform``; as
+        in PEFT, a target that is the full path is adapted whatever the layers say."""
+        if path in self.target_modules:
+            return True
+        return is_target(self.target_modules, path) and patterns.in_layers(
+            path, self.layers_to_transform, self.layers_pattern
+        )
+
+    def for_module(self, path: str) -> LoRAConfig:
+        """This config with the ``r`` and ``lora_alpha`` that the patterns give ``path``."""
+        r = patterns.pattern_value(self.rank_pattern, path, self.r)
+        alpha = patterns.pattern_value(self.alpha_pattern, path, self.lora_alpha)
+        return replace(self, r=r, lora_alpha=alpha)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -333,11 +362,59 @@ def lora_layers(model: Module):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def adapted_layers(model: Module):
+    """(path, layer) for every ``LoRALinear`` and ``LoRAEmbedding`` in ``model``."""
+    kinds = (LoRALinear, LoRAEmbedding)
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def vera_paths(model: Module) -> list[str]:
+    """The paths of the VeRA layers (:mod:`minilora.vera`, which builds on this module),
+    found by their trainable vectors ``vera_lambda_d``/``vera_lambda_b``."""
+    names = [n for n, _ in model.named_parameters() if ".vera_lambda_" in n]
+    return sorted({n.rpartition(".")[0] for n in names})
+
+
+def tied_embeddings(model: Module, paths) -> list[str]:
+    """The embeddings among ``paths`` whose table another layer also uses (GPT's
+    ``tie_word_embeddings``): an adapter on them would be merged into that layer too, so
+    merged and unmerged models would differ. LoRA refuses them."""
+    owners = {}
+    for path, m in model.named_modules():
+        w = vars(m).get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(path)
+    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
+    return [p for p in chosen if len(owners[id(model.get_submodule(p).weight)]) > 1]
+
+
+def embedding_variant_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
+    """DoRA and PiSSA are implemented for ``LoRALinear`` only: an embedding among ``paths``
+    with ``use_dora`` or ``init_lora_weights="pissa"`` is a problem (for the config's own
+    rank and alpha there: :meth:`LoRAConfig.for_module`)."""
+    if not (config.use_dora or config.init_lora_weights == "pissa"):
+        return []
+    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
+    if not chosen:
+        return []
+    return [
+        f"{chosen} are embeddings, and minilora implements use_dora={config.use_dora!r} and "
+        f"init_lora_weights={config.init_lora_weights!r} for Linear layers only; adapt the "
+        "embeddings with plain LoRA (use_dora=False, init 'gaussian' or 'kaiming')"
+    ]
+
+
+def adaptable_layers(model: Module):
+    """(path, layer) for every plain ``Linear`` and ``Embedding``: what LoRA can target."""
+    return [(p, m) for p, m in model.named_modules() if type(m) in (Linear, Embedding) and p]
+
+
 def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     """Replace every ``Linear`` that ``config.target_modules`` names (a leaf name, a
-    suffix or a full path, see :func:`is_target`) by a ``LoRALinear`` wrapping it, then
-    freeze all but the adapters (and biases per ``config.bias``). Returns the replaced
-    module paths.
+    suffix or a full path, see :func:`is_target`) by a ``LoRALinear`` wrapping it (an
+    ``Embedding`` by a ``LoRAEmbedding``), inside ``config.layers_to_transform`` and with
+    the rank and alpha of ``config.rank_pattern``/``alpha_pattern``, then freeze all but
+    the adapters (and biases per ``config.bias``). Returns the replaced module paths.
 
     Raises ``ValueError``, changing nothing, when a target matches nothing (listing the
     available names), when a rank exceeds a layer's min(out, in), or when a target
@@ -345,39 +422,56 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    adapted = [p for p, _ in lora_layers(model) if is_target(config.target_modules, p)]
+    adapted = [p for p, _ in adapted_layers(model) if config.adapts(p)]
     if adapted:
         raise ValueError(
             f"apply_lora: {adapted} already have LoRA layers and minilora keeps one adapter "
             "per layer; nothing was changed. To train a new adapter on top of this one, "
             "call minilora.merge_and_unload(model) first"
         )
-    linears = [(path, m) for path, m in model.named_modules() if type(m) is Linear and path]
+    linears = adaptable_layers(model)
     unmatched = [t for t in config.target_modules if not any(is_target([t], p) for p, _ in linears)]
     if unmatched:
         available = sorted({path.rsplit(".", 1)[-1] for path, _ in linears})
         raise ValueError(
-            f"target_modules {unmatched} match no Linear layer in the model; available "
-            f"names: {available}"
+            f"target_modules {unmatched} match no Linear or Embedding layer in the model; "
+            f"available names: {available}"
         )
-    chosen = [(p, m) for p, m in linears if is_target(config.target_modules, p)]
+    chosen = [(p, m) for p, m in linears if config.adapts(p)]
+    if not chosen:
+        raise ValueError(
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+            f"{config.layers_pattern!r}) leaves none of {config.target_modules} to adapt"
+        )
     for path, m in chosen:  # check every rank first, so a bad config changes nothing
-        check_rank(config.r, m.weight.shape, path)
+        check_rank(config.for_module(path).r, m.weight.shape, path)
+    problems = embedding_variant_problems(model, [p for p, _ in chosen], config)
+    if problems:
+        raise ValueError(f"apply_lora: {problems[0]}; nothing was changed")
+    tied = tied_embeddings(model, [p for p, _ in chosen])
+    if tied:
+        raise ValueError(
+            f"apply_lora: {tied} share their weight with another layer (tie_word_embeddings); "
+            "an embedding adapter there would also be merged into that layer. Nothing was changed"
+        )
     return add_lora_layers(model, [p for p, _ in chosen], config, generator)
 
 
 def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generator=None):
-    """Wrap the ``Linear`` at each path in a ``LoRALinear`` and mark only the adapters
-    (and biases per ``config.bias``) trainable; no checks (:func:`apply_lora` checks
-    first, ``load_adapter`` checks against the file). Returns ``paths``."""
+    """Wrap the ``Linear`` at each path in a ``LoRALinear`` (an ``Embedding`` in a
+    ``LoRAEmbedding``), with the path's rank and alpha, and mark only the adapters (and
+    biases per ``config.bias``) trainable; no checks (:func:`apply_lora` checks first,
+    ``load_adapter`` checks against the file). Returns ``paths``."""
     for path in paths:
         parent_path, _, name = path.rpartition(".")
-        linear = model.get_submodule(path)
-        setattr(
-            model.get_submodule(parent_path),
-            name,
-            LoRALinear.from_linear(linear, config, generator),
-        )
+        base, own = model.get_submodule(path), config.for_module(path)
+        if isinstance(base, Embedding):
+            layer = LoRAEmbedding.from_embedding(
+                base, own.r, own.lora_alpha, own.use_rslora, own.scaling, generator
+            )
+        else:
+            layer = LoRALinear.from_linear(base, own, generator)
+        setattr(model.get_submodule(parent_path), name, layer)
     mark_only_lora_as_trainable(model, config.bias)
     return paths
 
@@ -399,15 +493,16 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: Module, bias: str = "none") -> dict:
-    """The adapter's arrays (copies): every ``lora_A``/``lora_B`` (and DoRA's
-    ``lora_magnitude_vector``), plus biases per ``bias``."""
+    """The adapter's arrays (copies): every ``lora_A``/``lora_B`` (an embedding's
+    ``lora_embedding_A``/``lora_embedding_B``, DoRA's ``lora_magnitude_vector``), plus
+    biases per ``bias``."""
     check_bias_mode(bias, "lora_state_dict")
     lora_paths = {path for path, _ in lora_layers(model)}
     out = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         owner = name.rpartition(".")[0]
-        if leaf in ("lora_A", "lora_B", "lora_magnitude_vector") or (
+        if leaf in LORA_LEAVES + ("lora_magnitude_vector",) or (
             leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_paths))
         ):
             out[name] = p.data.copy()
@@ -419,14 +514,14 @@ def merge_lora(model: Module, safe_merge: bool = True) -> None:
 
     All or nothing: every merged weight is computed and checked before any is written.
     """
-    layers = [layer for _, layer in lora_layers(model) if not layer.merged]
+    layers = [layer for _, layer in adapted_layers(model) if not layer.merged]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):
         layer._set_merged(weight)
 
 
 def unmerge_lora(model: Module) -> None:
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_layers(model):
         layer.unmerge()
 
 
@@ -436,9 +531,10 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
     The result is an ordinary GPT: same outputs as the adapted model, no LoRA parameters.
     """
     merge_lora(model, safe_merge)
-    for path, layer in lora_layers(model):
+    for path, layer in adapted_layers(model):
         parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, layer.to_linear())
+        base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
+        setattr(model.get_submodule(parent_path), name, base)
     return model
 
 
@@ -446,8 +542,8 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
 def disable_adapters(model: Module):
     """Run the base model: inside the block every adapter is bypassed (PEFT's
     ``disable_adapter``). Merged layers cannot be disabled; unmerge them first."""
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = [path for path, layer in lora_layers(model) if layer.merged]
+    layers = [layer for _, layer in adapted_layers(model)]
+    merged = [path for path, layer in adapted_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"cannot disable adapters that are merged: {merged}; unmerge first")
     previous = [layer.disable_adapters for layer in layers]

@@ -32,6 +32,11 @@ The rules (each refused with a ``ValueError`` naming the problem):
   (PEFT's ``save_pretrained(selected_adapters=...)`` and ``load_adapter(model_id,
   adapter_name)``); the files are PEFT's, without the name in the keys.
 * An optimizer holds the parameters it was given: build it after :func:`set_adapter`.
+* Only ``LoRALinear`` adapters are named and swapped: a model with an embedding adapter
+  (``LoRAEmbedding``) or VeRA layers is refused, and so is an added adapter that would put
+  one in.
+* ``add_weighted_adapter`` refuses DoRA adapters: a DoRA update is not ``s·B·A`` alone
+  (its magnitude rescales the whole weight), so neither "cat" nor "svd" holds for it.
 * ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
   with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
   (by hand, or ``apply_lora`` after ``merge_and_unload``) start afresh as ``"default"``.
@@ -50,7 +55,16 @@ import numbers
 from dataclasses import dataclass
 
 from minilora import backend
-from minilora.lora import LoRAConfig, add_lora_layers, apply_lora, check_rank, lora_layers
+from minilora.lora import (
+    LoRAConfig,
+    adapted_layers,
+    add_lora_layers,
+    apply_lora,
+    check_rank,
+    lora_layers,
+    vera_paths,
+)
+from minilora.lora_embedding import LoRAEmbedding
 from minilora.nn import Module
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
@@ -68,11 +82,24 @@ class _Shelf:
     shelved: dict  # {name: {path: LoRALinear}}
 
 
+def _check_supported(model: Module, caller: str) -> None:
+    """Refuse a model with layers the shelf cannot swap: embedding adapters and VeRA."""
+    embeddings = [p for p, m in adapted_layers(model) if isinstance(m, LoRAEmbedding)]
+    vera = vera_paths(model)
+    if embeddings or vera:
+        raise ValueError(
+            f"{caller}: several named adapters hold LoRA layers on Linear layers only; the "
+            f"model has embedding adapters {embeddings} and VeRA layers {vera}. Use one "
+            "adapter (apply_lora / load_adapter without adapter_name), or merge_and_unload first"
+        )
+
+
 def _shelf(model: Module, caller: str) -> _Shelf:
     """The model's shelf; a new one, with the model's LoRA layers as ``"default"``, when it
     has none or its LoRA layers are no longer those the shelf knows."""
     if not isinstance(model, Module):
         raise TypeError(f"{caller}: model must be a Module, got {type(model).__name__}")
+    _check_supported(model, caller)
     current = dict(lora_layers(model))
     if not current:
         raise ValueError(
@@ -139,9 +166,11 @@ def _put(model: Module, path: str, module: Module) -> None:
 
 
 def _unplug(model: Module, layers: dict) -> None:
-    """Put a plain Linear (the same weight and bias objects) in place of each layer."""
+    """Put a plain Linear (the same weight and bias objects) in place of each layer (a plain
+    Embedding in place of an embedding adapter, which only a refused addition brings)."""
     for path, layer in layers.items():
-        _put(model, path, layer.to_linear())
+        base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
+        _put(model, path, base)
 
 
 def _refresh(model: Module, layers: dict) -> None:
@@ -198,29 +227,37 @@ def adding_adapter(model: Module, adapter_name: str):
     simply the active one, named ``adapter_name``."""
     if not isinstance(model, Module):
         raise TypeError(f"add_adapter: model must be a Module, got {type(model).__name__}")
+    _check_supported(model, "add_adapter")
     shelf = _shelf(model, "add_adapter") if lora_layers(model) else None
     _check_new_name(adapter_name, shelf, "add_adapter")
-    if shelf is None:
-        yield model
-        vars(model)[_SHELF] = _Shelf(adapter_name, dict(lora_layers(model)), {})
-        return
-    _check_swappable(shelf, "add_adapter")
-    _unplug(model, shelf.layers)
+    if shelf is not None:
+        _check_swappable(shelf, "add_adapter")
+        _unplug(model, shelf.layers)
     base_flags = [(p, p.requires_grad) for p in model.parameters()]  # the base's, alone
     try:
         yield model
+        _check_supported(model, "add_adapter")  # the block added an embedding adapter
         added = dict(lora_layers(model))
         biases = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
-        if biases:  # a loaded adapter with bias "all" or "lora_only"
+        if shelf is not None and biases:  # a loaded adapter with bias "all" or "lora_only"
             raise ValueError(
                 f"add_adapter: the new adapter {adapter_name!r} trains biases {biases}, which "
                 "every adapter shares; a model with several adapters trains none (as in PEFT)"
             )
-    finally:
-        _unplug(model, dict(lora_layers(model)))
-        for p, flag in base_flags:  # apply_lora/load_adapter re-marked what trains
+    except BaseException:  # drop what the block added; the model is as it was
+        _unplug(model, dict(adapted_layers(model)))
+        for p, flag in base_flags:
             p.requires_grad_(flag)
-        _plug(model, shelf.layers)
+        if shelf is not None:
+            _plug(model, shelf.layers)
+        raise
+    if shelf is None:  # a model without adapters: the new one is simply the active one
+        vars(model)[_SHELF] = _Shelf(adapter_name, added, {})
+        return
+    _unplug(model, added)
+    for p, flag in base_flags:  # apply_lora/load_adapter re-marked what trains
+        p.requires_grad_(flag)
+    _plug(model, shelf.layers)
     shelf.shelved[adapter_name] = added
 
 
@@ -316,6 +353,12 @@ def add_weighted_adapter(
     if combination_type == "cat" and svd_rank is not None:
         raise ValueError(f"{caller}: svd_rank={svd_rank!r} is used by 'svd' only; leave it None")
     layers = [_adapter_layers(shelf, name, caller) for name in adapters]
+    dora = [n for n, by_path in zip(adapters, layers, strict=True) if _uses_dora(by_path)]
+    if dora:
+        raise ValueError(
+            f"{caller}: adapters {dora} use DoRA, whose update is not s·B·A alone (the "
+            "magnitude rescales the whole weight), so neither 'cat' nor 'svd' combines them"
+        )
     _check_new_name(adapter_name, shelf, caller)
     for by_path in layers:  # shelved adapters, on the model's device
         _refresh(model, by_path)
@@ -348,6 +391,10 @@ def add_weighted_adapter(
     for path, layer in shelf.shelved[adapter_name].items():
         layer.lora_A.data, layer.lora_B.data = factors[path]
     return config
+
+
+def _uses_dora(layers: dict) -> bool:
+    return any(layer.use_dora for layer in layers.values())
 
 
 def _cat(terms: list, r: int) -> tuple:

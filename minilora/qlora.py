@@ -25,7 +25,6 @@ from minilora.lora import (
     LoRALinear,
     check_lora_settings,
     check_rank,
-    is_target,
     lora_layers,
     mark_only_lora_as_trainable,
 )
@@ -132,14 +131,15 @@ class QLoRALinear(LoRALinear):
 
 def apply_qlora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     """Put an adapter on every ``QuantizedLinear`` that ``config.target_modules`` names
-    (quantize the model first: ``quantize.quantize_model``), then freeze all but the
-    adapters (and biases per ``config.bias``). Returns the adapted paths."""
+    (inside ``layers_to_transform``, with the rank and alpha of ``rank_pattern`` and
+    ``alpha_pattern``; quantize the model first: ``quantize.quantize_model``), then freeze
+    all but the adapters (and biases per ``config.bias``). Returns the adapted paths."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     layers = [
         (path, m)
         for path, m in model.named_modules()
-        if type(m) is QuantizedLinear and is_target(config.target_modules, path)
+        if type(m) is QuantizedLinear and config.adapts(path)
     ]
     if not layers:
         raise ValueError(
@@ -148,9 +148,8 @@ def apply_qlora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
         )
     for path, layer in layers:
         parent, _, name = path.rpartition(".")
-        setattr(
-            model.get_submodule(parent), name, QLoRALinear.from_quantized(layer, config, generator)
-        )
+        adapter = QLoRALinear.from_quantized(layer, config.for_module(path), generator)
+        setattr(model.get_submodule(parent), name, adapter)
     mark_only_lora_as_trainable(model, config.bias)
     return [path for path, _ in layers]
 

@@ -711,7 +711,8 @@ BAD_CONFIGS = {
     "empty targets": ({"target_modules": []}, "target_modules=[]"),
     "dora not bool": ({"use_dora": "yes"}, "use_dora='yes'"),
     "fan in fan out": ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    "rank pattern": ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
+    "rank pattern not a dict": ({"rank_pattern": ["q_proj", 4]}, "rank_pattern=['q_proj', 4]"),
+    "rank pattern not a rank": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern={'q_proj': 0}"),
     "modules to save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     "olora init": ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     "bias mode": ({"bias": "some"}, "bias='some'"),
@@ -812,11 +813,13 @@ def test_all_linear_adapts_every_linear_layer_and_lm_head_only_if_the_file_does(
 
 
 PARTLY_LORA = {
-    "rank pattern": ({"rank_pattern": {"v_proj": 4}}, "rank_pattern={'v_proj': 4}"),
-    "alpha pattern": ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern={'q_proj': 8}"),
-    "some layers": (
+    "rank pattern unlike the file": (
+        {"rank_pattern": {"v_proj": 4}},
+        "config says r=4 (rank_pattern) but lora_A for blocks.0.attn.v_proj has shape (2, 8)",
+    ),
+    "a layer the model lacks": (
         {"layers_to_transform": [1], "layers_pattern": "blocks"},
-        "layers_to_transform=[1] (layers_pattern='blocks') leaves out",
+        "layers_to_transform=[1] (layers_pattern='blocks') leaves none",
     ),
     # PEFT's default layer regex finds no index in "blocks.0.attn.q_proj": PEFT adapts nothing
     "no layer found": ({"layers_to_transform": [0]}, "layers_to_transform=[0]"),

@@ -351,6 +351,7 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
         ({"target_modules": ["wte"]}, ["matches none of GPT-2's"]),
         ({"r": 3}, ["lora_A", "expected (3, 32)"]),
         ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out='yes'"]),
+        ({"rank_pattern": {"c_attn": 4}}, ["rank_pattern={'c_attn': 4} is not supported"]),
     ],
     ids=lambda v: str(v)[:40],
 )

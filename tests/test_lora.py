@@ -131,6 +131,10 @@ def test_lora_config_defaults_and_peft_spellings():
         "use_rslora",
         "init_lora_weights",
         "use_dora",
+        "rank_pattern",
+        "alpha_pattern",
+        "layers_to_transform",
+        "layers_pattern",
     }
 
 

@@ -428,6 +428,9 @@ PLAIN_PEFT = {
     "all-linear": dict(target_modules="all-linear"),
     "rank pattern equal to r": dict(rank_pattern={"q_proj": 2}),
     "every layer": dict(layers_to_transform=[0, 1], layers_pattern="blocks"),
+    "layers_to_transform": dict(layers_to_transform=[1], layers_pattern="blocks"),
+    "rank_pattern": dict(rank_pattern={"v_proj": 4}),
+    "alpha_pattern": dict(alpha_pattern={"q_proj": 16}),
     "r above min(out, in)": dict(r=10, lora_alpha=20),  # n_embd is 8
 }
 
@@ -479,9 +482,6 @@ REFUSED_PEFT = {
     "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
     "lora_bias": dict(lora_bias=True),
     "exclude_modules": dict(target_modules="all-linear", exclude_modules=["lm_head"]),
-    "layers_to_transform": dict(layers_to_transform=[1], layers_pattern="blocks"),
-    "rank_pattern": dict(rank_pattern={"v_proj": 4}),
-    "alpha_pattern": dict(alpha_pattern={"q_proj": 16}),
     "trainable_token_indices": dict(trainable_token_indices={"tok_emb": [1, 2]}),
 }
 

@@ -1,0 +1,100 @@
+"""Which layers a config adapts, and with which rank: PEFT's ``rank_pattern``,
+``alpha_pattern``, ``layers_to_transform`` and ``layers_pattern``, matched as PEFT matches
+them (``peft.utils.other.get_pattern_key`` and ``check_target_module_exists``).
+
+* ``rank_pattern`` / ``alpha_pattern``: {pattern: r} / {pattern: lora_alpha}. A module at
+  ``path`` takes the value of the first pattern (in the dict's order) for which
+  ``re.match(rf"(.*\\.)?({pattern})$", path)`` succeeds: a leaf name (``"q_proj"``), a
+  suffix (``"attn.q_proj"``), a full path or a regular expression (``"blocks\\.0\\..*"``).
+  Other modules keep ``r`` / ``lora_alpha``.
+* ``layers_to_transform``: an index or a list of them; only targets in those layers are
+  adapted. A path's layer index is the first number after ``layers_pattern``
+  (``"blocks"`` in minilora's GPT), or, without a pattern, the number in the second path
+  component of a path with at least three dots before it (PEFT's ``.*?\\.[^.]*\\.(\\d+)\\.``:
+  it finds HF's ``model.layers.3.`` but not minilora's ``blocks.3.``, so minilora's models
+  need ``layers_pattern="blocks"``, as a PEFT user of the PyTorch port does).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def get_pattern_key(pattern_keys, path: str) -> str | None:
+    """The first key of ``pattern_keys`` that matches ``path`` (PEFT's rule), or None."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def pattern_value(pattern: dict, path: str, default):
+    """``pattern[key]`` for the key that matches ``path``, else ``default``."""
+    key = get_pattern_key(pattern, path)
+    return default if key is None else pattern[key]
+
+
+def layer_index(path: str, layers_pattern=None) -> int | None:
+    """The layer index of a module path, found as PEFT finds it (None when there is none)."""
+    if layers_pattern in (None, "", []):
+        regexes = [r".*?\.[^.]*\.(\d+)\."]
+    else:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        regexes = [rf"(?:^|.*?\.){name}\.(\d+)\." for name in names]
+    for regex in regexes:
+        match = re.match(regex, path)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def in_layers(path: str, layers_to_transform, layers_pattern=None) -> bool:
+    """True when ``layers_to_transform`` is unset (None or []) or names the layer of ``path``."""
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else layers_to_transform
+    return layer_index(path, layers_pattern) in set(wanted)
+
+
+def check_patterns(owner: str, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern):
+    """Refuse patterns of the wrong type (ValueError naming the field and the value)."""
+
+    def positive(v, integral: bool) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int if integral else (int, float)):
+            return False
+        return 0 < v < float("inf")
+
+    for name, pattern, integral in (
+        ("rank_pattern", rank_pattern, True),
+        ("alpha_pattern", alpha_pattern, False),
+    ):
+        if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and positive(v, integral) for k, v in pattern.items()
+        ):
+            what = "positive integer ranks" if integral else "positive finite alphas"
+            raise ValueError(
+                f"{owner}: {name}={pattern!r} must be a dict from module-name patterns to {what}"
+            )
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(
+                    f"{owner}: {name} key {key!r} is not a valid regular expression: {e}"
+                ) from None
+    layers = layers_to_transform
+    if layers is not None and not (
+        _index(layers) or (isinstance(layers, list) and all(_index(i) for i in layers))
+    ):
+        raise ValueError(
+            f"{owner}: layers_to_transform={layers!r} must be None, a layer index or a list of them"
+        )
+    lp = layers_pattern
+    if lp is not None and not (
+        isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(t, str) for t in lp))
+    ):
+        raise ValueError(f"{owner}: layers_pattern={lp!r} must be None, a name or a list of names")
+
+
+def _index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -1,0 +1,519 @@
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al. 2024, arXiv 2310.11454).
+
+    h = W0 x + λ_b ⊙ (B (λ_d ⊙ (A x))),   W0 (out, in) frozen,
+    A (r, in) and B (out, r) frozen and random, λ_d (r,) and λ_b (out,) trainable
+
+LoRA trains A and B in every layer; VeRA draws one pair of random matrices for the whole
+model, freezes them, and trains only two scaling vectors per layer: ``L̂ · (r + out)``
+parameters for L̂ adapted layers, against LoRA's ``L̂ · r · (in + out)``. λ_b starts at zero,
+so the adapted model starts equal to the base; λ_d starts at ``d_initial`` (0.1).
+
+PEFT's names and layout (``peft.VeraConfig``): the shared ``vera_A`` (r, max in) and
+``vera_B`` (max out, r) are sized to the largest in and out features among the targets,
+and each layer slices ``vera_A[:, :in]`` and ``vera_B[:out, :]``. They are drawn with
+kaiming-uniform, A first then B, from ``torch.Generator().manual_seed(projection_prng_key)``;
+:func:`vera_projections` draws the same numbers bit for bit without PyTorch
+(``backend.torch_uniform_stream``). Adapter folders are PEFT's: ``adapter_config.json``
+with ``"peft_type": "VERA"``, and ``adapter_model.safetensors`` with
+``base_model.model.<path>.vera_lambda_b`` / ``.vera_lambda_d`` and, with
+``save_projection`` (PEFT's default), ``base_model.vera_A`` and ``base_model.vera_B``.
+The math and the backward: docs/math.md#vera.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import warnings
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from minilora import backend
+from minilora import functional as F
+from minilora.autograd import Function, Tensor, is_grad_enabled
+from minilora.checkpoint import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_PREFIX,
+    _read_file,  # checkpoint's checked readers: one place that parses files
+    _read_safetensors,
+    atomic_write,
+    serialize,
+)
+from minilora.lora import check_bias_mode, is_target
+from minilora.model import check_positive_int
+from minilora.nn import Linear, Module, Parameter
+
+mm = backend.matmul
+VERA_LEAVES = ("vera_lambda_d", "vera_lambda_b")
+# PEFT keeps the shared projections on its wrapper, outside base_model.model
+_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+# adapter_config.json keys that do not change what a trained VeRA adapter computes
+_HARMLESS = frozenset(
+    {
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
+        "init_weights",  # init only: the trained vectors replace what it set
+    }
+)
+
+
+@dataclass
+class VeraConfig:
+    """VeRA settings, with PEFT's field names (``peft.VeraConfig``)."""
+
+    r: int = 256  # rank of the shared random projections
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    projection_prng_key: int = 0  # seed of vera_A and vera_B (PyTorch's MT19937)
+    save_projection: bool = True  # write vera_A and vera_B into the adapter file
+    vera_dropout: float = 0.0  # dropout on the bypass input only, training only
+    d_initial: float = 0.1  # λ_d's initial value (λ_b starts at 0)
+    bias: str = "none"  # VeRA trains no biases here (PEFT's other modes are not built)
+
+    def __post_init__(self):
+        check_positive_int("VeraConfig", "r", self.r)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        self.target_modules = list(self.target_modules)
+        if not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(
+                f"VeraConfig: target_modules={self.target_modules!r} must be a non-empty list of "
+                "module names such as ['q_proj', 'v_proj']"
+            )
+        key = self.projection_prng_key
+        if not isinstance(key, int) or isinstance(key, bool) or not 0 <= key < 2**32:
+            raise ValueError(
+                f"VeraConfig: projection_prng_key={key!r} must be an integer in [0, 2**32)"
+            )
+        if not isinstance(self.save_projection, bool):
+            raise ValueError(
+                f"VeraConfig: save_projection={self.save_projection!r} must be true or false"
+            )
+        F.check_probability("VeraConfig", "vera_dropout", self.vera_dropout)
+        d = self.d_initial
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d):
+            raise ValueError(f"VeraConfig: d_initial={d!r} must be a finite number")
+        check_bias_mode(self.bias, "VeraConfig")
+        if self.bias != "none":
+            raise ValueError(f"VeraConfig: bias={self.bias!r}; minilora's VeRA supports 'none'")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ======================================================================================
+# The reference op
+# ======================================================================================
+
+
+class VeraLinearFunction(Function):
+    """y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (d Aᵀ)) Bᵀ),  d the bypass input (x, or dropout(x)).
+
+    x (..., in), W (out, in), b (out,), A (r, in), B (out, r), λ_d (r,), λ_b (out,).
+    Flatten to N rows; u = d Aᵀ (N, r), v = λ_d ⊙ u (N, r), z = v Bᵀ (N, out). With g (N, out):
+
+        dλ_b = Σ_rows g ⊙ z          (out,)
+        gz   = g ⊙ λ_b               (N, out)
+        gv   = gz B                  (N, r)
+        dλ_d = Σ_rows gv ⊙ u         (r,)
+        gu   = gv ⊙ λ_d              (N, r)
+        dx   = g W [+ gu A when d is x]        dd = gu A   when d is separate
+        dW   = gᵀ x,  db = Σ_rows g,  dA = guᵀ d,  dB = gzᵀ v   (frozen in VeRA: never asked)
+
+    Derivation: docs/math.md#vera.
+    """
+
+    def forward(self, x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, x_lora=None):
+        out_f, in_f = weight.shape
+        r = vera_A.shape[0]
+        want = {"vera_A": (r, in_f), "vera_B": (out_f, r), "lambda_d": (r,), "lambda_b": (out_f,)}
+        got = {"vera_A": vera_A, "vera_B": vera_B, "lambda_d": lambda_d, "lambda_b": lambda_b}
+        for name, shape in want.items():
+            if tuple(got[name].shape) != shape:
+                raise ValueError(
+                    f"vera_linear: {name} has shape {tuple(got[name].shape)}, expected {shape} "
+                    f"for weight {tuple(weight.shape)} and r={r}"
+                )
+        self.x_shape = x.shape
+        x2 = x.reshape(-1, in_f)  # (N, in)
+        d2 = x2 if x_lora is None else x_lora.reshape(x2.shape)  # (N, in) bypass input
+        u = mm(d2, vera_A.T, "vera.A")  # (N, r)
+        v = u * lambda_d  # (N, r)
+        z = mm(v, vera_B.T, "vera.B")  # (N, out)
+        y = mm(x2, weight.T, "linear") + lambda_b * z  # (N, out)
+        if bias is not None:
+            y += bias
+        need_x, need_w, _, need_A, need_B, need_ld, need_lb, need_d = self.needs_input_grad
+        self.separate = x_lora is not None
+        # keep only what the asked-for gradients read (VeRA: u, z, the λ's, and A, B for dx)
+        need_gu = need_x or need_d or need_A  # the gradient reaching the code u
+        self.x2 = x2 if need_w else None
+        self.d2 = d2 if need_A else None
+        self.u = u if need_ld else None
+        self.v = v if need_B else None
+        self.z = z if need_lb else None
+        self.weight = weight if need_x else None
+        self.A = vera_A if (need_x or need_d) else None
+        self.B = vera_B if (need_gu or need_ld) else None
+        self.lambda_d = lambda_d if need_gu else None
+        self.lambda_b = lambda_b
+        return y.reshape(*x.shape[:-1], out_f)
+
+    def backward(self, g):
+        need_x, need_w, need_b, need_A, need_B, need_ld, need_lb, need_d = self.needs_input_grad
+        x2, d2, u, v, z, weight = self.x2, self.d2, self.u, self.v, self.z, self.weight
+        A, B, lambda_d, lambda_b = self.A, self.B, self.lambda_d, self.lambda_b
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gz = g2 * lambda_b  # (N, out)
+        need_gu = need_x or need_d or need_A
+        gv = mm(gz, B, "vera.dB_path") if (need_gu or need_ld) else None  # (N, r)
+        gu = gv * lambda_d if need_gu else None  # (N, r)
+        d_lb = (g2 * z).sum(axis=0) if need_lb else None  # (out,)
+        d_ld = (gv * u).sum(axis=0) if need_ld else None  # (r,)
+        dA = mm(gu.T, d2, "vera.dA") if need_A else None  # (r, in)
+        dB = mm(gz.T, v, "vera.dB") if need_B else None  # (out, r)
+        dw = mm(g2.T, x2, "linear.dweight") if need_w else None
+        db = g2.sum(axis=0) if need_b else None
+        dx = dd = None
+        if need_x or need_d:
+            dbypass = mm(gu, A, "vera.dinput") if (need_d or not self.separate) else None
+            if need_x:
+                dx = mm(g2, weight, "linear.dinput")
+                if not self.separate:
+                    dx = dx + dbypass
+                dx = dx.reshape(self.x_shape)
+            if need_d:
+                dd = dbypass.reshape(self.x_shape)
+        return dx, dw, db, dA, dB, d_ld, d_lb, dd
+
+
+def vera_linear(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, x_lora=None) -> Tensor:
+    """``x @ weight.T + bias + lambda_b * ((lambda_d * (x_lora @ vera_A.T)) @ vera_B.T)``."""
+    return VeraLinearFunction()(x, weight, bias, vera_A, vera_B, lambda_d, lambda_b, x_lora)
+
+
+# ======================================================================================
+# The shared projections and the layer
+# ======================================================================================
+
+
+def vera_projections(r: int, max_in: int, max_out: int, projection_prng_key: int):
+    """PEFT's shared ``vera_A`` (r, max_in) and ``vera_B`` (max_out, r), float32, drawn as
+    PEFT draws them: kaiming-uniform U(-bound, bound), bound = √3 · √2 / √fan_in, A then B
+    from one PyTorch generator seeded with ``projection_prng_key``."""
+    shapes = [(r, max_in), (max_out, r)]
+    x = backend.torch_uniform_stream(projection_prng_key, r * max_in + max_out * r)
+    out, start = [], 0
+    for rows, cols in shapes:
+        bound = backend.array(math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(cols), backend.float32)
+        width = (bound - (-bound)).astype(backend.float64)  # PyTorch: (to - from) in float32
+        n = rows * cols
+        values = x[start : start + n] * width + (-bound).astype(backend.float64)
+        out.append(values.astype(backend.float32).reshape(rows, cols))
+        start += n
+    return out[0], out[1]
+
+
+class VeraLinear(Linear):
+    """A ``Linear`` with VeRA: keeps ``weight``/``bias``, references the shared frozen
+    ``vera_A``/``vera_B`` (constants, not parameters) and adds ``vera_lambda_d`` (r,) and
+    ``vera_lambda_b`` (out,)."""
+
+    @classmethod
+    def from_linear(
+        cls, linear: Linear, vera_A: Tensor, vera_B: Tensor, config: VeraConfig, generator=None
+    ) -> VeraLinear:
+        layer = cls.__new__(cls)
+        vars(layer).update(vars(linear))
+        out_f, _ = layer.weight.shape
+        dtype, device = layer.weight.dtype, layer.weight.device
+        layer.r = config.r
+        layer.vera_A, layer.vera_B = vera_A, vera_B  # (r, max in), (max out, r): shared
+        lambda_d = backend.ones((config.r,), dtype, device) * config.d_initial
+        layer.vera_lambda_d = Parameter(lambda_d.astype(dtype))  # (r,)
+        layer.vera_lambda_b = Parameter(backend.zeros((out_f,), dtype, device))  # (out,)
+        layer.vera_dropout = config.vera_dropout
+        gen = generator or F.default_generator()
+        layer.vera_generator = backend.Generator(int(gen.integers(0, 2**31 - 1, ()).item()))
+        layer.merged = False
+        layer.disable_adapters = False
+        return layer
+
+    def projections(self) -> tuple[Tensor, Tensor]:
+        """This layer's slices: ``vera_A[:, :in]`` (r, in) and ``vera_B[:out, :]`` (out, r).
+
+        The shared projections are constants, not parameters, so ``Module.to`` does not move
+        them: they follow the weight's device here (once: the move updates the shared Tensor)."""
+        out_f, in_f = self.weight.shape
+        for t in (self.vera_A, self.vera_B):
+            t.data = backend.to_device(t.data, self.weight.device)
+        return Tensor(self.vera_A.data[:, :in_f]), Tensor(self.vera_B.data[:out_f, :])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            trains = self.vera_lambda_d.requires_grad or self.vera_lambda_b.requires_grad
+            if self.training and trains and is_grad_enabled():
+                raise RuntimeError(
+                    "this VeraLinear is merged, so a gradient would not reach its scaling "
+                    "vectors; call unmerge() before training, or eval() for inference"
+                )
+            return F.linear(x, self.weight, self.bias)
+        if self.disable_adapters:
+            return F.linear(x, self.weight, self.bias)
+        x_lora = None
+        if self.vera_dropout > 0 and self.training:
+            x_lora = F.dropout(x, self.vera_dropout, True, self.vera_generator)
+        A, B = self.projections()
+        return vera_linear(
+            x, self.weight, self.bias, A, B, self.vera_lambda_d, self.vera_lambda_b, x_lora
+        )
+
+    def get_delta_weight(self):
+        """ΔW = (λ_b ⊙ B)(λ_d ⊙ A) = diag(λ_b) B diag(λ_d) A, shape (out, in)."""
+        A, B = (t.data for t in self.projections())
+        dtype = self.weight.dtype
+        scaled_B = self.vera_lambda_b.data[:, None] * B.astype(dtype)  # (out, r)
+        scaled_A = self.vera_lambda_d.data[:, None] * A.astype(dtype)  # (r, in)
+        return mm(scaled_B, scaled_A, "vera.merge")
+
+    def merge(self) -> None:
+        """W ← W + ΔW (refused, W unchanged, if the result is not finite)."""
+        if self.merged:
+            warnings.warn("VeraLinear.merge(): already merged; nothing was done", stacklevel=2)
+            return
+        merged = self.weight.data + self.get_delta_weight()
+        xp = backend.get_array_module(merged)
+        if not bool(xp.isfinite(merged).all()):
+            raise ValueError("merge refused: W + ΔW contains NaN or inf; W was left unchanged")
+        self.weight.data[...] = merged
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W ← W - ΔW."""
+        if not self.merged:
+            warnings.warn("VeraLinear.unmerge(): not merged; nothing was done", stacklevel=2)
+            return
+        self.weight.data -= self.get_delta_weight()
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, merged={self.merged}"
+
+
+# ======================================================================================
+# Model-level helpers
+# ======================================================================================
+
+
+def vera_layers(model: Module) -> list:
+    """(path, layer) for every ``VeraLinear`` in ``model``."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, VeraLinear)]
+
+
+def _targets(model: Module, target_modules) -> tuple[list, list[str]]:
+    """The plain ``Linear`` layers ``target_modules`` names, and the targets matching none."""
+    linears = [(p, m) for p, m in model.named_modules() if type(m) is Linear and p]
+    unmatched = [t for t in target_modules if not any(is_target([t], p) for p, _ in linears)]
+    return [(p, m) for p, m in linears if is_target(target_modules, p)], unmatched
+
+
+def _shared_shape(chosen: list) -> tuple[int, int]:
+    """(max out, max in) over the chosen layers: the size of the shared projections."""
+    return max(m.weight.shape[0] for _, m in chosen), max(m.weight.shape[1] for _, m in chosen)
+
+
+def apply_vera(model: Module, config: VeraConfig, generator=None, projections=None) -> list[str]:
+    """Replace every ``Linear`` that ``config.target_modules`` names by a ``VeraLinear``
+    sharing one pair of frozen projections, and freeze everything but the λ vectors.
+    ``projections``: (vera_A, vera_B) to use instead of drawing them (a loaded adapter's).
+    Returns the replaced paths; refuses (ValueError, nothing changed) targets that match
+    nothing and a model that already has VeRA layers. As in PEFT, r may exceed a layer's
+    min(out, in) (VeRA's r is often 256 or more)."""
+    if not isinstance(config, VeraConfig):
+        raise TypeError(f"config must be a VeraConfig, got {type(config).__name__}")
+    if vera_layers(model):
+        raise ValueError("apply_vera: the model already has VeRA layers; nothing was changed")
+    chosen, unmatched = _targets(model, config.target_modules)
+    if unmatched:
+        raise ValueError(f"apply_vera: target_modules {unmatched} match no Linear layer")
+    max_out, max_in = _shared_shape(chosen)
+    if projections is None:
+        projections = vera_projections(config.r, max_in, max_out, config.projection_prng_key)
+    dtype, device = chosen[0][1].weight.dtype, chosen[0][1].weight.device
+    A, B = (Tensor(backend.array(a, dtype=dtype, device=device)) for a in projections)
+    for path, m in chosen:
+        parent, _, name = path.rpartition(".")
+        setattr(
+            model.get_submodule(parent), name, VeraLinear.from_linear(m, A, B, config, generator)
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in VERA_LEAVES)
+    return [p for p, _ in chosen]
+
+
+def merge_vera(model: Module) -> None:
+    for _, layer in vera_layers(model):
+        layer.merge()
+
+
+def unmerge_vera(model: Module) -> None:
+    for _, layer in vera_layers(model):
+        layer.unmerge()
+
+
+def vera_parameter_count(model: Module) -> int:
+    """The closed form L̂·(r + out): the trainable parameters of the model's VeRA layers."""
+    return sum(layer.r + layer.weight.shape[0] for _, layer in vera_layers(model))
+
+
+# ======================================================================================
+# Adapter folders (PEFT layout)
+# ======================================================================================
+
+
+def save_vera(model: Module, path, config: VeraConfig) -> None:
+    """Write the model's VeRA adapter as PEFT does: λ vectors per layer, and the shared
+    projections when ``config.save_projection``. Both files are written atomically."""
+    if not isinstance(config, VeraConfig):
+        raise TypeError(f"save_vera: config must be a VeraConfig, got {type(config).__name__}")
+    layers = vera_layers(model)
+    if not layers:
+        raise ValueError("save_vera: the model has no VeRA layers (call apply_vera first)")
+    wrong = [p for p, m in layers if not is_target(config.target_modules, p) or m.r != config.r]
+    if wrong or any(m.merged for _, m in layers):
+        raise ValueError(
+            f"save_vera: the config (r={config.r}, target_modules={config.target_modules}) "
+            f"does not describe the model's VeRA layers {wrong}, or a layer is merged"
+        )
+    tensors = {}
+    for p, m in layers:
+        for leaf in VERA_LEAVES:
+            tensors[f"{PEFT_PREFIX}{p}.{leaf}"] = backend.to_numpy(getattr(m, leaf).data).copy()
+    if config.save_projection:
+        shared = layers[0][1]
+        for key, t in zip(_PROJECTION_KEYS, (shared.vera_A, shared.vera_B), strict=True):
+            tensors[key] = backend.to_numpy(t.data).astype(backend.float32)
+    peft_config = {
+        "peft_type": "VERA",
+        **config.to_dict(),
+        "target_modules": list(config.target_modules),
+        "fan_in_fan_out": False,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_vera: {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+    weights = serialize(tensors, {"format": "pt"})
+    atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
+
+
+def load_vera(model: Module, path) -> VeraConfig:
+    """Load a PEFT VeRA folder into a base ``model`` (no adapters yet) and return its
+    config; the model is left in eval mode. Projections come from the file when it holds
+    them, else they are drawn from ``projection_prng_key`` as PEFT draws them. Everything
+    is checked first; on any problem nothing in the model changes."""
+    folder = Path(path)
+    try:
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_vera: no adapter folder at {folder}") from None
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
+    config_path = folder / ADAPTER_CONFIG_NAME
+    config = _read_vera_config(config_path, _read_file(config_path, "load_vera"), model)
+    tensors, _ = _read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
+    problems = []
+    if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
+        problems.append("the model already has adapters; load_vera needs a base model")
+    chosen, unmatched = _targets(model, config.target_modules)
+    if unmatched:
+        problems.append(f"target_modules {unmatched} match no Linear layer in the model")
+    expected = {}
+    for p, m in chosen:
+        expected[f"{PEFT_PREFIX}{p}.vera_lambda_d"] = (config.r,)
+        expected[f"{PEFT_PREFIX}{p}.vera_lambda_b"] = (m.weight.shape[0],)
+    if chosen:
+        max_out, max_in = _shared_shape(chosen)
+        if config.save_projection:
+            expected[_PROJECTION_KEYS[0]] = (config.r, max_in)
+            expected[_PROJECTION_KEYS[1]] = (max_out, config.r)
+    for key in sorted(tensors):
+        if key not in expected:
+            problems.append(f"unexpected key {key!r}")
+        elif tuple(tensors[key].shape) != expected[key]:
+            problems.append(
+                f"{key} has shape {tuple(tensors[key].shape)}, expected {expected[key]}"
+            )
+    problems += [f"missing key {k!r}" for k in sorted(set(expected) - set(tensors))]
+    if problems:
+        raise ValueError(
+            f"load_vera: {folder} does not fit the model; nothing was changed:\n  "
+            + "\n  ".join(problems)
+        )
+    projections = None
+    if config.save_projection:
+        projections = tuple(tensors[k] for k in _PROJECTION_KEYS)
+    apply_vera(model, config, projections=projections)
+    params = dict(model.named_parameters())
+    for key, arr in tensors.items():
+        if key in _PROJECTION_KEYS:
+            continue
+        p = params[key[len(PEFT_PREFIX) :]]
+        p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()
+    model.eval()
+    return config
+
+
+def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
+    """adapter_config.json as a ``VeraConfig``: every key honoured, harmless, or refused
+    when set (ValueError naming the file and every problem). A string ``target_modules``
+    is PEFT's regular expression over module paths and becomes the paths it matches."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"load_vera: {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"load_vera: {path} must hold a JSON object")
+    problems = []
+    if raw.get("peft_type") != "VERA":
+        problems.append(f"peft_type={raw.get('peft_type')!r}, expected 'VERA'")
+    read = {"peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "bias"}
+    read |= {"d_initial", "vera_dropout"}  # init and training only, kept in the config
+    for key, value in sorted(raw.items()):
+        unset = value is None or value is False or value in ("", [], {})
+        if key not in read | _HARMLESS and not unset:
+            problems.append(
+                f"{key}={value!r} is not supported by minilora's VeRA; it must be unset"
+            )
+    fields_ = {k: raw[k] for k in read - {"peft_type"} if raw.get(k) is not None}
+    targets = fields_.get("target_modules")
+    if isinstance(targets, str):
+        paths = [p for p, m in model.named_modules() if type(m) is Linear and p]
+        try:
+            fields_["target_modules"] = [p for p in paths if re.fullmatch(targets, p)]
+        except re.error as e:
+            problems.append(f"target_modules={targets!r} is not a valid regular expression: {e}")
+    if problems:
+        raise ValueError(
+            f"load_vera: {path} is not a usable VeRA config:\n  " + "\n  ".join(problems)
+        )
+    try:
+        return VeraConfig(**fields_)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_vera: {path}: {e}") from None

@@ -1,0 +1,280 @@
+"""LoRA on the token embedding (minilora/lora_embedding.py): the reference op's backward
+against central differences (repeated ids too), PEFT's init (A zero, B normal), zero-init
+equivalence, the parameter count, merge and unmerge, adapter files in PEFT's keys, and PEFT
+parity on the PyTorch port (logits, gradients, folders both ways)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from helpers import TINY_2x2, make_gpt, randomize_weights
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import minilora as ml
+from minilora import checkpoint
+from minilora.gradcheck import gradcheck
+from minilora.lora import (
+    LoRAConfig,
+    adapted_layers,
+    apply_lora,
+    count_parameters,
+    disable_adapters,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+from minilora.lora_embedding import LoRAEmbedding, lora_embedding
+from minilora.nn import Embedding
+
+IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
+TARGETS_OUT = np.array([[4, 1, 0, 9, 3, 2], [1, 4, 2, 10, 5, 7]], dtype=np.int64)
+CONFIG = LoRAConfig(r=2, lora_alpha=4, target_modules=["tok_emb", "q_proj"])
+
+
+def adapted_model(dtype=np.float64, config=CONFIG, seed=0):
+    model = randomize_weights(make_gpt(TINY_2x2, seed, dtype), seed)
+    apply_lora(model, config)
+    return model
+
+
+def randomize_adapters(model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data[...] = rng.normal(0, 0.5, p.shape)
+
+
+def logits_of(model) -> np.ndarray:
+    model.eval()
+    with ml.no_grad():
+        return model(IDX)[0].data
+
+
+# --------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    shape=st.sampled_from([(5, 3, 2), (4, 6, 1), (7, 2, 3)]),
+    ids_shape=st.sampled_from([(3,), (2, 4)]),
+    freeze=st.sampled_from(["base", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_gradcheck_lora_embedding(shape, ids_shape, freeze, seed):
+    """W, A and B against central differences; ids repeat (the scatter-add must sum)."""
+    V, C, r = shape
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, V, ids_shape)
+    ids.flat[0] = ids.flat[-1]  # at least one repeated id
+    inputs = [ids, rng.normal(size=(V, C)), rng.normal(size=(r, V)), rng.normal(size=(C, r))]
+    frozen = {"base": (1,), "none": ()}[freeze]
+    assert gradcheck(lambda i, w, a, b: lora_embedding(i, w, a, b, 1.7), inputs, no_grads=frozen)
+
+
+def test_lora_embedding_is_the_formula():
+    rng = np.random.default_rng(0)
+    ids = np.array([[3, 0, 3], [1, 2, 4]])
+    W, A, B = rng.normal(size=(5, 3)), rng.normal(size=(2, 5)), rng.normal(size=(3, 2))
+    y = lora_embedding(ids, ml.Tensor(W), ml.Tensor(A), ml.Tensor(B), 0.5)
+    np.testing.assert_allclose(y.data, W[ids] + 0.5 * A.T[ids] @ B.T, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_embedding_refuses_wrong_shapes_and_float_ids():
+    W, A, B = (ml.Tensor(np.zeros(s)) for s in ((5, 3), (2, 4), (3, 2)))
+    with pytest.raises(ValueError, match=r"lora_embedding_A has shape \(2, 4\)"):
+        lora_embedding(np.array([1]), W, A, B, 1.0)
+    with pytest.raises(TypeError, match="ids must be integers"):
+        lora_embedding(np.array([1.0]), W, ml.Tensor(np.zeros((2, 5))), B, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# The layer in the model
+# --------------------------------------------------------------------------------------
+
+
+def test_peft_init_zero_init_equivalence_and_trainable_set():
+    base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+    want = logits_of(base)
+    model = adapted_model(np.float32)
+    np.testing.assert_array_equal(logits_of(model), want)
+    emb = model.tok_emb
+    assert isinstance(emb, LoRAEmbedding) and emb.scaling == 2.0
+    assert emb.lora_embedding_A.shape == (2, 11) and emb.lora_embedding_B.shape == (8, 2)
+    assert (emb.lora_embedding_A.data == 0).all()  # PEFT: A zero, B ~ N(0, 1)
+    assert 0.5 < emb.lora_embedding_B.data.std() < 2.0
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trains if n.startswith("tok_emb")} == {
+        "tok_emb.lora_embedding_A",
+        "tok_emb.lora_embedding_B",
+    }
+    assert not model.tok_emb.weight.requires_grad
+
+
+def test_trainable_count_is_r_times_v_plus_c_plus_the_linear_adapters():
+    model = adapted_model()
+    V, C, L, r = 11, 8, 2, 2
+    assert count_parameters(model)[0] == r * (V + C) + L * r * (C + C)
+
+
+def test_merge_unmerge_and_unload_are_exact():
+    model = adapted_model()
+    randomize_adapters(model, 1)
+    unmerged = logits_of(model)
+    with disable_adapters(model):
+        assert not np.allclose(logits_of(model), unmerged)
+    W0 = model.tok_emb.weight.data.copy()
+    emb = model.tok_emb
+    merge_lora(model)
+    delta = emb.scaling * emb.lora_embedding_A.data.T @ emb.lora_embedding_B.data.T  # (V, C)
+    np.testing.assert_allclose(emb.weight.data, W0 + delta, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    unmerge_lora(model)
+    np.testing.assert_allclose(emb.weight.data, W0, rtol=1e-14, atol=1e-14)
+    merge_and_unload(model)
+    assert type(model.tok_emb) is Embedding and not adapted_layers(model)
+    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+
+
+def test_a_training_step_leaves_the_embedding_table_alone():
+    model = adapted_model()
+    randomize_adapters(model, 2)
+    W0 = model.tok_emb.weight.data.copy()
+    A0 = model.tok_emb.lora_embedding_A.data.copy()
+    model.train()
+    model(IDX, TARGETS_OUT)[1].backward()
+    ml.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    np.testing.assert_array_equal(model.tok_emb.weight.data, W0)
+    unused = sorted(set(range(11)) - set(IDX.ravel()))  # ids never seen: no gradient
+    assert (model.tok_emb.lora_embedding_A.grad[:, unused] == 0).all()
+    assert not np.array_equal(model.tok_emb.lora_embedding_A.data, A0)
+
+
+def test_adapter_files_use_peft_keys_and_round_trip(tmp_path):
+    model = adapted_model(np.float32)
+    randomize_adapters(model, 3)
+    checkpoint.save_adapter(model, tmp_path, CONFIG)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.tok_emb.lora_embedding_A" in keys
+    assert "base_model.model.tok_emb.lora_embedding_B" in keys
+    fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+    loaded = checkpoint.load_adapter(fresh, tmp_path)
+    assert loaded.target_modules == CONFIG.target_modules
+    np.testing.assert_array_equal(logits_of(fresh), logits_of(model))
+
+
+def test_a_file_with_a_wrong_embedding_rank_is_refused_leaving_the_model(tmp_path):
+    model = adapted_model(np.float32)
+    checkpoint.save_adapter(model, tmp_path, CONFIG)
+    other = adapted_model(np.float32, LoRAConfig(r=3, lora_alpha=4, target_modules=["tok_emb"]))
+    before = {n: p.data.copy() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="r="):
+        checkpoint.load_adapter(other, tmp_path)
+    assert all(np.array_equal(before[n], p.data) for n, p in other.named_parameters())
+
+
+# --------------------------------------------------------------------------------------
+# PEFT on the PyTorch port (oracle)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch = pytest.importorskip("torch", reason="parity needs PyTorch")
+    peft = pytest.importorskip("peft", reason="embedding LoRA parity needs PEFT")
+    from examples.torch_gpt import TorchGPT, load_minilora_state, minilora_name
+
+    return torch, peft, TorchGPT, load_minilora_state, minilora_name
+
+
+def peft_config(peft, config):
+    return peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.target_modules),
+        lora_dropout=0.0,
+    )
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_logits_and_gradients_match_peft(oracle, dtype):
+    torch, peft, TorchGPT, load_minilora_state, minilora_name = oracle
+    model = adapted_model(dtype)
+    randomize_adapters(model, 4)
+    tdtype = {np.float64: torch.float64, np.float32: torch.float32}[dtype]
+    port = peft.get_peft_model(TorchGPT(TINY_2x2).to(tdtype), peft_config(peft, CONFIG))
+    load_minilora_state(port, model.state_dict())
+    assert port.get_nb_trainable_parameters() == count_parameters(model)
+    model.train()
+    logits, loss = model(IDX, TARGETS_OUT)
+    loss.backward()
+    t_logits, t_loss = port(torch.tensor(IDX), torch.tensor(TARGETS_OUT))
+    t_loss.backward()
+    tol = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+    np.testing.assert_allclose(logits.data, t_logits.detach().numpy(), **tol)
+    theirs = {minilora_name(n): p for n, p in port.named_parameters()}
+    ours = dict(model.named_parameters())
+    assert {n for n, p in ours.items() if p.requires_grad} == {
+        n for n, p in theirs.items() if p.requires_grad
+    }
+    for name, p in ours.items():
+        if p.requires_grad:
+            np.testing.assert_allclose(p.grad, theirs[name].grad.numpy(), **tol, err_msg=name)
+
+
+@pytest.mark.oracle
+def test_adapter_folders_cross_both_ways(oracle, tmp_path):
+    torch, peft, TorchGPT, load_minilora_state, _ = oracle
+    # minilora -> PEFT
+    model = adapted_model(np.float32)
+    randomize_adapters(model, 5)
+    checkpoint.save_adapter(model, tmp_path / "ours", CONFIG)
+    base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+    port = TorchGPT(TINY_2x2)
+    load_minilora_state(port, base.state_dict())
+    loaded = peft.PeftModel.from_pretrained(port, tmp_path / "ours").eval()
+    with torch.no_grad():
+        want = loaded(torch.tensor(IDX))[0].numpy()
+    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4)
+    # PEFT -> minilora
+    port = TorchGPT(TINY_2x2)
+    load_minilora_state(port, base.state_dict())
+    pm = peft.get_peft_model(port, peft_config(peft, CONFIG))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = pm.eval()(torch.tensor(IDX))[0].numpy()
+    checkpoint.load_adapter(base, tmp_path / "theirs")
+    assert isinstance(base.tok_emb, LoRAEmbedding)
+    np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
+    model = make_gpt(TINY_2x2, tie_word_embeddings=True)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"\['tok_emb'\] share their weight"):
+        apply_lora(model, CONFIG)
+    assert not adapted_layers(model)
+    untied = adapted_model(np.float32)
+    checkpoint.save_adapter(untied, tmp_path, CONFIG)
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        checkpoint.load_adapter(model, tmp_path)
+    assert not adapted_layers(model)
+    assert all(np.array_equal(before[n], p.data) for n, p in model.named_parameters())
+
+
+def test_save_model_refuses_a_model_with_an_embedding_adapter(tmp_path):
+    model = adapted_model(np.float32, LoRAConfig(r=2, target_modules=["tok_emb"]))
+    with pytest.raises(ValueError, match="tok_emb"):
+        checkpoint.save_model(model, tmp_path / "m.safetensors")

@@ -1,0 +1,390 @@
+"""VeRA (minilora/vera.py): the reference op's backward against central differences, the
+zero-init equivalence, the parameter count L̂·(r + out), merge and unmerge, the shared
+projections drawn bit for bit as PEFT draws them, and PEFT parity on a whole model (logits,
+gradients, adapter folders both ways)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minilora as ml
+from minilora import vera
+from minilora.gradcheck import gradcheck
+from minilora.lora import count_parameters
+
+TARGETS = ["q_proj", "fc1", "fc2"]
+IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
+TARGETS_OUT = np.array([[4, 1, 0, 9, 3, 2], [1, 4, 2, 10, 5, 7]], dtype=np.int64)
+
+
+def vera_model(dtype=np.float64, r=4, key=3, seed=0, targets=TARGETS):
+    """A TINY_2x2 GPT with O(1) weights and VeRA on ``targets``; the λ vectors random."""
+    model = randomize_weights(make_gpt(TINY_2x2, seed, dtype), seed)
+    config = vera.VeraConfig(r=r, target_modules=targets, projection_prng_key=key)
+    vera.apply_vera(model, config)
+    return model, config
+
+
+def randomize_lambdas(model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _, layer in vera.vera_layers(model):
+        for leaf in vera.VERA_LEAVES:
+            p = getattr(layer, leaf)
+            p.data[...] = rng.normal(0, 1.0, p.shape)
+
+
+def logits_of(model) -> np.ndarray:
+    model.eval()
+    with ml.no_grad():
+        return model(IDX)[0].data
+
+
+# --------------------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    shape=st.sampled_from([(3, 4, 2), (5, 2, 3), (4, 4, 4)]),
+    freeze=st.sampled_from(["vera", "none", "only_lambdas"]),
+    bias=st.booleans(),
+    separate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gradcheck_vera_linear(n, shape, freeze, bias, separate, seed):
+    """Every input against central differences; VeRA's frozen W, b, A and B get none (and,
+    with "only_lambdas", neither do the inputs: the op then skips the bypass gradient)."""
+    n_in, n_out, r = shape
+    rng = np.random.default_rng(seed)
+    inputs = [rng.normal(size=(n, 2, n_in)), rng.normal(size=(n_out, n_in))]
+    inputs += [rng.normal(size=(n_out,))] if bias else []
+    inputs += [rng.normal(size=(r, n_in)), rng.normal(size=(n_out, r))]
+    inputs += [rng.normal(size=(r,)), rng.normal(size=(n_out,))]
+    inputs += [rng.normal(size=(n, 2, n_in))] if separate else []
+
+    def fn(*ts):
+        ts = list(ts)
+        x, w = ts.pop(0), ts.pop(0)
+        b = ts.pop(0) if bias else None
+        A, B, ld, lb = (ts.pop(0) for _ in range(4))
+        d = ts.pop(0) if separate else None
+        return vera.vera_linear(x, w, b, A, B, ld, lb, d)
+
+    k = 1 if bias else 0  # W, (b), A, B follow x
+    only_lambdas = (*range(0, 4 + k), *((6 + k,) if separate else ()))  # x, W, (b), A, B, d
+    frozen = {"vera": tuple(range(1, 4 + k)), "none": (), "only_lambdas": only_lambdas}[freeze]
+    assert gradcheck(fn, inputs, no_grads=frozen)
+
+
+def test_vera_linear_is_the_formula():
+    rng = np.random.default_rng(0)
+    x, W, b = rng.normal(size=(3, 5)), rng.normal(size=(4, 5)), rng.normal(size=(4,))
+    A, B, ld, lb = (
+        rng.normal(size=(2, 5)),
+        rng.normal(size=(4, 2)),
+        rng.normal(size=2),
+        rng.normal(size=4),
+    )
+    y = vera.vera_linear(ml.Tensor(x), ml.Tensor(W), ml.Tensor(b), *map(ml.Tensor, (A, B, ld, lb)))
+    want = x @ W.T + b + lb * ((ld * (x @ A.T)) @ B.T)
+    np.testing.assert_allclose(y.data, want, rtol=1e-12, atol=1e-12)
+
+
+def test_vera_linear_refuses_a_wrong_shape_naming_it():
+    rng = np.random.default_rng(0)
+    args = [rng.normal(size=s) for s in ((3, 5), (4, 5))] + [None]
+    args += [rng.normal(size=s) for s in ((2, 5), (4, 2), (3,), (4,))]
+    with pytest.raises(ValueError, match=r"lambda_d has shape \(3,\), expected \(2,\)"):
+        vera.vera_linear(*[a if a is None else ml.Tensor(a) for a in args])
+
+
+# --------------------------------------------------------------------------------------
+# The layer and the model
+# --------------------------------------------------------------------------------------
+
+
+def test_zero_init_equivalence_and_only_the_lambdas_train():
+    base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+    want = logits_of(base)
+    model, config = vera_model(np.float32)
+    np.testing.assert_array_equal(logits_of(model), want)  # λ_b = 0: bitwise the base
+    layer = model.get_submodule("blocks.0.mlp.fc1")
+    assert (layer.vera_lambda_b.data == 0).all()
+    assert (layer.vera_lambda_d.data == np.float32(0.1)).all()
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {
+        f"{p}.{leaf}" for p, _ in vera.vera_layers(model) for leaf in vera.VERA_LEAVES
+    }
+
+
+def test_projections_are_shared_sized_to_the_largest_target_and_sliced():
+    model, config = vera_model()
+    layers = dict(vera.vera_layers(model))
+    q, fc2 = layers["blocks.0.attn.q_proj"], layers["blocks.1.mlp.fc2"]
+    assert q.vera_A is fc2.vera_A and q.vera_B is fc2.vera_B  # one pair for the model
+    assert q.vera_A.shape == (4, 32) and q.vera_B.shape == (32, 4)  # fc2's in, fc1's out
+    A, B = fc2.projections()  # fc2: in 32, out 8
+    np.testing.assert_array_equal(A.data, q.vera_A.data[:, :32])
+    np.testing.assert_array_equal(B.data, q.vera_B.data[:8, :])
+    assert not any(n.endswith(("vera_A", "vera_B")) for n, _ in model.named_parameters())
+
+
+def test_trainable_parameter_count_is_the_closed_form():
+    model, config = vera_model(r=4)
+    # L̂ = 6 layers: q_proj (out 8), fc1 (out 32), fc2 (out 8) in each of 2 blocks
+    closed_form = 2 * ((4 + 8) + (4 + 32) + (4 + 8))
+    trainable, total = count_parameters(model)
+    base_total = count_parameters(make_gpt(TINY_2x2))[1]
+    assert trainable == closed_form == vera.vera_parameter_count(model)
+    assert total == base_total + closed_form  # the frozen projections are not parameters
+
+
+def test_a_training_step_changes_only_the_lambdas():
+    model, _ = vera_model()
+    randomize_lambdas(model, 1)
+    before = {n: p.data.copy() for n, p in model.named_parameters()}
+    frozen = model.get_submodule("blocks.0.attn.q_proj").vera_A.data.copy()
+    model.train()
+    loss = model(IDX, TARGETS_OUT)[1]
+    loss.backward()
+    opt = ml.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()
+    for name, p in model.named_parameters():
+        changed = not np.array_equal(before[name], p.data)
+        assert changed == p.requires_grad, name
+    np.testing.assert_array_equal(model.get_submodule("blocks.0.attn.q_proj").vera_A.data, frozen)
+
+
+def test_merge_matches_unmerged_and_unmerge_restores_w():
+    model, _ = vera_model(np.float64)
+    randomize_lambdas(model, 2)
+    unmerged = logits_of(model)
+    assert not np.allclose(unmerged, logits_of(vera_model(np.float64)[0]))  # visible adapter
+    layers = dict(vera.vera_layers(model))
+    W0 = {p: layer.weight.data.copy() for p, layer in layers.items()}
+    vera.merge_vera(model)
+    for p, layer in layers.items():
+        A, B = (t.data for t in layer.projections())
+        want = W0[p] + (layer.vera_lambda_b.data[:, None] * B) @ (
+            layer.vera_lambda_d.data[:, None] * A
+        )
+        np.testing.assert_allclose(layer.weight.data, want, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    vera.unmerge_vera(model)
+    for p, layer in layers.items():
+        np.testing.assert_allclose(layer.weight.data, W0[p], rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+
+
+def test_a_merged_layer_refuses_to_train():
+    model, _ = vera_model()
+    vera.merge_vera(model)
+    model.train()
+    with pytest.raises(RuntimeError, match="merged"):
+        model(IDX, TARGETS_OUT)
+
+
+BAD_CONFIGS = {
+    "r": (dict(r=0), "r=0"),
+    "key": (dict(projection_prng_key=-1), "projection_prng_key=-1"),
+    "d_initial": (dict(d_initial=float("nan")), "d_initial=nan"),
+    "dropout": (dict(vera_dropout=1.0), "vera_dropout=1.0"),
+    "bias": (dict(bias="all"), "bias='all'"),
+    "targets": (dict(target_modules=[]), "target_modules=[]"),
+}
+
+
+@pytest.mark.parametrize("change, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_vera_config_is_refused_naming_the_field(change, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        vera.VeraConfig(**change)
+
+
+def test_apply_vera_refuses_unknown_targets_changing_nothing():
+    model = make_gpt(TINY_2x2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['nope'\] match no Linear"):
+        vera.apply_vera(model, vera.VeraConfig(r=2, target_modules=["q_proj", "nope"]))
+    assert snapshot(model) == before and not vera.vera_layers(model)
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def test_save_and_load_round_trip_with_and_without_projections(tmp_path):
+    for save_projection in (True, False):
+        model, config = vera_model(np.float32)
+        config.save_projection, config.d_initial, config.vera_dropout = save_projection, 0.5, 0.1
+        randomize_lambdas(model, 3)
+        folder = tmp_path / str(save_projection)
+        vera.save_vera(model, folder, config)
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        assert raw["peft_type"] == "VERA" and raw["save_projection"] is save_projection
+        fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+        loaded = vera.load_vera(fresh, folder)
+        assert loaded == config
+        np.testing.assert_array_equal(logits_of(fresh), logits_of(model))
+
+
+BAD_FILES = {
+    "peft_type": ({"peft_type": "LORA"}, "peft_type='LORA'"),
+    "unknown option": ({"layers_to_transform": [0]}, "layers_to_transform=[0]"),
+    "rank": ({"r": 3}, "has shape (4,), expected (3,)"),
+    "targets": ({"target_modules": ["k_proj"]}, "unexpected key"),
+}
+
+
+@pytest.mark.parametrize("change, message", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_a_bad_vera_folder_is_refused_leaving_the_model_untouched(tmp_path, change, message):
+    model, config = vera_model(np.float32)
+    vera.save_vera(model, tmp_path, config)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    fresh = make_gpt(TINY_2x2)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError) as info:
+        vera.load_vera(fresh, tmp_path)
+    assert message in str(info.value)
+    assert snapshot(fresh) == before and not vera.vera_layers(fresh)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch and PEFT (oracle)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch = pytest.importorskip("torch", reason="parity needs PyTorch")
+    peft = pytest.importorskip("peft", reason="VeRA parity needs PEFT")
+    from examples.torch_gpt import TorchGPT, load_minilora_state
+
+    return torch, peft, TorchGPT, load_minilora_state
+
+
+def torch_name(name: str) -> str:
+    """minilora's ``<path>.vera_lambda_d`` as PEFT's parameter ``<path>.vera_lambda_d.default``."""
+    if name.rsplit(".", 1)[-1] in vera.VERA_LEAVES:
+        return f"base_model.model.{name}.default"
+    path, _, leaf = name.rpartition(".")
+    return f"base_model.model.{path}.base_layer.{leaf}"
+
+
+def peft_vera(oracle, model, config, dtype):
+    """PEFT's VeRA on the PyTorch port, holding ``model``'s base weights and λ vectors."""
+    torch, peft, TorchGPT, load_minilora_state = oracle
+    base = {n: p.data for n, p in model.named_parameters() if not p.requires_grad}
+    port = TorchGPT(TINY_2x2).to({np.float32: torch.float32, np.float64: torch.float64}[dtype])
+    load_minilora_state(port, base)
+    settings_ = dict(r=config.r, target_modules=config.target_modules)
+    pm = peft.get_peft_model(
+        port, peft.VeraConfig(**settings_, projection_prng_key=config.projection_prng_key)
+    )
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                params[torch_name(name)].copy_(torch.tensor(p.data))
+    return pm
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("seed", [0, 1, 2**32 - 1])
+def test_projections_equal_pytorchs_bit_for_bit(oracle, seed):
+    torch = oracle[0]
+    from peft.tuners.vera.model import _kaiming_init
+
+    for r, n_in, n_out in ((4, 32, 32), (3, 5, 70), (16, 64, 256)):
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        A = _kaiming_init((r, n_in), generator=generator)
+        B = _kaiming_init((n_out, r), generator=generator)
+        ours = vera.vera_projections(r, n_in, n_out, seed)
+        np.testing.assert_array_equal(ours[0], A.numpy())
+        np.testing.assert_array_equal(ours[1], B.numpy())
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_whole_model_logits_and_gradients_match_peft(oracle, dtype):
+    torch = oracle[0]
+    model, config = vera_model(dtype)
+    randomize_lambdas(model, 4)
+    pm = peft_vera(oracle, model, config, dtype)
+    assert pm.get_nb_trainable_parameters() == count_parameters(model)  # (trainable, all)
+    layer = pm.base_model.model.blocks[1].mlp.fc2  # PEFT drew the same projections
+    ours = model.get_submodule("blocks.1.mlp.fc2")
+    np.testing.assert_array_equal(
+        layer.vera_A["default"].numpy(), ours.vera_A.data.astype(np.float32)
+    )
+    logits, loss = model(IDX, TARGETS_OUT)
+    loss.backward()
+    t_logits, t_loss = pm(torch.tensor(IDX), torch.tensor(TARGETS_OUT))
+    t_loss.backward()
+    tol = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+    np.testing.assert_allclose(logits.data, t_logits.detach().numpy(), **tol)
+    params = dict(pm.named_parameters())
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {torch_name(n) for n in trains} == {n for n, p in params.items() if p.requires_grad}
+    for name in trains:
+        got, want = dict(model.named_parameters())[name].grad, params[torch_name(name)].grad
+        np.testing.assert_allclose(got, want.numpy(), **tol, err_msg=name)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_minilora_vera_folder_loads_in_peft(oracle, tmp_path, save_projection):
+    torch, peft, TorchGPT, load_minilora_state = oracle
+    model, config = vera_model(np.float32)
+    config.save_projection = save_projection
+    randomize_lambdas(model, 5)
+    vera.save_vera(model, tmp_path, config)
+    port = TorchGPT(TINY_2x2)
+    load_minilora_state(
+        port, {n: p.data for n, p in model.named_parameters() if not p.requires_grad}
+    )
+    loaded = peft.PeftModel.from_pretrained(port, tmp_path).eval()
+    with torch.no_grad():
+        want = loaded(torch.tensor(IDX))[0].numpy()
+    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
+    torch, peft, TorchGPT, load_minilora_state = oracle
+    base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
+    port = TorchGPT(TINY_2x2)
+    load_minilora_state(port, base.state_dict())
+    settings_ = dict(r=4, target_modules=["q_proj", "fc2"], projection_prng_key=11)
+    pm = peft.get_peft_model(port, peft.VeraConfig(**settings_, save_projection=save_projection))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # as if trained
+                p.normal_(0, 1.0)
+    pm.save_pretrained(tmp_path)
+    pm.eval()
+    with torch.no_grad():
+        want = pm(torch.tensor(IDX))[0].numpy()
+    config = vera.load_vera(base, tmp_path)
+    assert (config.r, config.projection_prng_key) == (4, 11)
+    np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
+    model, _ = vera_model()
+    with pytest.raises(ValueError, match="blocks.0.attn.q_proj"):
+        ml.checkpoint.save_model(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
