@@ -4,8 +4,9 @@ Every method starts from the same shipped base model (which copies, reverses and
 digit strings ascending) and is judged on the same held-out examples of the downstream
 task (sort descending), none of which any method ever trained on (``minilora.data``):
 
-* adaptation: full fine-tuning, LoRA (unmerged and merged), Houlsby and Lin adapters,
-  prefix-layer and prefix-embedding tuning, and QLoRA-style LoRA on an NF4 base;
+* adaptation: full fine-tuning, LoRA (unmerged and merged) and its variants DoRA, PiSSA and
+  VeRA, Houlsby and Lin adapters, prefix-layer and prefix-embedding tuning, and QLoRA-style
+  LoRA on an NF4 base;
 * compression: the fully fine-tuned model compressed after training (truncated SVD, int8,
   int4, NF4, magnitude pruning), to show what compression is for: a smaller copy of the
   *whole* model, where LoRA keeps a small *update* beside a shared frozen base.
@@ -35,6 +36,7 @@ from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
 from minilora.prefix import PrefixConfig, apply_prefix_tuning
 from minilora.train import evaluate, fine_tune, median
+from minilora.vera import VeraConfig, apply_vera
 
 ADAPTATION = (
     "full",
@@ -42,6 +44,7 @@ ADAPTATION = (
     "lora_merged",
     "dora",
     "pissa",
+    "vera",
     "adapter_houlsby",
     "adapter_lin",
     "prefix_layer",
@@ -60,10 +63,12 @@ class CompareSettings:
     batch_size: int = 64
     lr_full: float = 1e-3
     lr_peft: float = 1e-2  # LoRA, adapters, QLoRA: small, freshly initialised modules
+    lr_vera: float = 1e-1  # VeRA trains only scaling vectors: they need larger steps
     lr_prefix: float = 1e-1  # prefixes learn nothing in 300 steps at 1e-2 (docs/relatives.md)
     r: int = 4  # LoRA and QLoRA rank (q_proj, v_proj, lora_alpha = 2r as in the demo)
     bottleneck: int = 4  # adapter width m
     num_virtual_tokens: int = 2  # prefix length P
+    vera_r: int = 256  # VeRA's shared random projections (its default; wider than C = 64)
     svd_rank: int = 32  # of the block's Linear layers (C = 64)
     sparsity: float = 0.3  # magnitude pruning of connections, per layer
     eval_examples: int = 512
@@ -174,6 +179,7 @@ def _adaptation_builders(base: GPT, s: CompareSettings) -> dict:
             copy_with(base, lambda m: apply_lora(m, lora_config(s.r, init_lora_weights="pissa"))),
             s.lr_peft,
         ),
+        "vera": (copy_with(base, lambda m: apply_vera(m, VeraConfig(r=s.vera_r))), s.lr_vera),
         "adapter_houlsby": (
             copy_with(base, lambda m: apply_adapters(m, AdapterConfig("houlsby", s.bottleneck))),
             s.lr_peft,

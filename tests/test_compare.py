@@ -70,8 +70,10 @@ def test_counts_and_bytes_follow_the_closed_forms(results):
         PrefixConfig("layer", P), L, C
     )
     assert rows["dora"]["trainable_params"] == rows["lora"]["trainable_params"] + L * 2 * C
+    assert rows["vera"]["trainable_params"] == L * 2 * (s.vera_r + C)  # λ_d (r,), λ_b (out,)
     assert rows["pissa"]["storage_bytes"] == 2 * 4 * rows["pissa"]["trainable_params"]  # 2r
-    for method in ("lora", "dora", "adapter_houlsby", "adapter_lin", "prefix_layer", "qlora"):
+    per_task = ("lora", "dora", "vera", "adapter_houlsby", "adapter_lin", "prefix_layer", "qlora")
+    for method in per_task:
         row = rows[method]  # a per-task method keeps its float32 trained arrays
         assert row["storage_bytes"] == 4 * row["trainable_params"], method
     assert rows["lora"]["base_bytes"] == base_bytes
