@@ -247,6 +247,8 @@ class LoRALinear(Linear):
     def _init_variants(self, init_lora_weights: str, use_dora: bool) -> None:
         """PiSSA's init and DoRA's magnitude, after :meth:`_init_lora` (docs/math.md#pissa,
         docs/math.md#dora)."""
+        # PiSSA's layer holds the residual as its weight, not the base's W0
+        self.residual_base = init_lora_weights == "pissa"
         if init_lora_weights == "pissa":  # A, B from W's top-r SVD; W becomes the residual
             A, B, residual = pissa.pissa_init(self.weight.data, self.r, self.scaling)
             self.lora_A.data, self.lora_B.data = A, B

@@ -230,6 +230,13 @@ def adding_adapter(model: Module, adapter_name: str):
     _check_supported(model, "add_adapter")
     shelf = _shelf(model, "add_adapter") if lora_layers(model) else None
     _check_new_name(adapter_name, shelf, "add_adapter")
+    if shelf is not None and any(getattr(m, "residual_base", False) for _, m in lora_layers(model)):
+        raise ValueError(
+            f"add_adapter: the active adapter is PiSSA, whose layers hold the residual "
+            f"W0 - s·B·A instead of the base weight, so {adapter_name!r} would adapt the "
+            "residual; keep PiSSA the only adapter, or save it converted to plain LoRA "
+            "(save_adapter(..., path_initial_model_for_weight_conversion=...)) and load that"
+        )
     if shelf is not None:
         _check_swappable(shelf, "add_adapter")
         _unplug(model, shelf.layers)
@@ -267,6 +274,12 @@ def add_adapter(model: Module, adapter_name: str, config: LoRAConfig, generator=
     PEFT). Adapters may differ in ``r``, ``lora_alpha``, ``use_rslora`` and targets."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"add_adapter: config must be a LoRAConfig, got {type(config).__name__}")
+    if lora_layers(model) and config.init_lora_weights == "pissa":
+        raise ValueError(
+            f"add_adapter: {adapter_name!r} has init_lora_weights='pissa', which replaces the "
+            "base weights by their residual, under the adapters the model already has; PiSSA "
+            "must be the only adapter (apply it to a model without adapters)"
+        )
     if lora_layers(model):
         trained = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
         if config.bias != "none" or trained:

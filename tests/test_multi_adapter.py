@@ -222,6 +222,25 @@ def test_a_model_that_trains_biases_takes_no_second_adapter():
         add_adapter(model, "b", C_CFG)
 
 
+def test_pissa_is_refused_beside_other_adapters_and_changes_nothing():
+    # PiSSA's layers hold the residual W0 - s·B·A as their weight: beside other adapters,
+    # those would run on the residual (measured: logits off by 18 on the shipped base)
+    pissa = ml.LoRAConfig(r=2, lora_alpha=4, init_lora_weights="pissa")
+    model = base()
+    apply_lora(model, A_CFG)
+    randomize_adapter(model, 1)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="PiSSA must be the only adapter"):
+        add_adapter(model, "p", pissa)
+    assert snapshot(model) == before
+    model = base()
+    apply_lora(model, pissa)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="the active adapter is PiSSA"):
+        add_adapter(model, "b", C_CFG)
+    assert snapshot(model) == before
+
+
 def test_swaps_are_refused_while_merged_or_disabled():
     model = two_adapters()
     merge_lora(model)
