@@ -81,10 +81,14 @@ def minilora_model(folder: Path, adapter: Path):
 
 
 def assert_same_logits(ours, theirs, idx, tol=1e-5):
+    """float32 logits of two engines agree to ``tol`` relative to the logits' scale: their
+    rounding errors (different summation orders, fast or reference ops) grow with the size
+    of the values, so a fixed absolute tolerance would be met or missed by magnitude alone."""
     with torch.no_grad(), ml.no_grad():
         want = theirs(torch.from_numpy(idx)).logits.numpy()
         got = backend.to_numpy(ours(idx)[0].data)
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
 def peft_greedy_text(folder: Path, adapter: Path, prompt: str, new: int) -> str:
