@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # so that `examples.torch_gpt` imports when run a
 
 import numpy as np  # noqa: E402
 
-from minilora import GPT, GPTConfig, fast, manual_seed  # noqa: E402
+from minilora import GPT, GPTConfig, fast, manual_seed, no_grad  # noqa: E402
 
 fast.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
 
@@ -256,6 +256,19 @@ def ms(seconds: float) -> float:
 # --------------------------------------------------------------------------------------
 # Training steps: minilora and its PyTorch twin
 # --------------------------------------------------------------------------------------
+
+
+def forwards(models: dict, x) -> dict[str, Callable[[], object]]:
+    """One inference forward (under ``no_grad``) per model, ready for :func:`alternate`."""
+
+    def forward(model):
+        def run():
+            with no_grad():
+                return model(x)[0]
+
+        return run
+
+    return {key: forward(model) for key, model in models.items()}
 
 
 def minilora_step(model, optimizer, x, y) -> Callable[[], float]:

@@ -15,7 +15,7 @@ import common
 import numpy as np
 from common import CONFIGS, ms
 
-from minilora import LoRAConfig, apply_lora, merge_lora, no_grad
+from minilora import LoRAConfig, apply_lora, merge_lora
 
 BATCHES = (1, 16)
 DEFAULT_REPEATS = {"tiny": 300, "small": 100, "medium": 30}
@@ -46,14 +46,7 @@ def run(name: str, batch_size: int, repeats: int) -> dict:
     bench = CONFIGS[name]
     x, _ = common.batch(common.Bench(name, bench.config, batch_size))
     nets = models(bench)
-    fns = {}
-    for key, model in nets.items():
-
-        def forward(model=model):
-            with no_grad():
-                return model(x)[0]
-
-        fns[key] = forward
+    fns = common.forwards(nets, x)
     outputs = {k: f().numpy() for k, f in fns.items()}
     times = common.alternate(fns, repeats, warmup=2)
     return {

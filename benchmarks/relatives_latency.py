@@ -28,7 +28,6 @@ from minilora import (
     apply_lora,
     manual_seed,
     merge_lora,
-    no_grad,
 )
 from minilora.adapters import AdapterConfig, apply_adapters
 from minilora.prefix import PrefixConfig, apply_prefix_tuning
@@ -95,14 +94,7 @@ def run(name: str, batch_size: int, repeats: int) -> dict:
     config = GPTConfig(64, T + P, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
     nets = models(config)
     x = np.random.default_rng(0).integers(0, 64, (batch_size, T), dtype=np.int64)
-    fns = {}
-    for key, model in nets.items():
-
-        def forward(model=model):
-            with no_grad():
-                return model(x)[0]
-
-        fns[key] = forward
+    fns = common.forwards(nets, x)
     outputs = {k: f().numpy() for k, f in fns.items()}
     times = common.alternate(fns, repeats, warmup=2)
     return {

@@ -110,7 +110,7 @@ _PEFT_READ = frozenset(
 # Keys known not to change what a trained adapter computes, whatever their value:
 # bookkeeping, and settings used only when an adapter is created (the init is checked
 # through init_lora_weights) or only together with an option that is refused when set.
-_PEFT_HARMLESS = frozenset(
+PEFT_BOOKKEEPING = frozenset(  # every PEFT method's config: where it came from, for what
     {
         "base_model_name_or_path",
         "revision",
@@ -118,6 +118,10 @@ _PEFT_HARMLESS = frozenset(
         "inference_mode",
         "peft_version",
         "auto_mapping",
+    }
+)
+_PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
+    {
         "eva_config",
         "loftq_config",
         "corda_config",  # init only (init_lora_weights "eva", ...)

@@ -30,7 +30,7 @@ from pathlib import Path
 from minilora import backend, compress
 from minilora.adapters import AdapterConfig, apply_adapters
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, PRETRAIN_TASKS, DigitTasks
-from minilora.demo import _latency, _write_json, load_base
+from minilora.demo import load_base, median_latency, write_results
 from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
@@ -268,7 +268,7 @@ def run_compare(
     latency = {}
     for batch in (1, 64):
         x = dx[:batch, :seq_len]
-        latency[batch] = _latency({"base": base, **models}, x, settings.latency_repeats)
+        latency[batch] = median_latency({"base": base, **models}, x, settings.latency_repeats)
 
     rows = []
     for method in METHODS:
@@ -304,12 +304,7 @@ def run_compare(
         "rows": rows,
         "sweep": sweep,
     }
-    _write_json(out / "compare.json", results)
-    plot = _plot(sweep, out / "compare.png")
-    echo(
-        f"\nwrote {out / 'compare.json'}"
-        + (f" and {plot}" if plot else " (install matplotlib for the sweep plots)")
-    )
+    write_results(out / "compare.json", results, _plot(sweep, out / "compare.png"), echo)
     return results
 
 

@@ -149,7 +149,7 @@ def finetune(
     return model, opt, config, history
 
 
-def _latency(fns: dict, x, repeats: int) -> dict:
+def median_latency(fns: dict, x, repeats: int) -> dict:
     """Median seconds per forward for each fn, alternating A, B, C, A, B, C, ..."""
     times = {name: [] for name in fns}
     with no_grad():
@@ -242,7 +242,7 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
     unmerged = copy.deepcopy(base)
     checkpoint.load_adapter(unmerged, adapter_dir)
     base.eval(), unmerged.eval()
-    latency = _latency(
+    latency = median_latency(
         {"base": base, "unmerged": unmerged, "merged": served}, dx, settings.latency_repeats
     )
     echo(
@@ -280,12 +280,7 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
         "latency_seconds": latency,
         "verdict": verdict,
     }
-    _write_json(out / "results.json", results)
-    plot = _plot(rows, out / "demo.png")
-    echo(
-        f"\nwrote {out / 'results.json'}"
-        + (f" and {plot}" if plot else " (install matplotlib for a plot)")
-    )
+    write_results(out / "results.json", results, _plot(rows, out / "demo.png"), echo)
     return results
 
 
@@ -328,6 +323,13 @@ def _verdict(rows: list[dict], within: float = 0.05) -> str:
 
 def _write_json(path: Path, obj) -> None:
     checkpoint.atomic_write([(path, (json.dumps(obj, indent=2) + "\n").encode())])
+
+
+def write_results(path: Path, results: dict, plot: Path | None, echo=print) -> None:
+    """Write a job's results as JSON (atomically) and say where they and the plot went."""
+    _write_json(path, results)
+    where = f" and {plot}" if plot else " (install matplotlib for the plots)"
+    echo(f"\nwrote {path}{where}")
 
 
 def _plot(rows: list[dict], path: Path) -> Path | None:

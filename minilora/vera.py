@@ -37,6 +37,7 @@ from minilora.autograd import Function, Tensor, is_grad_enabled
 from minilora.checkpoint import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    PEFT_BOOKKEEPING,
     PEFT_PREFIX,
     _read_file,  # checkpoint's checked readers: one place that parses files
     _read_safetensors,
@@ -52,17 +53,7 @@ VERA_LEAVES = ("vera_lambda_d", "vera_lambda_b")
 # PEFT keeps the shared projections on its wrapper, outside base_model.model
 _PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 # adapter_config.json keys that do not change what a trained VeRA adapter computes
-_HARMLESS = frozenset(
-    {
-        "base_model_name_or_path",
-        "revision",
-        "task_type",
-        "inference_mode",
-        "peft_version",
-        "auto_mapping",
-        "init_weights",  # init only: the trained vectors replace what it set
-    }
-)
+_HARMLESS = PEFT_BOOKKEEPING | {"init_weights"}  # init only: the trained vectors replace it
 
 
 @dataclass
