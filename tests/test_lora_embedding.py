@@ -12,6 +12,7 @@ import pytest
 from helpers import TINY_2x2, make_gpt, randomize_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft_helpers import cross_both_ways, peft_config
 from safetensors.numpy import load_file
 
 import minilora as ml
@@ -193,15 +194,6 @@ def oracle():
     return torch, peft, TorchGPT, load_minilora_state, minilora_name
 
 
-def peft_config(peft, config):
-    return peft.LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
-        lora_dropout=0.0,
-    )
-
-
 @pytest.mark.oracle
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_logits_and_gradients_match_peft(oracle, dtype):
@@ -231,33 +223,12 @@ def test_logits_and_gradients_match_peft(oracle, dtype):
 
 @pytest.mark.oracle
 def test_adapter_folders_cross_both_ways(oracle, tmp_path):
-    torch, peft, TorchGPT, load_minilora_state, _ = oracle
-    # minilora -> PEFT
+    torch, peft = oracle[:2]
     model = adapted_model(np.float32)
     randomize_adapters(model, 5)
-    checkpoint.save_adapter(model, tmp_path / "ours", CONFIG)
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    loaded = peft.PeftModel.from_pretrained(port, tmp_path / "ours").eval()
-    with torch.no_grad():
-        want = loaded(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4)
-    # PEFT -> minilora
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    pm = peft.get_peft_model(port, peft_config(peft, CONFIG))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.5)
-    pm.save_pretrained(tmp_path / "theirs")
-    with torch.no_grad():
-        want = pm.eval()(torch.tensor(IDX))[0].numpy()
-    checkpoint.load_adapter(base, tmp_path / "theirs")
+    cross_both_ways(torch, peft, model, CONFIG, base, tmp_path, IDX, std=0.5)
     assert isinstance(base.tok_emb, LoRAEmbedding)
-    np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
+from peft_helpers import cross_both_ways, peft_config
 
 import minilora as ml
 from minilora import accounting, checkpoint, patterns
@@ -200,19 +201,6 @@ def oracle():
     return torch, peft, TorchGPT, load_minilora_state
 
 
-def peft_config(peft, config: LoRAConfig):
-    return peft.LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
-        lora_dropout=0.0,
-        rank_pattern=dict(config.rank_pattern),
-        alpha_pattern=dict(config.alpha_pattern),
-        layers_to_transform=config.layers_to_transform,
-        layers_pattern=config.layers_pattern,
-    )
-
-
 @pytest.mark.oracle
 def test_pattern_rules_agree_with_peft(oracle):
     from peft.tuners.tuners_utils import check_target_module_exists
@@ -257,31 +245,10 @@ def test_peft_builds_the_same_layers_and_computes_the_same_logits(oracle, config
 @pytest.mark.oracle
 @pytest.mark.parametrize("config", [PATTERNED, LAYERED], ids=["patterned", "layered"])
 def test_adapter_folders_cross_both_ways(oracle, tmp_path, config):
-    torch, peft, TorchGPT, load_minilora_state = oracle
+    torch, peft = oracle[:2]
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    # minilora -> PEFT
     model = adapted(config)
     randomize_adapters(model, 3)
-    checkpoint.save_adapter(model, tmp_path / "ours", config)
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    loaded = peft.PeftModel.from_pretrained(port, tmp_path / "ours").eval()
-    with torch.no_grad():
-        want = loaded(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4)
-    # PEFT -> minilora
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    pm = peft.get_peft_model(port, peft_config(peft, config))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.3)
-    pm.save_pretrained(tmp_path / "theirs")
-    with torch.no_grad():
-        want = pm.eval()(torch.tensor(IDX))[0].numpy()
-    loaded_config = checkpoint.load_adapter(base, tmp_path / "theirs")
+    read = cross_both_ways(torch, peft, model, config, base, tmp_path, IDX, std=0.3)
     assert ranks(base) == ranks(model)
-    assert loaded_config.rank_pattern == config.rank_pattern
-    np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+    assert read.rank_pattern == config.rank_pattern

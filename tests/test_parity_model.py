@@ -23,6 +23,7 @@ import pytest
 from helpers import TINY_2x2
 from hypothesis import given
 from hypothesis import strategies as st
+from peft_helpers import peft_config
 from strategies import gpt_configs, lora_configs, token_batches
 
 import minilora as ml
@@ -89,19 +90,6 @@ def randomize(model: ml.Module, seed: int) -> None:
         if leaf == "lora_B":
             values /= (model.get_submodule(owner) if owner else model).scaling
         p.data[...] = values
-
-
-def peft_config(peft, config: ml.LoRAConfig):
-    """PEFT's LoraConfig for a minilora LoRAConfig (PEFT spells the kaiming init True)."""
-    return peft.LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
-        lora_dropout=0.0,
-        bias=config.bias,
-        use_rslora=config.use_rslora,
-        init_lora_weights=True if config.init_lora_weights == "kaiming" else "gaussian",
-    )
 
 
 def run_both(model, port, idx, targets, dtype):
