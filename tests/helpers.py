@@ -52,3 +52,25 @@ def snapshot(model: ml.Module) -> dict:
         },
         "lora": [(path, layer.r, layer.merged) for path, layer in lora_layers(model)],
     }
+
+
+def adapted(config, dtype=np.float64, seed: int = 0) -> ml.Module:
+    """TINY_2x2 with random weights and ``apply_lora(config)`` on top."""
+    model = randomize_weights(make_gpt(TINY_2x2, seed, dtype), seed)
+    ml.apply_lora(model, config)
+    return model
+
+
+def randomize_trainable(model: ml.Module, seed: int, std: float) -> None:
+    """Every trainable parameter drawn from N(0, std²): an adapter as after training."""
+    rng = np.random.default_rng(seed)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data[...] = rng.normal(0, std, p.shape)
+
+
+def logits_of(model: ml.Module, idx) -> np.ndarray:
+    """The model's logits on ``idx`` in eval mode, without a graph, as a host array."""
+    model.eval()
+    with ml.no_grad():
+        return ml.backend.to_numpy(model(idx)[0].data)

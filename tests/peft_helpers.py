@@ -4,7 +4,7 @@ PEFT's ``LoraConfig`` for a minilora ``LoRAConfig``, and an adapter folder sent 
 from __future__ import annotations
 
 import numpy as np
-from helpers import TINY_2x2
+from helpers import TINY_2x2, logits_of
 
 import minilora as ml
 from minilora import checkpoint
@@ -25,12 +25,6 @@ def peft_config(peft, config: ml.LoRAConfig):
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-
-
-def logits_of(model, idx) -> np.ndarray:
-    model.eval()
-    with ml.no_grad():
-        return ml.backend.to_numpy(model(idx)[0].data)
 
 
 def cross_both_ways(torch, peft, model, config, base, folder, idx, std: float):

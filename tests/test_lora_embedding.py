@@ -9,7 +9,14 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_2x2, make_gpt, randomize_weights
+from helpers import (
+    TINY_2x2,
+    adapted,
+    logits_of,
+    make_gpt,
+    randomize_trainable,
+    randomize_weights,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft_helpers import cross_both_ways, peft_config
@@ -34,25 +41,6 @@ from minilora.nn import Embedding
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 TARGETS_OUT = np.array([[4, 1, 0, 9, 3, 2], [1, 4, 2, 10, 5, 7]], dtype=np.int64)
 CONFIG = LoRAConfig(r=2, lora_alpha=4, target_modules=["tok_emb", "q_proj"])
-
-
-def adapted_model(dtype=np.float64, config=CONFIG, seed=0):
-    model = randomize_weights(make_gpt(TINY_2x2, seed, dtype), seed)
-    apply_lora(model, config)
-    return model
-
-
-def randomize_adapters(model, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            p.data[...] = rng.normal(0, 0.5, p.shape)
-
-
-def logits_of(model) -> np.ndarray:
-    model.eval()
-    with ml.no_grad():
-        return model(IDX)[0].data
 
 
 # --------------------------------------------------------------------------------------
@@ -101,9 +89,9 @@ def test_lora_embedding_refuses_wrong_shapes_and_float_ids():
 
 def test_peft_init_zero_init_equivalence_and_trainable_set():
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    want = logits_of(base)
-    model = adapted_model(np.float32)
-    np.testing.assert_array_equal(logits_of(model), want)
+    want = logits_of(base, IDX)
+    model = adapted(CONFIG, np.float32)
+    np.testing.assert_array_equal(logits_of(model, IDX), want)
     emb = model.tok_emb
     assert isinstance(emb, LoRAEmbedding) and emb.scaling == 2.0
     assert emb.lora_embedding_A.shape == (2, 11) and emb.lora_embedding_B.shape == (8, 2)
@@ -118,33 +106,33 @@ def test_peft_init_zero_init_equivalence_and_trainable_set():
 
 
 def test_trainable_count_is_r_times_v_plus_c_plus_the_linear_adapters():
-    model = adapted_model()
+    model = adapted(CONFIG)
     V, C, L, r = 11, 8, 2, 2
     assert count_parameters(model)[0] == r * (V + C) + L * r * (C + C)
 
 
 def test_merge_unmerge_and_unload_are_exact():
-    model = adapted_model()
-    randomize_adapters(model, 1)
-    unmerged = logits_of(model)
+    model = adapted(CONFIG)
+    randomize_trainable(model, 1, 0.5)
+    unmerged = logits_of(model, IDX)
     with disable_adapters(model):
-        assert not np.allclose(logits_of(model), unmerged)
+        assert not np.allclose(logits_of(model, IDX), unmerged)
     W0 = model.tok_emb.weight.data.copy()
     emb = model.tok_emb
     merge_lora(model)
     delta = emb.scaling * emb.lora_embedding_A.data.T @ emb.lora_embedding_B.data.T  # (V, C)
     np.testing.assert_allclose(emb.weight.data, W0 + delta, rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
     unmerge_lora(model)
     np.testing.assert_allclose(emb.weight.data, W0, rtol=1e-14, atol=1e-14)
     merge_and_unload(model)
     assert type(model.tok_emb) is Embedding and not adapted_layers(model)
-    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
 
 
 def test_a_training_step_leaves_the_embedding_table_alone():
-    model = adapted_model()
-    randomize_adapters(model, 2)
+    model = adapted(CONFIG)
+    randomize_trainable(model, 2, 0.5)
     W0 = model.tok_emb.weight.data.copy()
     A0 = model.tok_emb.lora_embedding_A.data.copy()
     model.train()
@@ -157,8 +145,8 @@ def test_a_training_step_leaves_the_embedding_table_alone():
 
 
 def test_adapter_files_use_peft_keys_and_round_trip(tmp_path):
-    model = adapted_model(np.float32)
-    randomize_adapters(model, 3)
+    model = adapted(CONFIG, np.float32)
+    randomize_trainable(model, 3, 0.5)
     checkpoint.save_adapter(model, tmp_path, CONFIG)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.tok_emb.lora_embedding_A" in keys
@@ -166,13 +154,13 @@ def test_adapter_files_use_peft_keys_and_round_trip(tmp_path):
     fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
     loaded = checkpoint.load_adapter(fresh, tmp_path)
     assert loaded.target_modules == CONFIG.target_modules
-    np.testing.assert_array_equal(logits_of(fresh), logits_of(model))
+    np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
 
 def test_a_file_with_a_wrong_embedding_rank_is_refused_leaving_the_model(tmp_path):
-    model = adapted_model(np.float32)
+    model = adapted(CONFIG, np.float32)
     checkpoint.save_adapter(model, tmp_path, CONFIG)
-    other = adapted_model(np.float32, LoRAConfig(r=3, lora_alpha=4, target_modules=["tok_emb"]))
+    other = adapted(LoRAConfig(r=3, lora_alpha=4, target_modules=["tok_emb"]), np.float32)
     before = {n: p.data.copy() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match="r="):
         checkpoint.load_adapter(other, tmp_path)
@@ -198,8 +186,8 @@ def oracle():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_logits_and_gradients_match_peft(oracle, dtype):
     torch, peft, TorchGPT, load_minilora_state, minilora_name = oracle
-    model = adapted_model(dtype)
-    randomize_adapters(model, 4)
+    model = adapted(CONFIG, dtype)
+    randomize_trainable(model, 4, 0.5)
     tdtype = {np.float64: torch.float64, np.float32: torch.float32}[dtype]
     port = peft.get_peft_model(TorchGPT(TINY_2x2).to(tdtype), peft_config(peft, CONFIG))
     load_minilora_state(port, model.state_dict())
@@ -224,8 +212,8 @@ def test_logits_and_gradients_match_peft(oracle, dtype):
 @pytest.mark.oracle
 def test_adapter_folders_cross_both_ways(oracle, tmp_path):
     torch, peft = oracle[:2]
-    model = adapted_model(np.float32)
-    randomize_adapters(model, 5)
+    model = adapted(CONFIG, np.float32)
+    randomize_trainable(model, 5, 0.5)
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
     cross_both_ways(torch, peft, model, CONFIG, base, tmp_path, IDX, std=0.5)
     assert isinstance(base.tok_emb, LoRAEmbedding)
@@ -237,7 +225,7 @@ def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"\['tok_emb'\] share their weight"):
         apply_lora(model, CONFIG)
     assert not adapted_layers(model)
-    untied = adapted_model(np.float32)
+    untied = adapted(CONFIG, np.float32)
     checkpoint.save_adapter(untied, tmp_path, CONFIG)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         checkpoint.load_adapter(model, tmp_path)
@@ -246,6 +234,6 @@ def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
 
 
 def test_save_model_refuses_a_model_with_an_embedding_adapter(tmp_path):
-    model = adapted_model(np.float32, LoRAConfig(r=2, target_modules=["tok_emb"]))
+    model = adapted(LoRAConfig(r=2, target_modules=["tok_emb"]), np.float32)
     with pytest.raises(ValueError, match="tok_emb"):
         checkpoint.save_model(model, tmp_path / "m.safetensors")

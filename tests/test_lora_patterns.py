@@ -11,10 +11,17 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
+from helpers import (
+    TINY_2x2,
+    adapted,
+    logits_of,
+    make_gpt,
+    randomize_trainable,
+    randomize_weights,
+    snapshot,
+)
 from peft_helpers import cross_both_ways, peft_config
 
-import minilora as ml
 from minilora import accounting, checkpoint, patterns
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, lora_layers
 
@@ -39,25 +46,6 @@ PATHS = [
     for i in range(2)
     for m in ("attn.q_proj", "attn.v_proj", "mlp.fc1", "mlp.fc2")
 ] + ["lm_head", "tok_emb"]
-
-
-def adapted(config, dtype=np.float32, seed=0):
-    model = randomize_weights(make_gpt(TINY_2x2, seed, dtype), seed)
-    apply_lora(model, config)
-    return model
-
-
-def randomize_adapters(model, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            p.data[...] = rng.normal(0, 0.3, p.shape)
-
-
-def logits_of(model) -> np.ndarray:
-    model.eval()
-    with ml.no_grad():
-        return model(IDX)[0].data
 
 
 def ranks(model) -> dict:
@@ -89,7 +77,7 @@ def test_layer_index_is_found_as_peft_finds_it():
 
 
 def test_apply_lora_gives_each_layer_its_rank_and_alpha():
-    model = adapted(PATTERNED)
+    model = adapted(PATTERNED, np.float32)
     got = ranks(model)
     assert got == {
         "blocks.0.attn.q_proj": (2, 1),
@@ -104,7 +92,7 @@ def test_apply_lora_gives_each_layer_its_rank_and_alpha():
 
 
 def test_layers_to_transform_adapts_only_the_listed_layers():
-    model = adapted(LAYERED)
+    model = adapted(LAYERED, np.float32)
     assert ranks(model) == {"blocks.1.attn.q_proj": (2, 4), "blocks.1.mlp.fc2": (5, 4)}
     as_int = adapted(
         LoRAConfig(r=2, target_modules=["q_proj"], layers_to_transform=0, layers_pattern="blocks")
@@ -113,7 +101,7 @@ def test_layers_to_transform_adapts_only_the_listed_layers():
 
 
 def test_trainable_count_is_the_sum_over_layers_of_r_times_in_plus_out():
-    model = adapted(PATTERNED)
+    model = adapted(PATTERNED, np.float32)
     C = 8
     closed_form = 2 * 2 * (C + C) + 2 * 3 * (C + 4 * C) + 2 * (C + C) + 4 * (C + C)
     assert count_parameters(model)[0] == closed_form
@@ -123,7 +111,9 @@ def test_trainable_count_is_the_sum_over_layers_of_r_times_in_plus_out():
 
 def test_zero_init_equivalence_with_patterns():
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    np.testing.assert_array_equal(logits_of(adapted(PATTERNED)), logits_of(base))
+    np.testing.assert_array_equal(
+        logits_of(adapted(PATTERNED, np.float32), IDX), logits_of(base, IDX)
+    )
 
 
 BAD = {
@@ -163,8 +153,8 @@ def test_layers_that_leave_nothing_are_refused():
 
 @pytest.mark.parametrize("config", [PATTERNED, LAYERED], ids=["patterned", "layered"])
 def test_adapter_files_carry_the_patterns_and_round_trip(tmp_path, config):
-    model = adapted(config)
-    randomize_adapters(model, 1)
+    model = adapted(config, np.float32)
+    randomize_trainable(model, 1, 0.3)
     checkpoint.save_adapter(model, tmp_path, config)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["rank_pattern"] == config.rank_pattern
@@ -173,11 +163,11 @@ def test_adapter_files_carry_the_patterns_and_round_trip(tmp_path, config):
     fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
     assert checkpoint.load_adapter(fresh, tmp_path) == config
     assert ranks(fresh) == ranks(model)
-    np.testing.assert_array_equal(logits_of(fresh), logits_of(model))
+    np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
 
 def test_a_model_whose_ranks_differ_from_the_patterns_is_refused(tmp_path):
-    model = adapted(PATTERNED)
+    model = adapted(PATTERNED, np.float32)
     checkpoint.save_adapter(model, tmp_path, PATTERNED)
     other = adapted(LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"]))
     before = snapshot(other)
@@ -229,7 +219,7 @@ def test_pattern_rules_agree_with_peft(oracle):
 def test_peft_builds_the_same_layers_and_computes_the_same_logits(oracle, config):
     torch, peft, TorchGPT, load_minilora_state = oracle
     model = adapted(config, np.float64)
-    randomize_adapters(model, 2)
+    randomize_trainable(model, 2, 0.3)
     port = peft.get_peft_model(TorchGPT(TINY_2x2).to(torch.float64), peft_config(peft, config))
     load_minilora_state(port, model.state_dict())  # strict: the same layers and shapes
     assert port.get_nb_trainable_parameters() == count_parameters(model)
@@ -239,7 +229,7 @@ def test_peft_builds_the_same_layers_and_computes_the_same_logits(oracle, config
     port.eval()
     with torch.no_grad():
         want = port(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.oracle
@@ -247,8 +237,8 @@ def test_peft_builds_the_same_layers_and_computes_the_same_logits(oracle, config
 def test_adapter_folders_cross_both_ways(oracle, tmp_path, config):
     torch, peft = oracle[:2]
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    model = adapted(config)
-    randomize_adapters(model, 3)
+    model = adapted(config, np.float32)
+    randomize_trainable(model, 3, 0.3)
     read = cross_both_ways(torch, peft, model, config, base, tmp_path, IDX, std=0.3)
     assert ranks(base) == ranks(model)
     assert read.rank_pattern == config.rank_pattern

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
+from helpers import TINY_2x2, logits_of, make_gpt, randomize_weights, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,12 +38,6 @@ def randomize_lambdas(model, seed: int) -> None:
         for leaf in vera.VERA_LEAVES:
             p = getattr(layer, leaf)
             p.data[...] = rng.normal(0, 1.0, p.shape)
-
-
-def logits_of(model) -> np.ndarray:
-    model.eval()
-    with ml.no_grad():
-        return model(IDX)[0].data
 
 
 # --------------------------------------------------------------------------------------
@@ -114,9 +108,9 @@ def test_vera_linear_refuses_a_wrong_shape_naming_it():
 
 def test_zero_init_equivalence_and_only_the_lambdas_train():
     base = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    want = logits_of(base)
+    want = logits_of(base, IDX)
     model, config = vera_model(np.float32)
-    np.testing.assert_array_equal(logits_of(model), want)  # λ_b = 0: bitwise the base
+    np.testing.assert_array_equal(logits_of(model, IDX), want)  # λ_b = 0: bitwise the base
     layer = model.get_submodule("blocks.0.mlp.fc1")
     assert (layer.vera_lambda_b.data == 0).all()
     assert (layer.vera_lambda_d.data == np.float32(0.1)).all()
@@ -167,8 +161,8 @@ def test_a_training_step_changes_only_the_lambdas():
 def test_merge_matches_unmerged_and_unmerge_restores_w():
     model, _ = vera_model(np.float64)
     randomize_lambdas(model, 2)
-    unmerged = logits_of(model)
-    assert not np.allclose(unmerged, logits_of(vera_model(np.float64)[0]))  # visible adapter
+    unmerged = logits_of(model, IDX)
+    assert not np.allclose(unmerged, logits_of(vera_model(np.float64)[0], IDX))  # visible adapter
     layers = dict(vera.vera_layers(model))
     W0 = {p: layer.weight.data.copy() for p, layer in layers.items()}
     vera.merge_vera(model)
@@ -178,11 +172,11 @@ def test_merge_matches_unmerged_and_unmerge_restores_w():
             layer.vera_lambda_d.data[:, None] * A
         )
         np.testing.assert_allclose(layer.weight.data, want, rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
     vera.unmerge_vera(model)
     for p, layer in layers.items():
         np.testing.assert_allclose(layer.weight.data, W0[p], rtol=1e-14, atol=1e-14)
-    np.testing.assert_allclose(logits_of(model), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
 
 
 def test_a_merged_layer_refuses_to_train():
@@ -234,7 +228,7 @@ def test_save_and_load_round_trip_with_and_without_projections(tmp_path):
         fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
         loaded = vera.load_vera(fresh, folder)
         assert loaded == config
-        np.testing.assert_array_equal(logits_of(fresh), logits_of(model))
+        np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
 
 BAD_FILES = {
@@ -357,7 +351,7 @@ def test_minilora_vera_folder_loads_in_peft(oracle, tmp_path, save_projection):
     loaded = peft.PeftModel.from_pretrained(port, tmp_path).eval()
     with torch.no_grad():
         want = loaded(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.oracle
@@ -380,7 +374,7 @@ def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
         want = pm(torch.tensor(IDX))[0].numpy()
     config = vera.load_vera(base, tmp_path)
     assert (config.r, config.projection_prng_key) == (4, 11)
-    np.testing.assert_allclose(logits_of(base), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits_of(base, IDX), want, rtol=1e-4, atol=1e-4)
 
 
 def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
