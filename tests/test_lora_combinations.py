@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 import safetensors.numpy
-from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
+from helpers import TINY_2x2, logits_of, make_gpt, randomize_weights, snapshot
 
 import minilora as ml
 from minilora import checkpoint, multi_adapter, vera
@@ -44,12 +44,6 @@ def base(dtype=np.float32):
     return randomize_weights(make_gpt(TINY_2x2, 0, dtype), 0)
 
 
-def logits_of(model) -> np.ndarray:
-    model.eval()
-    with ml.no_grad():
-        return model(IDX)[0].data
-
-
 def randomize_adapters(model, seed: int) -> None:
     rng = np.random.default_rng(seed)
     for _, p in model.named_parameters():
@@ -69,30 +63,30 @@ def ranks(model) -> dict:
 def test_dora_with_patterns_gives_each_layer_its_rank_and_round_trips(tmp_path):
     config = LoRAConfig(**PATTERNS, use_dora=True)
     model = base(np.float64)
-    want = logits_of(model)
+    want = logits_of(model, IDX)
     apply_lora(model, config)
     assert ranks(model) == WANT_RANKS
     for path, layer in lora_layers(model):
         r, out_f = WANT_RANKS[path][0], layer.weight.shape[0]
         assert layer.use_dora and layer.lora_A.shape == (r, layer.weight.shape[1])
         assert layer.lora_magnitude_vector.shape == (out_f,)
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-12, atol=1e-12)  # m/‖·‖ = 1
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-12, atol=1e-12)  # m/‖·‖ = 1
     randomize_adapters(model, 1)
-    trained = logits_of(model)
+    trained = logits_of(model, IDX)
     checkpoint.save_adapter(model, tmp_path, config)
     fresh = base(np.float64)
     assert checkpoint.load_adapter(fresh, tmp_path) == config
     assert ranks(fresh) == WANT_RANKS
-    np.testing.assert_array_equal(logits_of(fresh), trained)
+    np.testing.assert_array_equal(logits_of(fresh, IDX), trained)
     ml.merge_lora(fresh)
-    np.testing.assert_allclose(logits_of(fresh), trained, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(logits_of(fresh, IDX), trained, rtol=1e-10, atol=1e-10)
 
 
 def test_pissa_with_patterns_inits_each_layer_at_its_own_rank():
     config = LoRAConfig(**PATTERNS, init_lora_weights="pissa")
     model = base(np.float64)
     original = {p: model.get_submodule(p).weight.data.copy() for p in WANT_RANKS}
-    want = logits_of(model)
+    want = logits_of(model, IDX)
     apply_lora(model, config)
     assert ranks(model) == WANT_RANKS
     for path, layer in lora_layers(model):
@@ -103,7 +97,7 @@ def test_pissa_with_patterns_inits_each_layer_at_its_own_rank():
         rebuilt = layer.weight.data + layer.get_delta_weight()
         np.testing.assert_allclose(rebuilt, original[path], rtol=1e-12, atol=1e-12)
         assert np.linalg.matrix_rank(layer.get_delta_weight()) == r
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-10, atol=1e-10)
 
 
 def test_pissa_with_patterns_converts_to_plain_lora_at_twice_each_rank(tmp_path):
@@ -125,7 +119,8 @@ def test_pissa_with_patterns_converts_to_plain_lora_at_twice_each_rank(tmp_path)
     loaded = checkpoint.load_adapter(original, tmp_path / "lora")
     assert loaded.init_lora_weights == "kaiming"
     assert ranks(original) == {p: (2 * r, 2 * a) for p, (r, a) in WANT_RANKS.items()}
-    np.testing.assert_allclose(logits_of(original), logits_of(model), rtol=1e-5, atol=1e-5)
+    want = logits_of(model, IDX)
+    np.testing.assert_allclose(logits_of(original, IDX), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.oracle
@@ -154,7 +149,7 @@ def test_peft_builds_the_same_dora_layers_with_patterns_and_computes_the_same_lo
     port.eval()
     with torch.no_grad():
         want = port(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits_of(model), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------
