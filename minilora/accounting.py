@@ -428,7 +428,8 @@ def trace_step(
     runs on now, ``functional.get_ops()``). They differ in attention only: the reference
     multiplies over the whole T×T square and saves P; the fast path multiplies each block
     of query rows with its key prefix only, saves a log-sum-exp per row instead of P, and
-    recomputes each block's scores in the backward.
+    recomputes each block's scores in the backward, except at T <= 64 (one block), where it
+    saves P and recomputes nothing (``fast.keeps_probabilities``).
     """
     s, spec = _shape(shape), _spec(lora)
     ops = F.get_ops() if ops is None else F._check_ops(ops, "trace_step: ops")
@@ -501,6 +502,7 @@ def trace_step(
         products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.query_blocks(T)]
     else:
         products = [2 * B * T * T * C]
+    keeps_p = ops == "reference" or fast.keeps_probabilities(T)  # else lse, P recomputed
 
     def attention(key, q, k, v):  # saves q, k, v and P (B, nh, T, T), or lse (B, nh, T)
         for f in products:
@@ -509,14 +511,14 @@ def trace_step(
         (q, q_rg), (k, k_rg), (v, v_rg) = q, k, v
         if not (q_rg or k_rg or v_rg):
             return key + ".out", False
-        if ops == "fast":
-            save(key + ".lse", B * nh * T)
-        else:
+        if keeps_p:
             save(key + ".P", B * nh * T * T)
+        else:
+            save(key + ".lse", B * nh * T)
         for t in (q, k, v):
             save(t, N * C)
         for f in products:
-            if ops == "fast":  # P recomputed from q, k and lse
+            if not keeps_p:  # P recomputed from q, k and lse
                 mm("backward", "attention.scores", f)
             if v_rg:
                 mm("backward", "attention.dv", f)

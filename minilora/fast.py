@@ -19,8 +19,8 @@ CUDA kernel gets for free and NumPy does not:
   -inf through a boolean index);
 * **less work and memory by blocks**: causal attention takes the queries 64 rows at a
   time against their key prefix, never computing the future above the diagonal blocks,
-  and keeps a log-sum-exp per row instead of the T×T probabilities (recomputed in the
-  backward).
+  and, beyond one block of rows, keeps a log-sum-exp per row instead of the T×T
+  probabilities (recomputed in the backward).
 
 Importing minilora registers these classes in ``functional.FAST_OPS``; they run unless
 ``MINILORA_OPS=reference`` or ``functional.set_ops("reference")``. Measurements of what
@@ -206,6 +206,12 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
     return [(i, min(i + QUERY_ROWS, T)) for i in range(0, T, QUERY_ROWS)]
 
 
+def keeps_probabilities(T: int) -> bool:
+    """Whether causal attention at length T keeps P for its backward (one query block, at
+    most QUERY_ROWS² per head) instead of a log-sum-exp and P recomputed from q and k."""
+    return T <= QUERY_ROWS
+
+
 class CausalSelfAttention(F.CausalSelfAttention):
     """``functional.CausalSelfAttention`` by blocks of query rows, never forming the future.
 
@@ -217,9 +223,12 @@ class CausalSelfAttention(F.CausalSelfAttention):
     Nothing of size T×T is kept: the forward saves q, k, v and each row's log-sum-exp,
     lse = max + log Σ exp(S - max) (B, nh, T), and the backward recomputes each block's
     P = exp(S - lse) from q and k (one more product, recorded as a backward
-    ``attention.scores``). A block holds whole rows of P and dP, so softmax's backward
-    needs no saved output: D = Σ_row dP·P, dS = P · (dP - D), as in the reference (equal
-    to FlashAttention-2's D = Σ_row dO·O, since dP = dO vᵀ and O = P v).
+    ``attention.scores``). Except when T fits in one block (:func:`keeps_probabilities`):
+    then P is at most QUERY_ROWS² per head, the forward keeps it as the reference op does,
+    and the backward uses it, without the recomputed product. A block holds whole rows of
+    P and dP, so softmax's backward needs no saved output: D = Σ_row dP·P,
+    dS = P · (dP - D), as in the reference (equal to FlashAttention-2's D = Σ_row dO·O,
+    since dP = dO vᵀ and O = P v).
     """
 
     def forward(self, q, k, v):
@@ -228,7 +237,8 @@ class CausalSelfAttention(F.CausalSelfAttention):
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
         y = xp.empty_like(q)  # (B, nh, T, hs)
-        lse = xp.empty(q.shape[:3], dtype=q.dtype)  # (B, nh, T)
+        self.P = None
+        self.lse = None if keeps_probabilities(T) else xp.empty(q.shape[:3], dtype=q.dtype)
         for i0, i1 in query_blocks(T):
             s = self._scores(q, k, i0, i1)  # (B, nh, n, i1), n = i1 - i0
             m = _max_keepdims(s, -1)  # (B, nh, n, 1)
@@ -236,9 +246,11 @@ class CausalSelfAttention(F.CausalSelfAttention):
             xp.exp(s, out=s)
             total = s.sum(axis=-1, keepdims=True)
             s /= total  # P of these rows
-            lse[:, :, i0:i1] = (m + xp.log(total))[..., 0]
+            if self.lse is None:
+                self.P = s  # (B, nh, T, T): the one block
+            else:
+                self.lse[:, :, i0:i1] = (m + xp.log(total))[..., 0]
             y[:, :, i0:i1] = mm(s, v[:, :, :i1], "attention.values")  # (B, nh, n, hs)
-        self.lse = lse
         self.q, self.k, self.v = q, k, v
         return y
 
@@ -259,9 +271,11 @@ class CausalSelfAttention(F.CausalSelfAttention):
         dv = xp.zeros_like(v) if need_v else None
         for i0, i1 in query_blocks(q.shape[2]):
             gb = g[:, :, i0:i1]  # (B, nh, n, hs)
-            p = self._scores(q, k, i0, i1)
-            p -= self.lse[:, :, i0:i1, None]
-            xp.exp(p, out=p)  # P (B, nh, n, i1), again
+            p = self.P
+            if p is None:
+                p = self._scores(q, k, i0, i1)
+                p -= self.lse[:, :, i0:i1, None]
+                xp.exp(p, out=p)  # P (B, nh, n, i1), again
             if need_v:
                 dv[:, :, :i1] += mm(F._swap(p), gb, "attention.dv")
             if need_q or need_k:

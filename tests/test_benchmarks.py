@@ -138,11 +138,63 @@ def test_report_collects_results_and_the_gpu_file(bench_module, tmp_path):
         )
     )
     (tmp_path / "gpu_vs_cpu.json").write_text(json.dumps({"speedup": 3.0}))
-    skip = "train_step,lora_vs_full,inference,breakdown"
-    report = run_quick(bench_module, "report", tmp_path, "--skip", skip)
+    report = run_quick(bench_module, "report", tmp_path, "--skip", SKIP_ALL)
     assert report["gpu_vs_cpu"] == {"speedup": 3.0}
     assert [t["met"] for t in report["targets"]] == ["met", "met"]
     assert report["failed_scripts"] == []
+
+
+SKIP_ALL = "train_step,lora_vs_full,inference,breakdown,generate,seq_len"
+
+
+def test_report_reads_issue_15_targets_from_generate_seq_len_and_train_step(bench_module, tmp_path):
+    """Stand-in results of train_step, seq_len and generate: each of issue 15's targets is a
+    row, met or MISSED on its own number (the worst T, config or batch decides)."""
+
+    def ratios(r):
+        return {"ratio": r, "paired": r}
+
+    def step_row(config, r):
+        return {"config": config, **ratios(r)}
+
+    (tmp_path / "train_step.json").write_text(
+        json.dumps(
+            {
+                "target": {"ratio": 0.95, "met": True},
+                "rows": [step_row("tiny", 2.0), step_row("small", 0.95), step_row("medium", 0.85)],
+            }
+        )
+    )
+
+    def seq_row(T, r, ml_bytes):
+        peak = {"minilora": ml_bytes, "torch_explicit": 300, "torch_sdpa": 200}
+        return {
+            "T": T,
+            "over_torch_sdpa": ratios(r),
+            "over_torch_explicit": ratios(0.5),
+            "peak_step_bytes": peak,
+        }
+
+    (tmp_path / "seq_len.json").write_text(
+        json.dumps({"rows": [seq_row(512, 0.97, 210), seq_row(64, 1.5, 190)]})
+    )
+
+    def gen_row(config, batch, ml, torch):
+        tps = {"minilora": ml, "torch_sdpa": torch}
+        return {"config": config, "batch_size": batch, "torch_sdpa": {}, "tokens_per_s": tps}
+
+    gen = [gen_row("tiny", 1, 90, 100), gen_row("small", 1, 200, 100), gen_row("tiny", 16, 5, 4)]
+    (tmp_path / "generate.json").write_text(json.dumps({"rows": gen}))
+    report = run_quick(bench_module, "report", tmp_path, "--skip", SKIP_ALL)
+    rows = {t["target"]: t for t in report["targets"] if t["target"].startswith("15:")}
+    assert {k: (v["value"], v["met"]) for k, v in rows.items()} == {
+        "15: step / PyTorch (small)": (0.95, "MISSED"),
+        "15: step / PyTorch (medium)": (0.85, "met"),
+        "15: step / PyTorch sdpa (T=512)": (0.97, "met"),
+        "15: peak step memory / PyTorch sdpa": (1.05, "MISSED"),
+        "15: generation tok/s / PyTorch sdpa (B=1)": (0.9, "MISSED"),
+        "15: generation tok/s / PyTorch sdpa (B=16)": (1.25, "met"),
+    }
 
 
 def test_generate_quick_gives_the_tokens_of_pytorch_with_a_kv_cache(bench_module, tmp_path):
