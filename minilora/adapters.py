@@ -184,9 +184,7 @@ def apply_adapters(model: Module, config: AdapterConfig, generator=None) -> list
             "adapter with merge_and_unload first); nothing was changed"
         )
     for path in paths:
-        parent, _, name = path.rpartition(".")
-        layer = AdapterLinear(model.get_submodule(path), config, generator)
-        setattr(model.get_submodule(parent), name, layer)
+        model.set_submodule(path, AdapterLinear(model.get_submodule(path), config, generator))
     mark_only_adapters_as_trainable(model, config.train_layer_norms)
     return paths
 
@@ -325,8 +323,7 @@ def load_adapters(model: Module, path) -> AdapterConfig:
         model.load_state_dict(tensors, strict=False)  # keys and shapes checked above
     except BaseException:  # an array that cannot be cast: put the model back as it was
         for site, layer in adapter_layers(model):
-            parent, _, name = site.rpartition(".")
-            setattr(model.get_submodule(parent), name, layer.to_linear())
+            model.set_submodule(site, layer.to_linear())
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         raise

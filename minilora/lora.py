@@ -465,7 +465,6 @@ def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generat
     biases per ``config.bias``) trainable; no checks (:func:`apply_lora` checks first,
     ``load_adapter`` checks against the file). Returns ``paths``."""
     for path in paths:
-        parent_path, _, name = path.rpartition(".")
         base, own = model.get_submodule(path), config.for_module(path)
         if isinstance(base, Embedding):
             layer = LoRAEmbedding.from_embedding(
@@ -473,7 +472,7 @@ def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generat
             )
         else:
             layer = LoRALinear.from_linear(base, own, generator)
-        setattr(model.get_submodule(parent_path), name, layer)
+        model.set_submodule(path, layer)
     mark_only_lora_as_trainable(model, config.bias)
     return paths
 
@@ -534,9 +533,8 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
     """
     merge_lora(model, safe_merge)
     for path, layer in adapted_layers(model):
-        parent_path, _, name = path.rpartition(".")
         base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
-        setattr(model.get_submodule(parent_path), name, base)
+        model.set_submodule(path, base)
     return model
 
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 from minilora import backend
 from minilora.autograd import Tensor
-from minilora.lora import is_target
 from minilora.nn import Linear, Module, Parameter
-from minilora.quantize import BLOCK_LINEARS
+from minilora.quantize import BLOCK_LINEARS, target_linears
 
 
 class LowRankLinear(Module):
@@ -88,19 +87,11 @@ def svd_compress(model: Module, rank: int, target_modules=BLOCK_LINEARS) -> list
     """Replace every ``Linear`` that ``target_modules`` names by its rank-``rank``
     :class:`LowRankLinear`, in place; returns the replaced paths. Every rank is checked
     before anything changes."""
-    paths = [
-        path
-        for path, m in model.named_modules()
-        if type(m) is Linear and path and is_target(list(target_modules), path)
-    ]
-    if not paths:
-        raise ValueError(f"svd_compress: target_modules={target_modules!r} match no Linear")
+    paths = [path for path, _ in target_linears(model, target_modules, "svd_compress")]
     for path in paths:
         check_svd_rank(rank, model.get_submodule(path).weight.shape, path)
     for path in paths:
-        parent, _, name = path.rpartition(".")
-        layer = LowRankLinear.from_linear(model.get_submodule(path), rank)
-        setattr(model.get_submodule(parent), name, layer)
+        model.set_submodule(path, LowRankLinear.from_linear(model.get_submodule(path), rank))
     return paths
 
 

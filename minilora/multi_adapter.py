@@ -160,17 +160,12 @@ def _check_swappable(shelf: _Shelf, caller: str) -> None:
         )
 
 
-def _put(model: Module, path: str, module: Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
 def _unplug(model: Module, layers: dict) -> None:
     """Put a plain Linear (the same weight and bias objects) in place of each layer (a plain
     Embedding in place of an embedding adapter, which only a refused addition brings)."""
     for path, layer in layers.items():
         base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
-        _put(model, path, base)
+        model.set_submodule(path, base)
 
 
 def _refresh(model: Module, layers: dict) -> None:
@@ -188,7 +183,7 @@ def _plug(model: Module, layers: dict) -> None:
     """Put shelved layers back in the model, as the model is now."""
     _refresh(model, layers)
     for path, layer in layers.items():
-        _put(model, path, layer)
+        model.set_submodule(path, layer)
 
 
 def set_adapter(model: Module, adapter_name: str) -> None:

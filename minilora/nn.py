@@ -81,6 +81,12 @@ class Module:
             module = child
         return module
 
+    def set_submodule(self, path: str, module: Module) -> None:
+        """Put ``module`` at the dotted ``path``, replacing what was there (PyTorch's name):
+        how LoRA, adapters, quantization and the SVD swap a layer for their own."""
+        parent, _, name = path.rpartition(".")
+        setattr(self.get_submodule(parent), name, module)
+
     # ---- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

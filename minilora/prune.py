@@ -27,9 +27,8 @@ import dataclasses
 
 from minilora import backend
 from minilora.autograd import no_grad
-from minilora.lora import is_target
 from minilora.nn import Linear, Module, ModuleList, Parameter
-from minilora.quantize import BLOCK_LINEARS
+from minilora.quantize import BLOCK_LINEARS, target_linears
 
 SCOPES = ("layer", "global")
 
@@ -45,17 +44,6 @@ def _check_sparsity(sparsity) -> float:
 def n_pruned(sparsity: float, n: int) -> int:
     """How many of ``n`` values a ``sparsity`` removes: round(sparsity · n), half up."""
     return int(sparsity * n + 0.5)
-
-
-def _target_linears(model: Module, target_modules) -> list[tuple[str, Linear]]:
-    found = [
-        (path, m)
-        for path, m in model.named_modules()
-        if type(m) is Linear and path and is_target(list(target_modules), path)
-    ]
-    if not found:
-        raise ValueError(f"target_modules={target_modules!r} match no Linear")
-    return found
 
 
 def _smallest(magnitudes, k: int):
@@ -75,7 +63,7 @@ def prune_connections(
     sparsity = _check_sparsity(sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} must be one of {SCOPES}")
-    layers = _target_linears(model, target_modules)
+    layers = target_linears(model, target_modules, "prune_connections")
     if scope == "layer":
         masks = [
             _smallest(abs(m.weight.data).reshape(-1), n_pruned(sparsity, m.weight.size))
@@ -110,7 +98,7 @@ def sparsity_report(model: Module, target_modules=BLOCK_LINEARS) -> dict:
     "zeros": Z, "size": N, "sparsity": Z / N}``."""
     layers = {
         path: (int((m.weight.data == 0).sum()), int(m.weight.size))
-        for path, m in _target_linears(model, target_modules)
+        for path, m in target_linears(model, target_modules, "sparsity_report")
     }
     zeros = sum(z for z, _ in layers.values())
     size = sum(n for _, n in layers.values())

@@ -147,9 +147,8 @@ def apply_qlora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
             "quantize the model first (minilora.quantize.quantize_model)"
         )
     for path, layer in layers:
-        parent, _, name = path.rpartition(".")
         adapter = QLoRALinear.from_quantized(layer, config.for_module(path), generator)
-        setattr(model.get_submodule(parent), name, adapter)
+        model.set_submodule(path, adapter)
     mark_only_lora_as_trainable(model, config.bias)
     return [path for path, _ in layers]
 
@@ -160,7 +159,6 @@ def merge_qlora(model: Module, requantize: bool = True) -> Module:
     (:meth:`QLoRALinear.merged_linear`, exact). Returns ``model``."""
     for path, layer in lora_layers(model):
         if isinstance(layer, QLoRALinear):
-            parent, _, name = path.rpartition(".")
             merged = layer.requantized() if requantize else layer.merged_linear()
-            setattr(model.get_submodule(parent), name, merged)
+            model.set_submodule(path, merged)
     return model

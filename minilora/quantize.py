@@ -307,6 +307,19 @@ def quantized_layers(model: Module) -> list[tuple[str, Module]]:
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
 
+def target_linears(model: Module, target_modules, caller: str) -> list[tuple[str, Linear]]:
+    """(path, layer) for every plain ``Linear`` that ``target_modules`` names (PEFT's rule,
+    ``lora.is_target``): what quantization, the SVD and pruning act on."""
+    found = [
+        (path, m)
+        for path, m in model.named_modules()
+        if type(m) is Linear and path and is_target(list(target_modules), path)
+    ]
+    if not found:
+        raise ValueError(f"{caller}: target_modules={target_modules!r} match no Linear")
+    return found
+
+
 def quantize_model(
     model: Module,
     quant_type: str = "nf4",
@@ -318,17 +331,10 @@ def quantize_model(
     :class:`QuantizedLinear` (``block_size`` as in :meth:`QuantizedLinear.from_linear`), in
     place; returns the replaced paths."""
     check_quant_type(quant_type)
-    paths = [
-        path
-        for path, m in model.named_modules()
-        if type(m) is Linear and path and is_target(list(target_modules), path)
-    ]
-    if not paths:
-        raise ValueError(f"quantize_model: target_modules={target_modules!r} match no Linear")
+    paths = [path for path, _ in target_linears(model, target_modules, "quantize_model")]
     for path in paths:
-        parent, _, name = path.rpartition(".")
         layer = QuantizedLinear.from_linear(
             model.get_submodule(path), quant_type, block_size, double_quant
         )
-        setattr(model.get_submodule(parent), name, layer)
+        model.set_submodule(path, layer)
     return paths

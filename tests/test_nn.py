@@ -86,6 +86,19 @@ def test_named_modules_and_get_submodule_follow_design_paths(config, seed):
         model.get_submodule("blocks.nope")
 
 
+def test_set_submodule_replaces_the_layer_at_a_path_and_nothing_else():
+    model = make_gpt(minilora.GPTConfig(vocab_size=5, block_size=4, n_layer=2, n_head=1, n_embd=4))
+    before = dict(model.named_modules())
+    new = Linear(4, 4)
+    model.set_submodule("blocks.1.attn.q_proj", new)
+    after = dict(model.named_modules())
+    assert after["blocks.1.attn.q_proj"] is new
+    assert all(after[p] is m for p, m in before.items() if not p.startswith("blocks.1.attn"))
+    assert after["blocks.0.attn.q_proj"] is before["blocks.0.attn.q_proj"]
+    with pytest.raises(KeyError, match="nope"):
+        model.set_submodule("blocks.nope.q_proj", new)
+
+
 @given(
     in_f=st.integers(1, 6),
     out_f=st.integers(1, 6),
