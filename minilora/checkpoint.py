@@ -661,12 +661,7 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
     and every problem. Each key is honoured, known to be harmless, or refused when set.
     ``conv1d``: the adapter is GPT-2's, whose Conv1D layers PEFT adapts with
     ``fan_in_fan_out`` true whatever the file says (hf_gpt2 maps them)."""
-    try:
-        raw = json.loads(data)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError(f"load_adapter: {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"load_adapter: {path} must hold a JSON object, got {type(raw).__name__}")
+    raw = json_object(path, data, "load_adapter")
 
     problems = []
     if raw.get("peft_type") != "LORA":
@@ -690,7 +685,7 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
     if conv1d and not isinstance(raw.get("fan_in_fan_out", True), bool):
         problems.append(f"fan_in_fan_out={raw['fan_in_fan_out']!r} must be true or false")
     for key, value in sorted(raw.items()):
-        if key not in read | _PEFT_HARMLESS and not _unset(value):
+        if key not in read | _PEFT_HARMLESS and not unset(value):
             problems.append(
                 f"{key}={value!r} is not supported by minilora (a PEFT option it does not "
                 "implement would make the adapter compute something else); it must be "
@@ -700,7 +695,7 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
     # plain LoRA (minilora's own models take any pattern, checked by LoRAConfig below)
     for key, name, want in (("rank_pattern", "r", r), ("alpha_pattern", "lora_alpha", alpha)):
         pattern = raw.get(key)
-        if _unset(pattern):
+        if unset(pattern):
             continue
         if not isinstance(pattern, dict):
             problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
@@ -710,12 +705,12 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
                 f"one {name} for every layer ({name}={want!r})"
             )
     layers = raw.get("layers_to_transform")
-    if not _unset(layers) and not (
+    if not unset(layers) and not (
         _index(layers) or (isinstance(layers, list) and all(_index(i) for i in layers))
     ):
         problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
     layers_pattern = raw.get("layers_pattern")
-    if not _unset(layers_pattern) and not (
+    if not unset(layers_pattern) and not (
         isinstance(layers_pattern, str)
         or (isinstance(layers_pattern, list) and all(isinstance(t, str) for t in layers_pattern))
     ):
@@ -744,17 +739,29 @@ def _read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple
     for key in ("lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
-    if not _unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
+    if not unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
         fields["layers_to_transform"] = layers
-        fields["layers_pattern"] = None if _unset(layers_pattern) else layers_pattern
+        fields["layers_pattern"] = None if unset(layers_pattern) else layers_pattern
     try:
         LoRAConfig(**fields)  # the remaining checks (bias, dropout); the targets come later
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: {path}: {e}") from None
-    return fields, (None if _unset(layers) else layers, layers_pattern)
+    return fields, (None if unset(layers) else layers, layers_pattern)
 
 
-def _unset(value) -> bool:
+def json_object(path: Path, data, caller: str) -> dict:
+    """``data`` (the bytes or text of ``path``) parsed as a JSON object, or a ValueError
+    naming ``caller``, the file and what is wrong with it."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{caller}: {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{caller}: {path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def unset(value) -> bool:
     return any(value == u and type(value) is type(u) for u in _UNSET)
 
 

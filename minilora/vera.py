@@ -42,7 +42,9 @@ from minilora.checkpoint import (
     _read_file,  # checkpoint's checked readers: one place that parses files
     _read_safetensors,
     atomic_write,
+    json_object,
     serialize,
+    unset,
 )
 from minilora.lora import check_bias_mode, is_target
 from minilora.model import check_positive_int
@@ -475,20 +477,14 @@ def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
     """adapter_config.json as a ``VeraConfig``: every key honoured, harmless, or refused
     when set (ValueError naming the file and every problem). A string ``target_modules``
     is PEFT's regular expression over module paths and becomes the paths it matches."""
-    try:
-        raw = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"load_vera: {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"load_vera: {path} must hold a JSON object")
+    raw = json_object(path, data, "load_vera")
     problems = []
     if raw.get("peft_type") != "VERA":
         problems.append(f"peft_type={raw.get('peft_type')!r}, expected 'VERA'")
     read = {"peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "bias"}
     read |= {"d_initial", "vera_dropout"}  # init and training only, kept in the config
     for key, value in sorted(raw.items()):
-        unset = value is None or value is False or value in ("", [], {})
-        if key not in read | _HARMLESS and not unset:
+        if key not in read | _HARMLESS and not unset(value):
             problems.append(
                 f"{key}={value!r} is not supported by minilora's VeRA; it must be unset"
             )
