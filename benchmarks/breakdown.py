@@ -30,7 +30,7 @@ from common import CONFIGS, ms
 from minilora import AdamW, autograd, backend, fast, functional
 
 DEFAULT_REPEATS = {"tiny": 20, "small": 10, "medium": 6}
-MATMULS = ((backend, "matmul"), (functional, "mm"), (fast, "mm"))
+MATMULS = ((backend, "matmul"), (functional, "mm"), (fast.ops, "mm"))
 
 
 def _function_classes():
@@ -62,7 +62,7 @@ class Instrument:
         self._current = None
 
     def __enter__(self) -> Instrument:
-        # every module's own name for the product (fast.py's attention calls fast.mm)
+        # every module's own name for the product (fast.py's attention calls fast.ops.mm)
         self._saved = [(m, n, getattr(m, n)) for m, n in MATMULS]
         original = backend.matmul
 

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from minilora import GPT, GPTConfig, fast, manual_seed, no_grad  # noqa: E402
 
-fast.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
+fast.process.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -63,7 +63,7 @@ class Bench:
 
 
 CONFIGS = {
-    # the demo's shipped base model and batch (minilora/demo.py)
+    # the demo's shipped base model and batch (minilora/experiments/demo.py)
     "tiny": Bench("tiny", GPTConfig(16, 18, n_layer=2, n_head=4, n_embd=64), 64),
     "small": Bench("small", GPTConfig(64, 64, n_layer=4, n_head=4, n_embd=128), 16),
     "medium": Bench("medium", GPTConfig(64, 128, n_layer=6, n_head=8, n_embd=256), 16),
@@ -95,7 +95,7 @@ _limiter = None  # threadpoolctl's limiter must stay alive for the limit to hold
 def set_threads(n: int, torch_too: bool = True) -> None:
     """Use ``n`` threads in NumPy's BLAS and, if PyTorch is importable, in PyTorch."""
     global _limiter
-    _limiter = fast.set_num_threads(n)
+    _limiter = fast.process.set_num_threads(n)
     if torch_too:
         torch = optional_torch()
         if torch is not None:

@@ -11,13 +11,14 @@ import copy
 import numpy as np
 
 import minilora
-from minilora import backend, data, demo, train
+from minilora import backend, data, train
 from minilora import functional as F
-from minilora.compress import compressed, storage_bytes, stored_parameters
+from minilora.compression.compress import compressed, storage_bytes, stored_parameters
+from minilora.compression.prune import block_importance
+from minilora.compression.qlora import merge_qlora
+from minilora.experiments import demo
 from minilora.lora import LoRAConfig
 from minilora.optim import AdamW
-from minilora.prune import block_importance
-from minilora.qlora import merge_qlora
 
 base = demo.load_base()
 x, y = data.DigitTasks(data.PRETRAIN_TASKS).eval_set(seed=123, n=512)

@@ -23,7 +23,8 @@ import tracemalloc
 import common
 from common import CONFIGS, ms
 
-from minilora import AdamW, LoRAConfig, accounting, apply_lora
+from minilora import AdamW, LoRAConfig, apply_lora
+from minilora.study import accounting
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 VARIANTS = [("full", None, None)] + [

@@ -29,8 +29,8 @@ from minilora import (
     manual_seed,
     merge_lora,
 )
-from minilora.adapters import AdapterConfig, apply_adapters
-from minilora.prefix import PrefixConfig, apply_prefix_tuning
+from minilora.relatives.adapters import AdapterConfig, apply_adapters
+from minilora.relatives.prefix import PrefixConfig, apply_prefix_tuning
 
 P = 8  # prefix length
 SHAPES = {  # (n_layer, n_head, n_embd, T)

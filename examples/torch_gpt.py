@@ -162,7 +162,7 @@ def load_minilora_state(torch_model: nn.Module, state: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------
-# Adapter layers (Houlsby et al. 2019, Lin et al. 2020), as minilora/adapters.py
+# Adapter layers (Houlsby et al. 2019, Lin et al. 2020), as minilora/relatives/adapters.py
 # --------------------------------------------------------------------------------------
 
 ADAPTER_SITES = {"houlsby": ("attn.o_proj", "mlp.fc2"), "lin": ("mlp.fc2",)}
@@ -200,7 +200,7 @@ def apply_adapters(
 ) -> list[str]:
     """Wrap the sublayers ``adapter_type`` names in :class:`AdapterLinear` and freeze all
     but the adapters (and the LayerNorms with ``train_layer_norms``), as
-    ``minilora.adapters.apply_adapters``; returns the adapted paths."""
+    ``minilora.relatives.adapters.apply_adapters``; returns the adapted paths."""
     suffixes = ADAPTER_SITES[adapter_type]
     paths = [p for p, _ in model.named_modules() if p.endswith(tuple("." + s for s in suffixes))]
     for path in paths:
@@ -218,7 +218,7 @@ def apply_adapters(
 
 
 # ======================================================================================
-# Prefix tuning (minilora/prefix.py): the same parameters, names and positions
+# Prefix tuning (minilora/relatives/prefix.py): the same parameters, names and positions
 # ======================================================================================
 
 

@@ -17,10 +17,10 @@ from minilora.lora import (
     print_trainable_parameters,
     unmerge_lora,
 )
-from minilora.loraplus import create_loraplus_optimizer
 from minilora.model import GPT, GPTConfig, KVCache
 from minilora.nn import Linear, Module, Parameter
 from minilora.optim import SGD, AdamW, clip_grad_norm_
+from minilora.variants.loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 

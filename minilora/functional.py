@@ -17,7 +17,7 @@ Conventions, shared by every op:
 Ops are fused at the size a porter would write a kernel: ``linear``, ``lora_linear``,
 ``layer_norm``, ``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``,
 ``embedding`` and ``dropout``. A few of them also have a faster version in
-``minilora/fast.py`` (blocked, in place), used by default and proven equal to the one
+``minilora/fast/ops.py`` (blocked, in place), used by default and proven equal to the one
 here by tests/test_fast.py; ``MINILORA_OPS=reference`` in the environment, or
 :func:`set_ops` ``("reference")``, runs the whole engine on this file alone.
 
@@ -42,7 +42,7 @@ mm = backend.matmul
 
 OPS_CHOICES = ("fast", "reference")
 
-#: Reference op class -> its faster replacement; filled in by minilora/fast.py.
+#: Reference op class -> its faster replacement; filled in by minilora/fast/ops.py.
 FAST_OPS: dict[type, type] = {}
 
 

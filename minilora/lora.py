@@ -26,12 +26,13 @@ import numbers
 import warnings
 from dataclasses import dataclass, field, fields, replace
 
-from minilora import backend, patterns, pissa
+from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, is_grad_enabled
-from minilora.lora_embedding import LoRAEmbedding
 from minilora.model import check_positive_int
 from minilora.nn import Embedding, Linear, Module, Parameter
+from minilora.variants import patterns, pissa
+from minilora.variants.embedding import LoRAEmbedding
 
 BIAS_MODES = ("none", "all", "lora_only")
 LORA_LEAVES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -50,7 +51,7 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
     use_dora: bool = False  # DoRA: a trainable magnitude per output row (docs/math.md#dora)
-    # per-module overrides, matched as PEFT matches them (see minilora/patterns.py)
+    # per-module overrides, matched as PEFT matches them (see minilora/variants/patterns.py)
     rank_pattern: dict = field(default_factory=dict)  # {module pattern: r}
     alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}
     layers_to_transform: int | list[int] | None = None  # adapt targets in these layers only
@@ -371,7 +372,7 @@ def adapted_layers(model: Module):
 
 
 def vera_paths(model: Module) -> list[str]:
-    """The paths of the VeRA layers (:mod:`minilora.vera`, which builds on this module),
+    """The paths of the VeRA layers (:mod:`minilora.variants.vera`, which builds on this module),
     found by their trainable vectors ``vera_lambda_d``/``vera_lambda_b``."""
     names = [n for n, _ in model.named_parameters() if ".vera_lambda_" in n]
     return sorted({n.rpartition(".")[0] for n in names})

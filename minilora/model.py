@@ -37,7 +37,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5  # the eps of every LayerNorm (GPT-2's name)
     tie_word_embeddings: bool = False  # lm_head.weight *is* tok_emb.weight (one Parameter)
     hf_model_type: str | None = None  # "gpt2": loaded from a Hugging Face GPT-2 folder, so
-    # adapters are saved and loaded in GPT-2's module names (minilora/hf_gpt2.py)
+    # adapters are saved and loaded in GPT-2's module names (minilora/interop/hf_gpt2.py)
 
     def __post_init__(self):
         check_sizes("GPTConfig", self)
@@ -116,7 +116,8 @@ class CausalSelfAttention(Module):
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.o_proj = Linear(C, C, bias, init_std=residual_std, dtype=dtype, device=device)
         self.resid_dropout = Dropout(config.dropout)
-        # prefix tuning (minilora/prefix.py): a callable giving this layer's learned keys and
+        # prefix tuning (minilora/relatives/prefix.py): a callable giving this layer's learned
+        # keys and
         # values, or None. Not a Module: its parameters belong to the GPT's ``prefix``
         self.prefix = None
 
@@ -195,7 +196,7 @@ class GPT(Module):
             # one Parameter in two places: both uses add into its one .grad, and
             # named_parameters lists it once, as tok_emb.weight
             self.lm_head.weight = self.tok_emb.weight
-        self.prefix = None  # prefix tuning (minilora/prefix.py): a PrefixEncoder, or None
+        self.prefix = None  # prefix tuning (minilora/relatives/prefix.py): a PrefixEncoder, or None
 
     @property
     def device(self) -> str:
@@ -203,7 +204,8 @@ class GPT(Module):
 
     @property
     def prefix_length(self) -> int:
-        """P, the positions a prefix (minilora/prefix.py) takes before the tokens; 0 without."""
+        """P, the positions a prefix (minilora/relatives/prefix.py) takes before the tokens;
+        0 without."""
         return 0 if self.prefix is None else self.prefix.num_virtual_tokens
 
     @property

@@ -7,7 +7,7 @@ import numpy as np
 from helpers import TINY_2x2, logits_of
 
 import minilora as ml
-from minilora import checkpoint
+from minilora.interop import checkpoint
 
 
 def peft_config(peft, config: ml.LoRAConfig):

@@ -1,6 +1,6 @@
 """Closed-form accounting checked against live models.
 
-Every formula in ``minilora.accounting`` is compared with what an instantiated model has
+Every formula in ``minilora.study.accounting`` is compared with what an instantiated model has
 and does: parameters counted, gradient bytes and optimizer-state bytes read from the
 arrays, the adapter's saved tensors, the arrays the graph keeps for backward, and the
 matrix products the engine records (``backend.counting()``), per name, exactly.
@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from minilora import GPT, SGD, AdamW, GPTConfig, LoRAConfig, apply_lora, backend, lora_state_dict
-from minilora import accounting as acc
 from minilora import functional as F
-from minilora.accounting import LoRASpec, ModelShape
 from minilora.lora import BIAS_MODES, count_parameters, print_trainable_parameters
+from minilora.study import accounting as acc
+from minilora.study.accounting import LoRASpec, ModelShape
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")

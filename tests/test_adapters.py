@@ -10,8 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import backend, checkpoint
-from minilora.adapters import (
+from minilora import backend
+from minilora.gradcheck import gradcheck
+from minilora.interop import checkpoint
+from minilora.lora import LoRAConfig, apply_lora, count_parameters
+from minilora.relatives.adapters import (
     AdapterConfig,
     AdapterLinear,
     adapter_layers,
@@ -21,8 +24,6 @@ from minilora.adapters import (
     load_adapters,
     save_adapters,
 )
-from minilora.gradcheck import gradcheck
-from minilora.lora import LoRAConfig, apply_lora, count_parameters
 
 TYPES = ["houlsby", "lin"]
 IDX = np.array([[1, 2, 3, 0], [0, 6, 6, 5]])

@@ -1,4 +1,4 @@
-"""What LoRA learns (minilora/analysis.py): the LoRA paper's section 7 analyses.
+"""What LoRA learns (minilora/study/analysis.py): the LoRA paper's section 7 analyses.
 
 What is proven: the subspace similarity φ lies in [0, 1], is 1 for a matrix against itself
 and for nested row spaces, 0 for orthogonal ones, depends only on the singular subspaces
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from strategies import rng, seeds
 
 from minilora import backend
-from minilora.analysis import (
+from minilora.study.analysis import (
     amplification_factor,
     amplification_table,
     projection_norm,

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
-from minilora import assignments, cli, grading, vectors
+from minilora import cli
+from minilora.course import assignments, grading
+from minilora.interop import vectors
 
-PACKAGE = Path(assignments.__file__).resolve().parent
+PACKAGE = assignments.PACKAGE_DIR
 FAST = {"a1": None, "a2": None, "a3": None, "a4": "a4.1"}  # a4.2 fine-tunes: its own test
 PACKAGES = [name for name, a in assignments.ASSIGNMENTS.items() if not a.port]
 
@@ -50,7 +52,8 @@ def test_every_task_has_checks_and_every_target_exists():
             assert grading.CHECKS[task.id], task.id
             for target in task.targets:
                 module, qualname = assignments.split_target(target)
-                tree = ast.parse((PACKAGE / f"{module}.py").read_text(encoding="utf-8"))
+                source = (PACKAGE / assignments.target_file(module)).read_text(encoding="utf-8")
+                tree = ast.parse(source)
                 assignments.find_def(tree, qualname)  # raises if missing
     assert set(grading.CHECKS) == {t.id for a in assignments.ASSIGNMENTS.values() for t in a.tasks}
 
@@ -63,7 +66,7 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
     for task in assignment.tasks:
         for target in task.targets:
             module, qualname = assignments.split_target(target)
-            stubbed.setdefault(f"{module}.py", {}).setdefault(qualname, task.id)
+            stubbed.setdefault(assignments.target_file(module), {}).setdefault(qualname, task.id)
     for path in sorted(PACKAGE.rglob("*")):
         if not path.is_file() or "__pycache__" in path.parts:
             continue
@@ -380,14 +383,14 @@ def test_a_students_own_checks_change_nothing(tmp_path, capsys):
     """The checks come from the installed library: a copy whose checks.py passes every task
     is still graded by the real ones."""
     package = assignments.make_copy("a3", tmp_path)
-    (package / "checks.py").write_text(
+    (package / "course" / "checks.py").write_text(
         "import collections\n\n\nclass CheckFailed(Exception):\n    pass\n\n\n"
         "class Context:\n    pass\n\n\nCHECKS = collections.defaultdict(list)\n"
     )
     assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2"]) == 1
     out = capsys.readouterr().out
     assert "not implemented: Task a3.2" in out
-    assert out.strip().endswith("differ from the installed minilora's: checks.py")
+    assert out.strip().endswith("differ from the installed minilora's: course/checks.py")
 
 
 def test_hidden_tests_grade_their_task(tmp_path):
@@ -521,7 +524,7 @@ def test_autograder_zip(tmp_path, capsys):
     with zipfile.ZipFile(out) as z:
         names = set(z.namelist())
         assert {"setup.sh", "run_autograder", "minilora-src/pyproject.toml"} <= names
-        assert "minilora-src/minilora/grading.py" in names
+        assert "minilora-src/minilora/course/grading.py" in names
         assert z.getinfo("run_autograder").external_attr >> 16 == 0o755
         run = z.read("run_autograder").decode()
     assert "minilora grade a3" in run and "/autograder/results/results.json" in run

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tokenizer_files import END_OF_TEXT_ID, VOCAB_SIZE, small_tokenizer, write_small_tokenizer
 
-from minilora.bpe import (
+from minilora.text.bpe import (
     GPT2_PATTERN,
     BPETokenizer,
     FastTokenizer,

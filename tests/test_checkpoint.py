@@ -1,4 +1,4 @@
-"""Checkpoints: model files and PEFT adapter folders (minilora.checkpoint).
+"""Checkpoints: model files and PEFT adapter folders (minilora.interop.checkpoint).
 
 What is promised, and tested here:
 
@@ -32,9 +32,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import adapters, backend, checkpoint, prefix
-from minilora.checkpoint import load_adapter, load_model, save_adapter, save_model
+from minilora import backend
+from minilora.interop import checkpoint
+from minilora.interop.checkpoint import load_adapter, load_model, save_adapter, save_model
 from minilora.lora import lora_layers, merge_lora
+from minilora.relatives import adapters, prefix
 
 IDX = np.array([[1, 2, 3, 4], [7, 0, 5, 6]], dtype=np.int64)
 
@@ -1149,7 +1151,7 @@ def test_interrupted_save_adapter_keeps_both_previous_files(
 KILLED_SAVE = """
 import os, sys
 import minilora as ml
-from minilora import checkpoint
+from minilora.interop import checkpoint
 from minilora.lora import lora_layers
 
 folder, step = sys.argv[1], sys.argv[2]

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from minilora import GPT, GPTConfig
-from minilora import accounting as acc
 from minilora.cli import main
+from minilora.study import accounting as acc
 
 REQUIRED_KEYS = {
     "total_params",

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import checkpoint, cli, demo
+from minilora import cli
 from minilora.cli import main
+from minilora.experiments import demo
+from minilora.interop import checkpoint
 
 PACKAGE = Path(ml.__file__).resolve().parent
 BASE = demo.base_model_path()

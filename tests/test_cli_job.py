@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import backend, checkpoint, demo
+from minilora import backend
 from minilora import train as train_module
 from minilora.cli import main
 from minilora.data import DigitTasks
+from minilora.experiments import demo
+from minilora.interop import checkpoint
 from minilora.train import NonFiniteLossError, train
 
 

@@ -14,9 +14,11 @@ import pytest
 from tokenizer_files import VOCAB_SIZE, write_small_tokenizer
 
 import minilora as ml
-from minilora import backend, checkpoint, text
-from minilora.bpe import load_tokenizer
+from minilora import backend
 from minilora.cli import main
+from minilora.interop import checkpoint
+from minilora.text import corpus as text
+from minilora.text.bpe import load_tokenizer
 
 PACKAGE = Path(ml.__file__).resolve().parent
 # LoRA on the MLP output and the head too: the base is untrained, so the attention

@@ -4,12 +4,13 @@ import json
 
 import pytest
 
-from minilora import backend, compare
-from minilora.adapters import AdapterConfig, adapter_parameter_count
+from minilora import backend
 from minilora.cli import PACKAGE_DIR, main
 from minilora.data import PRETRAIN_TASKS, DigitTasks
-from minilora.demo import load_base
-from minilora.prefix import PrefixConfig, apply_prefix_tuning, prefix_parameter_count
+from minilora.experiments import compare
+from minilora.experiments.demo import load_base
+from minilora.relatives.adapters import AdapterConfig, adapter_parameter_count
+from minilora.relatives.prefix import PrefixConfig, apply_prefix_tuning, prefix_parameter_count
 from minilora.train import evaluate
 
 # a run small enough for the suite: a few steps, a few examples, one point per sweep

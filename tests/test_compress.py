@@ -1,5 +1,6 @@
-"""Network compression: truncated SVD (minilora/lowrank.py), magnitude pruning
-(minilora/prune.py), and the one-call variants and byte counts (minilora/compress.py).
+"""Network compression: truncated SVD (minilora/compression/lowrank.py), magnitude pruning
+(minilora/compression/prune.py), and the one-call variants and byte counts
+(minilora/compression/compress.py).
 
 What is proven: the SVD layer's error is exactly Eckart–Young's (Frobenius: the root sum
 of squares of the dropped singular values; spectral: the first dropped one), its output is
@@ -20,10 +21,9 @@ from hypothesis import strategies as st
 from strategies import rng, seeds
 
 import minilora as ml
-from minilora.compress import METHODS, compressed, storage_bytes, stored_parameters
-from minilora.lora import count_parameters
-from minilora.lowrank import LowRankLinear, low_rank_parameters, svd_compress
-from minilora.prune import (
+from minilora.compression.compress import METHODS, compressed, storage_bytes, stored_parameters
+from minilora.compression.lowrank import LowRankLinear, low_rank_parameters, svd_compress
+from minilora.compression.prune import (
     block_importance,
     csr_nbytes,
     drop_blocks,
@@ -34,7 +34,8 @@ from minilora.prune import (
     reapply_masks,
     sparsity_report,
 )
-from minilora.quantize import BLOCK_LINEARS, quantized_nbytes
+from minilora.compression.quantize import BLOCK_LINEARS, quantized_nbytes
+from minilora.lora import count_parameters
 
 # --------------------------------------------------------------------------------------
 # Truncated SVD

@@ -36,9 +36,11 @@ import standin
 from helpers import TINY_2x2, make_gpt
 
 import minilora as ml
-from minilora import backend, checkpoint, cli, demo
+from minilora import backend, cli
 from minilora import functional as F
 from minilora.data import DigitTasks
+from minilora.experiments import demo
+from minilora.interop import checkpoint
 from minilora.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]

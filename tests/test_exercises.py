@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import accounting, exercises
 from minilora.autograd import Function
+from minilora.course import exercises
+from minilora.study import accounting
 
 
 class Softplus(Function):

@@ -1,4 +1,4 @@
-"""The fast path (minilora/fast.py): each fast op computes what its reference op computes.
+"""The fast path (minilora/fast/ops.py): each fast op computes what its reference op computes.
 
 For every op in ``functional.FAST_OPS``, on random inputs, the fast and reference classes
 give the same output (to rounding: 16 units in the last place of the dtype, relative to the
@@ -80,7 +80,7 @@ SHAPES = {
 def test_every_fast_op_has_a_reference_op_and_shapes_here():
     assert set(F.FAST_OPS) == set(SHAPES)
     for ref, fast_cls in F.FAST_OPS.items():
-        assert issubclass(fast_cls, ref) and fast_cls.__module__ == fast.__name__
+        assert issubclass(fast_cls, ref) and fast_cls.__module__ == fast.ops.__name__
 
 
 @pytest.mark.parametrize("op", list(SHAPES), ids=lambda op: op.__name__)
@@ -114,7 +114,7 @@ def test_the_engine_switches_between_paths():
             assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
             assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELU
         assert F.get_ops() == "fast"  # put back
-        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.GELU
+        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.ops.GELU
         assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
         with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
             F.set_ops("quick")
@@ -135,7 +135,7 @@ def test_minilora_ops_in_the_environment_chooses_the_path(value, ops):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    expected_module = "minilora.functional" if ops == "reference" else "minilora.fast"
+    expected_module = "minilora.functional" if ops == "reference" else "minilora.fast.ops"
     assert run.stdout.split() == [ops, expected_module]
 
 

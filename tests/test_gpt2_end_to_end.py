@@ -26,10 +26,10 @@ from tokenizer_files import END_OF_TEXT_ID, VOCAB_SIZE, write_small_tokenizer
 
 import minilora as ml
 from minilora import backend
-from minilora.bpe import load_tokenizer
-from minilora.checkpoint import load_adapter, load_model
 from minilora.cli import main
+from minilora.interop.checkpoint import load_adapter, load_model
 from minilora.lora import lora_layers
+from minilora.text.bpe import load_tokenizer
 
 torch = pytest.importorskip("torch", reason="GPT-2 tests need PyTorch: pip install -e '.[oracle]'")
 transformers = pytest.importorskip("transformers", reason="GPT-2 tests need transformers")

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 checkpoints and their PEFT adapters (minilora.hf_gpt2, checkpoint).
+"""Hugging Face GPT-2 checkpoints and their PEFT adapters (minilora.interop.hf_gpt2, checkpoint).
 
 Oracle tests: random GPT2LMHeadModel models of two shapes, saved with ``save_pretrained``,
 are loaded by minilora and compared with transformers, and adapters cross over both ways
@@ -24,9 +24,9 @@ from helpers import snapshot
 
 import minilora as ml
 from minilora import backend
-from minilora.accounting import total_params
-from minilora.checkpoint import load_adapter, load_model, save_adapter, save_model
+from minilora.interop.checkpoint import load_adapter, load_model, save_adapter, save_model
 from minilora.lora import count_parameters
+from minilora.study.accounting import total_params
 
 torch = pytest.importorskip("torch", reason="GPT-2 tests need PyTorch: pip install -e '.[oracle]'")
 transformers = pytest.importorskip("transformers", reason="GPT-2 tests need transformers")

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from minilora import backend, little_data
+from minilora import backend
 from minilora.data import DOWNSTREAM_TASK, STOI, DigitTasks, is_held_out
-from minilora.little_data import LittleDataSettings, run_little_data, training_set
+from minilora.experiments import little_data
+from minilora.experiments.little_data import LittleDataSettings, run_little_data, training_set
 
 
 def inputs(x) -> list[tuple[int, ...]]:

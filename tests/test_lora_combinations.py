@@ -16,13 +16,14 @@ import safetensors.numpy
 from helpers import TINY_2x2, logits_of, make_gpt, randomize_weights, snapshot
 
 import minilora as ml
-from minilora import checkpoint, multi_adapter, vera
+from minilora.compression.qlora import QLoRALinear, apply_qlora
+from minilora.compression.quantize import quantize_model
+from minilora.interop import checkpoint
 from minilora.lora import LoRAConfig, adapted_layers, apply_lora, lora_layers
-from minilora.lora_embedding import LoRAEmbedding
-from minilora.loraplus import create_loraplus_optimizer, loraplus_groups
 from minilora.nn import Embedding
-from minilora.qlora import QLoRALinear, apply_qlora
-from minilora.quantize import quantize_model
+from minilora.variants import multi_adapter, vera
+from minilora.variants.embedding import LoRAEmbedding
+from minilora.variants.loraplus import create_loraplus_optimizer, loraplus_groups
 
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 PATTERNS = dict(

@@ -1,4 +1,4 @@
-"""LoRA on the token embedding (minilora/lora_embedding.py): the reference op's backward
+"""LoRA on the token embedding (minilora/variants/embedding.py): the reference op's backward
 against central differences (repeated ids too), PEFT's init (A zero, B normal), zero-init
 equivalence, the parameter count, merge and unmerge, adapter files in PEFT's keys, and PEFT
 parity on the PyTorch port (logits, gradients, folders both ways)."""
@@ -23,8 +23,8 @@ from peft_helpers import cross_both_ways, peft_config
 from safetensors.numpy import load_file
 
 import minilora as ml
-from minilora import checkpoint
 from minilora.gradcheck import gradcheck
+from minilora.interop import checkpoint
 from minilora.lora import (
     LoRAConfig,
     adapted_layers,
@@ -35,8 +35,8 @@ from minilora.lora import (
     merge_lora,
     unmerge_lora,
 )
-from minilora.lora_embedding import LoRAEmbedding, lora_embedding
 from minilora.nn import Embedding
+from minilora.variants.embedding import LoRAEmbedding, lora_embedding
 
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 TARGETS_OUT = np.array([[4, 1, 0, 9, 3, 2], [1, 4, 2, 10, 5, 7]], dtype=np.int64)

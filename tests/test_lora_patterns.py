@@ -1,5 +1,5 @@
 """Per-module ranks and alphas (``rank_pattern``, ``alpha_pattern``) and
-``layers_to_transform`` / ``layers_pattern`` (minilora/patterns.py, LoRAConfig): PEFT's
+``layers_to_transform`` / ``layers_pattern`` (minilora/variants/patterns.py, LoRAConfig): PEFT's
 matching rules, apply_lora honouring them, the parameter count, adapter files that carry
 them, and PEFT parity on the PyTorch port (the same layers, ranks and logits; folders both
 ways)."""
@@ -22,8 +22,10 @@ from helpers import (
 )
 from peft_helpers import cross_both_ways, peft_config
 
-from minilora import accounting, checkpoint, patterns
+from minilora.interop import checkpoint
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, lora_layers
+from minilora.study import accounting
+from minilora.variants import patterns
 
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 PATTERNED = LoRAConfig(

@@ -1,4 +1,4 @@
-"""LoRA+ (minilora.loraplus.create_loraplus_optimizer): B's learning rate is
+"""LoRA+ (minilora.variants.loraplus.create_loraplus_optimizer): B's learning rate is
 ``loraplus_lr_ratio`` times A's; biases, LayerNorm and DoRA's magnitude stay at A's rate.
 
 The groups (every trainable parameter in exactly one, the rates and weight decays), and
@@ -15,7 +15,7 @@ from helpers import TINY_2x2, make_gpt, randomize_weights
 
 import minilora as ml
 from minilora import LoRAConfig
-from minilora.loraplus import create_loraplus_optimizer, loraplus_groups
+from minilora.variants.loraplus import create_loraplus_optimizer, loraplus_groups
 
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
 CONFIG = LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"], bias="all", use_dora=True)

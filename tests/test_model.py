@@ -23,7 +23,7 @@ from minilora import (
     merge_lora,
     no_grad,
 )
-from minilora.accounting import kv_cache_bytes
+from minilora.study.accounting import kv_cache_bytes
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")

@@ -1,4 +1,4 @@
-"""Several named adapters on one model (minilora/multi_adapter.py): add, set, disable,
+"""Several named adapters on one model (minilora/variants/multi_adapter.py): add, set, disable,
 delete, save and load by name, training only the active one, and the combinations
 ``add_weighted_adapter`` "cat" (exactly the weighted sum of the updates) and "svd" (its
 best rank-k approximation, error equal to the singular-value tail), with PEFT as the
@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import checkpoint
+from minilora.interop import checkpoint
 from minilora.lora import apply_lora, disable_adapters, lora_layers, lora_state_dict, merge_lora
-from minilora.multi_adapter import (
+from minilora.nn import Linear
+from minilora.variants.multi_adapter import (
     active_adapter,
     adapter_names,
     add_adapter,
@@ -26,7 +27,6 @@ from minilora.multi_adapter import (
     set_adapter,
     unload,
 )
-from minilora.nn import Linear
 
 COMBINATIONS = ["cat", "svd"]
 IDX = np.array([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]])

@@ -16,22 +16,10 @@ import nbformat
 import pytest
 
 import minilora
-from minilora import (
-    accounting,
-    analysis,
-    autograd,
-    backend,
-    checkpoint,
-    data,
-    demo,
-    functional,
-    gradcheck,
-    lora,
-    model,
-    nn,
-    optim,
-    train,
-)
+from minilora import autograd, backend, data, functional, gradcheck, lora, model, nn, optim, train
+from minilora.experiments import demo
+from minilora.interop import checkpoint
+from minilora.study import accounting, analysis
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from strategies import gpt_configs
 
 import minilora as ml
-from minilora.adapters import AdapterConfig, apply_adapters
+from minilora.relatives.adapters import AdapterConfig, apply_adapters
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch: pip install -e '.[oracle]'")
 

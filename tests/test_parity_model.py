@@ -6,7 +6,7 @@
 * ``LoRALinear`` against PEFT's LoRA layer on the same weights: forward, gradients,
   scaling (rsLoRA too), merge and unmerge, and the initialisation of ``A`` and ``B``;
 * adapters both ways: minilora's folder loads with ``PeftModel.from_pretrained`` and PEFT's
-  ``save_pretrained`` folder loads with ``minilora.checkpoint.load_adapter``, same logits;
+  ``save_pretrained`` folder loads with ``minilora.interop.checkpoint.load_adapter``, same logits;
 * ``SGD`` and ``AdamW`` steps against ``torch.optim``.
 
 Skipped, with the reason, when PyTorch or PEFT is not installed. Tolerances are those of
@@ -27,7 +27,7 @@ from peft_helpers import peft_config
 from strategies import gpt_configs, lora_configs, token_batches
 
 import minilora as ml
-from minilora import checkpoint
+from minilora.interop import checkpoint
 from minilora.lora import lora_layers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT must never try the network

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from strategies import gpt_configs, token_batches
 
 import minilora as ml
-from minilora.prefix import PrefixConfig, apply_prefix_tuning
+from minilora.relatives.prefix import PrefixConfig, apply_prefix_tuning
 
 torch = pytest.importorskip("torch", reason="parity tests need PyTorch: pip install -e '.[oracle]'")
 

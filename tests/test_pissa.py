@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from strategies import seeds
 
 import minilora as ml
-from minilora import LoRAConfig, checkpoint, pissa
+from minilora import LoRAConfig
+from minilora.interop import checkpoint
 from minilora.lora import lora_layers
+from minilora.variants import pissa
 
 pytestmark = pytest.mark.usefixtures("ops")
 

@@ -1,4 +1,4 @@
-"""Prefix tuning (minilora/prefix.py) and the op it adds (functional.cat).
+"""Prefix tuning (minilora/relatives/prefix.py) and the op it adds (functional.cat).
 
 * ``cat``: forward against ``np.concatenate``, backward against central differences on every
   input, frozen inputs getting none; bad shapes refused.
@@ -28,10 +28,11 @@ from hypothesis import strategies as st
 from strategies import arrays, frozen_subsets, gpt_configs, shapes
 
 import minilora as ml
-from minilora import backend, checkpoint, gradcheck
+from minilora import backend, gradcheck
 from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
-from minilora.prefix import (
+from minilora.interop import checkpoint
+from minilora.relatives.prefix import (
     PrefixConfig,
     apply_prefix_tuning,
     collapse_prefix,

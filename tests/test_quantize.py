@@ -1,4 +1,5 @@
-"""Post-training quantization (minilora/quantize.py) and QLoRA (minilora/qlora.py).
+"""Post-training quantization (minilora/compression/quantize.py) and QLoRA
+(minilora/compression/qlora.py).
 
 What is proven: the NF4 table is QLoRA's (its derivation reproduces it, its shape
 properties hold); every code is a nearest level, so the round-trip error is at most half a
@@ -25,9 +26,8 @@ from strategies import rng, seeds
 import minilora as ml
 from minilora import backend
 from minilora import functional as F
-from minilora.lora import count_parameters, lora_layers
-from minilora.qlora import QLoRALinear, apply_qlora, merge_qlora
-from minilora.quantize import (
+from minilora.compression.qlora import QLoRALinear, apply_qlora, merge_qlora
+from minilora.compression.quantize import (
     BITS,
     DQ_BLOCK_SIZE,
     NF4,
@@ -40,6 +40,7 @@ from minilora.quantize import (
     quantize_model,
     quantized_nbytes,
 )
+from minilora.lora import count_parameters, lora_layers
 
 # Float32 rounding of the dequantized product levels[code] · absmax: at most half an ulp
 # of a value no larger than the absmax, 2⁻²⁴ · absmax.

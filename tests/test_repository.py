@@ -217,52 +217,34 @@ __import__("cupyx")
     assert imports(allowed) == []
 
 
-# Each module may import only modules earlier in this order (backend first); the CLI last.
-LAYERS = [
-    "backend",
-    "autograd",
-    "functional",
-    "fast",
-    "gradcheck",
-    "nn",
-    "model",
-    "pissa",
-    "patterns",
-    "lora_embedding",
-    "lora",
-    "multi_adapter",
-    "quantize",
-    "qlora",
-    "lowrank",
-    "prune",
-    "compress",
-    "analysis",
-    "hf_gpt2",
-    "optim",
-    "loraplus",
-    "accounting",
-    "data",
-    "bpe",
-    "train",
-    "text",
-    "checkpoint",
-    "vera",
-    "adapters",
-    "prefix",
-    "vectors",
-    "demo",
-    "compare",
-    "little_data",
-    "exercises",
-    "assignments",
-    "checks",
-    "grading",
-    "cli",
-]
+# The book: the top-level modules a student reads, in reading order. Each imports only
+# modules before it, and no folder (docs/architecture.md, "Who imports whom").
+BOOK = ["backend", "autograd", "functional", "gradcheck", "nn", "model", "lora", "optim", "data",
+        "train"]
+# Each folder may import the book, itself, and the folders listed here; nothing else. The
+# arrows point one way (a test below checks that they form no cycle).
+FOLDER_IMPORTS = {
+    "fast": set(),
+    "variants": set(),
+    "compression": set(),
+    "text": set(),
+    "interop": {"variants"},
+    "relatives": {"interop"},
+    "study": {"fast"},
+    "experiments": {"variants", "relatives", "compression", "interop"},
+    "course": {"fast", "interop", "study", "experiments"},
+    "cli": {"fast", "variants", "relatives", "compression", "interop", "text", "study",
+            "experiments", "course"},
+}
+# The front door (``import minilora``) re-exports the book and two folders: the fast path
+# (importing it registers the fast ops) and the variants (importing them registers DoRA,
+# PiSSA, embedding LoRA and the patterns with the book's apply_lora).
+FRONT_DOOR_IMPORTS = {"fast", "variants"}
 
 
 def minilora_imports(path: Path) -> set[str]:
-    """The minilora modules ``path`` imports (``from minilora import x``, ``minilora.x``)."""
+    """The top-level names of minilora that ``path`` imports: a book module (``from minilora
+    import lora``, ``minilora.lora``) or a folder (``from minilora.interop import x``)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module == "minilora":
@@ -271,22 +253,61 @@ def minilora_imports(path: Path) -> set[str]:
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("minilora.")}
-    return found & set(LAYERS)
+    return found & (set(BOOK) | set(FOLDER_IMPORTS))
+
+
+def import_rule_violations(package: Path) -> list[str]:
+    """Every import in ``package`` that breaks the rules above, as "file -> name"."""
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        imported = minilora_imports(path)
+        if len(relative.parts) == 1:  # the book, or the front door
+            name = relative.stem
+            if name == "__init__":
+                allowed = set(BOOK) | FRONT_DOOR_IMPORTS
+            elif name == "__main__":
+                allowed = {"cli"}
+            else:
+                allowed = set(BOOK[: BOOK.index(name)])
+        else:
+            folder = relative.parts[0]
+            allowed = set(BOOK) | {folder} | FOLDER_IMPORTS[folder]
+        bad += [f"{relative} -> {name}" for name in sorted(imported - allowed)]
+    return bad
+
+
+def test_the_top_level_is_the_book_and_its_folders():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(BOOK), "the top level holds the book only: put a new module in a folder"
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    assert folders == set(FOLDER_IMPORTS), "add a new folder to FOLDER_IMPORTS, with its arrows"
 
 
 def test_imports_flow_one_way():
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
-    assert modules == set(LAYERS), "add a new module to LAYERS, in its place"
-    backwards = {
-        name: sorted(
-            m
-            for m in minilora_imports(PACKAGE / f"{name}.py")
-            if LAYERS.index(m) >= LAYERS.index(name)
-        )
-        for name in LAYERS
-    }
-    assert {k: v for k, v in backwards.items() if v} == {}
+    assert import_rule_violations(PACKAGE) == []
     assert "functional" not in minilora_imports(PACKAGE / "autograd.py")
+
+
+def test_the_folder_arrows_form_no_cycle():
+    order, left = [], dict(FOLDER_IMPORTS)
+    while left:
+        ready = [f for f, deps in left.items() if deps <= set(order)]
+        assert ready, f"the folders {sorted(left)} import each other in a cycle"
+        order += sorted(ready)
+        left = {f: d for f, d in left.items() if f not in ready}
+
+
+def test_the_import_rule_catches_a_book_module_that_imports_a_folder(tmp_path):
+    package = tmp_path / "minilora"
+    (package / "interop").mkdir(parents=True)
+    (package / "interop" / "__init__.py").write_text("")
+    (package / "interop" / "files.py").write_text("from minilora import lora, train\n")
+    (package / "lora.py").write_text(
+        "from minilora.interop import files\nfrom minilora import nn\n"
+    )
+    (package / "nn.py").write_text("from minilora import lora\n")
+    assert import_rule_violations(package) == ["lora.py -> interop", "nn.py -> lora"]
 
 
 def test_the_test_stand_in_device_is_not_named_in_the_package():

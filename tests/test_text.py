@@ -12,9 +12,9 @@ from helpers import make_gpt, randomize_weights
 from tokenizer_files import END_OF_TEXT_ID, VOCAB_SIZE, write_small_tokenizer
 
 from minilora import backend
-from minilora.bpe import BPETokenizer
 from minilora.data import IGNORE_INDEX
-from minilora.text import (
+from minilora.text.bpe import BPETokenizer
+from minilora.text.corpus import (
     PromptResponse,
     TokenStream,
     held_out_loss,

@@ -1,4 +1,4 @@
-"""Reference vectors for porters (minilora.vectors, ``minilora vectors``).
+"""Reference vectors for porters (minilora.interop.vectors, ``minilora vectors``).
 
 What is promised, and tested here:
 
@@ -23,8 +23,9 @@ import pytest
 import safetensors.numpy
 
 import minilora as ml
-from minilora import cli, vectors
+from minilora import cli
 from minilora import functional as F
+from minilora.interop import vectors
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""VeRA (minilora/vera.py): the reference op's backward against central differences, the
+"""VeRA (minilora/variants/vera.py): the reference op's backward against central differences, the
 zero-init equivalence, the parameter count L̂·(r + out), merge and unmerge, the shared
 projections drawn bit for bit as PEFT draws them, and PEFT parity on a whole model (logits,
 gradients, adapter folders both ways)."""
@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora import vera
 from minilora.gradcheck import gradcheck
+from minilora.interop import checkpoint
 from minilora.lora import count_parameters
+from minilora.variants import vera
 
 TARGETS = ["q_proj", "fc1", "fc2"]
 IDX = np.array([[1, 4, 1, 0, 9, 3], [6, 1, 4, 2, 10, 5]], dtype=np.int64)
@@ -380,5 +381,5 @@ def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
 def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
     model, _ = vera_model()
     with pytest.raises(ValueError, match="blocks.0.attn.q_proj"):
-        ml.checkpoint.save_model(model, tmp_path / "m.safetensors")
+        checkpoint.save_model(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()

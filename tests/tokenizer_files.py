@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from minilora.bpe import BYTE_TO_CHAR
+from minilora.text.bpe import BYTE_TO_CHAR
 
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("l", "o"), ("lo", "w"), ("t", "h")]
 END_OF_TEXT_ID = 262

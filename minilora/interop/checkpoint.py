@@ -16,7 +16,7 @@ Two kinds of file, both plain data (nothing is ever loaded with pickle):
 
 * ``load_model`` also reads a Hugging Face GPT-2 folder (``config.json`` and
   ``model.safetensors``); adapters of such a model are saved and loaded in GPT-2's module
-  names, as PEFT's on ``GPT2LMHeadModel`` (the mapping: minilora/hf_gpt2.py).
+  names, as PEFT's on ``GPT2LMHeadModel`` (the mapping: minilora/interop/hf_gpt2.py).
 
 Three promises, each tested in tests/test_checkpoint.py:
 
@@ -55,7 +55,8 @@ from pathlib import Path
 import safetensors
 import safetensors.numpy
 
-from minilora import backend, hf_gpt2, multi_adapter, pissa
+from minilora import backend
+from minilora.interop import hf_gpt2
 from minilora.lora import (
     LORA_LEAVES,
     LoRAConfig,
@@ -71,6 +72,7 @@ from minilora.lora import (
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from minilora.variants import multi_adapter, pissa
 
 MODEL_FORMAT = "minilora.model"
 MODEL_FORMAT_VERSION = "1"
@@ -181,9 +183,11 @@ _PLAIN_LAYERS += (Dropout,)
 # What to save instead, for the layers minilora's relatives add (by class name: those
 # modules build on this one, so it cannot import them).
 _SAVE_INSTEAD = {
-    "AdapterLinear": "save the adapters alone with minilora.adapters.save_adapters(model, "
+    "AdapterLinear": "save the adapters alone with "
+    "minilora.relatives.adapters.save_adapters(model, "
     "path, config) and load them onto the base with load_adapters",
-    "PrefixEncoder": "save the prefix alone with minilora.prefix.save_prefix(model, path) "
+    "PrefixEncoder": "save the prefix alone with "
+    "minilora.relatives.prefix.save_prefix(model, path) "
     "and load it onto the base with load_prefix",
 }
 
@@ -215,7 +219,7 @@ def load_model(path, device: str = "cpu") -> GPT:
     ``GPT`` on ``device``, in the file's dtype, in eval mode, with every parameter loaded
     (strict: no missing or unexpected keys).
 
-    A GPT-2 is mapped into minilora's names (minilora/hf_gpt2.py); its head stays tied to
+    A GPT-2 is mapped into minilora's names (minilora/interop/hf_gpt2.py); its head stays tied to
     the token embedding, and its adapters are saved and loaded in GPT-2's names, so
     that PEFT loads them on ``GPT2LMHeadModel``.
 
@@ -379,13 +383,13 @@ def save_adapter(
     ``config`` must describe the model's LoRA layers (same targets, ``r``, ``lora_alpha``,
     ``use_rslora``, ``use_dora``). A model without LoRA layers, or with merged ones, is
     refused. ``adapter_name``: save that adapter instead of the active one
-    (minilora.multi_adapter; PEFT's ``save_pretrained(selected_adapters=[name])``, without
+    (minilora.variants.multi_adapter; PEFT's ``save_pretrained(selected_adapters=[name])``, without
     the name in the keys).
 
     ``path_initial_model_for_weight_conversion`` (PEFT's name), for a PiSSA adapter: the
     folder this adapter was saved to right after ``apply_lora``, before training. The
     adapter is then written as a plain LoRA adapter of rank 2r for the ORIGINAL base
-    weights (:func:`minilora.pissa.pissa_to_lora`), which PEFT and minilora load on the
+    weights (:func:`minilora.variants.pissa.pissa_to_lora`), which PEFT and minilora load on the
     base model without any SVD.
     """
     if adapter_name is not None:
@@ -502,7 +506,7 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
 
     ``adapter_name``: load the folder as a new adapter of that name beside the model's
     adapters, not active (PEFT's ``load_adapter(model_id, adapter_name)``; see
-    minilora.multi_adapter); into a model without adapters, as its active adapter.
+    minilora.variants.multi_adapter); into a model without adapters, as its active adapter.
 
     A base model gets LoRA layers (as ``apply_lora`` with the folder's config) before the
     arrays are copied in; a model that already has LoRA layers must have exactly the
@@ -516,7 +520,7 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     ``target_modules`` forms all work (names, suffixes, full paths, a regular expression,
     ``"all-linear"``); a string is resolved against the model into the full paths it
     matches. ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform`` and
-    ``layers_pattern`` are honoured as PEFT honours them (:mod:`minilora.patterns`); a
+    ``layers_pattern`` are honoured as PEFT honours them (:mod:`minilora.variants.patterns`); a
     GPT-2 adapter is converted at one rank, so its patterns must repeat ``r``. The
     init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
     change what a trained adapter computes; the returned config says ``"gaussian"`` for

@@ -37,9 +37,10 @@ import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minilora import backend, checkpoint
+from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor
+from minilora.interop import checkpoint
 from minilora.model import GPTConfig
 from minilora.nn import LayerNorm, Linear, Module, Parameter
 

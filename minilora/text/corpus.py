@@ -25,10 +25,10 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.autograd import no_grad
-from minilora.bpe import END_OF_TEXT
 from minilora.data import IGNORE_INDEX
 from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora
+from minilora.text.bpe import END_OF_TEXT
 from minilora.train import fine_tune
 
 

@@ -27,8 +27,8 @@ import dataclasses
 
 from minilora import backend
 from minilora.autograd import no_grad
+from minilora.compression.quantize import BLOCK_LINEARS, target_linears
 from minilora.nn import Linear, Module, ModuleList, Parameter
-from minilora.quantize import BLOCK_LINEARS, target_linears
 
 SCOPES = ("layer", "global")
 

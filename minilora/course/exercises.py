@@ -7,10 +7,11 @@ helper under the exercise it checks.
 
 from __future__ import annotations
 
-from minilora import accounting, backend
+from minilora import backend
 from minilora.autograd import Function, Tensor
 from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.model import GPTConfig
+from minilora.study import accounting
 
 
 def _verdict(ok: bool, right: str, wrong: str) -> None:

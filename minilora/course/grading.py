@@ -5,14 +5,14 @@ first on its path and ``MINILORA_OPS=reference`` (so the fast path never shadows
 student's op), imports the ``minilora`` package found there (and refuses any other), and
 runs every task's checks against it. Four modules come from the installed library instead,
 so that a student's copy cannot change how it is graded: this one, ``assignments`` (the
-manifest), ``checks`` (what each task must satisfy, minilora/checks.py) and ``gradcheck``.
+manifest), ``checks`` (what each task must satisfy, minilora/course/checks.py) and ``gradcheck``.
 
 Isolation: while a task is checked, every *other* target of the assignment is replaced by
 the reference implementation, compiled from the installed library's source and bound to
 the student's module (the student's source is that source, minus the stubs). One missing
 or wrong function costs only its own task's points.
 
-The checks (minilora/checks.py) draw their random shapes and values from a fresh seed on
+The checks (minilora/course/checks.py) draw their random shapes and values from a fresh seed on
 every run unless one is given. A failure is one line a student can act on: what was
 checked, which entry, the value found and the value expected, and a hint. Never a
 traceback.
@@ -36,13 +36,9 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minilora import (
-    assignments,
-    backend,
-    fast,
-    functional,
-)
-from minilora.checks import CHECKS, CheckFailed, Context
+from minilora import backend, fast, functional
+from minilora.course import assignments
+from minilora.course.checks import CHECKS, CheckFailed, Context
 
 F = functional
 f64 = backend.float64
@@ -57,7 +53,7 @@ def reference_function(target: str, student_module, reference_root: Path):
     """The reference implementation of ``target``, compiled from the library's source in
     ``reference_root`` and bound to the student's module (its globals, its classes)."""
     module_name, qualname = assignments.split_target(target)
-    fcode = _reference_code(reference_root / f"{module_name}.py", qualname)
+    fcode = _reference_code(reference_root / assignments.target_file(module_name), qualname)
     current = _lookup(student_module, qualname)
     owner_name = qualname.rpartition(".")[0]
     owner = _lookup(student_module, owner_name) if owner_name else None
@@ -206,7 +202,8 @@ def worker(request: dict) -> dict:
     the assignment, task ids, seed, extra-tests folder and the reference source folder."""
     import minilora  # the student's
 
-    fast.set_num_threads(1)  # small matrices: one BLAS thread is fastest, and fair to others
+    # small matrices: one BLAS thread is fastest, and fair to others
+    fast.process.set_num_threads(1)
     folder = Path(minilora.__file__).resolve().parent.parent
     assignment = assignments.get_assignment(request["assignment"])
     extra = load_extra_checks(request["extra_tests"]) if request["extra_tests"] else {}
@@ -245,13 +242,14 @@ if found != (Path(folder).resolve() / "minilora"):
     answer({"error": f"imported minilora from {found}, not from {folder}"})
     sys.exit(0)
 try:
-    for name in ("gradcheck", "assignments", "checks", "grading"):
-        path = Path(reference) / f"{name}.py"
+    import minilora.course
+    for name in ("gradcheck", "course.assignments", "course.checks", "course.grading"):
+        path = Path(reference, *name.split(".")).with_suffix(".py")
         spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         if name != "gradcheck":  # minilora.gradcheck is the function; the module is by name
-            setattr(minilora, name, module)
+            setattr(minilora.course, name.split(".")[1], module)
         spec.loader.exec_module(module)
     answer({"results": module.worker(json.loads(Path(request_file).read_text()))})
 except BaseException as e:

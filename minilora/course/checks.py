@@ -18,19 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minilora import (
-    accounting,
-    autograd,
-    backend,
-    demo,
-    functional,
-    lora,
-    model,
-    optim,
-)
+from minilora import autograd, backend, functional, lora, model, optim
 from minilora.autograd import Tensor
 from minilora.data import DOWNSTREAM_TASK, DigitTasks
+from minilora.experiments import demo
 from minilora.gradcheck import GradcheckError, gradcheck
+from minilora.study import accounting
 from minilora.train import evaluate
 
 F = functional
@@ -683,7 +676,7 @@ def _port_check(*cases: str) -> Callable[[Context], None]:
     def check(ctx: Context) -> None:
         # imported here: vectors computes its cases on import, which a student's package
         # with stubs cannot do (ports are graded in the caller's process, never a worker)
-        from minilora import vectors
+        from minilora.interop import vectors
 
         report = vectors.check_vectors(ctx.folder, cases=cases)
         bad = report.failures

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from minilora import backend
 from minilora.autograd import Tensor
+from minilora.compression.quantize import BLOCK_LINEARS, target_linears
 from minilora.nn import Linear, Module, Parameter
-from minilora.quantize import BLOCK_LINEARS, target_linears
 
 
 class LowRankLinear(Module):

@@ -10,25 +10,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from minilora import (
-    accounting,
-    assignments,
-    backend,
-    bpe,
-    checkpoint,
-    compare,
-    demo,
-    fast,
-    grading,
-    hf_gpt2,
-    text,
-)
+from minilora import backend, fast
+from minilora.course import assignments, grading
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
+from minilora.experiments import compare, demo
+from minilora.interop import checkpoint, hf_gpt2
 from minilora.lora import BIAS_MODES, LoRAConfig, merge_and_unload
+from minilora.study import accounting
+from minilora.text import bpe
+from minilora.text import corpus as text
 from minilora.train import evaluate
 
 TASK_LETTERS = "C copy, R reverse, S sort ascending (the pretraining tasks), D sort descending"
-PACKAGE_DIR = Path(__file__).resolve().parent  # never written to (its base model is shipped)
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # never written to (its base model is shipped)
 # finetune's defaults: the digit tasks' (unchanged), and text's (a real model is slower per
 # step, and a pretrained one needs a gentler learning rate)
 DIGIT_DEFAULTS = {"steps": 300, "batch_size": 64}
@@ -619,8 +613,8 @@ def _check_out(path, kind: str) -> Path:
 
 
 def _setup(args) -> None:
-    fast.set_num_threads(args.threads)
-    fast.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
+    fast.process.set_num_threads(args.threads)
+    fast.process.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
     backend.check_device(args.device)
 
 
@@ -920,7 +914,7 @@ def _add_vectors_command(sub) -> None:
 
 
 def _cmd_vectors(args) -> int:
-    from minilora import vectors  # builds its cases on import
+    from minilora.interop import vectors  # builds its cases on import
 
     if args.out:
         _check_out(args.out, "folder")

@@ -27,16 +27,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from minilora import backend, compress
-from minilora.adapters import AdapterConfig, apply_adapters
+from minilora import backend
+from minilora.compression import compress
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, PRETRAIN_TASKS, DigitTasks
-from minilora.demo import load_base, median_latency, write_results
+from minilora.experiments.demo import load_base, median_latency, write_results
 from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
-from minilora.prefix import PrefixConfig, apply_prefix_tuning
+from minilora.relatives.adapters import AdapterConfig, apply_adapters
+from minilora.relatives.prefix import PrefixConfig, apply_prefix_tuning
 from minilora.train import evaluate, fine_tune, median
-from minilora.vera import VeraConfig, apply_vera
+from minilora.variants.vera import VeraConfig, apply_vera
 
 ADAPTATION = (
     "full",
@@ -232,7 +233,7 @@ def run_compare(
         models[method] = trained.model
         standalone = method == "full"
         # PiSSA changed the frozen base (to the residual): for the shared original base it
-        # keeps the rank-2r conversion, twice its trained arrays (minilora/pissa.py)
+        # keeps the rank-2r conversion, twice its trained arrays (minilora/variants/pissa.py)
         per_task = (2 if method == "pissa" else 1) * _trained_bytes(trained.model)
         info[method] = {
             "trainable_params": trained.trainable_params,

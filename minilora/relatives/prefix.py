@@ -39,7 +39,12 @@ from pathlib import Path
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
-from minilora.checkpoint import _check_destination, _read_safetensors, atomic_write, serialize
+from minilora.interop.checkpoint import (
+    _check_destination,
+    _read_safetensors,
+    atomic_write,
+    serialize,
+)
 from minilora.model import GPT, KVCache, check_positive_int
 from minilora.nn import Linear, Module, ModuleList, Parameter
 

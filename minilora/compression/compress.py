@@ -3,9 +3,10 @@
 Low-rank adaptation is not network compression. LoRA *adds* a small trainable update
 B·A beside a frozen weight that is kept whole: the model it serves is as large as before
 (larger, until the update is merged). Compression *shrinks what is stored*: fewer bits per
-weight (:mod:`minilora.quantize`), fewer weights (:mod:`minilora.lowrank`, the truncated
-SVD), or fewer connections, units or blocks (:mod:`minilora.prune`). QLoRA
-(:mod:`minilora.qlora`) is where the two meet: a quantized base, a float adapter.
+weight (:mod:`minilora.compression.quantize`), fewer weights
+(:mod:`minilora.compression.lowrank`, the truncated
+SVD), or fewer connections, units or blocks (:mod:`minilora.compression.prune`). QLoRA
+(:mod:`minilora.compression.qlora`) is where the two meet: a quantized base, a float adapter.
 
 :func:`compressed` builds each variant from a base GPT (a copy; the base is untouched) and
 :func:`storage_bytes` counts what must be kept. See docs/compression.md.
@@ -16,12 +17,12 @@ from __future__ import annotations
 import copy
 import inspect
 
+from minilora.compression.lowrank import svd_compress
+from minilora.compression.prune import drop_blocks, prune_connections, prune_neurons
+from minilora.compression.qlora import apply_qlora
+from minilora.compression.quantize import BLOCK_LINEARS, quantize_model, quantized_layers
 from minilora.lora import LoRAConfig
-from minilora.lowrank import svd_compress
 from minilora.nn import Module
-from minilora.prune import drop_blocks, prune_connections, prune_neurons
-from minilora.qlora import apply_qlora
-from minilora.quantize import BLOCK_LINEARS, quantize_model, quantized_layers
 
 METHODS = ("int8", "int4", "nf4", "svd", "prune", "prune-neurons", "drop-blocks", "qlora")
 

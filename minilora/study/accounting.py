@@ -429,7 +429,7 @@ def trace_step(
     multiplies over the whole T×T square and saves P; the fast path multiplies each block
     of query rows with its key prefix only, saves a log-sum-exp per row instead of P, and
     recomputes each block's scores in the backward, except at T <= 64 (one block), where it
-    saves P and recomputes nothing (``fast.keeps_probabilities``).
+    saves P and recomputes nothing (``fast.ops.keeps_probabilities``).
     """
     s, spec = _shape(shape), _spec(lora)
     ops = F.get_ops() if ops is None else F._check_ops(ops, "trace_step: ops")
@@ -499,10 +499,10 @@ def trace_step(
     # attention's products: one over the T×T square (reference), or one per block of query
     # rows against its key prefix (fast path), each 2·B·C·rows·keys over all heads
     if ops == "fast":
-        products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.query_blocks(T)]
+        products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.ops.query_blocks(T)]
     else:
         products = [2 * B * T * T * C]
-    keeps_p = ops == "reference" or fast.keeps_probabilities(T)  # else lse, P recomputed
+    keeps_p = ops == "reference" or fast.ops.keeps_probabilities(T)  # else lse, P recomputed
 
     def attention(key, q, k, v):  # saves q, k, v and P (B, nh, T, T), or lse (B, nh, T)
         for f in products:

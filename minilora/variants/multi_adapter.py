@@ -64,8 +64,8 @@ from minilora.lora import (
     lora_layers,
     vera_paths,
 )
-from minilora.lora_embedding import LoRAEmbedding
 from minilora.nn import Module
+from minilora.variants.embedding import LoRAEmbedding
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
 COMBINATION_TYPES = ("cat", "svd")

@@ -3,7 +3,7 @@
 An assignment is a list of tasks; a task names the functions or methods a student writes
 (its *targets*, ``"functional:LayerNormFunction.backward"`` = module ``minilora.functional``,
 qualified name ``LayerNormFunction.backward``), its points, and the checks in
-``minilora/checks.py`` that grade it.
+``minilora/course/checks.py`` that grade it.
 
 A student copy is this package, copied, with only the assignment's targets stubbed: each
 keeps its signature and docstring, and its body becomes::
@@ -30,7 +30,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 HANDOUTS = "docs/assignments"  # where the handouts live in the repository and on the site
 
 
@@ -218,7 +218,7 @@ ASSIGNMENTS: dict[str, Assignment] = {
                 (
                     "the trainable-parameter formula",
                     2,
-                    ["lora:count_parameters", "accounting:lora_params"],
+                    ["lora:count_parameters", "study.accounting:lora_params"],
                     "count only requires_grad parameters; closed form r·(in + out) per adapter",
                 ),
             ),
@@ -340,13 +340,20 @@ def stub_source(source: str, stubs: dict[str, str]) -> str:
     return "".join(lines)
 
 
+def target_file(module: str) -> str:
+    """The file of a target's module, relative to the package: ``"study.accounting"`` ->
+    ``"study/accounting.py"``."""
+    return module.replace(".", "/") + ".py"
+
+
 def targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
     """``{"functional.py": {qualname: stub message}}`` for every target of the assignment."""
     files: dict[str, dict[str, str]] = {}
     for task in assignment.tasks:
         for target in task.targets:
             module, qualname = split_target(target)
-            files.setdefault(f"{module}.py", {}).setdefault(qualname, stub_message(task, qualname))
+            stubs = files.setdefault(target_file(module), {})
+            stubs.setdefault(qualname, stub_message(task, qualname))
     return files
 
 

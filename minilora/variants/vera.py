@@ -34,7 +34,7 @@ from pathlib import Path
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.checkpoint import (
+from minilora.interop.checkpoint import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     PEFT_BOOKKEEPING,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 
 from minilora.autograd import Tensor
+from minilora.compression.quantize import QuantizedLinear, QuantizedTensor, dequantize, quantize
 from minilora.lora import (
     LoRAConfig,
     LoRALinear,
@@ -29,7 +30,6 @@ from minilora.lora import (
     mark_only_lora_as_trainable,
 )
 from minilora.nn import Linear, Module, Parameter
-from minilora.quantize import QuantizedLinear, QuantizedTensor, dequantize, quantize
 
 
 class QLoRALinear(LoRALinear):
@@ -144,7 +144,7 @@ def apply_qlora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     if not layers:
         raise ValueError(
             f"apply_qlora: target_modules={config.target_modules!r} match no QuantizedLinear; "
-            "quantize the model first (minilora.quantize.quantize_model)"
+            "quantize the model first (minilora.compression.quantize.quantize_model)"
         )
     for path, layer in layers:
         adapter = QLoRALinear.from_quantized(layer, config.for_module(path), generator)
