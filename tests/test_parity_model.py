@@ -6,7 +6,8 @@
 * ``LoRALinear`` against PEFT's LoRA layer on the same weights: forward, gradients,
   scaling (rsLoRA too), merge and unmerge, and the initialisation of ``A`` and ``B``;
 * adapters both ways: minilora's folder loads with ``PeftModel.from_pretrained`` and PEFT's
-  ``save_pretrained`` folder loads with ``minilora.interop.checkpoint.load_adapter``, same logits;
+  ``save_pretrained`` folder loads with ``minilora.interop.peft_adapters.load_adapter``, same
+  logits;
 * ``SGD`` and ``AdamW`` steps against ``torch.optim``.
 
 Skipped, with the reason, when PyTorch or PEFT is not installed. Tolerances are those of

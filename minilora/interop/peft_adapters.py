@@ -40,9 +40,9 @@ from minilora.lora import (
     embedding_variant_problems,
     is_target,
     lora_layers,
+    lora_state_dict,
     tied_embeddings,
 )
-from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.nn import Embedding, Linear, Module
 from minilora.variants import multi_adapter, pissa
 
@@ -94,7 +94,7 @@ def save_adapter(
             "save_adapter: the config does not describe the model's LoRA layers:\n  "
             + "\n  ".join(problems)
         )
-    arrays = _lora_state_dict(model, config.bias)
+    arrays = lora_state_dict(model, config.bias)
     adapted = {p for p, _ in adapted_layers(model)}
     peft_config = peft_config_dict(config)
     if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
