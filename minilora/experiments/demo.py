@@ -114,7 +114,7 @@ def load_base(device: str = "cpu") -> GPT:
     return checkpoint.load_model(path, device=device)
 
 
-def finetune(
+def fine_tune_on_digit_task(
     base: GPT,
     method: str,
     settings: DemoSettings,
@@ -185,7 +185,9 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
     rows, models = [], {}
     runs = [("full", None)] + [("lora", r) for r in settings.ranks]
     for method, rank in runs:
-        model, opt, config, history = finetune(base, method, settings, rank, progress)
+        model, opt, config, history = fine_tune_on_digit_task(
+            base, method, settings, rank, progress
+        )
         trainable, total = count_parameters(model)
         step_s = median([h["seconds"] for h in history[len(history) // 5 :]])
         acc = evaluate(model, dx, dy)["accuracy"]
