@@ -38,6 +38,7 @@ from helpers import TINY_2x2, make_gpt
 import minilora as ml
 from minilora import backend, cli
 from minilora import functional as F
+from minilora.cli import jobs
 from minilora.data import DigitTasks
 from minilora.experiments import demo
 from minilora.interop import checkpoint
@@ -531,7 +532,7 @@ def seen_devices(monkeypatch):
         seen.append((model.device, backend.device_of(x), backend.device_of(y)))
         return evaluate(model, x, y, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "evaluate", spy)
+    monkeypatch.setattr(jobs, "evaluate", spy)  # eval's, where the command calls it
     return seen
 
 
