@@ -1,9 +1,11 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
-from minilora import fast, functional  # importing fast registers the fast ops (functional.FAST_OPS)
+# importing fast registers the fast ops (functional.FAST_OPS); gradcheck is the module, whose
+# function is called as minilora.gradcheck.gradcheck(fn, inputs)
+from minilora import fast, functional, gradcheck
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
 from minilora.functional import get_ops, manual_seed, set_ops, use_ops
-from minilora.gradcheck import GradcheckError, gradcheck
+from minilora.gradcheck import GradcheckError
 from minilora.lora import (
     LoRAConfig,
     LoraConfig,

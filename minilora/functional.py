@@ -46,20 +46,21 @@ OPS_CHOICES = ("fast", "reference")
 FAST_OPS: dict[type, type] = {}
 
 
-def _check_ops(name, where: str) -> str:
+def check_ops(name, where: str) -> str:
+    """``name`` if it is one of ``OPS_CHOICES``, else a ValueError naming ``where``."""
     if name not in OPS_CHOICES:
         raise ValueError(f"{where}={name!r} is not one of {OPS_CHOICES}")
     return name
 
 
-_ops = _check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
+_ops = check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
 
 
 def set_ops(name: str) -> str:
     """Run the engine on ``"fast"`` ops (the default) or on the ``"reference"`` ops of
     this file alone; returns the previous setting."""
     global _ops
-    previous, _ops = _ops, _check_ops(name, "ops")
+    previous, _ops = _ops, check_ops(name, "ops")
     return previous
 
 

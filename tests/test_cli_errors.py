@@ -166,7 +166,9 @@ def test_pretrain_into_the_package_exits_before_training(monkeypatch, capsys):
 
 @pytest.mark.parametrize("method, out", [("full", "{root}/folder"), ("lora", "{root}/file.txt")])
 def test_finetune_checks_its_output_before_training(files, monkeypatch, capsys, method, out):
-    monkeypatch.setattr(demo, "finetune", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(
+        demo, "fine_tune_on_digit_task", lambda *a, **k: pytest.fail("training started")
+    )
     out = out.replace("{root}", str(files["root"]))
     assert run(capsys, ["finetune", "--method", method, "--out", out])[0] == 2
 
@@ -219,13 +221,13 @@ def test_values_are_honoured_not_swapped_for_defaults(monkeypatch, tmp_path, cap
     assert main(["generate", "--prompt", "S 3 1 2 =", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.strip() == "S 3 1 2 = 1 2"
     seen = {}
-    real = demo.finetune
+    real = demo.fine_tune_on_digit_task
 
     def spy(base, method, settings, rank, progress, task, alpha):
         seen.update(alpha=alpha, lr=settings.lr_lora)
         return real(base, method, settings, rank, progress, task=task, alpha=alpha)
 
-    monkeypatch.setattr(demo, "finetune", spy)
+    monkeypatch.setattr(demo, "fine_tune_on_digit_task", spy)
     argv = ["finetune", "--steps", "1", "--batch-size", "2", "--alpha", "0.5", "--lr", "0.25"]
     assert main([*argv, "--out", str(tmp_path / "a"), "--no-progress"]) == 0
     assert seen == {"alpha": 0.5, "lr": 0.25}

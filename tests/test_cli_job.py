@@ -38,9 +38,11 @@ def test_demo_quick_runs_and_writes_its_files(tmp_path, capsys):
 def test_finetune_is_deterministic_for_a_seed():
     base = demo.load_base()
     settings = demo.DemoSettings(steps=5, batch_size=8, seed=3)
-    runs = [demo.finetune(base, "lora", settings, 2, progress=False)[3] for _ in range(2)]
+    runs = [
+        demo.fine_tune_on_digit_task(base, "lora", settings, 2, progress=False)[3] for _ in range(2)
+    ]
     assert [h["loss"] for h in runs[0]] == [h["loss"] for h in runs[1]]
-    other = demo.finetune(
+    other = demo.fine_tune_on_digit_task(
         base, "lora", demo.DemoSettings(steps=5, batch_size=8, seed=4), 2, progress=False
     )[3]
     assert [h["loss"] for h in other] != [h["loss"] for h in runs[0]]
@@ -148,7 +150,7 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(monkeypatch, capsys):
 def test_finetune_honours_alpha_and_refuses_zero_instead_of_swapping_in_the_default():
     base = demo.load_base()
     settings = demo.DemoSettings(steps=1, batch_size=2)
-    config = demo.finetune(base, "lora", settings, 2, progress=False, alpha=0.5)[2]
+    config = demo.fine_tune_on_digit_task(base, "lora", settings, 2, progress=False, alpha=0.5)[2]
     assert config.lora_alpha == 0.5
     with pytest.raises(ValueError, match="lora_alpha=0"):
-        demo.finetune(base, "lora", settings, 2, progress=False, alpha=0)
+        demo.fine_tune_on_digit_task(base, "lora", settings, 2, progress=False, alpha=0)

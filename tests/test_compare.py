@@ -5,7 +5,8 @@ import json
 import pytest
 
 from minilora import backend
-from minilora.cli import PACKAGE_DIR, main
+from minilora.cli import main
+from minilora.cli.options import PACKAGE_DIR
 from minilora.data import PRETRAIN_TASKS, DigitTasks
 from minilora.experiments import compare
 from minilora.experiments.demo import load_base

@@ -38,6 +38,7 @@ from helpers import TINY_2x2, make_gpt
 import minilora as ml
 from minilora import backend, cli
 from minilora import functional as F
+from minilora.cli import jobs
 from minilora.data import DigitTasks
 from minilora.experiments import demo
 from minilora.interop import model_files, peft_adapters, peft_config
@@ -345,7 +346,7 @@ def test_gradcheck_passes_on_every_device(device, name):
     fn, shapes, _ = OPS[name]
     g = backend.Generator(1)
     inputs = [ml.Tensor(g.normal(s, dtype=backend.float64, device=device)) for s in shapes]
-    assert ml.gradcheck(fn, inputs)
+    assert ml.gradcheck.gradcheck(fn, inputs)
 
 
 # --------------------------------------------------------------------------------------
@@ -531,7 +532,7 @@ def seen_devices(monkeypatch):
         seen.append((model.device, backend.device_of(x), backend.device_of(y)))
         return evaluate(model, x, y, *args, **kwargs)
 
-    monkeypatch.setattr(cli, "evaluate", spy)
+    monkeypatch.setattr(jobs, "evaluate", spy)  # eval's, where the command calls it
     return seen
 
 

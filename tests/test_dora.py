@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from strategies import seeds
 
 import minilora as ml
-from minilora import GradcheckError, LoRAConfig, LoRALinear, Tensor, gradcheck
+from minilora import LoRAConfig, LoRALinear, Tensor
 from minilora import functional as F
+from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.interop import peft_adapters, safetensors_files
 from minilora.lora import count_parameters, lora_layers
 

@@ -22,8 +22,9 @@ from strategies import (
     shapes,
 )
 
-from minilora import Tensor, backend, gradcheck
+from minilora import Tensor, backend
 from minilora import functional as F
+from minilora.gradcheck import gradcheck
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("ops")

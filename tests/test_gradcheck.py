@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from minilora import Function, GradcheckError, Tensor, backend, gradcheck
+from minilora import Function, Tensor, backend
 from minilora import functional as F
 from minilora.functional import unbroadcast
+from minilora.gradcheck import GradcheckError, gradcheck
 
 
 def _x(shape=(3, 4), seed=0):

@@ -36,7 +36,6 @@ from minilora import (
     apply_lora,
     backend,
     disable_adapters,
-    gradcheck,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_and_unload,
@@ -45,6 +44,7 @@ from minilora import (
     unmerge_lora,
 )
 from minilora import functional as F
+from minilora.gradcheck import gradcheck
 from minilora.lora import lora_layers
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)

@@ -19,10 +19,10 @@ from minilora import (
     LoRAConfig,
     apply_lora,
     backend,
-    gradcheck,
     merge_lora,
     no_grad,
 )
+from minilora.gradcheck import gradcheck
 from minilora.study.accounting import kv_cache_bytes
 
 # every test here runs on the fast path and on the reference ops (tests/conftest.py)

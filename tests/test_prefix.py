@@ -28,9 +28,10 @@ from hypothesis import strategies as st
 from strategies import arrays, frozen_subsets, gpt_configs, shapes
 
 import minilora as ml
-from minilora import backend, gradcheck
+from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
+from minilora.gradcheck import gradcheck
 from minilora.interop import model_files, safetensors_files
 from minilora.relatives.prefix import (
     PrefixConfig,

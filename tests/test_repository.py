@@ -6,6 +6,7 @@
 * imports flow one way (backend <- autograd <- functional <- fast, nn <- model / lora
   <- ...), with no cycle; the test-only stand-in device is not named in minilora/;
 * every ``# noqa`` names a rule that ruff checks;
+* no function in minilora/ is longer than 100 lines;
 * ``pytest tests/x.py`` works without nbmake (the notebooks need it; a test file does not).
 """
 
@@ -313,6 +314,59 @@ def test_the_import_rule_catches_a_book_module_that_imports_a_folder(tmp_path):
 def test_the_test_stand_in_device_is_not_named_in_the_package():
     named = [p.name for p in PACKAGE.rglob("*.py") if "standin" in p.read_text(encoding="utf-8")]
     assert named == []
+
+
+# --------------------------------------------------------------------------------------
+# Function length: a function a reader can hold in their head
+# --------------------------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 100  # DESIGN.md, "The house": no function longer than about 100 lines
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> dict[str, int]:
+    """Every function (nested ones and methods included) longer than ``limit`` lines, counted
+    from its ``def`` to the end of its body (decorators excluded), as dotted name -> lines."""
+    found = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    lines = child.end_lineno - child.lineno + 1
+                    if lines > limit:
+                        found[name] = lines
+                walk(child, name + ".")
+            else:
+                walk(child, prefix)
+
+    walk(ast.parse(source), "")
+    return found
+
+
+def test_no_function_is_longer_than_100_lines():
+    too_long = {
+        f"{path.relative_to(ROOT)}:{name}": lines
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name, lines in long_functions(path.read_text(encoding="utf-8")).items()
+    }
+    assert too_long == {}, f"split these into well-named steps: {too_long}"
+
+
+def test_the_length_check_counts_from_def_to_the_end_of_the_body():
+    def body(n, indent=4):
+        return "".join(f"{' ' * indent}x{i} = {i}\n" for i in range(n))
+
+    source = (
+        f"@decorator\ndef fits():\n{body(99)}\n"
+        f"def too_long():\n{body(99)}    return 0\n\n"
+        f"class C:\n    def method(self):\n        def inner():\n{body(198, 12)}"
+    )
+    assert long_functions(source) == {
+        "too_long": 101,
+        "C.method": 200,
+        "C.method.inner": 199,
+    }
 
 
 # --------------------------------------------------------------------------------------

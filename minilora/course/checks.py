@@ -655,7 +655,9 @@ def check_finetune(ctx: Context) -> None:
         lr_lora=FINETUNE["lr"],
         seed=ctx.int(0, 2**20),
     )
-    tuned, opt, _, _ = demo.finetune(base, "lora", settings, FINETUNE["r"], progress=False)
+    tuned, opt, _, _ = demo.fine_tune_on_digit_task(
+        base, "lora", settings, FINETUNE["r"], progress=False
+    )
     x, y = DigitTasks((DOWNSTREAM_TASK,)).eval_set(seed=2024, n=FINETUNE["examples"])
     accuracy = evaluate(tuned, x, y)["accuracy"]
     if accuracy < FINETUNE["accuracy"]:

@@ -114,7 +114,7 @@ def load_base(device: str = "cpu") -> GPT:
     return model_files.load_model(path, device=device)
 
 
-def finetune(
+def fine_tune_on_digit_task(
     base: GPT,
     method: str,
     settings: DemoSettings,
@@ -167,28 +167,67 @@ def median_latency(fns: dict, x, repeats: int) -> dict:
 
 
 def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=True, echo=print):
+    """The whole demo (the module docstring's four steps); writes results.json (and demo.png
+    with matplotlib) to ``out`` and returns the results."""
     out.mkdir(parents=True, exist_ok=True)
     base = load_base(device)
-    down = DigitTasks((DOWNSTREAM_TASK,))
-    pre = DigitTasks(PRETRAIN_TASKS)
-    dx, dy = down.eval_set(seed=2024, n=settings.eval_examples, device=device)
-    px, py = pre.eval_set(seed=2025, n=settings.eval_examples, device=device)
-    total_base = count_parameters(base)[1]
-    echo(f"base model: {total_base:,} parameters, {base.config}")
-    base_down = evaluate(base, dx, dy)["accuracy"]
-    base_pre = evaluate(base, px, py)["accuracy"]
+    down = DigitTasks((DOWNSTREAM_TASK,)).eval_set(
+        seed=2024, n=settings.eval_examples, device=device
+    )
+    pre = DigitTasks(PRETRAIN_TASKS).eval_set(seed=2025, n=settings.eval_examples, device=device)
+    base_down, base_pre = _show_base(base, down, pre, echo)
+    rows, models = _fine_tune_every_run(base, settings, down, progress)
+    echo("")
+    echo(_table(rows))
+    lora_model, lora_config = (
+        models.get(("lora", settings.adapter_rank)) or models[("lora", settings.ranks[-1])]
+    )
+    forgetting = _show_forgetting(models[("full", None)][0], lora_model, lora_config, pre, echo)
+    max_diff, latency = _save_merge_and_time(
+        base, lora_model, lora_config, out / "adapter", down[0], settings, echo
+    )
+    verdict = _verdict(rows)
+    echo("\n" + verdict)
+    results = {
+        "settings": asdict(settings),
+        "device": device,
+        "base_accuracy": base_down,
+        "base_pretrain_accuracy": base_pre,
+        "runs": rows,
+        "pretrain_accuracy_after": forgetting,
+        "merge_max_abs_diff": max_diff,
+        "latency_seconds": latency,
+        "verdict": verdict,
+    }
+    write_results(out / "results.json", results, _plot(rows, out / "demo.png"), echo)
+    return results
+
+
+def _show_base(base: GPT, down, pre, echo) -> tuple[float, float]:
+    """Print the base model's size and its accuracy on the downstream task and on the
+    pretraining tasks (``down``, ``pre``: held-out (x, y)); return the two accuracies."""
+    echo(f"base model: {count_parameters(base)[1]:,} parameters, {base.config}")
+    base_down = evaluate(base, *down)["accuracy"]
+    base_pre = evaluate(base, *pre)["accuracy"]
     echo(
         f"base accuracy: pretraining tasks {base_pre:.1%}, downstream (sort descending) "
         f"{base_down:.1%}"
     )
+    return base_down, base_pre
 
+
+def _fine_tune_every_run(base: GPT, settings: DemoSettings, down, progress):
+    """Full fine-tuning, then LoRA at each rank of ``settings``: a table row per run and the
+    trained models, keyed by (method, rank), with their LoRAConfig."""
     rows, models = [], {}
     runs = [("full", None)] + [("lora", r) for r in settings.ranks]
     for method, rank in runs:
-        model, opt, config, history = finetune(base, method, settings, rank, progress)
+        model, opt, config, history = fine_tune_on_digit_task(
+            base, method, settings, rank, progress
+        )
         trainable, total = count_parameters(model)
         step_s = median([h["seconds"] for h in history[len(history) // 5 :]])
-        acc = evaluate(model, dx, dy)["accuracy"]
+        acc = evaluate(model, *down)["accuracy"]
         rows.append(
             {
                 "method": method,
@@ -203,20 +242,16 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
             }
         )
         models[(method, rank)] = (model, config)
-    echo("")
-    echo(_table(rows))
+    return rows, models
 
-    # Forgetting: the fully fine-tuned model has overwritten the base; LoRA can switch off.
-    full_model = models[("full", None)][0]
-    lora_model, lora_config = (
-        models[("lora", settings.adapter_rank)]
-        if (("lora", settings.adapter_rank) in models)
-        else models[("lora", settings.ranks[-1])]
-    )
-    pre_full = evaluate(full_model, px, py)["accuracy"]
-    pre_lora = evaluate(lora_model, px, py)["accuracy"]
+
+def _show_forgetting(full_model: GPT, lora_model: GPT, lora_config, pre, echo) -> dict:
+    """Forgetting: the fully fine-tuned model has overwritten the base; LoRA can switch off.
+    Returns the pretraining-task accuracies after fine-tuning."""
+    pre_full = evaluate(full_model, *pre)["accuracy"]
+    pre_lora = evaluate(lora_model, *pre)["accuracy"]
     with disable_adapters(lora_model):
-        pre_lora_off = evaluate(lora_model, px, py)["accuracy"]
+        pre_lora_off = evaluate(lora_model, *pre)["accuracy"]
     echo(
         f"\npretraining tasks after fine-tuning: full {pre_full:.1%}, LoRA r={lora_config.r} "
         f"{pre_lora:.1%}, LoRA with adapters disabled {pre_lora_off:.1%} (the base is intact)"
@@ -227,24 +262,29 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
         "wrong answers; switched off, the base model answers them as before. Full fine-tuning "
         "has no switch: the base is overwritten.)"
     )
+    return {"full": pre_full, "lora": pre_lora, "lora_disabled": pre_lora_off}
 
-    # Save the adapter (PEFT layout), load it into a fresh base, merge, compare, time.
-    adapter_dir = out / "adapter"
+
+def _save_merge_and_time(
+    base: GPT, lora_model: GPT, lora_config, adapter_dir: Path, x, settings, echo
+) -> tuple[float, dict]:
+    """Save the adapter (PEFT layout), load it into a fresh base, merge, compare the logits
+    on ``x`` and time base, unmerged and merged. Returns (largest difference, latencies)."""
     peft_adapters.save_adapter(lora_model, adapter_dir, lora_config)
     served = copy.deepcopy(base)
     peft_adapters.load_adapter(served, adapter_dir)
     served.eval()
     with no_grad():
-        unmerged_logits = served(dx)[0].data
+        unmerged_logits = served(x)[0].data
         merge_lora(served)
-        merged_logits = served(dx)[0].data
+        merged_logits = served(x)[0].data
     xp = backend.get_array_module(merged_logits)
     max_diff = float(xp.abs(merged_logits - unmerged_logits).max())
     unmerged = copy.deepcopy(base)
     peft_adapters.load_adapter(unmerged, adapter_dir)
     base.eval(), unmerged.eval()
     latency = median_latency(
-        {"base": base, "unmerged": unmerged, "merged": served}, dx, settings.latency_repeats
+        {"base": base, "unmerged": unmerged, "merged": served}, x, settings.latency_repeats
     )
     echo(
         f"\nadapter saved to {adapter_dir} (PEFT layout: adapter_config.json, "
@@ -263,26 +303,7 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
             latency["merged"] / latency["base"],
         )
     )
-
-    verdict = _verdict(rows)
-    echo("\n" + verdict)
-    results = {
-        "settings": asdict(settings),
-        "device": device,
-        "base_accuracy": base_down,
-        "base_pretrain_accuracy": base_pre,
-        "runs": rows,
-        "pretrain_accuracy_after": {
-            "full": pre_full,
-            "lora": pre_lora,
-            "lora_disabled": pre_lora_off,
-        },
-        "merge_max_abs_diff": max_diff,
-        "latency_seconds": latency,
-        "verdict": verdict,
-    }
-    write_results(out / "results.json", results, _plot(rows, out / "demo.png"), echo)
-    return results
+    return max_diff, latency
 
 
 def _table(rows: list[dict]) -> str:

@@ -432,38 +432,58 @@ def trace_step(
     saves P and recomputes nothing (``fast.ops.keeps_probabilities``).
     """
     s, spec = _shape(shape), _spec(lora)
-    ops = F.get_ops() if ops is None else F._check_ops(ops, "trace_step: ops")
-    B = batch_size
+    ops = F.get_ops() if ops is None else F.check_ops(ops, "trace_step: ops")
     T = s.block_size if seq_len is None else seq_len
-    check_positive_int("trace_step", "batch_size", B)
+    check_positive_int("trace_step", "batch_size", batch_size)
     check_positive_int("trace_step", "seq_len", T)
     if T > s.block_size:
         raise ValueError(f"seq_len={T} is larger than block_size={s.block_size}")
-    N, C, V, nh = B * T, s.n_embd, s.vocab_size, s.n_head
-    linear_train, (ln_w, ln_b), emb_train = _trainability(s, spec)
-    lora_drop = spec is not None and spec.lora_dropout > 0
-    drop = s.dropout > 0
-    tr = target = StepTrace(B, T)  # target: where mm and save write (the step, or a block)
+    return _StepTracer(s, spec, batch_size, T, ops).step()
 
-    def mm(phase, name, flops):
-        target.records[phase, name, flops] += 1
 
-    def save(key, elements):
-        target.saved[key] = elements
+class _StepTracer:
+    """:func:`trace_step`'s walk: one method per ``Function`` of functional.py, recording
+    the matrix products it runs and the arrays it saves in ``self.target`` (the whole step,
+    or one Transformer block while a block is traced). Each method takes the key of its
+    input and whether that input requires a gradient, and returns the same for its output."""
 
-    def dropout(key, rg):  # DropoutFunction saves its scaled mask, when it is a node
-        if drop and rg:
-            save(key + ".mask", N * C)
+    def __init__(self, s: ModelShape, spec: LoRASpec | None, B: int, T: int, ops: str):
+        self.s, self.B, self.T = s, B, T
+        self.N, self.C = B * T, s.n_embd
+        self.linear_train, (self.ln_w, self.ln_b), self.emb_train = _trainability(s, spec)
+        self.lora_drop = spec is not None and spec.lora_dropout > 0
+        self.drop = s.dropout > 0
+        self.target = StepTrace(B, T)
+        # attention's products: one over the T×T square (reference), or one per block of
+        # query rows against its key prefix (fast path), each 2·B·C·rows·keys over all heads
+        C = self.C
+        if ops == "fast":
+            self.products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.ops.query_blocks(T)]
+        else:
+            self.products = [2 * B * T * T * C]
+        # the fast path saves a log-sum-exp per row and recomputes P, except at small T
+        self.keeps_p = ops == "reference" or fast.ops.keeps_probabilities(T)
 
-    def layer_norm(key, x_rg):  # LayerNormFunction saves xhat (N, C) and rstd (N, 1)
-        if x_rg or ln_w or ln_b:
-            save(key + ".xhat", N * C)
-            save(key + ".rstd", N)
+    def mm(self, phase, name, flops):
+        self.target.records[phase, name, flops] += 1
+
+    def save(self, key, elements):
+        self.target.saved[key] = elements
+
+    def dropout(self, key, rg):  # DropoutFunction saves its scaled mask, when it is a node
+        if self.drop and rg:
+            self.save(key + ".mask", self.N * self.C)
+
+    def layer_norm(self, key, x_rg):  # LayerNormFunction saves xhat (N, C) and rstd (N, 1)
+        if x_rg or self.ln_w or self.ln_b:
+            self.save(key + ".xhat", self.N * self.C)
+            self.save(key + ".rstd", self.N)
             return key + ".out", True
         return key + ".out", False
 
-    def linear(key, leaf, x, x_rg, n_in, n_out):
-        w, b, r = linear_train(leaf)
+    def linear(self, key, leaf, x, x_rg, n_in, n_out):
+        N, mm, save = self.N, self.mm, self.save
+        w, b, r = self.linear_train(leaf)
         if not r:  # LinearFunction: x2 saved for dW; dx needs only the weight
             mm("forward", "linear", 2 * N * n_in * n_out)
             if not (x_rg or w or b):
@@ -476,7 +496,7 @@ def trace_step(
             return key + ".out", True
         # LoRALinearFunction: A and B always train, so the node always exists
         d = x  # the bypass input: x itself, or its dropout (a new array, plus a mask)
-        if lora_drop:
+        if self.lora_drop:
             d = key + ".lora_dropout.out"
             if x_rg:
                 save(key + ".lora_dropout.mask", N * n_in)
@@ -496,74 +516,74 @@ def trace_step(
             mm("backward", "linear.dinput", 2 * N * n_out * n_in)
         return key + ".out", True
 
-    # attention's products: one over the T×T square (reference), or one per block of query
-    # rows against its key prefix (fast path), each 2·B·C·rows·keys over all heads
-    if ops == "fast":
-        products = [2 * B * C * (i1 - i0) * i1 for i0, i1 in fast.ops.query_blocks(T)]
-    else:
-        products = [2 * B * T * T * C]
-    keeps_p = ops == "reference" or fast.ops.keeps_probabilities(T)  # else lse, P recomputed
-
-    def attention(key, q, k, v):  # saves q, k, v and P (B, nh, T, T), or lse (B, nh, T)
-        for f in products:
-            mm("forward", "attention.scores", f)
-            mm("forward", "attention.values", f)
+    def attention(self, key, q, k, v):  # saves q, k, v and P (B, nh, T, T), or lse (B, nh, T)
+        B, T, nh = self.B, self.T, self.s.n_head
+        for f in self.products:
+            self.mm("forward", "attention.scores", f)
+            self.mm("forward", "attention.values", f)
         (q, q_rg), (k, k_rg), (v, v_rg) = q, k, v
         if not (q_rg or k_rg or v_rg):
             return key + ".out", False
-        if keeps_p:
-            save(key + ".P", B * nh * T * T)
+        if self.keeps_p:
+            self.save(key + ".P", B * nh * T * T)
         else:
-            save(key + ".lse", B * nh * T)
+            self.save(key + ".lse", B * nh * T)
         for t in (q, k, v):
-            save(t, N * C)
-        for f in products:
-            if not keeps_p:  # P recomputed from q, k and lse
-                mm("backward", "attention.scores", f)
+            self.save(t, self.N * self.C)
+        for f in self.products:
+            if not self.keeps_p:  # P recomputed from q, k and lse
+                self.mm("backward", "attention.scores", f)
             if v_rg:
-                mm("backward", "attention.dv", f)
+                self.mm("backward", "attention.dv", f)
             if q_rg or k_rg:
-                mm("backward", "attention.dP", f)
+                self.mm("backward", "attention.dP", f)
             if q_rg:
-                mm("backward", "attention.dq", f)
+                self.mm("backward", "attention.dq", f)
             if k_rg:
-                mm("backward", "attention.dk", f)
+                self.mm("backward", "attention.dk", f)
         return key + ".out", True  # (B, T, C) after merging heads: a new array
 
-    def block(i, x_rg):
-        p = f"blocks.{i}"
-        h, h_rg = layer_norm(p + ".ln1", x_rg)
-        qkv = [linear(f"{p}.attn.{n}", n, h, h_rg, C, C) for n in ("q_proj", "k_proj", "v_proj")]
-        a, a_rg = attention(p + ".attn", *qkv)
-        _, o_rg = linear(p + ".attn.o_proj", "o_proj", a, a_rg, C, C)
-        dropout(p + ".attn.resid_dropout", o_rg)
+    def block(self, i, x_rg):
+        """Block ``i``, its input requiring a gradient or not; returns whether its output does."""
+        p, C = f"blocks.{i}", self.C
+        h, h_rg = self.layer_norm(p + ".ln1", x_rg)
+        qkv = [
+            self.linear(f"{p}.attn.{n}", n, h, h_rg, C, C) for n in ("q_proj", "k_proj", "v_proj")
+        ]
+        a, a_rg = self.attention(p + ".attn", *qkv)
+        _, o_rg = self.linear(p + ".attn.o_proj", "o_proj", a, a_rg, C, C)
+        self.dropout(p + ".attn.resid_dropout", o_rg)
         x_rg = x_rg or o_rg
-        h, h_rg = layer_norm(p + ".ln2", x_rg)
-        f, f_rg = linear(p + ".mlp.fc1", "fc1", h, h_rg, C, 4 * C)
+        h, h_rg = self.layer_norm(p + ".ln2", x_rg)
+        f, f_rg = self.linear(p + ".mlp.fc1", "fc1", h, h_rg, C, 4 * C)
         if f_rg:  # GELU saves one (N, 4C) array: its input (reference) or dy/dx (fast path)
-            save(p + ".mlp.gelu.saved", N * 4 * C)
-        _, f_rg = linear(p + ".mlp.fc2", "fc2", p + ".mlp.gelu.out", f_rg, 4 * C, C)
-        dropout(p + ".mlp.dropout", f_rg)
+            self.save(p + ".mlp.gelu.saved", self.N * 4 * C)
+        _, f_rg = self.linear(p + ".mlp.fc2", "fc2", p + ".mlp.gelu.out", f_rg, 4 * C, C)
+        self.dropout(p + ".mlp.dropout", f_rg)
         return x_rg or f_rg
 
-    x_rg = emb_train  # the embedding sum needs a gradient only if an embedding trains
-    dropout("drop", x_rg)
-    i = 0
-    while i < s.n_layer:  # constant time in n_layer: at most two kinds of block
-        target = StepTrace(B, T)
-        out_rg = block(i, x_rg)
-        # a block whose input needs a gradient exactly when its output does is followed by
-        # copies of itself (every later block sees the same input): count them at once
-        copies = s.n_layer - i if out_rg == x_rg else 1
-        tr.add(target, copies)
-        x_rg, i = out_rg, i + copies
-    target = tr
-    h, h_rg = layer_norm("ln_f", x_rg)
-    _, logits_rg = linear("lm_head", "lm_head", h, h_rg, C, V)
-    if not logits_rg:  # cannot happen for full fine-tuning or a LoRA spec
-        raise ValueError("nothing trains: the loss would not require a gradient")
-    save("loss.saved", N * V)  # SoftmaxCrossEntropy keeps log-probabilities or probabilities
-    return tr
+    def step(self) -> StepTrace:
+        """The whole model: embeddings, the blocks, ln_f, lm_head and the loss."""
+        s, tr = self.s, self.target
+        x_rg = self.emb_train  # the embedding sum needs a gradient only if an embedding trains
+        self.dropout("drop", x_rg)
+        i = 0
+        while i < s.n_layer:  # constant time in n_layer: at most two kinds of block
+            self.target = StepTrace(self.B, self.T)
+            out_rg = self.block(i, x_rg)
+            # a block whose input needs a gradient exactly when its output does is followed by
+            # copies of itself (every later block sees the same input): count them at once
+            copies = s.n_layer - i if out_rg == x_rg else 1
+            tr.add(self.target, copies)
+            x_rg, i = out_rg, i + copies
+        self.target = tr
+        h, h_rg = self.layer_norm("ln_f", x_rg)
+        _, logits_rg = self.linear("lm_head", "lm_head", h, h_rg, self.C, s.vocab_size)
+        if not logits_rg:  # cannot happen for full fine-tuning or a LoRA spec
+            raise ValueError("nothing trains: the loss would not require a gradient")
+        # SoftmaxCrossEntropy keeps log-probabilities or probabilities
+        self.save("loss.saved", self.N * s.vocab_size)
+        return tr
 
 
 # ======================================================================================

@@ -238,7 +238,7 @@ def held_out_loss(model, x, y, batch_size: int = 32) -> float:
     return total / count
 
 
-def finetune(
+def fine_tune_lora_on_text(
     model,
     data,
     config: LoRAConfig,

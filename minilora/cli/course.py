@@ -1,0 +1,113 @@
+"""``minilora assignments`` (list, make a student copy, build a Gradescope autograder) and
+``minilora grade`` (grade a student's package in a process of its own): the course
+commands, over minilora/course/ (guide: docs/teaching.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from minilora.cli.options import check_out, non_negative_int
+from minilora.course import assignments, grading
+from minilora.interop import safetensors_files
+
+
+def add_course_commands(sub) -> None:
+    _add_assignments_command(sub)
+    _add_grade_command(sub)
+
+
+def _add_assignments_command(sub) -> None:
+    p = sub.add_parser(
+        "assignments",
+        help="course assignments: list them, make a student copy, build a Gradescope autograder",
+        description="Student copies are generated from this library's source: only the "
+        "assignment's functions are stubs. Guide: docs/teaching.md.",
+    )
+    what = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = what.add_parser("list", help="one assignment a line: name, title, total points")
+    q.set_defaults(func=_cmd_assignments_list)
+    q = what.add_parser(
+        "make",
+        help="write a student copy: a working minilora/ package with NAME's tasks stubbed",
+        epilog="example: minilora assignments make a3 --out a3 && minilora grade a3 a3",
+    )
+    q.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
+    q.add_argument("--out", required=True, metavar="DIR", help="(required) folder to write")
+    q.set_defaults(func=_cmd_assignments_make)
+    q = what.add_parser(
+        "autograder",
+        help="write a Gradescope autograder zip (setup.sh, run_autograder) for NAME",
+    )
+    q.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
+    q.add_argument("--out", required=True, metavar="ZIP", help="(required) zip file to write")
+    q.set_defaults(func=_cmd_assignments_autograder)
+
+
+def _add_grade_command(sub) -> None:
+    p = sub.add_parser(
+        "grade",
+        help="grade a student's minilora/ package on an assignment",
+        description="Imports the minilora/ package in DIR (never the installed one) in a "
+        "separate process, on the reference ops, and checks each task with properties on "
+        "random shapes: a table of points, and a line per failure. Exit status 0 only when "
+        "every task passes.",
+        epilog="example: minilora grade a3 /tmp/a3 --gradescope results.json",
+    )
+    p.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
+    p.add_argument(
+        "dir", nargs="?", default=".", help="folder holding minilora/ (default: this folder)"
+    )
+    p.add_argument("--task", metavar="ID", help="grade one task only, e.g. a3.4")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=None,
+        help="seed of the random shapes and values (default: a fresh one each run)",
+    )
+    p.add_argument(
+        "--extra-tests",
+        metavar="DIR",
+        help="hidden tests: functions check_a1_7_<anything>(ctx) in DIR/*.py grade task a1.7",
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json")
+    p.set_defaults(func=_cmd_grade)
+
+
+def _cmd_assignments_list(args) -> int:
+    for a in assignments.ASSIGNMENTS.values():
+        print(f"{a.name}  {a.title}  ({a.points} points, {len(a.tasks)} tasks)")
+    return 0
+
+
+def _cmd_assignments_make(args) -> int:
+    assignment = assignments.get_assignment(args.name)
+    out = check_out(args.out, "folder")
+    package = assignments.make_copy(args.name, out)
+    print(
+        f"wrote {package}: minilora with the {len(assignment.tasks)} tasks of {args.name} "
+        f"stubbed ({assignment.points} points); grade it with: minilora grade {args.name} {out}"
+    )
+    return 0
+
+
+def _cmd_assignments_autograder(args) -> int:
+    assignments.get_assignment(args.name)
+    out = check_out(args.out, "file")
+    safetensors_files.atomic_write([(out, assignments.autograder_zip(args.name))])
+    print(f"wrote {out}: a Gradescope autograder for {args.name} (upload it as a zip file)")
+    return 0
+
+
+def _cmd_grade(args) -> int:
+    for flag in ("json", "gradescope"):
+        if getattr(args, flag):
+            check_out(getattr(args, flag), "file")
+    report = grading.grade(args.name, args.dir, args.task, args.seed, args.extra_tests)
+    print(report.format())
+    for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
+        if getattr(args, flag):
+            text = json.dumps(data(), indent=2, ensure_ascii=False) + "\n"
+            safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
+    return 0 if report.ok else 1

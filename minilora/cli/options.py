@@ -1,0 +1,124 @@
+"""What every group of the ``minilora`` command shares: option types that refuse an invalid
+value when the command line is read (never replacing it by a default), the flags of every
+training or inference command, and the checks run before any work (--out, mixed modes)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from minilora import backend, fast
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # never written to (its base model is shipped)
+
+
+def int_option(least: int):
+    """An argparse type: an integer, at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
+
+
+def float_option(positive: bool):
+    """An argparse type: a finite number, > 0 when ``positive``, else >= 0 (nan refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (0 < value < math.inf if positive else 0 <= value < math.inf):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a finite number {'> 0' if positive else '>= 0'}"
+            )
+        return value
+
+    return parse
+
+
+positive_int, non_negative_int = int_option(1), int_option(0)
+positive_float, non_negative_float = float_option(True), float_option(False)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction strictly between 0 and 1")
+    return value
+
+
+def add_run_options(p, out_help: str | None = None) -> None:
+    """Flags every training or inference command shares (and --out, when it writes)."""
+    p.add_argument(
+        "--device",
+        default=os.environ.get("MINILORA_DEVICE", "cpu"),
+        help="cpu or cuda (default: $MINILORA_DEVICE or cpu)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="BLAS threads (default 1: minilora's matrices are small, and extra threads "
+        "slow them down on a busy machine)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide progress bars (and, when stderr is not a terminal, the periodic progress lines)",
+    )
+    if out_help:
+        p.add_argument("--out", required=out_help.startswith("(required)"), help=out_help)
+
+
+def set_up_run(args) -> None:
+    """Apply the shared flags: BLAS threads, host memory reuse, and a device that exists."""
+    fast.process.set_num_threads(args.threads)
+    fast.process.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
+    backend.check_device(args.device)
+
+
+def check_out(path, kind: str) -> Path:
+    """Refuse an output path before any work: inside the installed package, of the wrong
+    kind (``kind`` is "file" or "folder"), or where we cannot write."""
+    out = Path(path)
+    if out.resolve().is_relative_to(PACKAGE_DIR):
+        raise ValueError(
+            f"--out {out} is inside the installed minilora package ({PACKAGE_DIR}); "
+            "minilora never writes there: give a path of your own"
+        )
+    if out.exists() and kind == "file" and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; expected a file name such as model.safetensors")
+    if out.exists() and kind == "folder" and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a folder")
+    # the nearest existing folder is where the file or the new folders will be made
+    parent = out if kind == "folder" else out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {out} is under {parent}, which is a file, not a folder")
+    target = out if out.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"--out {out}: {target} is not writable")
+    return out
+
+
+def refuse_mixed(args, mode: str, flags: tuple[str, ...]) -> None:
+    """Refuse options of the other mode: ``flags`` (attribute names) must all be unset."""
+    given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used {mode}")
