@@ -20,6 +20,10 @@ from minilora.lora import (
 from minilora.model import GPT, GPTConfig, KVCache
 from minilora.nn import Linear, Module, Parameter
 from minilora.optim import SGD, AdamW, clip_grad_norm_
+
+# importing these registers them with the book's lora.py (its extension points), so that
+# apply_lora knows use_dora, init_lora_weights="pissa", embedding targets and the patterns
+from minilora.variants import dora, embedding, patterns, pissa  # noqa: F401
 from minilora.variants.loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"

@@ -58,21 +58,20 @@ import safetensors.numpy
 from minilora import backend
 from minilora.interop import hf_gpt2
 from minilora.lora import (
-    LORA_LEAVES,
     LoRAConfig,
     adaptable_layers,
     adapted_layers,
     add_lora_layers,
-    embedding_variant_problems,
     is_target,
     lora_layers,
-    tied_embeddings,
+    target_problems,
     vera_paths,
 )
 from minilora.lora import lora_state_dict as _lora_state_dict
 from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from minilora.nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from minilora.variants import multi_adapter, pissa
+from minilora.variants.dora import DoRALinear
 
 MODEL_FORMAT = "minilora.model"
 MODEL_FORMAT_VERSION = "1"
@@ -82,6 +81,8 @@ PEFT_PREFIX = "base_model.model."  # PEFT's wrapper path; the adapter name is no
 
 # The dtypes minilora computes in; anything else in a model file is refused, not
 # converted. Adapters may also be bfloat16 (NumPy has none): upcast to float32, with a warning.
+# The adapter's matrices, whose shapes say the rank (a Linear's, an embedding's)
+_LORA_MATRICES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64"}
 _HALF_DTYPES = {"BF16": "bfloat16", "F16": "float16"}
 
@@ -837,10 +838,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
             )
     # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
     chosen = _adapter_paths(model, config)
-    problems += embedding_variant_problems(model, [p for p, _ in chosen], config)
-    tied = tied_embeddings(model, [p for p, _ in chosen])
-    if tied:
-        problems.append(f"{tied} share their weight with another layer (tie_word_embeddings)")
+    problems += target_problems(model, [p for p, _ in chosen], config)
     expected = {}
     for p, m in chosen:
         r = config.for_module(p).r
@@ -877,11 +875,13 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
                 "layers_to_transform)"
             )
         own = config.for_module(path)
-        for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
-            if getattr(layer, attr) != getattr(own, attr):
+        has = {a: getattr(layer, a) for a in ("r", "lora_alpha", "use_rslora")}
+        has["use_dora"] = isinstance(layer, DoRALinear)
+        for attr, value in has.items():
+            if value != getattr(own, attr):
                 problems.append(
                     f"config says {attr}={getattr(own, attr)!r} but the LoRA layer {path} "
-                    f"has {attr}={getattr(layer, attr)!r}"
+                    f"has {attr}={value!r}"
                 )
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
@@ -938,12 +938,12 @@ def _tensor_problems(tensors: dict, expected: dict, config: LoRAConfig) -> list[
         owner, _, leaf = name.rpartition(".")
         r = config.for_module(owner).r
         says = f"config says r={r}" + (" (rank_pattern)" if r != config.r else "")
-        if leaf.endswith("A") and leaf in LORA_LEAVES and len(got) == 2 and got[1] == want[1]:
+        if leaf.endswith("A") and leaf in _LORA_MATRICES and len(got) == 2 and got[1] == want[1]:
             problems.append(f"{says} but {leaf} for {owner} has shape {got}")
-        elif leaf.endswith("B") and leaf in LORA_LEAVES and len(got) == 2 and got[0] == want[0]:
+        elif leaf.endswith("B") and leaf in _LORA_MATRICES and len(got) == 2 and got[0] == want[0]:
             problems.append(f"{says} but {leaf} for {owner} has shape {got}")
         else:
-            what = f"{leaf} for {owner}" if leaf in LORA_LEAVES else name
+            what = f"{leaf} for {owner}" if leaf in _LORA_MATRICES else name
             problems.append(f"{what} has shape {got}, expected {want}")
     present = [_param_name(key) for key in tensors]
     for name in sorted({n for n in present if present.count(n) > 1} - {None}):
