@@ -1,8 +1,9 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
-# importing fast registers the fast ops (functional.FAST_OPS); gradcheck is the module, whose
-# function is called as minilora.gradcheck.gradcheck(fn, inputs)
-from minilora import fast, functional, gradcheck
+# Importing fast registers the fast ops (functional.FAST_OPS); importing variants registers
+# DoRA, PiSSA, embedding LoRA and the patterns with lora.py's extension points. gradcheck is
+# the module: its function is minilora.gradcheck.gradcheck(fn, inputs).
+from minilora import fast, functional, gradcheck, variants
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
 from minilora.functional import get_ops, manual_seed, set_ops, use_ops
 from minilora.gradcheck import GradcheckError
@@ -60,4 +61,5 @@ __all__ = [
     "set_ops",
     "unmerge_lora",
     "use_ops",
+    "variants",
 ]

@@ -563,7 +563,7 @@ class LoRALinearFunction(Function):
         self.s = float(scaling)
 
     def forward(self, x, weight, bias, lora_A, lora_B, x_lora=None):
-        _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora)
+        check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora)
         self.x_shape = x.shape
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         d2 = x2 if x_lora is None else x_lora.reshape(x2.shape)  # (N, in) bypass input
@@ -606,7 +606,7 @@ class LoRALinearFunction(Function):
         return dx, dw, db, dA, dB, dd
 
 
-def _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora) -> None:
+def check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora) -> None:
     _check_linear_shapes("lora_linear", x, weight, bias)
     r = lora_A.shape[0]
     if lora_A.shape != (r, weight.shape[1]) or lora_B.shape != (weight.shape[0], r):
@@ -624,74 +624,6 @@ def _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora) -> None:
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) -> Tensor:
     """``x @ weight.T + bias + scaling * (x_lora @ lora_A.T) @ lora_B.T`` (x_lora defaults to x)."""
     return LoRALinearFunction(scaling)(x, weight, bias, lora_A, lora_B, x_lora)
-
-
-def dora_weight_norm(weight, lora_A, lora_B, scaling: float):
-    """‖W0 + s·B·A‖ per output row, shape (out,): the norm DoRA divides by (arrays in and out)."""
-    xp = backend.get_array_module(weight)
-    adapted = weight + scaling * mm(lora_B, lora_A, "dora.norm")  # (out, in)
-    return xp.sqrt((adapted * adapted).sum(axis=1))  # (out,)
-
-
-class DoRALinearFunction(Function):
-    """DoRA's layer (Liu et al. 2024): y = c ⊙ (x @ W0ᵀ + s · (d @ Aᵀ) @ Bᵀ) + b, c = m / n.
-
-    The LoRA layer's inputs plus the magnitude m (out,); n = ‖W0 + s·B·A‖ per output row
-    (out,), computed here from the weights and treated as a constant in the backward (the
-    paper's section 4.3, and PEFT: the norm is detached). With d the bypass input (``x``
-    or ``x_lora``) this is ``(m / n) ⊙ (W0 + s·B·A) x + b`` when d is x. Flatten the
-    leading axes to N rows; z = x @ W0ᵀ + s · (d @ Aᵀ) @ Bᵀ (N, out). With g (N, out):
-
-        dm = Σ_rows (g ⊙ z) / n          (out,)
-        db = Σ_rows g                    (out,)
-        gz = g ⊙ c                       (N, out)
-        dW, dA, dB, dx, dd = lora_linear's backward with upstream gz (no bias)
-
-    Derivation: docs/math.md#dora. The detached n is why dA and dB need nothing beyond
-    lora_linear's formulas.
-    """
-
-    def __init__(self, scaling: float):
-        self.s = float(scaling)
-
-    def forward(self, x, weight, bias, lora_A, lora_B, magnitude, x_lora=None):
-        _check_lora_shapes(x, weight, bias, lora_A, lora_B, x_lora)
-        if tuple(magnitude.shape) != (weight.shape[0],):
-            raise ValueError(
-                f"dora_linear: magnitude has shape {tuple(magnitude.shape)}, expected "
-                f"({weight.shape[0]},) to match weight {tuple(weight.shape)}"
-            )
-        need_x, need_w, _, need_A, need_B, need_m, need_d = self.needs_input_grad
-        # the scaled part is a LoRA layer without its bias: run the reference op's own
-        # forward and backward, told which of its inputs need gradients
-        self.lora = LoRALinearFunction(self.s)
-        self.lora.needs_input_grad = (need_x, need_w, False, need_A, need_B, need_d)
-        z = self.lora.forward(x, weight, None, lora_A, lora_B, x_lora)  # (..., out)
-        n = dora_weight_norm(weight, lora_A, lora_B, self.s)  # (out,), a constant
-        c = magnitude / n  # (out,)
-        y = z * c
-        if bias is not None:
-            y += bias
-        self.n = n if need_m else None
-        self.z = z if need_m else None
-        self.c = c if (need_x or need_w or need_A or need_B or need_d) else None
-        return y
-
-    def backward(self, g):
-        need_x, need_w, need_b, need_A, need_B, need_m, need_d = self.needs_input_grad
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        db = g2.sum(axis=0) if need_b else None
-        dm = (g2 * self.z.reshape(g2.shape)).sum(axis=0) / self.n if need_m else None
-        dx = dw = dA = dB = dd = None
-        if self.c is not None:
-            dx, dw, _, dA, dB, dd = self.lora.backward(g * self.c)
-        return dx, dw, db, dA, dB, dm, dd
-
-
-def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling: float, x_lora=None) -> Tensor:
-    """``(magnitude / ‖W0 + s·B·A‖) ⊙ lora_linear(x, weight, None, ...) + bias``, the norm per
-    output row and detached (see :class:`DoRALinearFunction`)."""
-    return DoRALinearFunction(scaling)(x, weight, bias, lora_A, lora_B, magnitude, x_lora)
 
 
 # ======================================================================================

@@ -16,6 +16,13 @@ Names follow PEFT (``LoraConfig``, ``lora_A``, ``lora_B``, ``target_modules``,
 ``merge_and_unload``, ``print_trainable_parameters``) and loralib
 (``mark_only_lora_as_trainable``, ``lora_state_dict``). The math, derivations and choices
 are in docs/math.md.
+
+This module is plain LoRA only. LoRA's variants (minilora/variants/: DoRA, PiSSA, embedding
+LoRA, rank and alpha patterns) plug in through the few named registries below, which they
+fill when imported (``import minilora`` imports them), the way minilora/fast/ fills
+``functional.FAST_OPS``: a config check, a filter and per-module settings for targets, a
+check of the chosen targets, a named init, and the function that wraps each kind of base
+layer. A variant never adds a branch here; it subclasses ``LoRALinear`` or wraps a layer.
 """
 
 from __future__ import annotations
@@ -24,19 +31,27 @@ import contextlib
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, is_grad_enabled
 from minilora.model import check_positive_int
-from minilora.nn import Embedding, Linear, Module, Parameter
-from minilora.variants import patterns, pissa
-from minilora.variants.embedding import LoRAEmbedding
+from minilora.nn import Linear, Module, Parameter
 
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_LEAVES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-INIT_MODES = ("gaussian", "kaiming", "pissa")
+INIT_MODES = ("gaussian", "kaiming")  # the book's own inits; variants add to LORA_INITS
+
+# --------------------------------------------------------------------------------------
+# Extension points: filled by minilora/variants/ when imported (plain LoRA leaves them empty)
+# --------------------------------------------------------------------------------------
+CONFIG_CHECKS = []  # check(config): ValueError for a field a variant reads (use_dora, patterns)
+TARGET_FILTERS = []  # keep(config, path) -> bool: may leave a target out (layers_to_transform)
+MODULE_SETTINGS = []  # settings(config, path) -> that module's config (rank_pattern, alpha_pattern)
+TARGET_CHECKS = []  # problems(model, paths, config) -> list[str], before any change (embeddings)
+LORA_INITS = {}  # init_lora_weights name -> init(layer), after A and B are drawn (PiSSA)
+LORA_LAYERS = {}  # base class -> wrap(base, config, generator) -> adapted layer (Linear below;
+#                   the variants add Embedding and replace Linear's to build DoRA layers)
 
 
 @dataclass
@@ -50,7 +65,7 @@ class LoRAConfig:
     bias: str = "none"  # which biases train: "none", "all", or "lora_only" (adapted layers)
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
-    use_dora: bool = False  # DoRA: a trainable magnitude per output row (docs/math.md#dora)
+    use_dora: bool = False  # DoRA (minilora/variants/dora.py): a trainable magnitude per row
     # per-module overrides, matched as PEFT matches them (see minilora/variants/patterns.py)
     rank_pattern: dict = field(default_factory=dict)  # {module pattern: r}
     alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}
@@ -82,34 +97,27 @@ class LoRAConfig:
                 "module names such as ['q_proj', 'v_proj']"
             )
         check_bias_mode(self.bias, "LoRAConfig")
-        if not isinstance(self.use_dora, bool):
-            raise ValueError(f"LoRAConfig: use_dora={self.use_dora!r} must be True or False")
-        patterns.check_patterns(
-            "LoRAConfig",
-            self.rank_pattern,
-            self.alpha_pattern,
-            self.layers_to_transform,
-            self.layers_pattern,
-        )
+        for check in CONFIG_CHECKS:
+            check(self)
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
     def adapts(self, path: str) -> bool:
-        """True when the module at ``path`` is a target inside ``layers_to_transform``; as
-        in PEFT, a target that is the full path is adapted whatever the layers say."""
-        if path in self.target_modules:
-            return True
-        return is_target(self.target_modules, path) and patterns.in_layers(
-            path, self.layers_to_transform, self.layers_pattern
+        """True when the module at ``path`` is a target (:func:`is_target`) that every
+        filter in ``TARGET_FILTERS`` keeps (``layers_to_transform``)."""
+        return is_target(self.target_modules, path) and all(
+            keep(self, path) for keep in TARGET_FILTERS
         )
 
     def for_module(self, path: str) -> LoRAConfig:
-        """This config with the ``r`` and ``lora_alpha`` that the patterns give ``path``."""
-        r = patterns.pattern_value(self.rank_pattern, path, self.r)
-        alpha = patterns.pattern_value(self.alpha_pattern, path, self.lora_alpha)
-        return replace(self, r=r, lora_alpha=alpha)
+        """This config as the module at ``path`` gets it: each of ``MODULE_SETTINGS`` in
+        turn may change it (``rank_pattern`` and ``alpha_pattern`` give its r, lora_alpha)."""
+        config = self
+        for settings in MODULE_SETTINGS:
+            config = settings(config, path)
+        return config
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -135,10 +143,9 @@ def check_lora_settings(owner: str, r, lora_alpha, lora_dropout, init_lora_weigh
     if not number(lora_alpha) or lora_alpha <= 0:
         raise ValueError(f"{owner}: lora_alpha={lora_alpha!r} must be a finite positive number")
     F.check_probability(owner, "lora_dropout", lora_dropout)
-    if init_lora_weights not in INIT_MODES:
-        raise ValueError(
-            f"{owner}: init_lora_weights={init_lora_weights!r} must be one of {INIT_MODES}"
-        )
+    modes = INIT_MODES + tuple(LORA_INITS)
+    if init_lora_weights not in modes:
+        raise ValueError(f"{owner}: init_lora_weights={init_lora_weights!r} must be one of {modes}")
 
 
 def check_rank(r, weight_shape: tuple, where: str) -> None:
@@ -168,16 +175,20 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-class LoRALinear(Linear):
+class LoRALayer:
+    """What every adapted layer is (PEFT's ``LoraLayer``): a base layer plus an adapter, with
+    ``r``, ``lora_alpha``, ``scaling``, ``merged`` and ``disable_adapters``, and the methods
+    ``get_delta_weight()``, ``merged_weight(safe_merge)``, ``merge()``, ``unmerge()`` and
+    ``get_base_layer()``. The model-level helpers below work on any of them:
+    ``LoRALinear`` here, ``LoRAEmbedding`` in minilora/variants/embedding.py."""
+
+
+class LoRALinear(Linear, LoRALayer):
     """A ``Linear`` with a LoRA bypass: ``y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ``.
 
     Keeps ``weight`` and ``bias`` under their usual names (a base checkpoint still loads)
-    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r); with DoRA also
-    ``lora_magnitude_vector`` (out_features,).
+    and adds ``lora_A`` (r, in_features) and ``lora_B`` (out_features, r).
     """
-
-    use_dora = False  # DoRA: a trainable magnitude per output row (set by _init_variants)
-    merged_norm = None  # DoRA: the norm at merge time, which unmerge divides back out
 
     def __init__(
         self,
@@ -190,7 +201,6 @@ class LoRALinear(Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: str = "gaussian",
-        use_dora: bool = False,
         dtype=backend.DEFAULT_DTYPE,
         device: str = "cpu",
         generator=None,
@@ -199,10 +209,9 @@ class LoRALinear(Linear):
             in_features, out_features, bias, dtype=dtype, device=device, generator=generator
         )
         # checked before any random draw, so a refused layer leaves the generator alone
-        check_lora_settings("LoRALinear", r, lora_alpha, lora_dropout, init_lora_weights)
-        check_rank(r, self.weight.shape, "this LoRALinear")  # (from_linear allows more)
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
-        self._init_variants(init_lora_weights, use_dora)
+        check_lora_settings(type(self).__name__, r, lora_alpha, lora_dropout, init_lora_weights)
+        check_rank(r, self.weight.shape, f"this {type(self).__name__}")  # (from_linear allows more)
+        self.update_layer(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
 
     @classmethod
     def from_linear(cls, linear: Linear, config: LoRAConfig, generator=None) -> LoRALinear:
@@ -213,7 +222,7 @@ class LoRALinear(Linear):
         new adapter."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(linear))  # shares weight/bias (no copy), keeps training mode
-        layer._init_lora(
+        layer.update_layer(
             config.r,
             config.lora_alpha,
             config.lora_dropout,
@@ -221,11 +230,18 @@ class LoRALinear(Linear):
             config.init_lora_weights,
             generator,
         )
-        layer._init_variants(config.init_lora_weights, config.use_dora)
         return layer
 
+    def update_layer(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
+        """Add the adapter (PEFT's name; settings already checked by the caller): A and B
+        (:meth:`_init_lora`), then the init a variant registered under this name in
+        ``LORA_INITS``, if any (PiSSA). A subclass adds its own parameters after it (DoRA)."""
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
+        if init_lora_weights in LORA_INITS:
+            LORA_INITS[init_lora_weights](self)
+
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
-        """Add the adapter (settings already checked by the caller)."""
+        """Add A and B, and the bypass dropout's generator."""
         out_f, in_f = self.weight.shape
         gen = generator or F.default_generator()
         dtype, device = self.weight.dtype, self.weight.device
@@ -234,7 +250,7 @@ class LoRALinear(Linear):
         self.lora_dropout = lora_dropout
         if init_lora_weights == "gaussian":  # PEFT's "gaussian": N(0, (1/r)²)
             A = gen.normal((r, in_f), std=1.0 / r, dtype=dtype, device=device)
-        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in) ("pissa": replaced)
+        else:  # kaiming_uniform(a=√5) as loralib/PEFT: U(-1/√in, 1/√in) (a variant's init follows)
             bound = 1.0 / math.sqrt(in_f)
             A = gen.uniform((r, in_f), -bound, bound, dtype=dtype, device=device)
         self.lora_A = Parameter(A)  # (r, in)
@@ -245,22 +261,17 @@ class LoRALinear(Linear):
         self.merged = False
         self.disable_adapters = False
 
-    def _init_variants(self, init_lora_weights: str, use_dora: bool) -> None:
-        """PiSSA's init and DoRA's magnitude, after :meth:`_init_lora` (docs/math.md#pissa,
-        docs/math.md#dora)."""
-        # PiSSA's layer holds the residual as its weight, not the base's W0
-        self.residual_base = init_lora_weights == "pissa"
-        if init_lora_weights == "pissa":  # A, B from W's top-r SVD; W becomes the residual
-            A, B, residual = pissa.pissa_init(self.weight.data, self.r, self.scaling)
-            self.lora_A.data, self.lora_B.data = A, B
-            # a new array, not W0 edited in place: a weight tied elsewhere keeps W0
-            self.weight = Parameter(residual, requires_grad=self.weight.requires_grad)
-        self.use_dora = use_dora
-        if use_dora:  # m = ‖W0 + s·B·A‖ per output row, so that at init m / ‖·‖ = 1
-            w, A, B = self.weight.data, self.lora_A.data, self.lora_B.data
-            self.lora_magnitude_vector = Parameter(F.dora_weight_norm(w, A, B, self.scaling))
-
     def forward(self, x: Tensor) -> Tensor:
+        """h = W x + b + s · B A d, with d = dropout(x) (x itself when there is no dropout):
+        one fused op, ``functional.lora_linear``. Merged or disabled: h = W x + b."""
+        if self.merged or self.disable_adapters:
+            return self.base_forward(x)
+        return F.lora_linear(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_input(x)
+        )
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """W x + b alone: the adapter disabled, or merged into W."""
         if self.merged:
             # Inference (eval mode, or no_grad) on merged weights is what merging is for.
             # A training-mode forward that records gradients would train nothing: the
@@ -272,26 +283,14 @@ class LoRALinear(Linear):
                     "gradient would not reach lora_A/lora_B; call unmerge() before training, "
                     "or call eval() (or use no_grad()) for inference"
                 )
-            return F.linear(x, self.weight, self.bias)
-        if self.disable_adapters:
-            return F.linear(x, self.weight, self.bias)
-        x_lora = None
+        return F.linear(x, self.weight, self.bias)
+
+    def lora_input(self, x: Tensor) -> Tensor | None:
+        """The bypass input d: ``dropout(x)`` when training with ``lora_dropout`` > 0, else
+        None, which the fused op reads as x itself (no copy, one gradient for x)."""
         if self.lora_dropout > 0 and self.training:
-            x_lora = F.dropout(x, self.lora_dropout, True, self.lora_generator)
-        if self.use_dora:
-            return F.dora_linear(
-                x,
-                self.weight,
-                self.bias,
-                self.lora_A,
-                self.lora_B,
-                self.lora_magnitude_vector,
-                self.scaling,
-                x_lora,
-            )
-        return F.lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, x_lora
-        )
+            return F.dropout(x, self.lora_dropout, True, self.lora_generator)
+        return None
 
     def get_delta_weight(self):
         """ΔW = s · B @ A, shape (out, in): what merging adds to the weight."""
@@ -308,27 +307,11 @@ class LoRALinear(Linear):
         self._set_merged(self.merged_weight(safe_merge))
 
     def merged_weight(self, safe_merge: bool = True):
-        """W + s·B·A as a new array, refused (ValueError) if ``safe_merge`` and not finite;
-        with DoRA, m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (per output row)."""
+        """W + s·B·A as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
         merged = self.weight.data + self.get_delta_weight()
-        if self.use_dora:
-            norm = F.dora_weight_norm(
-                self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling
-            )
-            merged *= (self.lora_magnitude_vector.data / norm)[:, None]
-        xp = backend.get_array_module(merged)
-        if safe_merge and not bool(xp.isfinite(merged).all()):
-            raise ValueError(
-                "merge refused: W + s·B·A contains NaN or inf (the adapter has diverged); the "
-                "weight was left unchanged"
-            )
-        return merged
+        return check_merged(merged, safe_merge, "W + s·B·A")
 
     def _set_merged(self, merged) -> None:
-        if self.use_dora:  # kept for unmerge, as PEFT keeps it: W0 cannot be read back otherwise
-            self.merged_norm = F.dora_weight_norm(
-                self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling
-            )
         self.weight.data[...] = merged  # in place: optimizers keep their references
         self.merged = True
 
@@ -337,13 +320,10 @@ class LoRALinear(Linear):
         if not self.merged:
             warnings.warn("LoRALinear.unmerge(): not merged; nothing was done", stacklevel=2)
             return
-        if self.use_dora:  # W = (m / n) ⊙ (W0 + s·B·A)  =>  W0 = W ⊙ (n / m) - s·B·A
-            self.weight.data *= (self.merged_norm / self.lora_magnitude_vector.data)[:, None]
-            self.merged_norm = None
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
-    def to_linear(self) -> Linear:
+    def get_base_layer(self) -> Linear:
         """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
         linear = Linear.__new__(Linear)
         kept = ("in_features", "out_features", "weight", "bias", "training")
@@ -353,6 +333,21 @@ class LoRALinear(Linear):
     def extra_repr(self) -> str:
         lora = f"r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
         return f"{super().extra_repr()}, {lora}"
+
+
+LORA_LAYERS[Linear] = LoRALinear.from_linear  # the book's own entry: a Linear gets a LoRALinear
+
+
+def check_merged(merged, safe_merge: bool, formula: str):
+    """``merged`` itself, or a ValueError when ``safe_merge`` and it holds NaN or inf (the
+    adapter has diverged; the caller has not written it yet). ``formula``: what it is."""
+    xp = backend.get_array_module(merged)
+    if safe_merge and not bool(xp.isfinite(merged).all()):
+        raise ValueError(
+            f"merge refused: {formula} contains NaN or inf (the adapter has diverged); the "
+            "weight was left unchanged"
+        )
+    return merged
 
 
 # ======================================================================================
@@ -366,9 +361,9 @@ def lora_layers(model: Module):
 
 
 def adapted_layers(model: Module):
-    """(path, layer) for every ``LoRALinear`` and ``LoRAEmbedding`` in ``model``."""
-    kinds = (LoRALinear, LoRAEmbedding)
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+    """(path, layer) for every adapted layer (:class:`LoRALayer`) in ``model``: the
+    ``LoRALinear`` layers and the variants' (``LoRAEmbedding``)."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
 def vera_paths(model: Module) -> list[str]:
@@ -378,46 +373,25 @@ def vera_paths(model: Module) -> list[str]:
     return sorted({n.rpartition(".")[0] for n in names})
 
 
-def tied_embeddings(model: Module, paths) -> list[str]:
-    """The embeddings among ``paths`` whose table another layer also uses (GPT's
-    ``tie_word_embeddings``): an adapter on them would be merged into that layer too, so
-    merged and unmerged models would differ. LoRA refuses them."""
-    owners = {}
-    for path, m in model.named_modules():
-        w = vars(m).get("weight")
-        if w is not None:
-            owners.setdefault(id(w), []).append(path)
-    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
-    return [p for p in chosen if len(owners[id(model.get_submodule(p).weight)]) > 1]
-
-
-def embedding_variant_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
-    """DoRA and PiSSA are implemented for ``LoRALinear`` only: an embedding among ``paths``
-    with ``use_dora`` or ``init_lora_weights="pissa"`` is a problem (for the config's own
-    rank and alpha there: :meth:`LoRAConfig.for_module`)."""
-    if not (config.use_dora or config.init_lora_weights == "pissa"):
-        return []
-    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
-    if not chosen:
-        return []
-    return [
-        f"{chosen} are embeddings, and minilora implements use_dora={config.use_dora!r} and "
-        f"init_lora_weights={config.init_lora_weights!r} for Linear layers only; adapt the "
-        "embeddings with plain LoRA (use_dora=False, init 'gaussian' or 'kaiming')"
-    ]
-
-
 def adaptable_layers(model: Module):
-    """(path, layer) for every plain ``Linear`` and ``Embedding``: what LoRA can target."""
-    return [(p, m) for p, m in model.named_modules() if type(m) in (Linear, Embedding) and p]
+    """(path, layer) for every layer of a kind ``LORA_LAYERS`` can wrap (a plain ``Linear``;
+    an ``Embedding`` with the variants): what LoRA can target."""
+    return [(p, m) for p, m in model.named_modules() if type(m) in LORA_LAYERS and p]
+
+
+def target_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
+    """What the variants' ``TARGET_CHECKS`` find wrong with adapting ``paths`` (an empty
+    list when nothing is), e.g. DoRA asked of an embedding."""
+    return [problem for check in TARGET_CHECKS for problem in check(model, paths, config)]
 
 
 def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     """Replace every ``Linear`` that ``config.target_modules`` names (a leaf name, a
-    suffix or a full path, see :func:`is_target`) by a ``LoRALinear`` wrapping it (an
-    ``Embedding`` by a ``LoRAEmbedding``), inside ``config.layers_to_transform`` and with
-    the rank and alpha of ``config.rank_pattern``/``alpha_pattern``, then freeze all but
-    the adapters (and biases per ``config.bias``). Returns the replaced module paths.
+    suffix or a full path, see :func:`is_target`) by a ``LoRALinear`` wrapping it (or the
+    layer ``LORA_LAYERS`` builds for it: an ``Embedding``'s, DoRA's), inside
+    ``config.layers_to_transform`` and with the rank and alpha of
+    ``config.rank_pattern``/``alpha_pattern``, then freeze all but the adapters (and
+    biases per ``config.bias``). Returns the replaced module paths.
 
     Raises ``ValueError``, changing nothing, when a target matches nothing (listing the
     available names), when a rank exceeds a layer's min(out, in), or when a target
@@ -448,32 +422,21 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
         )
     for path, m in chosen:  # check every rank first, so a bad config changes nothing
         check_rank(config.for_module(path).r, m.weight.shape, path)
-    problems = embedding_variant_problems(model, [p for p, _ in chosen], config)
+    problems = target_problems(model, [p for p, _ in chosen], config)
     if problems:
         raise ValueError(f"apply_lora: {problems[0]}; nothing was changed")
-    tied = tied_embeddings(model, [p for p, _ in chosen])
-    if tied:
-        raise ValueError(
-            f"apply_lora: {tied} share their weight with another layer (tie_word_embeddings); "
-            "an embedding adapter there would also be merged into that layer. Nothing was changed"
-        )
     return add_lora_layers(model, [p for p, _ in chosen], config, generator)
 
 
 def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generator=None):
-    """Wrap the ``Linear`` at each path in a ``LoRALinear`` (an ``Embedding`` in a
-    ``LoRAEmbedding``), with the path's rank and alpha, and mark only the adapters (and
-    biases per ``config.bias``) trainable; no checks (:func:`apply_lora` checks first,
-    ``load_adapter`` checks against the file). Returns ``paths``."""
+    """Wrap the ``Linear`` at each path in a ``LoRALinear`` (any layer in what
+    ``LORA_LAYERS`` builds for its kind), with the path's rank and alpha, and mark only the
+    adapters (and biases per ``config.bias``) trainable; no checks (:func:`apply_lora`
+    checks first, ``load_adapter`` checks against the file). Returns ``paths``."""
     for path in paths:
         base, own = model.get_submodule(path), config.for_module(path)
-        if isinstance(base, Embedding):
-            layer = LoRAEmbedding.from_embedding(
-                base, own.r, own.lora_alpha, own.use_rslora, own.scaling, generator
-            )
-        else:
-            layer = LoRALinear.from_linear(base, own, generator)
-        model.set_submodule(path, layer)
+        wrap = LORA_LAYERS[type(base)]  # LoRALinear.from_linear for a Linear
+        model.set_submodule(path, wrap(base, own, generator))
     mark_only_lora_as_trainable(model, config.bias)
     return paths
 
@@ -483,7 +446,7 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
     ``"none"``, ``"all"`` biases, or ``"lora_only"`` (biases of adapted layers)."""
     check_bias_mode(bias, "mark_only_lora_as_trainable")
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name.rsplit(".", 1)[-1])
+        p.requires_grad_(is_lora_parameter(name))
     if bias == "all":
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -494,17 +457,22 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
                 layer.bias.requires_grad_(True)
 
 
+def is_lora_parameter(name: str) -> bool:
+    """True for an adapter's parameter: PEFT names them all ``lora_*`` (``lora_A``,
+    ``lora_B``, and the variants' ``lora_embedding_A``, ``lora_magnitude_vector``, ...)."""
+    return "lora_" in name.rsplit(".", 1)[-1]
+
+
 def lora_state_dict(model: Module, bias: str = "none") -> dict:
-    """The adapter's arrays (copies): every ``lora_A``/``lora_B`` (an embedding's
-    ``lora_embedding_A``/``lora_embedding_B``, DoRA's ``lora_magnitude_vector``), plus
-    biases per ``bias``."""
+    """The adapter's arrays (copies): every ``lora_*`` parameter (:func:`is_lora_parameter`),
+    plus biases per ``bias``."""
     check_bias_mode(bias, "lora_state_dict")
     lora_paths = {path for path, _ in lora_layers(model)}
     out = {}
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         owner = name.rpartition(".")[0]
-        if leaf in LORA_LEAVES + ("lora_magnitude_vector",) or (
+        if is_lora_parameter(name) or (
             leaf == "bias" and (bias == "all" or (bias == "lora_only" and owner in lora_paths))
         ):
             out[name] = p.data.copy()
@@ -534,8 +502,7 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
     """
     merge_lora(model, safe_merge)
     for path, layer in adapted_layers(model):
-        base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
-        model.set_submodule(path, base)
+        model.set_submodule(path, layer.get_base_layer())
     return model
 
 

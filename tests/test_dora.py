@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 from strategies import seeds
 
 import minilora as ml
-from minilora import LoRAConfig, LoRALinear, Tensor
-from minilora import functional as F
+from minilora import LoRAConfig, Tensor
 from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.interop import peft_adapters, safetensors_files
 from minilora.lora import count_parameters, lora_layers
+from minilora.variants import dora
+from minilora.variants.dora import DoRALinear
 
 pytestmark = pytest.mark.usefixtures("ops")
 
@@ -59,7 +60,7 @@ def dora_fn(s, has_b, has_d):
         b_ = ts.pop(0) if has_b else None
         A, B, m = ts.pop(0), ts.pop(0), ts.pop(0)
         d = ts.pop(0) if has_d else None
-        return F.dora_linear(x, W, b_, A, B, m, s, d)
+        return dora.dora_linear(x, W, b_, A, B, m, s, d)
 
     return fn
 
@@ -72,12 +73,12 @@ def test_gradcheck_dora_linear_with_the_norm_held_constant(args, monkeypatch):
     the unperturbed weights' value for every evaluation. Every input is checked with a
     random upstream gradient; W0 (input 1) is frozen and must get no gradient."""
     x, W, b, A, B, m, s, x_lora = args
-    n0 = F.dora_weight_norm(W, A, B, s)
+    n0 = dora.dora_weight_norm(W, A, B, s)
     inputs = [x, W] + ([] if b is None else [b]) + [A, B, m]
     inputs += [] if x_lora is None else [x_lora]
     fn = dora_fn(s, b is not None, x_lora is not None)
     with monkeypatch.context() as mp:
-        mp.setattr(F, "dora_weight_norm", lambda *_: n0)
+        mp.setattr(dora, "dora_weight_norm", lambda *_: n0)
         assert gradcheck(fn, inputs, no_grads=(1,))
 
 
@@ -92,9 +93,9 @@ def test_gradcheck_dora_linear_trainable_base_with_the_norm_held_constant(monkey
         rng.uniform(0.5, 2, 5),
         rng.uniform(-1, 1, 5),
     )
-    n0 = F.dora_weight_norm(W, A, B, 2.0)
-    monkeypatch.setattr(F, "dora_weight_norm", lambda *_: n0)
-    assert gradcheck(lambda *t: F.dora_linear(*t, 2.0), [x, W, b, A, B, m])
+    n0 = dora.dora_weight_norm(W, A, B, 2.0)
+    monkeypatch.setattr(dora, "dora_weight_norm", lambda *_: n0)
+    assert gradcheck(lambda *t: dora.dora_linear(*t, 2.0), [x, W, b, A, B, m])
 
 
 def test_the_norm_is_detached_the_full_derivative_differs():
@@ -121,7 +122,7 @@ def test_dora_linear_is_its_formula(args):
     adapted = W + s * B @ A
     n = np.sqrt((adapted**2).sum(axis=1))
     want = (m / n) * (x @ W.T + s * (d @ A.T) @ B.T) + (0 if b is None else b)
-    y = F.dora_linear(x, W, b, A, B, m, s, x_lora).data
+    y = dora.dora_linear(x, W, b, A, B, m, s, x_lora).data
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
     if x_lora is None:
         W_prime = (m / n)[:, None] * adapted
@@ -133,7 +134,7 @@ def test_dora_linear_is_its_formula(args):
 def test_dora_linear_refuses_a_magnitude_of_the_wrong_shape():
     x, W, A, B = np.ones((2, 4)), np.ones((3, 4)), np.ones((2, 4)), np.ones((3, 2))
     with pytest.raises(ValueError, match=r"magnitude has shape \(4,\), expected \(3,\)"):
-        F.dora_linear(x, W, None, A, B, np.ones(4), 1.0)
+        dora.dora_linear(x, W, None, A, B, np.ones(4), 1.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -160,8 +161,8 @@ def test_dora_model_at_init_is_the_base_model_bitwise_and_m_is_the_row_norms():
 
 
 def dora_layer(n_in, n_out, dtype=np.float64, seed=0, bias=True):
-    """A DoRA LoRALinear with random W0, A, B and m (as if trained)."""
-    layer = LoRALinear(n_in, n_out, bias, r=2, lora_alpha=3, use_dora=True, dtype=dtype)
+    """A DoRALinear with random W0, A, B and m (as if trained)."""
+    layer = DoRALinear(n_in, n_out, bias, r=2, lora_alpha=3, dtype=dtype)
     rng = np.random.default_rng(seed)
     for p in layer.parameters():
         p.data[...] = rng.normal(0, 1, p.shape)

@@ -22,6 +22,7 @@ from minilora.interop import peft_adapters
 from minilora.lora import LoRAConfig, adapted_layers, apply_lora, lora_layers
 from minilora.nn import Embedding
 from minilora.variants import multi_adapter, vera
+from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
 from minilora.variants.loraplus import create_loraplus_optimizer, loraplus_groups
 
@@ -69,7 +70,7 @@ def test_dora_with_patterns_gives_each_layer_its_rank_and_round_trips(tmp_path):
     assert ranks(model) == WANT_RANKS
     for path, layer in lora_layers(model):
         r, out_f = WANT_RANKS[path][0], layer.weight.shape[0]
-        assert layer.use_dora and layer.lora_A.shape == (r, layer.weight.shape[1])
+        assert isinstance(layer, DoRALinear) and layer.lora_A.shape == (r, layer.weight.shape[1])
         assert layer.lora_magnitude_vector.shape == (out_f,)
     np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-12, atol=1e-12)  # m/‖·‖ = 1
     randomize_adapters(model, 1)

@@ -62,7 +62,7 @@ class QLoRALinear(LoRALinear):
         check_rank(r, qweight.shape, "this QLoRALinear")
         self.out_features, self.in_features = qweight.shape
         self.qweight, self.bias = qweight, bias
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
+        self.update_layer(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator)
 
     @classmethod
     def from_quantized(
@@ -118,7 +118,7 @@ class QLoRALinear(LoRALinear):
         layer.training = self.training
         return layer
 
-    def to_linear(self) -> Linear:
+    def get_base_layer(self) -> Linear:
         return self.merged_linear()
 
     def extra_repr(self) -> str:

@@ -32,19 +32,21 @@ from minilora.interop.safetensors_files import (
     serialize,
 )
 from minilora.lora import (
-    LORA_LEAVES,
     LoRAConfig,
     adaptable_layers,
     adapted_layers,
     add_lora_layers,
-    embedding_variant_problems,
     is_target,
     lora_layers,
     lora_state_dict,
-    tied_embeddings,
+    target_problems,
 )
 from minilora.nn import Embedding, Linear, Module
 from minilora.variants import multi_adapter, pissa
+from minilora.variants.dora import DoRALinear
+
+# The adapter's matrices, whose shapes say the rank (a Linear's, an embedding's)
+LORA_MATRICES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 # Written into the weights' __metadata__ by save_adapter: the SHA-256 of the
 # adapter_config.json saved with them, so that a save killed between its two file
@@ -386,10 +388,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
             )
     # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
     chosen = _adapter_paths(model, config)
-    problems += embedding_variant_problems(model, [p for p, _ in chosen], config)
-    tied = tied_embeddings(model, [p for p, _ in chosen])
-    if tied:
-        problems.append(f"{tied} share their weight with another layer (tie_word_embeddings)")
+    problems += target_problems(model, [p for p, _ in chosen], config)
     if config.init_lora_weights == "pissa" and adapted_layers(model):
         problems.append(
             "init_lora_weights='pissa': a PiSSA adapter loads only on a base model (its "
@@ -431,11 +430,13 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
                 "layers_to_transform)"
             )
         own = config.for_module(path)
-        for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
-            if getattr(layer, attr) != getattr(own, attr):
+        has = {a: getattr(layer, a) for a in ("r", "lora_alpha", "use_rslora")}
+        has["use_dora"] = isinstance(layer, DoRALinear)
+        for attr, value in has.items():
+            if value != getattr(own, attr):
                 problems.append(
                     f"config says {attr}={getattr(own, attr)!r} but the LoRA layer {path} "
-                    f"has {attr}={getattr(layer, attr)!r}"
+                    f"has {attr}={value!r}"
                 )
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
@@ -496,12 +497,12 @@ def _check_tensors(
         owner, _, leaf = name.rpartition(".")
         r = config.for_module(owner).r
         says = f"config says r={r}" + (" (rank_pattern)" if r != config.r else "")
-        if leaf.endswith("A") and leaf in LORA_LEAVES and len(got) == 2 and got[1] == want[1]:
+        if leaf.endswith("A") and leaf in LORA_MATRICES and len(got) == 2 and got[1] == want[1]:
             problems.append(f"{says} but {leaf} for {owner} has shape {got}")
-        elif leaf.endswith("B") and leaf in LORA_LEAVES and len(got) == 2 and got[0] == want[0]:
+        elif leaf.endswith("B") and leaf in LORA_MATRICES and len(got) == 2 and got[0] == want[0]:
             problems.append(f"{says} but {leaf} for {owner} has shape {got}")
         else:
-            what = f"{leaf} for {owner}" if leaf in LORA_LEAVES else name
+            what = f"{leaf} for {owner}" if leaf in LORA_MATRICES else name
             problems.append(f"{what} has shape {got}, expected {want}")
     present = [param_name(key) for key in tensors]
     for name in sorted({n for n in present if present.count(n) > 1} - {None}):

@@ -7,17 +7,20 @@ An embedding is a linear layer applied to a one-hot vector, ``W[i] = e_iᵀ W``,
 Aᵀ instead of multiplying by A. PEFT's names and layouts: ``lora_embedding_A`` (r, V) and
 ``lora_embedding_B`` (C, r), and PEFT's init, the reverse of a ``Linear``'s: A zero and B
 normal N(0, 1), so the adapted model starts equal to the base. PEFT applies no dropout to an
-embedding's bypass; neither does this layer. Derivation: docs/math.md#lora-on-the-token-embedding.
+embedding's bypass; neither does this layer. ``import minilora`` registers it with the
+book's ``apply_lora`` (``lora.LORA_LAYERS``, ``lora.TARGET_CHECKS``), so an embedding's name in
+``target_modules`` adapts it. Derivation: docs/math.md#lora-on-the-token-embedding.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from minilora import backend
+from minilora import backend, lora
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.nn import Embedding, Parameter
+from minilora.lora import LoRAConfig, LoRALayer
+from minilora.nn import Embedding, Module, Parameter
 
 mm = backend.matmul
 
@@ -82,32 +85,25 @@ def lora_embedding(ids, weight, lora_A, lora_B, scaling: float) -> Tensor:
     return LoRAEmbeddingFunction(scaling)(F._as_tensor(ids), weight, lora_A, lora_B)
 
 
-class LoRAEmbedding(Embedding):
+class LoRAEmbedding(Embedding, LoRALayer):
     """An ``Embedding`` with a LoRA bypass: keeps ``weight`` (V, C) and adds
     ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (C, r). Build it with
     :meth:`from_embedding` (``lora.apply_lora`` does, for a target that names an embedding)."""
 
-    use_dora = False  # DoRA is implemented for LoRALinear only (apply_lora refuses it here)
-
     @classmethod
     def from_embedding(
-        cls,
-        embedding: Embedding,
-        r: int,
-        lora_alpha: float,
-        use_rslora: bool,
-        scaling: float,
-        generator=None,
+        cls, embedding: Embedding, config: LoRAConfig, generator=None
     ) -> LoRAEmbedding:
-        """Wrap ``embedding`` (the same weight object); settings checked by the caller.
-        PEFT's init: A zero, B ~ N(0, 1)."""
+        """Wrap ``embedding`` (the same weight object) with ``config``'s r, lora_alpha and
+        use_rslora, checked by the caller. PEFT's init: A zero, B ~ N(0, 1)."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(embedding))
         gen = generator or F.default_generator()
         V, C = layer.weight.shape
         dtype, device = layer.weight.dtype, layer.weight.device
-        layer.r, layer.lora_alpha, layer.scaling = r, lora_alpha, scaling
-        layer.use_rslora = use_rslora
+        r = config.r
+        layer.r, layer.lora_alpha, layer.scaling = r, config.lora_alpha, config.scaling
+        layer.use_rslora = config.use_rslora
         layer.lora_embedding_A = Parameter(backend.zeros((r, V), dtype, device))  # (r, V)
         layer.lora_embedding_B = Parameter(gen.normal((C, r), 1.0, dtype, device))  # (C, r)
         layer.merged = False
@@ -135,13 +131,7 @@ class LoRAEmbedding(Embedding):
     def merged_weight(self, safe_merge: bool = True):
         """W + ΔW as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
         merged = self.weight.data + self.get_delta_weight()
-        xp = backend.get_array_module(merged)
-        if safe_merge and not bool(xp.isfinite(merged).all()):
-            raise ValueError(
-                "merge refused: W + s·(B·A)ᵀ contains NaN or inf (the adapter has diverged); "
-                "the weight was left unchanged"
-            )
-        return merged
+        return lora.check_merged(merged, safe_merge, "W + s·(B·A)ᵀ")
 
     def merge(self, safe_merge: bool = True) -> None:
         if self.merged:
@@ -160,7 +150,7 @@ class LoRAEmbedding(Embedding):
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
-    def to_embedding(self) -> Embedding:
+    def get_base_layer(self) -> Embedding:
         """A plain ``Embedding`` with the current weight (merge first to keep the adapter)."""
         emb = Embedding.__new__(Embedding)
         kept = ("num_embeddings", "embedding_dim", "weight", "training")
@@ -169,3 +159,42 @@ class LoRAEmbedding(Embedding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}"
+
+
+def tied_embeddings(model: Module, paths) -> list[str]:
+    """The embeddings among ``paths`` whose table another layer also uses (GPT's
+    ``tie_word_embeddings``): an adapter on them would be merged into that layer too, so
+    merged and unmerged models would differ. LoRA refuses them."""
+    owners = {}
+    for path, m in model.named_modules():
+        w = vars(m).get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(path)
+    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
+    return [p for p in chosen if len(owners[id(model.get_submodule(p).weight)]) > 1]
+
+
+def embedding_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
+    """What stops LoRA on the embeddings among ``paths`` (registered in
+    ``lora.TARGET_CHECKS``): DoRA and PiSSA are implemented for ``LoRALinear`` only (for
+    the config's own rank and alpha there: :meth:`LoRAConfig.for_module`), and a tied
+    embedding (:func:`tied_embeddings`) would carry its adapter into the other layer."""
+    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
+    problems = []
+    if chosen and (config.use_dora or config.init_lora_weights == "pissa"):
+        problems.append(
+            f"{chosen} are embeddings, and minilora implements use_dora={config.use_dora!r} "
+            f"and init_lora_weights={config.init_lora_weights!r} for Linear layers only; adapt "
+            "the embeddings with plain LoRA (use_dora=False, init 'gaussian' or 'kaiming')"
+        )
+    tied = tied_embeddings(model, chosen)
+    if tied:
+        problems.append(
+            f"{tied} share their weight with another layer (tie_word_embeddings); an "
+            "embedding adapter there would also be merged into that layer"
+        )
+    return problems
+
+
+lora.LORA_LAYERS[Embedding] = LoRAEmbedding.from_embedding
+lora.TARGET_CHECKS.append(embedding_problems)

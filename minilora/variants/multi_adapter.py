@@ -65,6 +65,7 @@ from minilora.lora import (
     vera_paths,
 )
 from minilora.nn import Module
+from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
@@ -164,8 +165,7 @@ def _unplug(model: Module, layers: dict) -> None:
     """Put a plain Linear (the same weight and bias objects) in place of each layer (a plain
     Embedding in place of an embedding adapter, which only a refused addition brings)."""
     for path, layer in layers.items():
-        base = layer.to_embedding() if isinstance(layer, LoRAEmbedding) else layer.to_linear()
-        model.set_submodule(path, base)
+        model.set_submodule(path, layer.get_base_layer())
 
 
 def _refresh(model: Module, layers: dict) -> None:
@@ -402,7 +402,7 @@ def add_weighted_adapter(
 
 
 def _uses_dora(layers: dict) -> bool:
-    return any(layer.use_dora for layer in layers.values())
+    return any(isinstance(layer, DoRALinear) for layer in layers.values())
 
 
 def _cat(terms: list, r: int) -> tuple:

@@ -13,11 +13,17 @@ them (``peft.utils.other.get_pattern_key`` and ``check_target_module_exists``).
   component of a path with at least three dots before it (PEFT's ``.*?\\.[^.]*\\.(\\d+)\\.``:
   it finds HF's ``model.layers.3.`` but not minilora's ``blocks.3.``, so minilora's models
   need ``layers_pattern="blocks"``, as a PEFT user of the PyTorch port does).
+
+``import minilora`` registers the three rules below with the book's ``LoRAConfig``
+(``lora.CONFIG_CHECKS``, ``lora.TARGET_FILTERS``, ``lora.MODULE_SETTINGS``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
+
+from minilora import lora
 
 
 def get_pattern_key(pattern_keys, path: str) -> str | None:
@@ -98,3 +104,34 @@ def check_patterns(owner: str, rank_pattern, alpha_pattern, layers_to_transform,
 
 def _index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_config(config) -> None:
+    """``LoRAConfig``'s four pattern fields, checked (:func:`check_patterns`)."""
+    check_patterns(
+        "LoRAConfig",
+        config.rank_pattern,
+        config.alpha_pattern,
+        config.layers_to_transform,
+        config.layers_pattern,
+    )
+
+
+def in_transformed_layers(config, path: str) -> bool:
+    """True when the target at ``path`` is inside ``layers_to_transform``; as in PEFT, a
+    target that is the full path is adapted whatever the layers say."""
+    return path in config.target_modules or in_layers(
+        path, config.layers_to_transform, config.layers_pattern
+    )
+
+
+def module_settings(config, path: str):
+    """``config`` with the ``r`` and ``lora_alpha`` that the patterns give ``path``."""
+    r = pattern_value(config.rank_pattern, path, config.r)
+    alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
+    return replace(config, r=r, lora_alpha=alpha)
+
+
+lora.CONFIG_CHECKS.append(check_config)
+lora.TARGET_FILTERS.append(in_transformed_layers)
+lora.MODULE_SETTINGS.append(module_settings)

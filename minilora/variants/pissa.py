@@ -13,14 +13,17 @@ The layer computes ``W_res x + s·B·A x = W0 x`` at init (to float rounding), b
 trainable part now holds the weight's largest directions. The price: the base weight is
 changed, so disabling the adapter runs ``W_res``, not ``W0``; and a trained PiSSA adapter
 only means something on top of ``W_res``. :func:`pissa_to_lora` turns it back into a plain
-LoRA adapter for the original ``W0`` (rank 2r). Derivations: docs/math.md#pissa.
+LoRA adapter for the original ``W0`` (rank 2r). ``import minilora`` registers
+:func:`init_pissa` as the init ``"pissa"`` of the book's ``LoRALinear`` (``lora.LORA_INITS``).
+Derivations: docs/math.md#pissa.
 """
 
 from __future__ import annotations
 
 import math
 
-from minilora import backend
+from minilora import backend, lora
+from minilora.nn import Parameter
 
 
 def pissa_init(weight, r: int, scaling: float):
@@ -34,6 +37,17 @@ def pissa_init(weight, r: int, scaling: float):
     lora_A = (root[:, None] * Vt[:r]).astype(weight.dtype)  # (r, in)
     residual = weight - scaling * backend.matmul(lora_B, lora_A, "pissa.init")  # (out, in)
     return lora_A, lora_B, residual
+
+
+def init_pissa(layer) -> None:
+    """PiSSA's init of a new ``LoRALinear``: A and B from its weight's top-r SVD, and the
+    weight replaced by the residual (``residual_base`` says so: the layer's weight is not
+    the base's W0 any more)."""
+    A, B, residual = pissa_init(layer.weight.data, layer.r, layer.scaling)
+    layer.lora_A.data, layer.lora_B.data = A, B
+    # a new array, not W0 edited in place: a weight tied elsewhere keeps W0
+    layer.weight = Parameter(residual, requires_grad=layer.weight.requires_grad)
+    layer.residual_base = True
 
 
 def pissa_to_lora(lora_A, lora_B, initial_A, initial_B):
@@ -56,3 +70,6 @@ def converted_alpha(lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha for the rank-2r adapter of :func:`pissa_to_lora`, keeping the scaling:
     α/r = 2α/(2r), and α/√r = √2·α/√(2r) with rsLoRA."""
     return lora_alpha * (math.sqrt(2) if use_rslora else 2)
+
+
+lora.LORA_INITS["pissa"] = init_pissa
