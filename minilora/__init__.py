@@ -1,8 +1,8 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
-from minilora import fast, functional  # importing fast registers the fast ops (functional.FAST_OPS)
+from minilora import fast, functional  # importing fast registers the fast ops (backend.FAST_OPS)
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
-from minilora.functional import get_ops, manual_seed, set_ops, use_ops
+from minilora.backend import get_ops, manual_seed, set_ops, use_ops
 from minilora.gradcheck import GradcheckError, gradcheck
 from minilora.lora import (
     LoRAConfig,

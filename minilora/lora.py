@@ -227,7 +227,7 @@ class LoRALinear(Linear):
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
         """Add the adapter (settings already checked by the caller)."""
         out_f, in_f = self.weight.shape
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         dtype, device = self.weight.dtype, self.weight.device
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(lora_alpha, r, use_rslora)

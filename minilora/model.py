@@ -359,7 +359,7 @@ class GPT(Module):
         idx = self._device_ids("idx", idx)
         self._check_id_ranges(idx, None)
         xp = backend.get_array_module(idx)
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         context = self.context_length
         cache = self.kv_cache(idx.shape[0]) if use_cache else None
         new = idx  # the positions the cache has not seen yet

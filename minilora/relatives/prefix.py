@@ -101,7 +101,7 @@ class PrefixEncoder(Module):
     def __init__(self, config: PrefixConfig, model: GPT, generator=None):
         cfg = model.config
         C, dtype, device = cfg.n_embd, model.tok_emb.weight.dtype, model.device
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         self.config = config
         self.num_virtual_tokens = P = config.num_virtual_tokens
         self.n_head, self.n_embd = cfg.n_head, C

@@ -103,7 +103,7 @@ class LoRAEmbedding(Embedding):
         PEFT's init: A zero, B ~ N(0, 1)."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(embedding))
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         V, C = layer.weight.shape
         dtype, device = layer.weight.dtype, layer.weight.device
         layer.r, layer.lora_alpha, layer.scaling = r, lora_alpha, scaling
