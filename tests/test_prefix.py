@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
 from minilora.interop import checkpoint
 from minilora.relatives.prefix import (
+    PrefixAttention,
     PrefixConfig,
     PrefixGPT,
     apply_prefix_tuning,
@@ -109,6 +111,18 @@ def test_cat_matches_numpy_and_its_backward_splits_the_gradient(shape, n, data):
 def test_cat_refuses_shapes_that_do_not_join(shapes_, axis, match):
     with pytest.raises(ValueError, match=match):
         F.cat([Tensor(np.zeros(s)) for s in shapes_], axis=axis)
+
+
+def test_the_book_knows_nothing_of_the_prefix():
+    """The prefix brings its own modules (PrefixGPT, PrefixAttention) into a model; the
+    book's model.py has no branch for it, and a plain GPT has no prefix attribute."""
+    source = (Path(ml.__file__).parent / "model.py").read_text(encoding="utf-8")
+    assert "prefix" not in source.lower()
+    model, _ = prefixed(("layer", False))
+    assert isinstance(model, PrefixGPT) and "prefix" not in vars(make_gpt(TINY_2x2))
+    assert all(isinstance(block.attn, PrefixAttention) for block in model.blocks)
+    names = {n for n, _ in model.named_parameters()} - {"prefix.embedding"}
+    assert names == {n for n, _ in make_gpt(TINY_2x2).named_parameters()}  # same paths
 
 
 # --------------------------------------------------------------------------------------
