@@ -38,7 +38,8 @@ import numpy as np
 from common import ms
 
 from minilora import AdamW, LoRAConfig, apply_lora, manual_seed
-from minilora.interop.checkpoint import load_model, save_adapter
+from minilora.interop.model_files import load_model
+from minilora.interop.peft_adapters import save_adapter
 from minilora.lora import count_parameters
 
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])

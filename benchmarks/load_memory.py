@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import safetensors.numpy
 
-from minilora.interop.checkpoint import load_model
+from minilora.interop.model_files import load_model
 
 GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 QUICK_SHAPE = dict(vocab_size=2000, n_positions=64, n_embd=64, n_layer=2, n_head=4)

@@ -36,8 +36,6 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms
     layer_norm_epsilon: float = 1e-5  # the eps of every LayerNorm (GPT-2's name)
     tie_word_embeddings: bool = False  # lm_head.weight *is* tok_emb.weight (one Parameter)
-    hf_model_type: str | None = None  # "gpt2": loaded from a Hugging Face GPT-2 folder, so
-    # adapters are saved and loaded in GPT-2's module names (minilora/interop/hf_gpt2.py)
 
     def __post_init__(self):
         check_sizes("GPTConfig", self)
@@ -49,10 +47,6 @@ class GPTConfig:
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(
                 f"GPTConfig: tie_word_embeddings={self.tie_word_embeddings!r} must be a bool"
-            )
-        if self.hf_model_type not in (None, "gpt2"):
-            raise ValueError(
-                f"GPTConfig: hf_model_type={self.hf_model_type!r} must be None or 'gpt2'"
             )
 
     def to_dict(self) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 from helpers import TINY_2x2, logits_of
 
 import minilora as ml
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 
 
 def peft_config(peft, config: ml.LoRAConfig):
@@ -34,7 +34,7 @@ def cross_both_ways(torch, peft, model, config, base, folder, idx, std: float):
     Returns the ``LoRAConfig`` minilora read."""
     from examples.torch_gpt import TorchGPT, load_minilora_state
 
-    checkpoint.save_adapter(model, folder / "ours", config)
+    peft_adapters.save_adapter(model, folder / "ours", config)
     port = TorchGPT(TINY_2x2)
     load_minilora_state(port, base.state_dict())
     loaded = peft.PeftModel.from_pretrained(port, folder / "ours").eval()
@@ -53,6 +53,6 @@ def cross_both_ways(torch, peft, model, config, base, folder, idx, std: float):
     theirs.save_pretrained(folder / "theirs")
     with torch.no_grad():
         want = theirs.eval()(torch.tensor(idx))[0].numpy()
-    read = checkpoint.load_adapter(base, folder / "theirs")
+    read = peft_adapters.load_adapter(base, folder / "theirs")
     np.testing.assert_allclose(logits_of(base, idx), want, rtol=1e-4, atol=1e-4)
     return read

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import minilora as ml
 from minilora import backend
 from minilora.gradcheck import gradcheck
-from minilora.interop import checkpoint
+from minilora.interop import safetensors_files
 from minilora.lora import LoRAConfig, apply_lora, count_parameters
 from minilora.relatives.adapters import (
     AdapterConfig,
@@ -311,7 +311,7 @@ def write(path, tensors, config=None, fmt="minilora-adapters"):
     metadata = {"format": fmt, "format_version": "1"}
     if config is not None:
         metadata["adapter_config"] = json.dumps(config)
-    path.write_bytes(checkpoint.serialize(tensors, metadata))
+    path.write_bytes(safetensors_files.serialize(tensors, metadata))
 
 
 @pytest.mark.parametrize(

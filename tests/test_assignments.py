@@ -86,13 +86,29 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
             assert f"Task {task_id}: {qualname}" in message
             assert f"docs/assignments/{name}.md" in message
     handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
-    assert handout == (PACKAGE.parent / "docs" / "assignments" / f"{name}.md").read_text()
+    page = (PACKAGE.parent / "docs" / "assignments" / f"{name}.md").read_text()
+    if assignment.port:
+        assert handout == page
+        return
+    # it opens on the files the student is graded on, then the page follows
+    title, _, rest = page.partition("\n")
+    assert handout.startswith(f"{title}\n\n## Your files\n") and handout.endswith(rest)
+    opened = handout[: len(handout) - len(rest)]
+    for path in stubbed:
+        assert (package / path).is_file() and f"`minilora/{path}`: " in opened, path
+
+
+def test_the_handout_names_each_file_with_its_tasks():
+    text = assignments.files_section(assignments.get_assignment("a3"))
+    assert "- `minilora/study/accounting.py`: a3.7\n" in text
+    assert "- `minilora/functional.py`: a3.3, a3.4\n" in text
+    assert "- `minilora/lora.py`: a3.1, a3.2, a3.5, a3.6, a3.7\n" in text
 
 
 def test_without_the_docs_the_handout_comes_from_the_manifest(monkeypatch, tmp_path):
     monkeypatch.setattr(assignments, "PACKAGE_DIR", tmp_path / "site-packages" / "minilora")
     text = assignments.handout_text(assignments.get_assignment("a3"))
-    assert text.startswith("# a3: the LoRA layer")
+    assert text.startswith("# a3: the LoRA layer\n\n## Your files\n")
     assert "| a3.4 | 4 | fused backward | `functional:LoRALinearFunction.backward` |" in text
 
 

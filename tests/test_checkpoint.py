@@ -1,4 +1,5 @@
-"""Checkpoints: model files and PEFT adapter folders (minilora.interop.checkpoint).
+"""Checkpoints: model files and PEFT adapter folders (minilora.interop: model_files,
+peft_adapters, peft_config, safetensors_files).
 
 What is promised, and tested here:
 
@@ -33,8 +34,9 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora import backend
-from minilora.interop import checkpoint
-from minilora.interop.checkpoint import load_adapter, load_model, save_adapter, save_model
+from minilora.interop import hf_gpt2, peft_adapters, safetensors_files
+from minilora.interop.model_files import load_model, save_model
+from minilora.interop.peft_adapters import load_adapter, save_adapter
 from minilora.lora import lora_layers, merge_lora
 from minilora.relatives import adapters, prefix
 
@@ -162,7 +164,8 @@ def test_model_file_holds_every_parameter_and_the_config(tmp_path):
     header, _ = split(path.read_bytes())
     meta = header["__metadata__"]
     assert meta["format"] == "minilora.model" and meta["format_version"] == "1"
-    assert json.loads(meta["config"]) == model.config.to_dict()
+    # GPTConfig's fields, and the config's class: null for a plain GPT ("gpt2": hf_gpt2)
+    assert json.loads(meta["config"]) == {**model.config.to_dict(), "hf_model_type": None}
     params = dict(model.named_parameters())
     assert tensor_names(header) == sorted(params)
     for name, p in params.items():
@@ -331,7 +334,7 @@ def test_load_model_refuses_mixed_and_unsupported_dtypes(tmp_path, model_bytes):
     tensors = safetensors.numpy.load(model_bytes)
     tensors["ln_f.bias"] = tensors["ln_f.bias"].astype(np.float64)
     path = tmp_path / "mixed.safetensors"
-    path.write_bytes(checkpoint.serialize(tensors, split(model_bytes)[0]["__metadata__"]))
+    path.write_bytes(safetensors_files.serialize(tensors, split(model_bytes)[0]["__metadata__"]))
     with pytest.raises(ValueError, match="mixes dtypes"):
         load_model(path)
 
@@ -523,7 +526,10 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
     header, _ = split((adapter_dir / "adapter_model.safetensors").read_bytes())
     # "format": "pt" is what PEFT writes; the digest binds the weights to this config
     config_digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes()).hexdigest()
-    assert header["__metadata__"] == {"format": "pt", checkpoint.CONFIG_DIGEST_KEY: config_digest}
+    assert header["__metadata__"] == {
+        "format": "pt",
+        peft_adapters.CONFIG_DIGEST_KEY: config_digest,
+    }
 
 
 def test_kaiming_init_is_written_as_peft_true_and_read_back(tmp_path):
@@ -888,7 +894,7 @@ def test_half_precision_adapters_are_upcast_with_a_warning(tmp_path, adapter_dir
         load_adapter(model, folder)
     loaded = {n: p.data for n, p in model.named_parameters()}
     for key, value in exact.items():
-        np.testing.assert_array_equal(loaded[checkpoint._param_name(key)], value, err_msg=key)
+        np.testing.assert_array_equal(loaded[peft_adapters.param_name(key)], value, err_msg=key)
 
 
 def test_a_model_file_in_bfloat16_is_still_refused(tmp_path, model_bytes):
@@ -1115,10 +1121,10 @@ def test_interrupted_save_model_keeps_the_previous_file(tmp_path, monkeypatch, t
             f.write = write
             return f
 
-        monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
+        monkeypatch.setattr(safetensors_files.os, "fdopen", fdopen)
     else:
         real = getattr(os, target)
-        monkeypatch.setattr(checkpoint.os, target, fail_on_call(1, exc, real))
+        monkeypatch.setattr(safetensors_files.os, target, fail_on_call(1, exc, real))
     with pytest.raises(type(exc)):
         save_model(tiny_gpt(seed=6), path)
     monkeypatch.undo()
@@ -1137,7 +1143,7 @@ def test_interrupted_save_adapter_keeps_both_previous_files(
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     for _, layer in lora_layers(model):
         layer.lora_B.data += 1.0
-    monkeypatch.setattr(checkpoint.os, target, fail_on_call(k, real=getattr(os, target)))
+    monkeypatch.setattr(safetensors_files.os, target, fail_on_call(k, real=getattr(os, target)))
     with pytest.raises(OSError, match="simulated"):
         save_adapter(model, folder, lora_config)
     monkeypatch.undo()
@@ -1151,7 +1157,7 @@ def test_interrupted_save_adapter_keeps_both_previous_files(
 KILLED_SAVE = """
 import os, sys
 import minilora as ml
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 from minilora.lora import lora_layers
 
 folder, step = sys.argv[1], sys.argv[2]
@@ -1170,7 +1176,7 @@ if step == "killed":
         os._exit(9)  # killed after the first replacement
 
     os.replace = replace
-checkpoint.save_adapter(model, folder, config)
+peft_adapters.save_adapter(model, folder, config)
 """
 
 
@@ -1288,14 +1294,13 @@ def test_loading_holds_the_model_and_the_tensors_no_more(tmp_path, monkeypatch):
     shape = load_memory.QUICK_SHAPE
     weights = load_memory.write_gpt2_folder(tmp_path, shape)
     peak = load_memory.peak_load(tmp_path)
-    config = ml.GPTConfig(
+    config = hf_gpt2.GPT2Config(
         vocab_size=shape["vocab_size"],
         block_size=shape["n_positions"],
         n_layer=shape["n_layer"],
         n_head=shape["n_head"],
         n_embd=shape["n_embd"],
         tie_word_embeddings=True,
-        hf_model_type="gpt2",
     )
     tracemalloc.start()
     try:
@@ -1305,3 +1310,31 @@ def test_loading_holds_the_model_and_the_tensors_no_more(tmp_path, monkeypatch):
         tracemalloc.stop()
     largest = shape["vocab_size"] * shape["n_embd"] * 4  # the token embedding, float32
     assert peak <= max(build, 2 * weights + largest) + 2**16  # + Python's own objects
+
+
+def test_a_gpt2_model_file_records_where_the_model_came_from(tmp_path, monkeypatch):
+    """A model loaded from a GPT-2 folder has an hf_gpt2.GPT2Config; its model file says
+    "hf_model_type": "gpt2" beside GPTConfig's fields and loads back as GPT-2's (so its
+    adapters keep GPT-2's names); a plain model's says null; any other value is refused."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import load_memory
+
+    load_memory.write_gpt2_folder(tmp_path / "hf", load_memory.QUICK_SHAPE)
+    model = load_model(tmp_path / "hf")
+    assert type(model.config) is hf_gpt2.GPT2Config and hf_gpt2.is_gpt2(model)
+    save_model(model, tmp_path / "gpt2.safetensors")
+    meta = split((tmp_path / "gpt2.safetensors").read_bytes())[0]["__metadata__"]
+    assert json.loads(meta["config"]) == {**model.config.to_dict(), "hf_model_type": "gpt2"}
+    again = load_model(tmp_path / "gpt2.safetensors")
+    assert type(again.config) is hf_gpt2.GPT2Config and again.config == model.config
+    plain = tiny_gpt()
+    assert not hf_gpt2.is_gpt2(plain)
+    path = tmp_path / "plain.safetensors"
+    save_model(plain, path)
+    header, body = split(path.read_bytes())
+    assert type(load_model(path).config) is ml.GPTConfig
+    config = json.loads(header["__metadata__"]["config"])
+    header["__metadata__"]["config"] = json.dumps({**config, "hf_model_type": "llama"})
+    path.write_bytes(join(header, body))
+    with pytest.raises(ValueError, match="hf_model_type='llama' must be None or 'gpt2'"):
+        load_model(path)

@@ -18,7 +18,7 @@ import minilora as ml
 from minilora import cli
 from minilora.cli import main
 from minilora.experiments import demo
-from minilora.interop import checkpoint
+from minilora.interop import model_files, safetensors_files
 
 PACKAGE = Path(ml.__file__).resolve().parent
 BASE = demo.base_model_path()
@@ -35,7 +35,7 @@ def files(tmp_path_factory) -> dict:
     os.symlink(root / "loop_a", root / "loop_b")
     model = demo.load_base()
     model.lm_head.weight.data[0, 0] = np.nan  # as a diverged training run leaves it
-    checkpoint.save_model(model, root / "nan.safetensors")
+    model_files.save_model(model, root / "nan.safetensors")
     adapter = root / "adapter"
     assert (
         main(
@@ -185,7 +185,7 @@ def test_a_permission_error_is_one_line(monkeypatch, capsys):
     def denied(path, caller):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(checkpoint, "_check_regular_file", denied)
+    monkeypatch.setattr(safetensors_files, "check_regular_file", denied)
     status, err = run(capsys, ["eval", "--model", "/some/model.safetensors"])
     assert status == 2
     assert err == "minilora eval: error: Permission denied: /some/model.safetensors\n"
@@ -200,9 +200,14 @@ def test_a_multi_line_error_becomes_one_line(files, tmp_path, capsys):
     weights = files["adapter"] / "adapter_model.safetensors"
     (folder / "adapter_model.safetensors").write_bytes(weights.read_bytes())
     # the recorded digest is of the original config: drop it to reach the config checks
-    tensors = checkpoint._read_safetensors(folder / "adapter_model.safetensors", "t")[0]
-    checkpoint.atomic_write(
-        [(folder / "adapter_model.safetensors", checkpoint.serialize(tensors, {"format": "pt"}))]
+    tensors = safetensors_files.read_safetensors(folder / "adapter_model.safetensors", "t")[0]
+    safetensors_files.atomic_write(
+        [
+            (
+                folder / "adapter_model.safetensors",
+                safetensors_files.serialize(tensors, {"format": "pt"}),
+            )
+        ]
     )
     status, err = run(capsys, ["eval", "--adapter", str(folder)])
     assert status == 2 and len(err.splitlines()) == 1

@@ -13,7 +13,7 @@ from minilora import train as train_module
 from minilora.cli import main
 from minilora.data import DigitTasks
 from minilora.experiments import demo
-from minilora.interop import checkpoint
+from minilora.interop import model_files
 from minilora.train import NonFiniteLossError, train
 
 
@@ -107,7 +107,7 @@ def test_shipped_base_model_solves_the_pretraining_tasks_and_not_the_downstream_
 
         acc = exact_match(logits.data, y)
         assert low <= acc <= high, (task, acc)
-    assert checkpoint.load_model(demo.base_model_path()).config == base.config
+    assert model_files.load_model(demo.base_model_path()).config == base.config
     assert np.isfinite(base.lm_head.weight.numpy()).all()
 
 

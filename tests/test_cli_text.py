@@ -16,7 +16,7 @@ from tokenizer_files import VOCAB_SIZE, write_small_tokenizer
 import minilora as ml
 from minilora import backend
 from minilora.cli import main
-from minilora.interop import checkpoint
+from minilora.interop import model_files, peft_adapters
 from minilora.text import corpus as text
 from minilora.text.bpe import load_tokenizer
 
@@ -35,7 +35,7 @@ def root(tmp_path_factory) -> Path:
     for name, vocab_size in (("model", VOCAB_SIZE), ("small_vocab", 100)):
         ml.manual_seed(0)
         config = ml.GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
-        checkpoint.save_model(ml.GPT(config), root / f"{name}.safetensors")
+        model_files.save_model(ml.GPT(config), root / f"{name}.safetensors")
     (root / "notes.txt").write_text("the low, the lower, the lowest; " * 40)
     pairs = [{"prompt": f"the {n} is", "response": " low" if n % 2 else " the"} for n in range(30)]
     (root / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
@@ -78,14 +78,14 @@ def test_finetune_on_text_lowers_the_held_out_loss_and_writes_an_adapter_that_lo
     before, after = losses(capsys.readouterr().out)
     assert after < before / 2, (before, after)
     # the adapter, loaded onto the base, gives the held-out loss that was printed
-    model = checkpoint.load_model(root / "model.safetensors")
-    config = checkpoint.load_adapter(model, tmp_path / "adapter")
+    model = model_files.load_model(root / "model.safetensors")
+    config = peft_adapters.load_adapter(model, tmp_path / "adapter")
     assert (config.r, config.lora_alpha) == (4, 16)
     assert sorted(config.target_modules) == ["fc2", "lm_head", "q_proj", "v_proj"]
     tokenizer = load_tokenizer(root / "tokenizer.json")
     held = text.load_text_data(root / data, tokenizer, 16, 0.1, seed=0).held_out()
     assert text.held_out_loss(model, *held) == pytest.approx(after, abs=1e-4)
-    base = checkpoint.load_model(root / "model.safetensors")
+    base = model_files.load_model(root / "model.safetensors")
     assert text.held_out_loss(base, *held) == pytest.approx(before, abs=1e-4)
 
 
@@ -106,8 +106,8 @@ def test_generate_prints_the_text_the_model_and_adapter_give(root, tmp_path, cap
     assert main([*argv, "--prompt", "the low, the", "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     # the same completion, computed here: greedy, cut at the end-of-text token
-    model = checkpoint.load_model(root / "model.safetensors")
-    checkpoint.load_adapter(model, tmp_path / "adapter")
+    model = model_files.load_model(root / "model.safetensors")
+    peft_adapters.load_adapter(model, tmp_path / "adapter")
     tokenizer = load_tokenizer(root / "tokenizer.json")
     ids = tokenizer.encode("the low, the")
     out = model.generate(backend.array([ids], dtype=backend.int64), 6, temperature=0.0)
@@ -137,13 +137,13 @@ def test_generate_prints_the_text_the_model_and_adapter_give(root, tmp_path, cap
 
 def test_a_base_folder_supplies_its_tokenizer(root, tmp_path, monkeypatch, capsys):
     """A Hugging Face folder holds tokenizer.json beside the weights; the folder's weights
-    are checkpoint.load_model's business (here it is given the model file instead)."""
+    are model_files.load_model's business (here it is given the model file instead)."""
     folder = tmp_path / "gpt2"
     folder.mkdir()
     write_small_tokenizer(folder / "tokenizer.json")
-    real = checkpoint.load_model
+    real = model_files.load_model
     monkeypatch.setattr(
-        checkpoint,
+        model_files,
         "load_model",
         lambda path, device="cpu": real(
             root / "model.safetensors" if path == str(folder) else path

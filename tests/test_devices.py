@@ -40,7 +40,7 @@ from minilora import backend, cli
 from minilora import functional as F
 from minilora.data import DigitTasks
 from minilora.experiments import demo
-from minilora.interop import checkpoint
+from minilora.interop import model_files, peft_adapters, peft_config
 from minilora.train import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -449,11 +449,11 @@ def test_lora_training_step_merge_and_checkpoints_on_every_device(device, tmp_pa
     assert host(model.blocks[0].attn.q_proj.lora_B).any()  # B moved off zero
 
     # an adapter saved from the device loads onto a fresh base on the CPU and the device
-    checkpoint.save_adapter(model, tmp_path / "adapter", config)
-    checkpoint.save_adapter(ref, tmp_path / "ref_adapter", config)
+    peft_adapters.save_adapter(model, tmp_path / "adapter", config)
+    peft_adapters.save_adapter(ref, tmp_path / "ref_adapter", config)
     for dev in ("cpu", device):
         base = tiny_gpt(dev, dropout=0.1)
-        checkpoint.load_adapter(base, tmp_path / "adapter")
+        peft_adapters.load_adapter(base, tmp_path / "adapter")
         assert params_on(base, dev)
         for (_, p), (_, q) in zip(base.named_parameters(), model.named_parameters(), strict=True):
             np.testing.assert_array_equal(host(p), host(q))
@@ -470,9 +470,9 @@ def test_lora_training_step_merge_and_checkpoints_on_every_device(device, tmp_pa
 
     # a whole model saved from the device loads to either device, bit for bit
     merged_model = ml.merge_and_unload(model)
-    checkpoint.save_model(merged_model, tmp_path / "model.safetensors")
+    model_files.save_model(merged_model, tmp_path / "model.safetensors")
     for dev in ("cpu", device):
-        loaded = checkpoint.load_model(tmp_path / "model.safetensors", device=dev)
+        loaded = model_files.load_model(tmp_path / "model.safetensors", device=dev)
         assert params_on(loaded, dev)
         for (_, p), (_, q) in zip(
             loaded.named_parameters(), merged_model.named_parameters(), strict=True
@@ -480,12 +480,12 @@ def test_lora_training_step_merge_and_checkpoints_on_every_device(device, tmp_pa
             np.testing.assert_array_equal(host(p), host(q))
     if device != "cuda":  # the same numbers give the same bytes, whatever the device
         ml.merge_and_unload(ref)
-        checkpoint.save_model(ref, tmp_path / "ref.safetensors")
+        model_files.save_model(ref, tmp_path / "ref.safetensors")
         assert (tmp_path / "model.safetensors").read_bytes() == (
             tmp_path / "ref.safetensors"
         ).read_bytes()
-        assert (tmp_path / "adapter" / checkpoint.ADAPTER_WEIGHTS_NAME).read_bytes() == (
-            tmp_path / "ref_adapter" / checkpoint.ADAPTER_WEIGHTS_NAME
+        assert (tmp_path / "adapter" / peft_config.ADAPTER_WEIGHTS_NAME).read_bytes() == (
+            tmp_path / "ref_adapter" / peft_config.ADAPTER_WEIGHTS_NAME
         ).read_bytes()
 
 

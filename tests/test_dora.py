@@ -21,7 +21,7 @@ from strategies import seeds
 import minilora as ml
 from minilora import GradcheckError, LoRAConfig, LoRALinear, Tensor, gradcheck
 from minilora import functional as F
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters, safetensors_files
 from minilora.lora import count_parameters, lora_layers
 
 pytestmark = pytest.mark.usefixtures("ops")
@@ -259,38 +259,38 @@ def logits(model):
 
 def test_dora_adapter_round_trip_keys_config_and_logits(tmp_path):
     base, model = trained_dora_model()
-    checkpoint.save_adapter(model, tmp_path, DORA)
-    tensors, _ = checkpoint._read_safetensors(tmp_path / "adapter_model.safetensors", "test")
+    peft_adapters.save_adapter(model, tmp_path, DORA)
+    tensors, _ = safetensors_files.read_safetensors(tmp_path / "adapter_model.safetensors", "test")
     assert "base_model.model.blocks.0.attn.q_proj.lora_magnitude_vector" in tensors  # PEFT's key
     assert tensors["base_model.model.blocks.0.attn.q_proj.lora_magnitude_vector"].shape == (8,)
-    config = checkpoint.load_adapter(base, tmp_path)
+    config = peft_adapters.load_adapter(base, tmp_path)
     assert config.use_dora
     np.testing.assert_array_equal(logits(base), logits(model))
 
 
 def test_a_dora_file_without_its_magnitude_is_refused_leaving_the_model_untouched(tmp_path):
     _, model = trained_dora_model()
-    checkpoint.save_adapter(model, tmp_path, DORA)
+    peft_adapters.save_adapter(model, tmp_path, DORA)
     weights = tmp_path / "adapter_model.safetensors"
-    tensors, _ = checkpoint._read_safetensors(weights, "test")
+    tensors, _ = safetensors_files.read_safetensors(weights, "test")
     key = "base_model.model.blocks.1.mlp.fc1.lora_magnitude_vector"
     del tensors[key]
-    weights.write_bytes(checkpoint.serialize(tensors, {"format": "pt"}))
+    weights.write_bytes(safetensors_files.serialize(tensors, {"format": "pt"}))
     target = randomize_weights(make_gpt(TINY_2x2), 1)
     before = snapshot(target)
     with pytest.raises(ValueError, match=f"missing key '{key}'"):
-        checkpoint.load_adapter(target, tmp_path)
+        peft_adapters.load_adapter(target, tmp_path)
     assert snapshot(target) == before
 
 
 def test_a_dora_file_does_not_load_into_plain_lora_layers(tmp_path):
     _, model = trained_dora_model()
-    checkpoint.save_adapter(model, tmp_path, DORA)
+    peft_adapters.save_adapter(model, tmp_path, DORA)
     target = make_gpt(TINY_2x2)
     ml.apply_lora(target, LoRAConfig(r=2, lora_alpha=4, target_modules=DORA.target_modules))
     before = snapshot(target)
     with pytest.raises(ValueError, match="config says use_dora=True but the LoRA layer"):
-        checkpoint.load_adapter(target, tmp_path)
+        peft_adapters.load_adapter(target, tmp_path)
     assert snapshot(target) == before
 
 
@@ -410,7 +410,7 @@ def test_dora_adapter_folders_both_ways(torch_peft, tmp_path):
     from examples.torch_gpt import TorchGPT, load_minilora_state
 
     base, model = trained_dora_model()
-    checkpoint.save_adapter(model, tmp_path / "ours", DORA)
+    peft_adapters.save_adapter(model, tmp_path / "ours", DORA)
     port = TorchGPT(TINY_2x2)
     load_minilora_state(port, base.state_dict())
     loaded = peft.PeftModel.from_pretrained(port, tmp_path / "ours").eval()
@@ -427,7 +427,7 @@ def test_dora_adapter_folders_both_ways(torch_peft, tmp_path):
                 p.add_(torch.randn_like(p) * 0.3)
     theirs.save_pretrained(tmp_path / "theirs")
     target = copy.deepcopy(base)
-    config = checkpoint.load_adapter(target, tmp_path / "theirs")
+    config = peft_adapters.load_adapter(target, tmp_path / "theirs")
     assert config.use_dora
     theirs.eval()
     with torch.no_grad():

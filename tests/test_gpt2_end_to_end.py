@@ -27,7 +27,8 @@ from tokenizer_files import END_OF_TEXT_ID, VOCAB_SIZE, write_small_tokenizer
 import minilora as ml
 from minilora import backend
 from minilora.cli import main
-from minilora.interop.checkpoint import load_adapter, load_model
+from minilora.interop.model_files import load_model
+from minilora.interop.peft_adapters import load_adapter
 from minilora.lora import lora_layers
 from minilora.text.bpe import load_tokenizer
 

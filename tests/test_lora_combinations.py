@@ -18,7 +18,7 @@ from helpers import TINY_2x2, logits_of, make_gpt, randomize_weights, snapshot
 import minilora as ml
 from minilora.compression.qlora import QLoRALinear, apply_qlora
 from minilora.compression.quantize import quantize_model
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 from minilora.lora import LoRAConfig, adapted_layers, apply_lora, lora_layers
 from minilora.nn import Embedding
 from minilora.variants import multi_adapter, vera
@@ -74,9 +74,9 @@ def test_dora_with_patterns_gives_each_layer_its_rank_and_round_trips(tmp_path):
     np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-12, atol=1e-12)  # m/‖·‖ = 1
     randomize_adapters(model, 1)
     trained = logits_of(model, IDX)
-    checkpoint.save_adapter(model, tmp_path, config)
+    peft_adapters.save_adapter(model, tmp_path, config)
     fresh = base(np.float64)
-    assert checkpoint.load_adapter(fresh, tmp_path) == config
+    assert peft_adapters.load_adapter(fresh, tmp_path) == config
     assert ranks(fresh) == WANT_RANKS
     np.testing.assert_array_equal(logits_of(fresh, IDX), trained)
     ml.merge_lora(fresh)
@@ -106,9 +106,9 @@ def test_pissa_with_patterns_converts_to_plain_lora_at_twice_each_rank(tmp_path)
     original = base()
     model = copy.deepcopy(original)
     apply_lora(model, config)
-    checkpoint.save_adapter(model, tmp_path / "initial", config)
+    peft_adapters.save_adapter(model, tmp_path / "initial", config)
     randomize_adapters(model, 2)
-    checkpoint.save_adapter(
+    peft_adapters.save_adapter(
         model,
         tmp_path / "lora",
         config,
@@ -117,7 +117,7 @@ def test_pissa_with_patterns_converts_to_plain_lora_at_twice_each_rank(tmp_path)
     written = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert written["rank_pattern"] == {"fc1": 6, r"blocks\.1\.attn\.q_proj": 2}
     assert written["alpha_pattern"] == {"q_proj": 2}
-    loaded = checkpoint.load_adapter(original, tmp_path / "lora")
+    loaded = peft_adapters.load_adapter(original, tmp_path / "lora")
     assert loaded.init_lora_weights == "kaiming"
     assert ranks(original) == {p: (2 * r, 2 * a) for p, (r, a) in WANT_RANKS.items()}
     want = logits_of(model, IDX)
@@ -171,14 +171,14 @@ def test_dora_and_pissa_on_an_embedding_are_refused_naming_it(tmp_path, variant)
     # a folder that says so is refused by load_adapter too
     plain = base()
     apply_lora(plain, LoRAConfig(r=2, target_modules=["tok_emb"]))
-    checkpoint.save_adapter(plain, tmp_path, LoRAConfig(r=2, target_modules=["tok_emb"]))
+    peft_adapters.save_adapter(plain, tmp_path, LoRAConfig(r=2, target_modules=["tok_emb"]))
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     raw.update({"use_dora": True} if "use_dora" in variant else {"init_lora_weights": "pissa"})
     (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
     weights = tmp_path / "adapter_model.safetensors"  # rewritten without the config's digest
     safetensors.numpy.save_file(safetensors.numpy.load_file(weights), weights)
     with pytest.raises(ValueError, match=r"\['tok_emb'\] are embeddings"):
-        checkpoint.load_adapter(model, tmp_path)
+        peft_adapters.load_adapter(model, tmp_path)
     assert snapshot(model) == before and not adapted_layers(model)
 
 
@@ -230,12 +230,12 @@ def test_a_named_adapter_on_an_embedding_is_refused_and_dropped(tmp_path):
     # loaded by name, into a model with adapters and into a base model
     source = base()
     apply_lora(source, config)
-    checkpoint.save_adapter(source, tmp_path, config)
+    peft_adapters.save_adapter(source, tmp_path, config)
     fresh = base()
     for target in (model, fresh):
         before, tree = snapshot(target), kinds(target)
         with pytest.raises(ValueError, match=r"embedding adapters \['tok_emb'\]"):
-            checkpoint.load_adapter(target, tmp_path, adapter_name="emb")
+            peft_adapters.load_adapter(target, tmp_path, adapter_name="emb")
         assert snapshot(target) == before and kinds(target) == tree
     assert isinstance(fresh.tok_emb, Embedding) and not isinstance(fresh.tok_emb, LoRAEmbedding)
 

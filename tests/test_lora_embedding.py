@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 
 import minilora as ml
 from minilora.gradcheck import gradcheck
-from minilora.interop import checkpoint
+from minilora.interop import model_files, peft_adapters
 from minilora.lora import (
     LoRAConfig,
     adapted_layers,
@@ -147,23 +147,23 @@ def test_a_training_step_leaves_the_embedding_table_alone():
 def test_adapter_files_use_peft_keys_and_round_trip(tmp_path):
     model = adapted(CONFIG, np.float32)
     randomize_trainable(model, 3, 0.5)
-    checkpoint.save_adapter(model, tmp_path, CONFIG)
+    peft_adapters.save_adapter(model, tmp_path, CONFIG)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.tok_emb.lora_embedding_A" in keys
     assert "base_model.model.tok_emb.lora_embedding_B" in keys
     fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    loaded = checkpoint.load_adapter(fresh, tmp_path)
+    loaded = peft_adapters.load_adapter(fresh, tmp_path)
     assert loaded.target_modules == CONFIG.target_modules
     np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
 
 def test_a_file_with_a_wrong_embedding_rank_is_refused_leaving_the_model(tmp_path):
     model = adapted(CONFIG, np.float32)
-    checkpoint.save_adapter(model, tmp_path, CONFIG)
+    peft_adapters.save_adapter(model, tmp_path, CONFIG)
     other = adapted(LoRAConfig(r=3, lora_alpha=4, target_modules=["tok_emb"]), np.float32)
     before = {n: p.data.copy() for n, p in other.named_parameters()}
     with pytest.raises(ValueError, match="r="):
-        checkpoint.load_adapter(other, tmp_path)
+        peft_adapters.load_adapter(other, tmp_path)
     assert all(np.array_equal(before[n], p.data) for n, p in other.named_parameters())
 
 
@@ -226,9 +226,9 @@ def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
         apply_lora(model, CONFIG)
     assert not adapted_layers(model)
     untied = adapted(CONFIG, np.float32)
-    checkpoint.save_adapter(untied, tmp_path, CONFIG)
+    peft_adapters.save_adapter(untied, tmp_path, CONFIG)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        checkpoint.load_adapter(model, tmp_path)
+        peft_adapters.load_adapter(model, tmp_path)
     assert not adapted_layers(model)
     assert all(np.array_equal(before[n], p.data) for n, p in model.named_parameters())
 
@@ -236,4 +236,4 @@ def test_a_tied_embedding_is_refused_changing_nothing(tmp_path):
 def test_save_model_refuses_a_model_with_an_embedding_adapter(tmp_path):
     model = adapted(LoRAConfig(r=2, target_modules=["tok_emb"]), np.float32)
     with pytest.raises(ValueError, match="tok_emb"):
-        checkpoint.save_model(model, tmp_path / "m.safetensors")
+        model_files.save_model(model, tmp_path / "m.safetensors")

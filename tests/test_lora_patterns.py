@@ -22,7 +22,7 @@ from helpers import (
 )
 from peft_helpers import cross_both_ways, peft_config
 
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, lora_layers
 from minilora.study import accounting
 from minilora.variants import patterns
@@ -157,24 +157,24 @@ def test_layers_that_leave_nothing_are_refused():
 def test_adapter_files_carry_the_patterns_and_round_trip(tmp_path, config):
     model = adapted(config, np.float32)
     randomize_trainable(model, 1, 0.3)
-    checkpoint.save_adapter(model, tmp_path, config)
+    peft_adapters.save_adapter(model, tmp_path, config)
     raw = json.loads((tmp_path / "adapter_config.json").read_text())
     assert raw["rank_pattern"] == config.rank_pattern
     assert raw["alpha_pattern"] == config.alpha_pattern
     assert raw["layers_to_transform"] == config.layers_to_transform
     fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-    assert checkpoint.load_adapter(fresh, tmp_path) == config
+    assert peft_adapters.load_adapter(fresh, tmp_path) == config
     assert ranks(fresh) == ranks(model)
     np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
 
 def test_a_model_whose_ranks_differ_from_the_patterns_is_refused(tmp_path):
     model = adapted(PATTERNED, np.float32)
-    checkpoint.save_adapter(model, tmp_path, PATTERNED)
+    peft_adapters.save_adapter(model, tmp_path, PATTERNED)
     other = adapted(LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"]))
     before = snapshot(other)
     with pytest.raises(ValueError, match="config says r=3 but the LoRA layer blocks.0.mlp.fc1"):
-        checkpoint.load_adapter(other, tmp_path)
+        peft_adapters.load_adapter(other, tmp_path)
     assert snapshot(other) == before
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilora as ml
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 from minilora.lora import apply_lora, disable_adapters, lora_layers, lora_state_dict, merge_lora
 from minilora.nn import Linear
 from minilora.variants.multi_adapter import (
@@ -328,18 +328,18 @@ def test_shelved_adapters_follow_the_model_to_a_device(combination_type):
 
 def test_a_named_adapter_saves_and_loads_by_name(tmp_path):
     model = two_adapters()
-    checkpoint.save_adapter(model, tmp_path / "b", B_CFG, adapter_name="b")
+    peft_adapters.save_adapter(model, tmp_path / "b", B_CFG, adapter_name="b")
     assert active_adapter(model) == "default"
-    checkpoint.save_adapter(model, tmp_path / "a", A_CFG)
+    peft_adapters.save_adapter(model, tmp_path / "a", A_CFG)
     set_adapter(model, "b")
     want_b = logits(model)
-    checkpoint.save_adapter(model, tmp_path / "b_active", B_CFG)
+    peft_adapters.save_adapter(model, tmp_path / "b_active", B_CFG)
     for name in ("adapter_model.safetensors", "adapter_config.json"):  # the same files
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "b_active" / name).read_bytes()
 
     fresh = base()
-    checkpoint.load_adapter(fresh, tmp_path / "a")
-    checkpoint.load_adapter(fresh, tmp_path / "b", adapter_name="b")
+    peft_adapters.load_adapter(fresh, tmp_path / "a")
+    peft_adapters.load_adapter(fresh, tmp_path / "b", adapter_name="b")
     assert adapter_names(fresh) == ["default", "b"]
     set_adapter(model, "default")
     np.testing.assert_array_equal(logits(fresh), logits(model))
@@ -348,32 +348,32 @@ def test_a_named_adapter_saves_and_loads_by_name(tmp_path):
 
     before = snapshot(fresh)
     with pytest.raises(ValueError, match="'b' already exists"):
-        checkpoint.load_adapter(fresh, tmp_path / "a", adapter_name="b")
+        peft_adapters.load_adapter(fresh, tmp_path / "a", adapter_name="b")
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"broken")
     with pytest.raises(ValueError):
-        checkpoint.load_adapter(fresh, tmp_path / "a", adapter_name="c")
+        peft_adapters.load_adapter(fresh, tmp_path / "a", adapter_name="c")
     assert snapshot(fresh) == before and adapter_names(fresh) == ["b", "default"]
     with pytest.raises(ValueError, match="no adapter named 'zz'"):
-        checkpoint.save_adapter(fresh, tmp_path / "z", B_CFG, adapter_name="zz")
+        peft_adapters.save_adapter(fresh, tmp_path / "z", B_CFG, adapter_name="zz")
 
 
 def test_an_adapter_that_trains_biases_is_not_loaded_beside_others(tmp_path):
     config = ml.LoRAConfig(r=2, target_modules=["fc1"], bias="all")
     other = base()
     apply_lora(other, config)
-    checkpoint.save_adapter(other, tmp_path, config)
+    peft_adapters.save_adapter(other, tmp_path, config)
     model = two_adapters()
     before, names = snapshot(model), adapter_names(model)
     with pytest.raises(ValueError, match=r"trains biases \['blocks.0.ln1.bias'"):
-        checkpoint.load_adapter(model, tmp_path, adapter_name="c")
+        peft_adapters.load_adapter(model, tmp_path, adapter_name="c")
     assert snapshot(model) == before and adapter_names(model) == names
 
 
 def test_loading_by_name_into_a_base_model_makes_it_active(tmp_path):
     model = two_adapters()
-    checkpoint.save_adapter(model, tmp_path, A_CFG)
+    peft_adapters.save_adapter(model, tmp_path, A_CFG)
     fresh = base()
-    checkpoint.load_adapter(fresh, tmp_path, adapter_name="x")
+    peft_adapters.load_adapter(fresh, tmp_path, adapter_name="x")
     assert adapter_names(fresh) == ["x"]
     np.testing.assert_array_equal(logits(fresh), logits(model))
 
@@ -539,7 +539,7 @@ def peft_combination(tmp_path, model, configs, weights, combination_type, svd_ra
 
     names = adapter_names(model)
     for name, config in zip(names, configs, strict=True):
-        checkpoint.save_adapter(model, tmp_path / name, config, adapter_name=name)
+        peft_adapters.save_adapter(model, tmp_path / name, config, adapter_name=name)
     port = TorchGPT(TINY_2x2).to(torch.float64)
     load_minilora_state(port, base().state_dict())
     p = peft.PeftModel.from_pretrained(port, tmp_path / names[0], adapter_name=names[0])

@@ -18,7 +18,7 @@ import pytest
 import minilora
 from minilora import autograd, backend, data, functional, gradcheck, lora, model, nn, optim, train
 from minilora.experiments import demo
-from minilora.interop import checkpoint
+from minilora.interop import model_files, peft_adapters, peft_config, safetensors_files
 from minilora.study import accounting, analysis
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,18 @@ MODULES = (
     analysis,
     autograd,
     backend,
-    checkpoint,
     data,
     demo,
     functional,
     gradcheck,
     lora,
     model,
+    model_files,
     nn,
     optim,
+    peft_adapters,
+    peft_config,
+    safetensors_files,
     train,
 )
 # Public functions and classes of minilora: a notebook that defines one of these names is

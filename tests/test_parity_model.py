@@ -6,7 +6,8 @@
 * ``LoRALinear`` against PEFT's LoRA layer on the same weights: forward, gradients,
   scaling (rsLoRA too), merge and unmerge, and the initialisation of ``A`` and ``B``;
 * adapters both ways: minilora's folder loads with ``PeftModel.from_pretrained`` and PEFT's
-  ``save_pretrained`` folder loads with ``minilora.interop.checkpoint.load_adapter``, same logits;
+  ``save_pretrained`` folder loads with ``minilora.interop.peft_adapters.load_adapter``, same
+  logits;
 * ``SGD`` and ``AdamW`` steps against ``torch.optim``.
 
 Skipped, with the reason, when PyTorch or PEFT is not installed. Tolerances are those of
@@ -27,7 +28,7 @@ from peft_helpers import peft_config
 from strategies import gpt_configs, lora_configs, token_batches
 
 import minilora as ml
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters
 from minilora.lora import lora_layers
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT must never try the network
@@ -311,7 +312,7 @@ def test_minilora_adapter_loads_in_peft(peft, tmp_path, lora):
     for name, p in model.named_parameters():  # as if trained: adapters and biases moved
         if name in trained:
             p.data[...] = rng.normal(0, 0.3, p.shape)
-    checkpoint.save_adapter(model, tmp_path, lora)
+    peft_adapters.save_adapter(model, tmp_path, lora)
 
     port = TorchGPT(TINY_2x2)
     load_minilora_state(port, base)
@@ -343,7 +344,7 @@ def test_peft_adapter_loads_in_minilora(peft, tmp_path, lora):
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["r"] == lora.r
 
-    config = checkpoint.load_adapter(base, tmp_path)
+    config = peft_adapters.load_adapter(base, tmp_path)
     assert (config.r, config.lora_alpha, config.bias, config.use_rslora) == (
         lora.r,
         lora.lora_alpha,
@@ -453,7 +454,7 @@ def peft_adapter(peft, folder, dtype=None, **options):
 def test_peft_adapter_with_plain_lora_options_loads_in_minilora(peft, tmp_path, options):
     want = peft_adapter(peft, tmp_path, **options)
     model = base_model()
-    checkpoint.load_adapter(model, tmp_path)
+    peft_adapters.load_adapter(model, tmp_path)
     close(logits_of(model), want, np.float32, "logits", model=True)
 
 
@@ -462,7 +463,7 @@ def test_half_precision_peft_adapter_is_upcast_and_loads(peft, tmp_path, dtype):
     want = peft_adapter(peft, tmp_path, dtype=getattr(torch, dtype))
     model = base_model()
     with pytest.warns(UserWarning, match=f"{dtype} tensors; they were upcast to float32"):
-        checkpoint.load_adapter(model, tmp_path)
+        peft_adapters.load_adapter(model, tmp_path)
     close(logits_of(model), want, np.float32, "logits", model=True)
 
 
@@ -483,7 +484,7 @@ def test_peft_adapter_with_an_option_minilora_lacks_is_refused_naming_it(
     model = base_model()
     before = model.state_dict()
     with pytest.raises(ValueError, match=key) as info:
-        checkpoint.load_adapter(model, tmp_path)
+        peft_adapters.load_adapter(model, tmp_path)
     assert "nothing was changed" in str(info.value) or "not supported" in str(info.value)
     assert not lora_layers(model)
     assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())

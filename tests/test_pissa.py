@@ -23,7 +23,7 @@ from strategies import seeds
 
 import minilora as ml
 from minilora import LoRAConfig
-from minilora.interop import checkpoint
+from minilora.interop import peft_adapters, safetensors_files
 from minilora.lora import lora_layers
 from minilora.variants import pissa
 
@@ -117,7 +117,7 @@ def pissa_models(tmp_path, config=PISSA, seed=5):
     base = randomize_weights(make_gpt(TINY_2x2), 1)
     model = copy.deepcopy(base)
     ml.apply_lora(model, config)
-    checkpoint.save_adapter(model, tmp_path / "initial", config)
+    peft_adapters.save_adapter(model, tmp_path / "initial", config)
     rng = np.random.default_rng(seed)
     for p in model.parameters():
         if p.requires_grad:
@@ -130,13 +130,13 @@ def test_original_base_plus_converted_adapter_is_the_pissa_model(tmp_path, use_r
     config = copy.deepcopy(PISSA)
     config.use_rslora = use_rslora
     base, model, initial = pissa_models(tmp_path, config)
-    checkpoint.save_adapter(
+    peft_adapters.save_adapter(
         model, tmp_path / "lora", config, path_initial_model_for_weight_conversion=initial
     )
     written = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert written["r"] == 4 and written["init_lora_weights"] is True
     assert written["lora_alpha"] == pytest.approx(4 * (np.sqrt(2) if use_rslora else 2))
-    loaded = checkpoint.load_adapter(base, tmp_path / "lora")
+    loaded = peft_adapters.load_adapter(base, tmp_path / "lora")
     assert loaded.r == 4 and loaded.scaling == pytest.approx(config.scaling)
     np.testing.assert_allclose(logits(base), logits(model), rtol=1e-5, atol=1e-5)
     # the plain LoRA adapter disabled is the original base again
@@ -148,11 +148,13 @@ def test_original_base_plus_converted_adapter_is_the_pissa_model(tmp_path, use_r
 
 def test_the_converted_adapter_is_b_a_minus_the_initial_b0_a0(tmp_path):
     _, model, initial = pissa_models(tmp_path)
-    checkpoint.save_adapter(
+    peft_adapters.save_adapter(
         model, tmp_path / "lora", PISSA, path_initial_model_for_weight_conversion=initial
     )
-    got, _ = checkpoint._read_safetensors(tmp_path / "lora" / "adapter_model.safetensors", "t")
-    start, _ = checkpoint._read_safetensors(initial / "adapter_model.safetensors", "t")
+    got, _ = safetensors_files.read_safetensors(
+        tmp_path / "lora" / "adapter_model.safetensors", "t"
+    )
+    start, _ = safetensors_files.read_safetensors(initial / "adapter_model.safetensors", "t")
     key = "base_model.model.blocks.0.mlp.fc1."
     A, B = got[key + "lora_A.weight"], got[key + "lora_B.weight"]
     A0, B0 = start[key + "lora_A.weight"], start[key + "lora_B.weight"]
@@ -166,8 +168,8 @@ def test_a_pissa_adapter_saved_as_such_loads_on_the_original_base(tmp_path):
     """Unconverted, the file says init_lora_weights "pissa": loading it on the original
     base redoes the SVD (as PEFT does), and the model is the trained one."""
     base, model, _ = pissa_models(tmp_path)
-    checkpoint.save_adapter(model, tmp_path / "pissa", PISSA)
-    config = checkpoint.load_adapter(base, tmp_path / "pissa")
+    peft_adapters.save_adapter(model, tmp_path / "pissa", PISSA)
+    config = peft_adapters.load_adapter(base, tmp_path / "pissa")
     assert config.init_lora_weights == "pissa"
     np.testing.assert_allclose(logits(base), logits(model), rtol=1e-5, atol=1e-5)
 
@@ -177,16 +179,16 @@ def test_conversion_refuses_what_it_cannot_convert(tmp_path):
     before = snapshot(model)
     plain = LoRAConfig(r=2, lora_alpha=4, target_modules=PISSA.target_modules)
     with pytest.raises(ValueError, match="converts a PiSSA adapter"):
-        checkpoint.save_adapter(
+        peft_adapters.save_adapter(
             model, tmp_path / "x", plain, path_initial_model_for_weight_conversion=initial
         )
     other = copy.deepcopy(base)  # an initial adapter of another rank does not fit
     config3 = LoRAConfig(r=3, lora_alpha=4, target_modules=PISSA.target_modules)
     config3.init_lora_weights = "pissa"
     ml.apply_lora(other, config3)
-    checkpoint.save_adapter(other, tmp_path / "r3", config3)
+    peft_adapters.save_adapter(other, tmp_path / "r3", config3)
     with pytest.raises(ValueError, match=r"r=3 in .*, expected 2"):
-        checkpoint.save_adapter(
+        peft_adapters.save_adapter(
             model, tmp_path / "x", PISSA, path_initial_model_for_weight_conversion=tmp_path / "r3"
         )
     assert not (tmp_path / "x" / "adapter_model.safetensors").exists()
@@ -242,7 +244,7 @@ def peft_on_the_original_base(torch, peft, base, folder):
 def test_peft_loads_the_converted_adapter_on_the_original_base(torch_peft, tmp_path):
     torch, peft = torch_peft
     base, model, initial = pissa_models(tmp_path)
-    checkpoint.save_adapter(
+    peft_adapters.save_adapter(
         model, tmp_path / "lora", PISSA, path_initial_model_for_weight_conversion=initial
     )
     got = peft_on_the_original_base(torch, peft, base, tmp_path / "lora")
@@ -253,7 +255,7 @@ def test_peft_loads_the_converted_adapter_on_the_original_base(torch_peft, tmp_p
 def test_peft_loads_the_unconverted_pissa_adapter_on_the_original_base(torch_peft, tmp_path):
     torch, peft = torch_peft
     base, model, _ = pissa_models(tmp_path)
-    checkpoint.save_adapter(model, tmp_path / "pissa", PISSA)
+    peft_adapters.save_adapter(model, tmp_path / "pissa", PISSA)
     got = peft_on_the_original_base(torch, peft, base, tmp_path / "pissa")
     np.testing.assert_allclose(got, logits(model), rtol=1e-4, atol=1e-4)
 
@@ -266,5 +268,5 @@ def test_a_pissa_file_is_refused_by_a_model_that_already_has_lora_layers(tmp_pat
     ml.apply_lora(target, plain)
     before = snapshot(target)
     with pytest.raises(ValueError, match="loads only on a base model"):
-        checkpoint.load_adapter(target, initial)
+        peft_adapters.load_adapter(target, initial)
     assert snapshot(target) == before

@@ -32,7 +32,7 @@ import minilora as ml
 from minilora import backend, gradcheck
 from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
-from minilora.interop import checkpoint
+from minilora.interop import model_files, safetensors_files
 from minilora.relatives.prefix import (
     PrefixAttention,
     PrefixConfig,
@@ -434,7 +434,7 @@ def test_refused_loads_leave_the_model_untouched(tmp_path):
         load_prefix(wide, cut)
     # a whole-model file is not a prefix file
     plain = tmp_path / "model.safetensors"
-    checkpoint.save_model(make_gpt(TINY_2x2), plain)
+    model_files.save_model(make_gpt(TINY_2x2), plain)
     with pytest.raises(ValueError, match="is not a prefix file .*'minilora.model'"):
         load_prefix(wide, plain)
     assert snapshot(wide) == before and type(wide) is ml.GPT
@@ -484,12 +484,14 @@ def test_a_bad_prefix_header_is_refused(metadata, match, tmp_path):
     }
     path = tmp_path / "p.safetensors"
     tensors = {"prefix.embedding": model.prefix.embedding.data.copy()}
-    checkpoint.atomic_write([(path, checkpoint.serialize(tensors, {**good, **metadata}))])
+    safetensors_files.atomic_write(
+        [(path, safetensors_files.serialize(tensors, {**good, **metadata}))]
+    )
     fresh = make_gpt(TINY_2x2)
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=match):
         load_prefix(fresh, path)
     assert snapshot(fresh) == before and type(fresh) is ml.GPT
-    checkpoint.atomic_write([(path, checkpoint.serialize(tensors, good))])
+    safetensors_files.atomic_write([(path, safetensors_files.serialize(tensors, good))])
     load_prefix(fresh, path)  # the same file with the good header loads
     assert isinstance(fresh, PrefixGPT)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora.gradcheck import gradcheck
-from minilora.interop import checkpoint
+from minilora.interop import model_files, vera_adapters
 from minilora.lora import count_parameters
 from minilora.variants import vera
 
@@ -223,11 +223,11 @@ def test_save_and_load_round_trip_with_and_without_projections(tmp_path):
         config.save_projection, config.d_initial, config.vera_dropout = save_projection, 0.5, 0.1
         randomize_lambdas(model, 3)
         folder = tmp_path / str(save_projection)
-        vera.save_vera(model, folder, config)
+        vera_adapters.save_vera(model, folder, config)
         raw = json.loads((folder / "adapter_config.json").read_text())
         assert raw["peft_type"] == "VERA" and raw["save_projection"] is save_projection
         fresh = randomize_weights(make_gpt(TINY_2x2, 0, np.float32), 0)
-        loaded = vera.load_vera(fresh, folder)
+        loaded = vera_adapters.load_vera(fresh, folder)
         assert loaded == config
         np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
 
@@ -243,13 +243,13 @@ BAD_FILES = {
 @pytest.mark.parametrize("change, message", BAD_FILES.values(), ids=BAD_FILES.keys())
 def test_a_bad_vera_folder_is_refused_leaving_the_model_untouched(tmp_path, change, message):
     model, config = vera_model(np.float32)
-    vera.save_vera(model, tmp_path, config)
+    vera_adapters.save_vera(model, tmp_path, config)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     fresh = make_gpt(TINY_2x2)
     before = snapshot(fresh)
     with pytest.raises(ValueError) as info:
-        vera.load_vera(fresh, tmp_path)
+        vera_adapters.load_vera(fresh, tmp_path)
     assert message in str(info.value)
     assert snapshot(fresh) == before and not vera.vera_layers(fresh)
 
@@ -344,7 +344,7 @@ def test_minilora_vera_folder_loads_in_peft(oracle, tmp_path, save_projection):
     model, config = vera_model(np.float32)
     config.save_projection = save_projection
     randomize_lambdas(model, 5)
-    vera.save_vera(model, tmp_path, config)
+    vera_adapters.save_vera(model, tmp_path, config)
     port = TorchGPT(TINY_2x2)
     load_minilora_state(
         port, {n: p.data for n, p in model.named_parameters() if not p.requires_grad}
@@ -373,7 +373,7 @@ def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
     pm.eval()
     with torch.no_grad():
         want = pm(torch.tensor(IDX))[0].numpy()
-    config = vera.load_vera(base, tmp_path)
+    config = vera_adapters.load_vera(base, tmp_path)
     assert (config.r, config.projection_prng_key) == (4, 11)
     np.testing.assert_allclose(logits_of(base, IDX), want, rtol=1e-4, atol=1e-4)
 
@@ -381,5 +381,5 @@ def test_peft_vera_folder_loads_in_minilora(oracle, tmp_path, save_projection):
 def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
     model, _ = vera_model()
     with pytest.raises(ValueError, match="blocks.0.attn.q_proj"):
-        checkpoint.save_model(model, tmp_path / "m.safetensors")
+        model_files.save_model(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()

@@ -14,7 +14,7 @@ from minilora import backend, fast
 from minilora.course import assignments, grading
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, TASKS, DigitTasks, decode, encode
 from minilora.experiments import compare, demo
-from minilora.interop import checkpoint, hf_gpt2
+from minilora.interop import hf_gpt2, model_files, peft_adapters, safetensors_files
 from minilora.lora import BIAS_MODES, LoRAConfig, merge_and_unload
 from minilora.study import accounting
 from minilora.text import bpe
@@ -620,12 +620,12 @@ def _setup(args) -> None:
 
 def _load(args):
     model = (
-        checkpoint.load_model(args.model, args.device)
+        model_files.load_model(args.model, args.device)
         if args.model
         else demo.load_base(args.device)
     )
     if args.adapter:
-        checkpoint.load_adapter(model, args.adapter)
+        peft_adapters.load_adapter(model, args.adapter)
     return model
 
 
@@ -656,7 +656,7 @@ def _cmd_pretrain(args) -> int:
     _setup(args)
     recipe = demo.PretrainRecipe(steps=args.steps, seed=args.seed)
     model, history = demo.pretrain(recipe, args.device, not args.no_progress)
-    checkpoint.save_model(model, out)
+    model_files.save_model(model, out)
     last = history[-1]
     print(
         f"pretrained {recipe.steps} steps: loss {last['loss']:.4f}, "
@@ -686,7 +686,7 @@ def _cmd_finetune(args) -> int:
     _check_out(args.out, "folder" if method == "lora" else "file")  # before training
     _setup(args)
     base = (
-        checkpoint.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
+        model_files.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
     )
     defaults = demo.DemoSettings()
     settings = demo.DemoSettings(
@@ -703,9 +703,9 @@ def _cmd_finetune(args) -> int:
         base, method, settings, rank, not args.no_progress, task=task, alpha=args.alpha
     )
     if method == "lora":
-        checkpoint.save_adapter(model, args.out, config)
+        peft_adapters.save_adapter(model, args.out, config)
     else:
-        checkpoint.save_model(model, args.out)
+        model_files.save_model(model, args.out)
     x, y = DigitTasks((task,)).eval_set(seed=2024, n=512, device=args.device)
     acc = evaluate(model, x, y)["accuracy"]
     print(
@@ -730,7 +730,7 @@ def _text_model(args, base: str):
             "TOKENIZER_JSON (a Hugging Face tokenizer.json)"
         )
     tokenizer = bpe.load_tokenizer(path)  # before the model: it is the quicker to refuse
-    model = checkpoint.load_model(base, args.device)
+    model = model_files.load_model(base, args.device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -785,7 +785,7 @@ def _cmd_finetune_text(args) -> int:
         not args.no_progress,
     )
     after = text.held_out_loss(model, x, y)
-    checkpoint.save_adapter(model, out, config)
+    peft_adapters.save_adapter(model, out, config)
     print(
         f"held-out loss after:  {after:.4f} (LoRA r={config.r}, {steps} steps, final training "
         f"loss {history[-1]['loss']:.4f}); wrote {out}"
@@ -795,10 +795,10 @@ def _cmd_finetune_text(args) -> int:
 
 def _cmd_merge(args) -> int:
     _check_out(args.out, "file")
-    base = checkpoint.load_model(args.base) if args.base else demo.load_base()
-    checkpoint.load_adapter(base, args.adapter)
+    base = model_files.load_model(args.base) if args.base else demo.load_base()
+    peft_adapters.load_adapter(base, args.adapter)
     merged = merge_and_unload(base)
-    checkpoint.save_model(merged, args.out)
+    model_files.save_model(merged, args.out)
     print(f"merged {args.adapter} into the base; wrote {args.out}")
     return 0
 
@@ -854,7 +854,7 @@ def _cmd_generate_text(args) -> int:
     _setup(args)
     model, tokenizer = _text_model(args, args.base)
     if args.adapter:
-        checkpoint.load_adapter(model, args.adapter)
+        peft_adapters.load_adapter(model, args.adapter)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty; expected some text to complete")
@@ -1013,7 +1013,7 @@ def _cmd_assignments_make(args) -> int:
 def _cmd_assignments_autograder(args) -> int:
     assignments.get_assignment(args.name)
     out = _check_out(args.out, "file")
-    checkpoint.atomic_write([(out, assignments.autograder_zip(args.name))])
+    safetensors_files.atomic_write([(out, assignments.autograder_zip(args.name))])
     print(f"wrote {out}: a Gradescope autograder for {args.name} (upload it as a zip file)")
     return 0
 
@@ -1027,7 +1027,7 @@ def _cmd_grade(args) -> int:
     for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
         if getattr(args, flag):
             text = json.dumps(data(), indent=2, ensure_ascii=False) + "\n"
-            checkpoint.atomic_write([(Path(getattr(args, flag)), text.encode())])
+            safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
     return 0 if report.ok else 1
 
 

@@ -414,11 +414,38 @@ def make_copy(name: str, out) -> Path:
     return out / "minilora"
 
 
+def graded_files(assignment: Assignment) -> dict[str, list[str]]:
+    """``{"minilora/lora.py": ["a3.1", ...]}``: the files a student edits, in the order the
+    tasks name them, each with the tasks graded there."""
+    files: dict[str, list[str]] = {}
+    for task in assignment.tasks:
+        for target in task.targets:
+            tasks = files.setdefault(f"minilora/{target_file(split_target(target)[0])}", [])
+            if task.id not in tasks:
+                tasks.append(task.id)
+    return files
+
+
+def files_section(assignment: Assignment) -> str:
+    """The handout's first section: which files to open, and what is graded in each ("" for
+    a port, which is graded from its vectors)."""
+    if assignment.port:
+        return ""
+    lines = [f"- `{path}`: {', '.join(tasks)}" for path, tasks in graded_files(assignment).items()]
+    return "\n".join(["## Your files", "", *lines, "", "Everything else is the working library."])
+
+
 def handout_text(assignment: Assignment) -> str:
-    """The handout: the repository's page, or, without it, the tasks from the manifest."""
+    """The handout: its title, the files the student edits (from the manifest, so they
+    always match what is stubbed), then the repository's page or, without it, the tasks
+    from the manifest."""
     page = PACKAGE_DIR.parent / assignment.handout
     if page.is_file():
-        return page.read_text(encoding="utf-8")
+        text = page.read_text(encoding="utf-8")
+        if assignment.port:
+            return text
+        title, _, rest = text.partition("\n")
+        return f"{title}\n\n{files_section(assignment)}\n{rest}"
     rows = [
         f"| {t.id} | {t.points} | {t.title} | {', '.join(f'`{x}`' for x in t.targets)} |"
         for t in assignment.tasks
@@ -427,6 +454,7 @@ def handout_text(assignment: Assignment) -> str:
         [
             f"# {assignment.name}: {assignment.title}",
             "",
+            *([files_section(assignment), ""] if not assignment.port else []),
             f"**{assignment.points} points, {len(assignment.tasks)} tasks**: {assignment.summary}.",
             "",
             "| task | points | what | functions (module:name) |",

@@ -25,7 +25,7 @@ from minilora import backend
 from minilora.autograd import no_grad
 from minilora.backend import manual_seed
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
-from minilora.interop import checkpoint
+from minilora.interop import model_files, peft_adapters, safetensors_files
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, merge_lora
 from minilora.model import GPT, GPTConfig
 from minilora.optim import AdamW
@@ -111,7 +111,7 @@ def load_base(device: str = "cpu") -> GPT:
             "with `minilora pretrain --out base.safetensors` and pass that file as --model "
             "or --base"
         )
-    return checkpoint.load_model(path, device=device)
+    return model_files.load_model(path, device=device)
 
 
 def finetune(
@@ -230,9 +230,9 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
 
     # Save the adapter (PEFT layout), load it into a fresh base, merge, compare, time.
     adapter_dir = out / "adapter"
-    checkpoint.save_adapter(lora_model, adapter_dir, lora_config)
+    peft_adapters.save_adapter(lora_model, adapter_dir, lora_config)
     served = copy.deepcopy(base)
-    checkpoint.load_adapter(served, adapter_dir)
+    peft_adapters.load_adapter(served, adapter_dir)
     served.eval()
     with no_grad():
         unmerged_logits = served(dx)[0].data
@@ -241,7 +241,7 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
     xp = backend.get_array_module(merged_logits)
     max_diff = float(xp.abs(merged_logits - unmerged_logits).max())
     unmerged = copy.deepcopy(base)
-    checkpoint.load_adapter(unmerged, adapter_dir)
+    peft_adapters.load_adapter(unmerged, adapter_dir)
     base.eval(), unmerged.eval()
     latency = median_latency(
         {"base": base, "unmerged": unmerged, "merged": served}, dx, settings.latency_repeats
@@ -323,7 +323,7 @@ def _verdict(rows: list[dict], within: float = 0.05) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    checkpoint.atomic_write([(path, (json.dumps(obj, indent=2) + "\n").encode())])
+    safetensors_files.atomic_write([(path, (json.dumps(obj, indent=2) + "\n").encode())])
 
 
 def write_results(path: Path, results: dict, plot: Path | None, echo=print) -> None:

@@ -26,13 +26,15 @@ each of q, k and v (A shared, B split by rows), and adapters on q, k and v are o
 on ``c_attn`` (the A's stacked, the B's placed block by block). Why both are exact:
 docs/porting.md, "GPT-2 checkpoints and their PEFT adapters".
 
-This module maps names, shapes and arrays; reading and writing files is checkpoint.py's.
+This module maps names, shapes and arrays; reading and writing the files is model_files.py's
+and peft_adapters.py's.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from minilora import backend
 from minilora.lora import LoRAConfig, is_target, lora_layers
@@ -56,10 +58,16 @@ _SINGLE = {_ATTN_OUT: "attn.o_proj", _FC: "mlp.fc1", _FC_OUT: "mlp.fc2"}
 _LAYER_NORMS = {"ln_1": "ln1", "ln_2": "ln2"}
 
 
+@dataclass
+class GPT2Config(GPTConfig):
+    """The ``GPTConfig`` of a model loaded from a GPT-2 folder: the same fields and the same
+    model, remembered as GPT-2's so that its adapters are saved and loaded in GPT-2's module
+    names (a model file records it as ``"hf_model_type": "gpt2"``)."""
+
+
 def is_gpt2(model) -> bool:
     """Whether ``model`` was loaded from a GPT-2 folder (its adapters use GPT-2's names)."""
-    config = getattr(model, "config", None)
-    return isinstance(config, GPTConfig) and config.hf_model_type == "gpt2"
+    return isinstance(getattr(model, "config", None), GPT2Config)
 
 
 # ======================================================================================
@@ -67,8 +75,8 @@ def is_gpt2(model) -> bool:
 # ======================================================================================
 
 
-def gpt_config(raw, where) -> GPTConfig:
-    """The ``GPTConfig`` of a GPT-2 ``config.json`` (parsed), or a ValueError naming
+def gpt_config(raw, where) -> GPT2Config:
+    """The ``GPT2Config`` of a GPT-2 ``config.json`` (parsed), or a ValueError naming
     ``where`` and every value minilora cannot compute. Dropout is 0, as in nanoGPT's
     ``from_pretrained``; the model is for inference and LoRA fine-tuning."""
     if not isinstance(raw, dict):
@@ -103,7 +111,7 @@ def gpt_config(raw, where) -> GPTConfig:
             + "\n  ".join(problems)
         )
     try:
-        return GPTConfig(
+        return GPT2Config(
             vocab_size=raw["vocab_size"],
             block_size=raw["n_positions"],
             n_layer=raw["n_layer"],
@@ -113,7 +121,6 @@ def gpt_config(raw, where) -> GPTConfig:
             bias=True,
             layer_norm_epsilon=raw.get("layer_norm_epsilon", 1e-5),
             tie_word_embeddings=raw.get("tie_word_embeddings", True),  # GPT-2's default
-            hf_model_type="gpt2",
         )
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_model: {where}: {e}") from None

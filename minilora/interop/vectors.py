@@ -38,7 +38,7 @@ import safetensors.numpy
 from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
-from minilora.interop.checkpoint import atomic_write, serialize
+from minilora.interop.safetensors_files import atomic_write, serialize
 from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
 from minilora.model import GPT, GPTConfig
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor
-from minilora.interop import checkpoint
+from minilora.interop import safetensors_files
 from minilora.model import GPTConfig
 from minilora.nn import LayerNorm, Linear, Module, Parameter
 
@@ -251,14 +251,14 @@ def save_adapters(model: Module, path, config: AdapterConfig) -> None:
             f"{config.adapter_type!r} puts them at {sites}: is this the config they were "
             "added with?"
         )
-    path = checkpoint._check_destination(Path(path), "save_adapters")
+    path = safetensors_files.check_destination(Path(path), "save_adapters")
     tensors = {k: backend.to_numpy(v) for k, v in adapter_state_dict(model, config).items()}
     metadata = {
         "format": ADAPTERS_FORMAT,
         "format_version": ADAPTERS_FORMAT_VERSION,
         "adapter_config": json.dumps(asdict(config), sort_keys=True),
     }
-    checkpoint.atomic_write([(path, checkpoint.serialize(tensors, metadata))])
+    safetensors_files.atomic_write([(path, safetensors_files.serialize(tensors, metadata))])
 
 
 def load_adapters(model: Module, path) -> AdapterConfig:
@@ -269,7 +269,7 @@ def load_adapters(model: Module, path) -> AdapterConfig:
     ``ValueError``); a file that is refused leaves ``model`` untouched.
     """
     path = Path(path)
-    tensors, metadata = checkpoint._read_safetensors(path, "load_adapters")
+    tensors, metadata = safetensors_files.read_safetensors(path, "load_adapters")
     if metadata.get("format") != ADAPTERS_FORMAT:
         raise ValueError(
             f"load_adapters: {path} is not a minilora adapters file: metadata format="

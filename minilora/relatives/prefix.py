@@ -46,10 +46,10 @@ from pathlib import Path
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Tensor, no_grad
-from minilora.interop.checkpoint import (
-    _check_destination,
-    _read_safetensors,
+from minilora.interop.safetensors_files import (
     atomic_write,
+    check_destination,
+    read_safetensors,
     serialize,
 )
 from minilora.model import GPT, CausalSelfAttention, KVCache, check_positive_int
@@ -303,7 +303,7 @@ def save_prefix(model: GPT, path) -> None:
     _check_model(model, "save_prefix")
     if not isinstance(model, PrefixGPT):
         raise ValueError("save_prefix: the model has no prefix (apply_prefix_tuning first)")
-    path = _check_destination(Path(path), "save_prefix")
+    path = check_destination(Path(path), "save_prefix")
     tensors = {
         name: backend.to_numpy(p.data).copy()
         for name, p in model.named_parameters()
@@ -324,7 +324,7 @@ def load_prefix(model: GPT, path) -> PrefixConfig:
     a wrong format, config or shape raises ``ValueError`` and leaves the model untouched."""
     _check_model(model, "load_prefix")
     path = Path(path)
-    tensors, metadata = _read_safetensors(path, "load_prefix")
+    tensors, metadata = read_safetensors(path, "load_prefix")
     config = _read_config(path, metadata)
     _check_fits(config, model, f"load_prefix: {path}")
     has_prefix = isinstance(model, PrefixGPT)

@@ -27,8 +27,8 @@ The rules (each refused with a ``ValueError`` naming the problem):
 * Biases are shared by every adapter, so, as in PEFT, a model with several adapters trains
   no bias (``bias="none"``); adding or loading a second adapter leaves what the base
   trains as it was.
-* Saving and loading by name: ``checkpoint.save_adapter(model, folder, config,
-  adapter_name=name)`` and ``checkpoint.load_adapter(model, folder, adapter_name=name)``
+* Saving and loading by name: ``peft_adapters.save_adapter(model, folder, config,
+  adapter_name=name)`` and ``peft_adapters.load_adapter(model, folder, adapter_name=name)``
   (PEFT's ``save_pretrained(selected_adapters=...)`` and ``load_adapter(model_id,
   adapter_name)``); the files are PEFT's, without the name in the keys.
 * An optimizer holds the parameters it was given: build it after :func:`set_adapter`.

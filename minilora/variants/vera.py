@@ -13,49 +13,26 @@ PEFT's names and layout (``peft.VeraConfig``): the shared ``vera_A`` (r, max in)
 and each layer slices ``vera_A[:, :in]`` and ``vera_B[:out, :]``. They are drawn with
 kaiming-uniform, A first then B, from ``torch.Generator().manual_seed(projection_prng_key)``;
 :func:`vera_projections` draws the same numbers bit for bit without PyTorch
-(``backend.torch_uniform_stream``). Adapter folders are PEFT's: ``adapter_config.json``
-with ``"peft_type": "VERA"``, and ``adapter_model.safetensors`` with
-``base_model.model.<path>.vera_lambda_b`` / ``.vera_lambda_d`` and, with
-``save_projection`` (PEFT's default), ``base_model.vera_A`` and ``base_model.vera_B``.
+(``backend.torch_uniform_stream``). Adapter folders are PEFT's, saved and loaded by
+minilora/interop/vera_adapters.py (``save_vera``, ``load_vera``).
 The math and the backward: docs/math.md#vera.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import stat
 import warnings
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.interop.checkpoint import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    PEFT_BOOKKEEPING,
-    PEFT_PREFIX,
-    _read_file,  # checkpoint's checked readers: one place that parses files
-    _read_safetensors,
-    atomic_write,
-    json_object,
-    serialize,
-    unset,
-)
 from minilora.lora import check_bias_mode, is_target
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
 mm = backend.matmul
 VERA_LEAVES = ("vera_lambda_d", "vera_lambda_b")
-# PEFT keeps the shared projections on its wrapper, outside base_model.model
-_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
-# adapter_config.json keys that do not change what a trained VeRA adapter computes
-_HARMLESS = PEFT_BOOKKEEPING | {"init_weights"}  # init only: the trained vectors replace it
 
 
 @dataclass
@@ -310,14 +287,14 @@ def vera_layers(model: Module) -> list:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, VeraLinear)]
 
 
-def _targets(model: Module, target_modules) -> tuple[list, list[str]]:
+def vera_targets(model: Module, target_modules) -> tuple[list, list[str]]:
     """The plain ``Linear`` layers ``target_modules`` names, and the targets matching none."""
     linears = [(p, m) for p, m in model.named_modules() if type(m) is Linear and p]
     unmatched = [t for t in target_modules if not any(is_target([t], p) for p, _ in linears)]
     return [(p, m) for p, m in linears if is_target(target_modules, p)], unmatched
 
 
-def _shared_shape(chosen: list) -> tuple[int, int]:
+def projection_shape(chosen: list) -> tuple[int, int]:
     """(max out, max in) over the chosen layers: the size of the shared projections."""
     return max(m.weight.shape[0] for _, m in chosen), max(m.weight.shape[1] for _, m in chosen)
 
@@ -333,10 +310,10 @@ def apply_vera(model: Module, config: VeraConfig, generator=None, projections=No
         raise TypeError(f"config must be a VeraConfig, got {type(config).__name__}")
     if vera_layers(model):
         raise ValueError("apply_vera: the model already has VeRA layers; nothing was changed")
-    chosen, unmatched = _targets(model, config.target_modules)
+    chosen, unmatched = vera_targets(model, config.target_modules)
     if unmatched:
         raise ValueError(f"apply_vera: target_modules {unmatched} match no Linear layer")
-    max_out, max_in = _shared_shape(chosen)
+    max_out, max_in = projection_shape(chosen)
     if projections is None:
         projections = vera_projections(config.r, max_in, max_out, config.projection_prng_key)
     dtype, device = chosen[0][1].weight.dtype, chosen[0][1].weight.device
@@ -364,143 +341,3 @@ def unmerge_vera(model: Module) -> None:
 def vera_parameter_count(model: Module) -> int:
     """The closed form L̂·(r + out): the trainable parameters of the model's VeRA layers."""
     return sum(layer.r + layer.weight.shape[0] for _, layer in vera_layers(model))
-
-
-# ======================================================================================
-# Adapter folders (PEFT layout)
-# ======================================================================================
-
-
-def save_vera(model: Module, path, config: VeraConfig) -> None:
-    """Write the model's VeRA adapter as PEFT does: λ vectors per layer, and the shared
-    projections when ``config.save_projection``. Both files are written atomically."""
-    if not isinstance(config, VeraConfig):
-        raise TypeError(f"save_vera: config must be a VeraConfig, got {type(config).__name__}")
-    layers = vera_layers(model)
-    if not layers:
-        raise ValueError("save_vera: the model has no VeRA layers (call apply_vera first)")
-    wrong = [p for p, m in layers if not is_target(config.target_modules, p) or m.r != config.r]
-    if wrong or any(m.merged for _, m in layers):
-        raise ValueError(
-            f"save_vera: the config (r={config.r}, target_modules={config.target_modules}) "
-            f"does not describe the model's VeRA layers {wrong}, or a layer is merged"
-        )
-    tensors = {}
-    for p, m in layers:
-        for leaf in VERA_LEAVES:
-            tensors[f"{PEFT_PREFIX}{p}.{leaf}"] = backend.to_numpy(getattr(m, leaf).data).copy()
-    if config.save_projection:
-        shared = layers[0][1]
-        for key, t in zip(_PROJECTION_KEYS, (shared.vera_A, shared.vera_B), strict=True):
-            tensors[key] = backend.to_numpy(t.data).astype(backend.float32)
-    peft_config = {
-        "peft_type": "VERA",
-        **config.to_dict(),
-        "target_modules": list(config.target_modules),
-        "fan_in_fan_out": False,
-        "init_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "modules_to_save": None,
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-        "revision": None,
-    }
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save_vera: {folder} exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    weights = serialize(tensors, {"format": "pt"})
-    atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
-
-
-def load_vera(model: Module, path) -> VeraConfig:
-    """Load a PEFT VeRA folder into a base ``model`` (no adapters yet) and return its
-    config; the model is left in eval mode. Projections come from the file when it holds
-    them, else they are drawn from ``projection_prng_key`` as PEFT draws them. Everything
-    is checked first; on any problem nothing in the model changes."""
-    folder = Path(path)
-    try:
-        mode = os.stat(folder).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"load_vera: no adapter folder at {folder}") from None
-    if not stat.S_ISDIR(mode):
-        raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
-    config_path = folder / ADAPTER_CONFIG_NAME
-    config = _read_vera_config(config_path, _read_file(config_path, "load_vera"), model)
-    tensors, _ = _read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
-    problems = []
-    if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
-        problems.append("the model already has adapters; load_vera needs a base model")
-    chosen, unmatched = _targets(model, config.target_modules)
-    if unmatched:
-        problems.append(f"target_modules {unmatched} match no Linear layer in the model")
-    expected = {}
-    for p, m in chosen:
-        expected[f"{PEFT_PREFIX}{p}.vera_lambda_d"] = (config.r,)
-        expected[f"{PEFT_PREFIX}{p}.vera_lambda_b"] = (m.weight.shape[0],)
-    if chosen:
-        max_out, max_in = _shared_shape(chosen)
-        if config.save_projection:
-            expected[_PROJECTION_KEYS[0]] = (config.r, max_in)
-            expected[_PROJECTION_KEYS[1]] = (max_out, config.r)
-    for key in sorted(tensors):
-        if key not in expected:
-            problems.append(f"unexpected key {key!r}")
-        elif tuple(tensors[key].shape) != expected[key]:
-            problems.append(
-                f"{key} has shape {tuple(tensors[key].shape)}, expected {expected[key]}"
-            )
-    problems += [f"missing key {k!r}" for k in sorted(set(expected) - set(tensors))]
-    if problems:
-        raise ValueError(
-            f"load_vera: {folder} does not fit the model; nothing was changed:\n  "
-            + "\n  ".join(problems)
-        )
-    projections = None
-    if config.save_projection:
-        projections = tuple(tensors[k] for k in _PROJECTION_KEYS)
-    apply_vera(model, config, projections=projections)
-    params = dict(model.named_parameters())
-    for key, arr in tensors.items():
-        if key in _PROJECTION_KEYS:
-            continue
-        p = params[key[len(PEFT_PREFIX) :]]
-        p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()
-    model.eval()
-    return config
-
-
-def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
-    """adapter_config.json as a ``VeraConfig``: every key honoured, harmless, or refused
-    when set (ValueError naming the file and every problem). A string ``target_modules``
-    is PEFT's regular expression over module paths and becomes the paths it matches."""
-    raw = json_object(path, data, "load_vera")
-    problems = []
-    if raw.get("peft_type") != "VERA":
-        problems.append(f"peft_type={raw.get('peft_type')!r}, expected 'VERA'")
-    read = {"peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "bias"}
-    read |= {"d_initial", "vera_dropout"}  # init and training only, kept in the config
-    for key, value in sorted(raw.items()):
-        if key not in read | _HARMLESS and not unset(value):
-            problems.append(
-                f"{key}={value!r} is not supported by minilora's VeRA; it must be unset"
-            )
-    fields_ = {k: raw[k] for k in read - {"peft_type"} if raw.get(k) is not None}
-    targets = fields_.get("target_modules")
-    if isinstance(targets, str):
-        paths = [p for p, m in model.named_modules() if type(m) is Linear and p]
-        try:
-            fields_["target_modules"] = [p for p in paths if re.fullmatch(targets, p)]
-        except re.error as e:
-            problems.append(f"target_modules={targets!r} is not a valid regular expression: {e}")
-    if problems:
-        raise ValueError(
-            f"load_vera: {path} is not a usable VeRA config:\n  " + "\n  ".join(problems)
-        )
-    try:
-        return VeraConfig(**fields_)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"load_vera: {path}: {e}") from None

@@ -1,0 +1,512 @@
+"""LoRA adapters as PEFT folders: ``save_adapter`` and ``load_adapter``.
+
+A folder holds ``adapter_config.json`` (peft_config.py) and ``adapter_model.safetensors``
+with ``base_model.model.<module path>.lora_A.weight`` (r, in) and ``.lora_B.weight``
+(out, r), so an adapter trained here loads in PEFT and back. Everything is checked before
+the model changes. The layout and names: docs/porting.md, "Names across libraries".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+from minilora import backend
+from minilora.interop import hf_gpt2
+from minilora.interop.peft_config import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_PREFIX,
+    peft_config_dict,
+    read_adapter_config,
+)
+from minilora.interop.safetensors_files import (
+    atomic_write,
+    host_copy,
+    read_file,
+    read_safetensors,
+    serialize,
+)
+from minilora.lora import (
+    LORA_LEAVES,
+    LoRAConfig,
+    adaptable_layers,
+    adapted_layers,
+    add_lora_layers,
+    embedding_variant_problems,
+    is_target,
+    lora_layers,
+    lora_state_dict,
+    tied_embeddings,
+)
+from minilora.nn import Embedding, Linear, Module
+from minilora.variants import multi_adapter, pissa
+
+# Written into the weights' __metadata__ by save_adapter: the SHA-256 of the
+# adapter_config.json saved with them, so that a save killed between its two file
+# replacements (new weights beside the old config) is refused on load, not loaded as a
+# different model. PEFT and transformers ignore metadata they do not know.
+CONFIG_DIGEST_KEY = "minilora.adapter_config_sha256"
+
+
+def save_adapter(
+    model: Module,
+    path,
+    config: LoRAConfig,
+    adapter_name: str | None = None,
+    path_initial_model_for_weight_conversion=None,
+) -> None:
+    """Write the model's LoRA adapter as a PEFT folder: ``adapter_config.json`` and
+    ``adapter_model.safetensors`` (``lora_A``/``lora_B``, DoRA's ``lora_magnitude_vector``,
+    and biases per ``config.bias``).
+
+    ``config`` must describe the model's LoRA layers (same targets, ``r``, ``lora_alpha``,
+    ``use_rslora``, ``use_dora``). A model without LoRA layers, or with merged ones, is
+    refused. ``adapter_name``: save that adapter instead of the active one
+    (minilora.variants.multi_adapter; PEFT's ``save_pretrained(selected_adapters=[name])``, without
+    the name in the keys).
+
+    ``path_initial_model_for_weight_conversion`` (PEFT's name), for a PiSSA adapter: the
+    folder this adapter was saved to right after ``apply_lora``, before training. The
+    adapter is then written as a plain LoRA adapter of rank 2r for the ORIGINAL base
+    weights (:func:`minilora.variants.pissa.pissa_to_lora`), which PEFT and minilora load on the
+    base model without any SVD.
+    """
+    if adapter_name is not None:
+        with multi_adapter.using_adapter(model, adapter_name):
+            return save_adapter(model, path, config, None, path_initial_model_for_weight_conversion)
+    if not isinstance(model, Module):
+        raise TypeError(f"save_adapter: model must be a Module, got {type(model).__name__}")
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"save_adapter: config must be a LoRAConfig, got {type(config).__name__}")
+    if not adapted_layers(model):
+        raise ValueError(
+            "save_adapter: the model has no LoRA layers (call apply_lora first); to save a "
+            "plain model use save_model"
+        )
+    problems = _existing_lora_problems(model, config)
+    if problems:
+        raise ValueError(
+            "save_adapter: the config does not describe the model's LoRA layers:\n  "
+            + "\n  ".join(problems)
+        )
+    arrays = lora_state_dict(model, config.bias)
+    adapted = {p for p, _ in adapted_layers(model)}
+    peft_config = peft_config_dict(config)
+    if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
+        raise ValueError(
+            "save_adapter: DoRA and PiSSA adapters of a GPT-2 model are not supported yet"
+        )
+    if path_initial_model_for_weight_conversion is not None:
+        arrays, peft_config = _pissa_as_lora(
+            model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
+        )
+    if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
+        if len(adapted) != len(lora_layers(model)) or _has_patterns(config):
+            raise ValueError(
+                "save_adapter: a GPT-2 model's adapter is saved in GPT2LMHeadModel's names, "
+                "for LoRA layers of one rank on c_attn, c_proj and c_fc; this one has an "
+                "embedding adapter, rank_pattern, alpha_pattern or layers_to_transform"
+            )
+        arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_adapter: {folder} exists and is not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    tensors = {peft_key(name, adapted): host_copy(arr) for name, arr in arrays.items()}
+    text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+    # "format": "pt" is what PEFT writes, for transformers; the digest binds the two files
+    digest = hashlib.sha256(text).hexdigest()
+    weights = serialize(tensors, {"format": "pt", CONFIG_DIGEST_KEY: digest})
+    # Both files are written in full before either replaces its predecessor; a crash
+    # between the two replacements leaves files whose digest disagrees, refused on load.
+    atomic_write([(folder / ADAPTER_WEIGHTS_NAME, weights), (folder / ADAPTER_CONFIG_NAME, text)])
+
+
+def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict):
+    """The arrays and config of a PiSSA adapter rewritten as a rank-2r LoRA adapter for
+    the original base: A' = [A; A0], B' = [B, -B0], lora_alpha doubled (√2 with rsLoRA) so
+    the scaling stays; A0, B0 read from the ``initial`` folder. Refuses what it cannot
+    convert exactly."""
+    where = "save_adapter: path_initial_model_for_weight_conversion"
+    if config.init_lora_weights != "pissa" or config.use_dora:
+        raise ValueError(
+            f"{where} converts a PiSSA adapter (init_lora_weights='pissa', use_dora=False); "
+            f"the config has init_lora_weights={config.init_lora_weights!r}, "
+            f"use_dora={config.use_dora!r}"
+        )
+    fields, _ = read_adapter_config(
+        initial / ADAPTER_CONFIG_NAME, read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
+    )
+    saved = LoRAConfig(**fields)  # checked by read_adapter_config
+    keys = ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern")
+    problems = [
+        f"{key}={getattr(saved, key)!r} in {initial}, expected {getattr(config, key)!r} "
+        "(this adapter's)"
+        for key in keys
+        if getattr(saved, key) != getattr(config, key)
+    ]
+    tensors, _ = read_safetensors(initial / ADAPTER_WEIGHTS_NAME, "save_adapter")
+    adapted = {p for p, _ in lora_layers(model)}
+    initial_arrays = {}
+    for name, arr in arrays.items():
+        if name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"):
+            continue
+        key = peft_key(name, adapted)
+        if key not in tensors or tuple(tensors[key].shape) != tuple(arr.shape):
+            got = tuple(tensors[key].shape) if key in tensors else "missing"
+            problems.append(f"{key} in {initial}: {got}, expected shape {tuple(arr.shape)}")
+        else:
+            initial_arrays[name] = tensors[key].astype(arr.dtype)  # host arrays
+    if problems:
+        raise ValueError(f"{where}={str(initial)!r} does not fit:\n  " + "\n  ".join(problems))
+    converted = dict(arrays)
+    for path in adapted:
+        A, B = f"{path}.lora_A", f"{path}.lora_B"
+        converted[A], converted[B] = pissa.pissa_to_lora(
+            host_copy(arrays[A]), host_copy(arrays[B]), initial_arrays[A], initial_arrays[B]
+        )  # on the host, where the file is written from
+    peft_config = {
+        **peft_config,
+        "r": 2 * config.r,
+        "lora_alpha": pissa.converted_alpha(config.lora_alpha, config.use_rslora),
+        "rank_pattern": {k: 2 * r for k, r in config.rank_pattern.items()},
+        "alpha_pattern": {
+            k: pissa.converted_alpha(a, config.use_rslora) for k, a in config.alpha_pattern.items()
+        },
+        "init_lora_weights": True,
+    }
+    return converted, peft_config
+
+
+def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRAConfig:
+    """Load a PEFT adapter folder into ``model`` and return its ``LoRAConfig``; the model
+    is left in eval mode, as ``PeftModel.from_pretrained`` leaves it.
+
+    ``adapter_name``: load the folder as a new adapter of that name beside the model's
+    adapters, not active (PEFT's ``load_adapter(model_id, adapter_name)``; see
+    minilora.variants.multi_adapter); into a model without adapters, as its active adapter.
+
+    A base model gets LoRA layers (as ``apply_lora`` with the folder's config) before the
+    arrays are copied in; a model that already has LoRA layers must have exactly the
+    config's targets, ``r``, ``lora_alpha`` and ``use_rslora``. Everything is checked
+    first; on any problem nothing in the model changes. Arrays are cast to the dtype and
+    moved to the device of the parameters they load into (float16 and bfloat16 adapters
+    are upcast, with a warning).
+
+    Every key of adapter_config.json is either honoured, known to be harmless, or refused
+    when set: an option minilora does not implement is never silently ignored. PEFT's
+    ``target_modules`` forms all work (names, suffixes, full paths, a regular expression,
+    ``"all-linear"``); a string is resolved against the model into the full paths it
+    matches. ``rank_pattern``, ``alpha_pattern``, ``layers_to_transform`` and
+    ``layers_pattern`` are honoured as PEFT honours them (:mod:`minilora.variants.patterns`); a
+    GPT-2 adapter is converted at one rank, so its patterns must repeat ``r``. The
+    init (``init_lora_weights`` true, false, ``"gaussian"``, ``"orthogonal"``) does not
+    change what a trained adapter computes; the returned config says ``"gaussian"`` for
+    ``"gaussian"`` and ``"kaiming"`` (PEFT's default, true) for the others. A PiSSA adapter
+    (``"pissa"``) loads only on a base model, whose adapted weights it replaces by their
+    SVD residuals first (as PEFT does); DoRA's ``lora_magnitude_vector`` loads with
+    ``use_dora``.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"load_adapter: model must be a Module, got {type(model).__name__}")
+    if adapter_name is not None:
+        with multi_adapter.adding_adapter(model, adapter_name):
+            return load_adapter(model, path)
+    folder = Path(path)
+    config, tensors = _read_config(model, folder)  # 1. the folder as a LoRAConfig and tensors
+    expected, problems = _adapter_plan(model, config)  # 2. what the model needs
+    _check_tensors(folder, tensors, expected, config, problems)  # 3. every problem, or none
+    _apply_adapter(model, config, tensors)  # 4. everything checked: now change the model
+    return config
+
+
+def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
+    """(the config's path, its bytes, the tensors by PEFT key) of an adapter folder whose
+    two files belong together (the digest save_adapter records)."""
+    try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
+        mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"load_adapter: no adapter folder at {folder}") from None
+    if not stat.S_ISDIR(mode):
+        raise ValueError(
+            f"load_adapter: {folder} is a file; expected a folder holding "
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
+    config_path, weights_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
+    if not weights_path.exists():
+        hint = ""
+        if (folder / "adapter_model.bin").exists():
+            hint = (
+                " (adapter_model.bin is a pickle file, which minilora never loads; convert it "
+                "to safetensors with PEFT: model.save_pretrained(folder, "
+                "safe_serialization=True))"
+            )
+        raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
+    config_bytes = read_file(config_path, "load_adapter")
+    tensors, metadata = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
+    digest = metadata.get(CONFIG_DIGEST_KEY)
+    if digest is not None and digest != hashlib.sha256(config_bytes).hexdigest():
+        raise ValueError(
+            f"load_adapter: {folder}: {ADAPTER_CONFIG_NAME} is not the config that was saved "
+            f"with {ADAPTER_WEIGHTS_NAME} (its SHA-256 differs from the one recorded in the "
+            "weights): a save was interrupted between the two files, or one of them was "
+            "replaced or edited. Nothing was changed; save the adapter again"
+        )
+    return config_path, config_bytes, tensors
+
+
+def _read_config(model: Module, folder: Path) -> tuple[LoRAConfig, dict]:
+    """Step 1 of load_adapter: the folder's LoRAConfig, its targets resolved against
+    ``model``, and its tensors by PEFT key in minilora's module names (a GPT-2 adapter's
+    mapped from GPT-2's)."""
+    config_path, config_bytes, tensors = _read_folder(folder)
+    # A PEFT adapter of GPT2LMHeadModel, for a model loaded from GPT-2: mapped into
+    # minilora's names (checked first), then loaded as any other
+    gpt2 = hf_gpt2.is_gpt2(model) and any(
+        k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
+    )
+    fields, layers = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
+        raise ValueError(
+            f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "
+            f"init_lora_weights={fields['init_lora_weights']!r}: DoRA and PiSSA adapters of a "
+            "GPT-2 model are not supported yet; nothing was changed"
+        )
+    if gpt2:
+        # converted at one rank (patterns that repeat r), the layers chosen by hf_gpt2
+        per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
+        fields = {k: v for k, v in fields.items() if k not in per_layer}
+        fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
+            model, fields, layers, tensors, PEFT_PREFIX
+        )
+        _refuse(folder, problems, "the GPT-2 model")
+        adapted = set(fields["target_modules"])
+        tensors = {peft_key(name, adapted): arr for name, arr in arrays.items()}
+    fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
+    _refuse(folder, problems)
+    try:
+        return LoRAConfig(**fields), tensors
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"load_adapter: {config_path}: {e}") from None
+
+
+def _refuse(folder: Path, problems: list[str], what: str = "the model") -> None:
+    """A ValueError naming ``folder`` and every problem, when there are any."""
+    if problems:
+        raise ValueError(
+            f"load_adapter: {folder} does not fit {what}; nothing was changed:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def _apply_adapter(model: Module, config: LoRAConfig, tensors: dict) -> None:
+    """Step 4 of load_adapter, once every tensor is checked: LoRA layers for a base model
+    (as apply_lora with ``config``), each array cast and moved into its parameter, eval mode."""
+    if not adapted_layers(model):
+        add_lora_layers(model, [p for p, _ in _adapter_paths(model, config)], config)
+    params = dict(model.named_parameters())
+    for key, arr in tensors.items():
+        p = params[param_name(key)]  # every key was checked: a KeyError is a bug
+        p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()  # cast, move
+    model.eval()
+
+
+def _has_patterns(config: LoRAConfig) -> bool:
+    """True when some layer may get its own rank or alpha, or only some layers adapt."""
+    return bool(config.rank_pattern or config.alpha_pattern) or config.layers_to_transform not in (
+        None,
+        [],
+    )
+
+
+def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], list[str]]:
+    """PEFT's ``target_modules`` as a list minilora matches with :func:`is_target`, and the
+    problems found. A list is kept (names, suffixes and full paths match as in PEFT). A
+    string is PEFT's regular expression, matched in full against module paths, and becomes
+    the list of the paths it matches; ``"all-linear"`` is every Linear layer, the output
+    layer ``lm_head`` only when the file adapts it (PEFT leaves out a transformers model's
+    output layer, not a plain module's). A string without regex syntax stays a name, as
+    minilora always read it (in PEFT it matches only a top-level module of that name)."""
+    if not isinstance(targets, str) or re.escape(targets) == targets:
+        return targets, []
+    paths = [p for p, m in model.named_modules() if isinstance(m, Linear) and p]
+    embeddings = [p for p, m in model.named_modules() if isinstance(m, Embedding) and p]
+    if targets.lower() == "all-linear":
+        adapts_head = any(key.startswith(f"{PEFT_PREFIX}lm_head.lora_") for key in tensors)
+        return [p for p in paths if p != "lm_head" or adapts_head], []
+    try:
+        chosen = [p for p in paths + embeddings if re.fullmatch(targets, p)]
+    except re.error as e:
+        return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+    if not chosen:
+        return [], [
+            f"target_modules={targets!r} (a regular expression over module paths) matches no "
+            f"Linear layer in the model; the paths are {paths}"
+        ]
+    return chosen, []
+
+
+def _adapter_paths(model: Module, config: LoRAConfig) -> list:
+    """(path, layer) of the layers the adapter is on: the model's LoRA layers when it has
+    some, else the Linear and Embedding layers that ``config`` adapts."""
+    if adapted_layers(model):
+        return adapted_layers(model)
+    return [(p, m) for p, m in adaptable_layers(model) if config.adapts(p)]
+
+
+def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
+    """Step 2 of load_adapter: what the adapter must hold for this model, {parameter path:
+    shape}, and the problems that stop it from fitting at all (targets that match nothing,
+    layers that layers_to_transform leaves out, existing LoRA layers that disagree with the
+    config, a PiSSA adapter for a model that has LoRA layers already)."""
+    problems = []
+    if adapted_layers(model):
+        problems += _existing_lora_problems(model, config)
+    else:
+        linears = adaptable_layers(model)
+        unmatched = [
+            t for t in config.target_modules if not any(is_target([t], p) for p, _ in linears)
+        ]
+        if unmatched:
+            available = sorted({p.rsplit(".", 1)[-1] for p, _ in linears})
+            problems.append(
+                f"target_modules {unmatched} match no Linear or Embedding layer in the model; "
+                f"available names: {available}"
+            )
+        elif not any(config.adapts(p) for p, _ in linears):
+            problems.append(
+                f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
+                f"{config.layers_pattern!r}) leaves none of {config.target_modules} to adapt"
+            )
+    # r may exceed min(out, in): PEFT builds such layers (the extra rank is redundant)
+    chosen = _adapter_paths(model, config)
+    problems += embedding_variant_problems(model, [p for p, _ in chosen], config)
+    tied = tied_embeddings(model, [p for p, _ in chosen])
+    if tied:
+        problems.append(f"{tied} share their weight with another layer (tie_word_embeddings)")
+    if config.init_lora_weights == "pissa" and adapted_layers(model):
+        problems.append(
+            "init_lora_weights='pissa': a PiSSA adapter loads only on a base model (its "
+            "weights become the SVD residuals); the model already has LoRA layers"
+        )
+    expected = {}
+    for p, m in chosen:
+        r = config.for_module(p).r
+        if isinstance(m, Embedding):  # PEFT's layout: A (r, V), B (C, r)
+            V, C = m.weight.shape
+            expected[f"{p}.lora_embedding_A"] = (r, V)
+            expected[f"{p}.lora_embedding_B"] = (C, r)
+            continue
+        out_f, in_f = m.weight.shape
+        expected[f"{p}.lora_A"] = (r, in_f)
+        expected[f"{p}.lora_B"] = (out_f, r)
+        if config.use_dora:
+            expected[f"{p}.lora_magnitude_vector"] = (out_f,)
+    if config.bias == "all":
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                expected[name] = param.shape
+    elif config.bias == "lora_only":
+        for p, m in chosen:
+            if getattr(m, "bias", None) is not None:
+                expected[f"{p}.bias"] = m.bias.shape
+    return expected, problems
+
+
+def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
+    """Ways in which the model's LoRA layers differ from what ``config`` describes."""
+    problems = []
+    layers = adapted_layers(model)
+    targets = config.target_modules
+    for path, layer in layers:
+        if not config.adapts(path):
+            problems.append(
+                f"the model has a LoRA layer {path}, not in target_modules (or outside "
+                "layers_to_transform)"
+            )
+        own = config.for_module(path)
+        for attr in ("r", "lora_alpha", "use_rslora", "use_dora"):
+            if getattr(layer, attr) != getattr(own, attr):
+                problems.append(
+                    f"config says {attr}={getattr(own, attr)!r} but the LoRA layer {path} "
+                    f"has {attr}={getattr(layer, attr)!r}"
+                )
+        if layer.merged:
+            problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
+    plain = [p for p, _ in adaptable_layers(model) if config.adapts(p)]
+    if plain:
+        problems.append(f"target_modules names layers that have no LoRA in the model: {plain}")
+    paths = [p for p, m in model.named_modules() if isinstance(m, (Linear, Embedding)) and p]
+    missing = sorted(t for t in targets if not any(is_target([t], p) for p in paths))
+    if missing:
+        problems.append(f"target_modules {missing} match no layer in the model")
+    return problems
+
+
+def param_name(key: str) -> str | None:
+    """The model's parameter path for a PEFT key, or None when the key is not PEFT's:
+    ``base_model.model.<path>.lora_A.weight`` -> ``<path>.lora_A``,
+    ``base_model.model.<path>.base_layer.bias`` -> ``<path>.bias`` (PEFT's spelling of an
+    adapted layer's own bias) and ``base_model.model.<path>.bias`` -> ``<path>.bias``."""
+    if not key.startswith(PEFT_PREFIX):
+        return None
+    name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+    owner, _, leaf = name.rpartition(".")
+    if owner.endswith((".lora_A", ".lora_B")) and leaf == "weight":
+        return owner
+    if leaf in ("lora_A", "lora_B"):
+        return None  # a bare .lora_A without .weight is not PEFT's spelling
+    return name
+
+
+def peft_key(name: str, adapted=frozenset()) -> str:
+    """The inverse of :func:`param_name`; ``adapted``: the paths of the LoRA layers, whose
+    own bias PEFT keeps under ``base_layer`` (as its wrapper holds the original Linear)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf in ("lora_A", "lora_B"):
+        return f"{PEFT_PREFIX}{name}.weight"
+    if leaf in ("lora_embedding_A", "lora_embedding_B"):  # PEFT: Parameters, no .weight
+        return PEFT_PREFIX + name
+    if owner in adapted and leaf != "lora_magnitude_vector":  # PEFT keeps m beside lora_A
+        return f"{PEFT_PREFIX}{owner}.base_layer.{leaf}"
+    return PEFT_PREFIX + name
+
+
+def _check_tensors(
+    folder: Path, tensors: dict, expected: dict, config: LoRAConfig, problems: list[str]
+) -> None:
+    """Step 3 of load_adapter: the file's tensors (PEFT keys) against the expected
+    {parameter path: shape}; a ValueError naming these problems and the plan's
+    (``problems``), when there are any."""
+    problems = list(problems)
+    for key in sorted(tensors):
+        name = param_name(key)
+        if name not in expected:
+            problems.append(f"unexpected key {key!r}")
+            continue
+        got, want = tuple(tensors[key].shape), tuple(expected[name])
+        if got == want:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        r = config.for_module(owner).r
+        says = f"config says r={r}" + (" (rank_pattern)" if r != config.r else "")
+        if leaf.endswith("A") and leaf in LORA_LEAVES and len(got) == 2 and got[1] == want[1]:
+            problems.append(f"{says} but {leaf} for {owner} has shape {got}")
+        elif leaf.endswith("B") and leaf in LORA_LEAVES and len(got) == 2 and got[0] == want[0]:
+            problems.append(f"{says} but {leaf} for {owner} has shape {got}")
+        else:
+            what = f"{leaf} for {owner}" if leaf in LORA_LEAVES else name
+            problems.append(f"{what} has shape {got}, expected {want}")
+    present = [param_name(key) for key in tensors]
+    for name in sorted({n for n in present if present.count(n) > 1} - {None}):
+        problems.append(f"{name} is given twice (with and without .base_layer)")
+    adapted = {n.rpartition(".")[0] for n in expected if n.endswith(("lora_A", "lora_embedding_A"))}
+    for name in sorted(set(expected) - set(present)):
+        problems.append(f"missing key {peft_key(name, adapted)!r}")
+    _refuse(folder, problems)
