@@ -12,7 +12,6 @@ import numpy as np
 
 import minilora
 from minilora import backend, data, train
-from minilora import functional as F
 from minilora.compression.compress import compressed, storage_bytes, stored_parameters
 from minilora.compression.prune import block_importance
 from minilora.compression.qlora import merge_qlora
@@ -56,7 +55,7 @@ print("block importance:", block_importance(base, x[:64]))
 # QLoRA: train an adapter on the downstream task D on an NF4+DQ base, then merge two ways
 tasks = data.DigitTasks((data.DOWNSTREAM_TASK,))
 dx, dy = tasks.eval_set(seed=123, n=512)
-F.manual_seed(0)
+backend.manual_seed(0)
 q = compressed(
     base, "qlora", config=LoRAConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"])
 )

@@ -16,8 +16,7 @@ from __future__ import annotations
 import common
 from common import CONFIGS, ms
 
-from minilora import AdamW
-from minilora import functional as F
+from minilora import AdamW, backend
 
 DEFAULT_REPEATS = {"tiny": 40, "small": 20, "medium": 10}
 
@@ -26,7 +25,7 @@ def on_reference_ops(step):
     """``step`` run with the engine on the reference ops (functional.py alone)."""
 
     def run():
-        with F.use_ops("reference"):
+        with backend.use_ops("reference"):
             return step()
 
     return run

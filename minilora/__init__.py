@@ -1,11 +1,11 @@
 """minilora: LoRA from nothing, in NumPy, with every backward written by hand."""
 
-# Importing fast registers the fast ops (functional.FAST_OPS); importing variants registers
+# Importing fast registers the fast ops (backend.FAST_OPS); importing variants registers
 # DoRA, PiSSA, embedding LoRA and the patterns with lora.py's extension points. gradcheck is
 # the module: its function is minilora.gradcheck.gradcheck(fn, inputs).
 from minilora import fast, functional, gradcheck, variants
 from minilora.autograd import Function, Tensor, is_grad_enabled, no_grad
-from minilora.functional import get_ops, manual_seed, set_ops, use_ops
+from minilora.backend import get_ops, manual_seed, set_ops, use_ops
 from minilora.gradcheck import GradcheckError
 from minilora.lora import (
     LoRAConfig,

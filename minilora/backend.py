@@ -7,7 +7,12 @@ GPU: an op written as ``xp = get_array_module(x); xp.exp(x)`` works on NumPy and
 arrays alike.
 
 Random numbers are always drawn on the host with NumPy's PCG64 generator and then moved
-to the target device, so the same seed gives the same numbers on every device.
+to the target device, so the same seed gives the same numbers on every device; the global
+generator behind initialisation and dropout is reseeded by :func:`manual_seed`.
+
+Which ops run is chosen here too: the reference ops of ``functional.py``, or the faster
+versions that ``minilora/fast/ops.py`` registers in :data:`FAST_OPS` (:func:`set_ops`,
+``MINILORA_OPS`` in the environment).
 
 Matrix products go through :func:`matmul`, which can record what it computes (see
 :class:`MatmulCounter`). Tests use that to *count* work, e.g. that a frozen weight never
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -259,6 +265,28 @@ class Generator:
         return self._rng.permutation(n)
 
 
+_default_generator = Generator(0)
+
+
+def manual_seed(seed: int) -> None:
+    """Reseed the global generator used for initialisation and dropout (like torch's)."""
+    set_default_generator(Generator(seed))
+
+
+def default_generator() -> Generator:
+    """The global generator: what draws when no ``generator=`` is given."""
+    return _default_generator
+
+
+def set_default_generator(generator: Generator) -> Generator:
+    """Make ``generator`` the global one; returns the previous one (to put it back)."""
+    global _default_generator
+    if not isinstance(generator, Generator):
+        raise TypeError(f"generator must be a backend.Generator, got {type(generator).__name__}")
+    previous, _default_generator = _default_generator, generator
+    return previous
+
+
 def torch_uniform_stream(seed: int, n: int):
     """``n`` numbers in [0, 1) (float64, each a multiple of 2⁻²⁴), the ones
     ``torch.Generator().manual_seed(seed)`` draws for a float32 ``uniform_`` on the CPU:
@@ -270,6 +298,55 @@ def torch_uniform_stream(seed: int, n: int):
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
     raw = np.random.RandomState(int(seed)).randint(0, 2**32, size=n, dtype=np.uint32)
     return (raw & np.uint32(2**24 - 1)).astype(np.float64) * 2.0**-24
+
+
+# --------------------------------------------------------------------------------------
+# Which ops run: the reference ops (functional.py), or the fast path's (fast/ops.py)
+# --------------------------------------------------------------------------------------
+
+OPS_CHOICES = ("fast", "reference")
+
+#: Reference op class -> its faster replacement; filled in by minilora/fast/ops.py.
+FAST_OPS: dict[type, type] = {}
+
+
+def check_ops(name, where: str) -> str:
+    """``name`` if it is one of :data:`OPS_CHOICES`; else a ValueError naming ``where``."""
+    if name not in OPS_CHOICES:
+        raise ValueError(f"{where}={name!r} is not one of {OPS_CHOICES}")
+    return name
+
+
+_ops = check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
+
+
+def set_ops(name: str) -> str:
+    """Run the engine on ``"fast"`` ops (the default) or on the ``"reference"`` ops of
+    functional.py alone; returns the previous setting."""
+    global _ops
+    previous, _ops = _ops, check_ops(name, "ops")
+    return previous
+
+
+def get_ops() -> str:
+    """``"fast"`` or ``"reference"``: which ops the engine runs on."""
+    return _ops
+
+
+@contextlib.contextmanager
+def use_ops(name: str):
+    """``with use_ops("reference"):`` runs the block on those ops, then restores the setting."""
+    previous = set_ops(name)
+    try:
+        yield
+    finally:
+        set_ops(previous)
+
+
+def implementation(op: type) -> type:
+    """The class that computes the reference op ``op``: its fast version, if there is one
+    and the fast path is on; else ``op`` itself."""
+    return FAST_OPS.get(op, op) if _ops == "fast" else op
 
 
 # --------------------------------------------------------------------------------------

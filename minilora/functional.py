@@ -19,69 +19,19 @@ Ops are fused at the size a porter would write a kernel: ``linear``, ``lora_line
 ``embedding`` and ``dropout``. A few of them also have a faster version in
 ``minilora/fast/ops.py`` (blocked, in place), used by default and proven equal to the one
 here by tests/test_fast.py; ``MINILORA_OPS=reference`` in the environment, or
-:func:`set_ops` ``("reference")``, runs the whole engine on this file alone.
+:func:`minilora.set_ops` ``("reference")``, runs the whole engine on this file alone.
 
 At the bottom, the ops become ``Tensor``'s operators and methods (``a + b``, ``x.sum()``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 
 from minilora import backend
 from minilora.autograd import Function, Tensor
 
 mm = backend.matmul
-
-
-# ======================================================================================
-# Which implementation runs: these reference ops, or the fast path's
-# ======================================================================================
-
-OPS_CHOICES = ("fast", "reference")
-
-#: Reference op class -> its faster replacement; filled in by minilora/fast/ops.py.
-FAST_OPS: dict[type, type] = {}
-
-
-def check_ops(name, where: str) -> str:
-    """``name`` if it is one of ``OPS_CHOICES``, else a ValueError naming ``where``."""
-    if name not in OPS_CHOICES:
-        raise ValueError(f"{where}={name!r} is not one of {OPS_CHOICES}")
-    return name
-
-
-_ops = check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
-
-
-def set_ops(name: str) -> str:
-    """Run the engine on ``"fast"`` ops (the default) or on the ``"reference"`` ops of
-    this file alone; returns the previous setting."""
-    global _ops
-    previous, _ops = _ops, check_ops(name, "ops")
-    return previous
-
-
-def get_ops() -> str:
-    """``"fast"`` or ``"reference"``: which ops the engine runs on."""
-    return _ops
-
-
-@contextlib.contextmanager
-def use_ops(name: str):
-    """``with use_ops("reference"):`` runs the block on those ops, then restores the setting."""
-    previous = set_ops(name)
-    try:
-        yield
-    finally:
-        set_ops(previous)
-
-
-def _use(op: type) -> type:
-    """The class that computes ``op``: its fast version, if there is one and it is on."""
-    return FAST_OPS.get(op, op) if _ops == "fast" else op
 
 
 # ======================================================================================
@@ -633,7 +583,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) ->
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-class GELU(Function):
+class GELUFunction(Function):
     """GPT-2's tanh GELU: y = ½ x (1 + tanh(u)),  u = c (x + 0.044715 x³),  c = √(2/π).
 
     dx = g · [½ (1 + t) + ½ x (1 - t²) · c (1 + 3·0.044715 x²)],  t = tanh(u).
@@ -655,7 +605,7 @@ class GELU(Function):
 
 
 def gelu(x: Tensor) -> Tensor:
-    return _use(GELU)()(x)
+    return backend.implementation(GELUFunction)()(x)
 
 
 class LayerNormFunction(Function):
@@ -707,7 +657,7 @@ def _check_layer_norm_inputs(x, weight, bias) -> None:
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    return _use(LayerNormFunction)(eps)(x, weight, bias)
+    return backend.implementation(LayerNormFunction)(eps)(x, weight, bias)
 
 
 def _softmax(x, axis: int):
@@ -760,7 +710,7 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return LogSoftmax(axis)(x)
 
 
-class SoftmaxCrossEntropy(Function):
+class SoftmaxCrossEntropyFunction(Function):
     """Mean cross-entropy of ``logits`` (..., V) against integer ``targets`` (...).
 
     L = -(1/n) Σ_valid log softmax(logits)[target], n = number of targets that are not
@@ -820,7 +770,8 @@ def _check_cross_entropy_inputs(logits, targets) -> None:
 
 
 def softmax_cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
-    return _use(SoftmaxCrossEntropy)(ignore_index)(logits, _as_tensor(targets))
+    op = backend.implementation(SoftmaxCrossEntropyFunction)
+    return op(ignore_index)(logits, _as_tensor(targets))
 
 
 # ======================================================================================
@@ -878,7 +829,7 @@ def dropout(x: Tensor, p: float, training: bool = True, generator=None) -> Tenso
     check_probability("dropout", "p", p)
     if not training or p == 0.0:
         return x
-    return DropoutFunction(p, generator or default_generator())(x)
+    return DropoutFunction(p, generator or backend.default_generator())(x)
 
 
 def check_probability(owner: str, name: str, p) -> None:
@@ -887,25 +838,12 @@ def check_probability(owner: str, name: str, p) -> None:
         raise ValueError(f"{owner}: {name}={p!r} must be a number in [0, 1)")
 
 
-_default_generator = backend.Generator(0)
-
-
-def manual_seed(seed: int) -> None:
-    """Reseed the global generator used for initialisation and dropout (like torch's)."""
-    global _default_generator
-    _default_generator = backend.Generator(seed)
-
-
-def default_generator() -> backend.Generator:
-    return _default_generator
-
-
 # ======================================================================================
 # Attention
 # ======================================================================================
 
 
-class CausalSelfAttention(Function):
+class CausalSelfAttentionFunction(Function):
     """Multi-head causal attention on q, k, v of shape (B, nh, T, hs).
 
     S = q @ kᵀ / √hs, future positions set to -inf;  P = softmax(S);  y = P @ v.
@@ -948,17 +886,17 @@ def _check_attention_inputs(q, k, v) -> None:
 
 
 def causal_self_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return _use(CausalSelfAttention)()(q, k, v)
+    return backend.implementation(CausalSelfAttentionFunction)()(q, k, v)
 
 
-class CachedAttention(CausalSelfAttention):
+class CachedAttentionFunction(CausalSelfAttentionFunction):
     """Causal attention of the *newest* Tq queries against all Tk >= Tq keys and values.
 
     q (B, nh, Tq, hs) holds positions Tk-Tq .. Tk-1; k, v (B, nh, Tk, hs) hold positions
     0 .. Tk-1 (the earlier ones from a KV cache, the last Tq computed with q). Query i sits
     at position Tk-Tq+i and sees keys 0 .. Tk-Tq+i. With Tq = Tk this is
-    :class:`CausalSelfAttention`; with Tq = 1 (one new token) no key is in the future and
-    the row is a plain softmax. The backward is CausalSelfAttention's unchanged: the mask
+    :class:`CausalSelfAttentionFunction`; with Tq = 1 (one new token) no key is in the future and
+    the row is a plain softmax. The backward is CausalSelfAttentionFunction's unchanged: the mask
     enters only through P, which is 0 on masked entries. Why this equals the full
     attention's last rows: docs/math.md, "Incremental decoding with a KV cache".
     """
@@ -992,8 +930,9 @@ def _check_cached_attention_inputs(q, k, v) -> None:
 
 
 def cached_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Attention of the newest queries against all keys so far (see :class:`CachedAttention`)."""
-    return _use(CachedAttention)()(q, k, v)
+    """Attention of the newest queries against all keys so far
+    (see :class:`CachedAttentionFunction`)."""
+    return backend.implementation(CachedAttentionFunction)()(q, k, v)
 
 
 # ======================================================================================
@@ -1113,7 +1052,5 @@ __all__ = [
     "dropout",
     "causal_self_attention",
     "cached_attention",
-    "manual_seed",
-    "default_generator",
     "unbroadcast",
 ]

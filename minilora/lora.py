@@ -20,7 +20,7 @@ are in docs/math.md.
 This module is plain LoRA only. LoRA's variants (minilora/variants/: DoRA, PiSSA, embedding
 LoRA, rank and alpha patterns) plug in through the few named registries below, which they
 fill when imported (``import minilora`` imports them), the way minilora/fast/ fills
-``functional.FAST_OPS``: a config check, a filter and per-module settings for targets, a
+``backend.FAST_OPS``: a config check, a filter and per-module settings for targets, a
 check of the chosen targets, a named init, and the function that wraps each kind of base
 layer. A variant never adds a branch here; it subclasses ``LoRALinear`` or wraps a layer.
 """
@@ -243,7 +243,7 @@ class LoRALinear(Linear, LoRALayer):
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, generator):
         """Add A and B, and the bypass dropout's generator."""
         out_f, in_f = self.weight.shape
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         dtype, device = self.weight.dtype, self.weight.device
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(lora_alpha, r, use_rslora)

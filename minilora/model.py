@@ -110,15 +110,10 @@ class CausalSelfAttention(Module):
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         self.o_proj = Linear(C, C, bias, init_std=residual_std, dtype=dtype, device=device)
         self.resid_dropout = Dropout(config.dropout)
-        # prefix tuning (minilora/relatives/prefix.py): a callable giving this layer's learned
-        # keys and
-        # values, or None. Not a Module: its parameters belong to the GPT's ``prefix``
-        self.prefix = None
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x (B, T, C); with a ``cache``, x holds only the T positions after the cached ones
-        (this is layer ``layer``), and their keys and values join the cache (with prefix
-        tuning the cache starts with the prefix's)."""
+        (this is layer ``layer``), and their keys and values join the cache."""
         B, T, C = x.shape
         nh = self.n_head
 
@@ -126,19 +121,21 @@ class CausalSelfAttention(Module):
             return t.reshape(B, T, nh, C // nh).permute(0, 2, 1, 3)
 
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        if cache is None and self.prefix is not None:  # P learned keys and values come first
-            k_prefix, v_prefix = self.prefix(B)  # (B, nh, P, hs) each
-            k, v = F.cat([k_prefix, k], axis=2), F.cat([v_prefix, v], axis=2)  # (B, nh, P+T, hs)
-            y = F.cached_attention(q, k, v)  # query i sees the P prefix keys and tokens 0..i
-        elif cache is None or cache.length == 0:  # nothing earlier: plain causal attention
-            if cache is not None:
-                cache.append(layer, k.data, v.data)
-            y = F.causal_self_attention(q, k, v)  # (B, nh, T, hs)
-        else:  # the new queries against the cached keys and values and their own
-            k_all, v_all = cache.append(layer, k.data, v.data)  # (B, nh, length + T, hs)
-            y = F.cached_attention(q, Tensor(k_all), Tensor(v_all))  # (B, nh, T, hs)
+        y = self.attend(q, k, v, cache, layer)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.o_proj(y))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """softmax(q·kᵀ/√hs)·v over the keys each query may see: q, k, v (B, nh, T, hs) ->
+        (B, nh, T, hs). Query i sees keys 0..i, and with a ``cache`` every cached position
+        before them too (the new keys and values join the cache first). A subclass that
+        gives the queries other keys to see overrides this (minilora/relatives/)."""
+        if cache is None:
+            return F.causal_self_attention(q, k, v)
+        k_all, v_all = cache.append(layer, k.data, v.data)  # (B, nh, length + T, hs)
+        if cache.length == 0:  # nothing earlier: plain causal attention
+            return F.causal_self_attention(q, k, v)
+        return F.cached_attention(q, Tensor(k_all), Tensor(v_all))  # new queries, all keys
 
 
 class MLP(Module):
@@ -190,22 +187,21 @@ class GPT(Module):
             # one Parameter in two places: both uses add into its one .grad, and
             # named_parameters lists it once, as tok_emb.weight
             self.lm_head.weight = self.tok_emb.weight
-        self.prefix = None  # prefix tuning (minilora/relatives/prefix.py): a PrefixEncoder, or None
 
     @property
     def device(self) -> str:
         return self.tok_emb.weight.device
 
     @property
-    def prefix_length(self) -> int:
-        """P, the positions a prefix (minilora/relatives/prefix.py) takes before the tokens;
-        0 without."""
-        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
-
-    @property
     def context_length(self) -> int:
-        """The most tokens a forward accepts: block_size, less the prefix's P positions."""
-        return self.config.block_size - self.prefix_length
+        """The most tokens a forward accepts: block_size (a subclass whose :meth:`embed`
+        puts learned positions before the tokens accepts fewer, minilora/relatives/)."""
+        return self.config.block_size
+
+    def describe_context(self) -> str:
+        """Why the context is ``context_length`` tokens long, for the error a longer
+        input gets."""
+        return f"block_size is {self.config.block_size}"
 
     def _device_ids(self, name: str, ids):
         """Token ids as an integer (batch, time) array on the model's device. Host ids (a
@@ -224,12 +220,9 @@ class GPT(Module):
             raise ValueError(f"{name} must have shape (batch, time), got {tuple(data.shape)}")
         T = data.shape[1]
         if T > self.context_length:
-            taken = self.prefix_length
-            prefix = f", less the {taken} its prefix takes: at most {self.context_length}"
             raise ValueError(
-                f"{name} has {T} positions but block_size is {self.config.block_size}"
-                f"{prefix if taken else ''}; crop the sequence or use a model with a larger "
-                "block_size"
+                f"{name} has {T} positions but {self.describe_context()}; crop the sequence "
+                "or use a model with a larger block_size"
             )
         return backend.to_device(data, self.device)
 
@@ -260,30 +253,32 @@ class GPT(Module):
                     "(the shape of idx)"
                 )
         self._check_id_ranges(idx, targets)
-        B, T = idx.shape
-        P = self.prefix_length  # positions a prefix takes first
-        positions = backend.arange(T, dtype=backend.int64, device=self.device) + P  # (T,)
-        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, C) + (T, C)
-        if self.prefix is not None:  # prefix-embedding: (B, P + T, C) with P virtual tokens
-            x = self.prefix.prepend(x)
-        x = self.drop(x)
+        T = idx.shape[1]
+        x = self.drop(self.embed(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
-        if x.shape[1] > T:  # the virtual tokens' outputs are dropped: logits (B, T, V)
+            x = block(x)  # (B, T, C)
+        if x.shape[1] > T:  # embed put learned inputs before the tokens: keep the tokens'
             x = x[:, -T:]
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None if targets is None else F.softmax_cross_entropy(logits, targets)
         return logits, loss
 
+    def embed_tokens(self, idx, start: int = 0) -> Tensor:
+        """Token plus position embeddings of ids ``idx`` (B, T) at positions start ..
+        start+T-1: (B, T, C)."""
+        positions = backend.arange(idx.shape[1], dtype=backend.int64, device=self.device)
+        return self.tok_emb(idx) + self.pos_emb(positions + start)  # (B, T, C) + (T, C)
+
+    def embed(self, idx) -> Tensor:
+        """The blocks' input in a forward over ids ``idx`` (B, T): the tokens at positions
+        0 .. T-1, (B, T, C). A subclass that puts learned inputs or positions before the
+        tokens overrides this (minilora/relatives/); the forward keeps the last T outputs."""
+        return self.embed_tokens(idx)
+
     def kv_cache(self, batch_size: int) -> KVCache:
-        """An empty :class:`KVCache` for ``batch_size`` sequences, on the model's device
-        (with prefix tuning, holding the prefix's keys and values already)."""
-        cache = KVCache(
-            self.config, batch_size, dtype=self.tok_emb.weight.dtype, device=self.device
-        )
-        if self.prefix is not None:
-            self.prefix.fill(self, cache)
-        return cache
+        """An empty :class:`KVCache` for ``batch_size`` sequences, on the model's device (a
+        subclass whose :meth:`embed` puts positions before the tokens puts them here too)."""
+        return KVCache(self.config, batch_size, dtype=self.tok_emb.weight.dtype, device=self.device)
 
     def forward_cached(self, idx, cache: KVCache):
         """Logits (B, Tn, vocab_size) array for ``idx`` (B, Tn): the Tn positions that follow
@@ -301,12 +296,6 @@ class GPT(Module):
         B, T = idx.shape
         if B != cache.keys[0].shape[0]:
             raise ValueError(f"idx has batch {B} but the cache holds {cache.keys[0].shape[0]}")
-        P = self.prefix_length
-        if cache.length < P:  # an empty KVCache(...) would run the model without its prefix
-            raise ValueError(
-                f"the cache holds {cache.length} positions but the model's prefix takes {P}: "
-                "make the cache with model.kv_cache(batch_size), which puts the prefix first"
-            )
         if cache.length + T > cache.capacity:
             raise ValueError(
                 f"the cache holds {cache.length} positions and idx adds {T}, more than "
@@ -316,12 +305,10 @@ class GPT(Module):
 
     def _decode(self, idx, cache: KVCache):
         """``forward_cached`` on ids already checked (generate's own tokens): the work alone."""
-        T, start = idx.shape[1], cache.length
-        positions = backend.arange(T, dtype=backend.int64, device=self.device) + start
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, C)
+        x = self.drop(self.embed_tokens(idx, cache.length))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
-        cache.length += T
+        cache.length += idx.shape[1]
         return self.lm_head(self.ln_f(x)).data  # (B, T, vocab_size)
 
     def generate(
@@ -353,7 +340,7 @@ class GPT(Module):
         idx = self._device_ids("idx", idx)
         self._check_id_ranges(idx, None)
         xp = backend.get_array_module(idx)
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         context = self.context_length
         cache = self.kv_cache(idx.shape[0]) if use_cache else None
         new = idx  # the positions the cache has not seen yet

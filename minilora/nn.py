@@ -197,7 +197,7 @@ class ModuleList(Module):
 
 
 def _normal(shape, std: float, dtype, device, generator) -> Parameter:
-    gen = generator or F.default_generator()
+    gen = generator or backend.default_generator()
     return Parameter(gen.normal(shape, std=std, dtype=dtype, device=device))
 
 

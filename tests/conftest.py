@@ -7,7 +7,6 @@ from hypothesis import HealthCheck, settings
 from standin import register as register_standin
 
 from minilora import backend
-from minilora import functional as F
 
 register_standin()  # the "standin" device (tests/standin.py): a GPU's rules on the CPU
 
@@ -48,14 +47,14 @@ def pytest_configure(config):
 
 @pytest.fixture(params=["fast", "reference"])
 def ops(request) -> str:
-    with F.use_ops(request.param):
+    with backend.use_ops(request.param):
         yield request.param
 
 
 @pytest.fixture
 def reference_ops():
     """Run one test on the reference ops only (for tests that patch a reference op)."""
-    with F.use_ops("reference"):
+    with backend.use_ops("reference"):
         yield
 
 

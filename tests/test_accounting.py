@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from minilora import GPT, SGD, AdamW, GPTConfig, LoRAConfig, apply_lora, backend, lora_state_dict
-from minilora import functional as F
 from minilora.lora import BIAS_MODES, count_parameters, print_trainable_parameters
 from minilora.study import accounting as acc
 from minilora.study.accounting import LoRASpec, ModelShape
@@ -272,7 +271,7 @@ def test_training_step_equals_the_trace_over_several_query_blocks(spec):
 def test_the_trace_follows_its_ops_argument(ops):
     shape = ModelShape(2, 32, 4, vocab_size=10, block_size=130)
     here = acc.trace_step(shape, None, 2, 130)  # the engine's path now: ops
-    with F.use_ops("reference" if ops == "fast" else "fast"):
+    with backend.use_ops("reference" if ops == "fast" else "fast"):
         assert acc.trace_step(shape, None, 2, 130, ops=ops).records == here.records
         assert acc.trace_step(shape, None, 2, 130).records != here.records
 

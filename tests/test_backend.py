@@ -94,6 +94,21 @@ def test_generator_rejects_non_int_seed():
         backend.Generator(1.5)
 
 
+def test_manual_seed_and_set_default_generator_replace_the_global_generator():
+    callers = backend.default_generator()  # put back at the end
+    backend.manual_seed(7)
+    seeded = backend.default_generator()
+    first = seeded.normal((4,))
+    spare = backend.Generator(7)
+    assert backend.set_default_generator(spare) is seeded  # hands back the one it replaces
+    assert backend.default_generator() is spare
+    np.testing.assert_array_equal(spare.normal((4,)), first)  # a fresh seed-7 stream
+    with pytest.raises(TypeError, match="generator must be a backend.Generator, got int"):
+        backend.set_default_generator(7)
+    assert backend.default_generator() is spare  # a refused one changes nothing
+    backend.set_default_generator(callers)
+
+
 def test_counting_records_matmuls_by_name_with_flops():
     a, b = np.ones((3, 4)), np.ones((4, 5))
     with backend.counting() as c:

@@ -58,16 +58,16 @@ def test_train_step_quick(bench_module, tmp_path):
 @pytest.mark.oracle
 def test_train_step_times_the_reference_ops_too(bench_module, tmp_path):
     pytest.importorskip("torch", reason="the PyTorch side of the comparison needs torch")
-    from minilora import functional as F
+    from minilora import backend
 
-    before = F.get_ops()
+    before = backend.get_ops()
     result = run_quick(bench_module, "train_step", tmp_path, "--ops-compare")
     (row,) = result["rows"]
     check_summary(row["reference"])
     assert row["reference_vs_fast"] > 0 and row["reference_vs_fast_paired"] > 0
     # both minilora variants start from the same weights and batch: the same first loss
     assert row["first_loss"]["reference"] == pytest.approx(row["first_loss"]["minilora"], rel=1e-5)
-    assert F.get_ops() == before  # the switch was put back
+    assert backend.get_ops() == before  # the switch was put back
 
 
 def test_lora_vs_full_quick_and_optimizer_state_equals_the_formula(bench_module, tmp_path):

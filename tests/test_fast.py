@@ -1,6 +1,6 @@
 """The fast path (minilora/fast/ops.py): each fast op computes what its reference op computes.
 
-For every op in ``functional.FAST_OPS``, on random inputs, the fast and reference classes
+For every op in ``backend.FAST_OPS``, on random inputs, the fast and reference classes
 give the same output (to rounding: 16 units in the last place of the dtype, relative to the
 largest value) and the same gradients for every input that needs one, with frozen inputs
 getting none. Shapes include arrays larger than one cache block, so that the blocked loops
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minilora import fast
+from minilora import backend, fast
 from minilora import functional as F
 from minilora.autograd import Tensor
 
@@ -35,22 +35,22 @@ def assert_close(got, want, dtype, what: str) -> None:
 def inputs_for(op: type, shape: tuple, rng: np.random.Generator, dtype) -> tuple[list, dict]:
     """Random inputs of ``shape`` for ``op`` and its constructor settings."""
     x = rng.normal(size=shape).astype(dtype)
-    if op is F.GELU:
+    if op is F.GELUFunction:
         return [x * 3], {}
     if op is F.LayerNormFunction:
         C = shape[-1]
         return [x, rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)], {}
-    if op is F.SoftmaxCrossEntropy:
+    if op is F.SoftmaxCrossEntropyFunction:
         targets = rng.integers(0, shape[-1], size=shape[:-1])
         targets.reshape(-1)[0] = -100  # one ignored row (there are at least two rows)
         return [x * 4, targets], {"ignore_index": -100}
-    if op is F.CausalSelfAttention:
+    if op is F.CausalSelfAttentionFunction:
         return [x, rng.normal(size=shape).astype(dtype), rng.normal(size=shape).astype(dtype)], {}
     if op is F.EmbeddingFunction:  # ids (shape[:-1]) with repeats, a (V, C) table
         V = 5
         ids = rng.integers(0, V, size=shape[:-1])
         return [ids, rng.normal(size=(V, shape[-1])).astype(dtype)], {}
-    if op is F.CachedAttention:  # shape is q's; the keys hold 3 positions more
+    if op is F.CachedAttentionFunction:  # shape is q's; the keys hold 3 positions more
         kv_shape = (*shape[:2], shape[2] + 3, shape[3])
         k, v = (rng.normal(size=kv_shape).astype(dtype) for _ in range(2))
         return [x, k, v], {}
@@ -66,20 +66,21 @@ def run(cls: type, arrays: list, settings: dict, trainable: list[bool], g):
 
 
 SHAPES = {
-    F.GELU: [(3,), (2, 5, 7), (300, 257)],  # 77,100 elements: two blocks
+    F.GELUFunction: [(3,), (2, 5, 7), (300, 257)],  # 77,100 elements: two blocks
     F.LayerNormFunction: [(1, 1), (2, 3, 8), (700, 130)],
-    F.SoftmaxCrossEntropy: [(2, 3), (2, 4, 9), (600, 130)],
+    F.SoftmaxCrossEntropyFunction: [(2, 3), (2, 4, 9), (600, 130)],
     # one query block (P kept); one of exactly 64 rows (the largest that keeps P); two of
     # 64 + 1 rows (the first that saves lse); three (64 + 64 + 22, T not a multiple of 64)
-    F.CausalSelfAttention: [(2, 3, 5, 4), (2, 2, 64, 4), (1, 2, 65, 4), (2, 2, 150, 8)],
-    F.CachedAttention: [(2, 3, 1, 4), (2, 3, 5, 4), (16, 2, 3, 8)],  # one query, and several
+    F.CausalSelfAttentionFunction: [(2, 3, 5, 4), (2, 2, 64, 4), (1, 2, 65, 4), (2, 2, 150, 8)],
+    # one query, and several
+    F.CachedAttentionFunction: [(2, 3, 1, 4), (2, 3, 5, 4), (16, 2, 3, 8)],
     F.EmbeddingFunction: [(1, 3), (2, 7, 4), (64, 18, 16)],  # output (ids..., C)
 }
 
 
 def test_every_fast_op_has_a_reference_op_and_shapes_here():
-    assert set(F.FAST_OPS) == set(SHAPES)
-    for ref, fast_cls in F.FAST_OPS.items():
+    assert set(backend.FAST_OPS) == set(SHAPES)
+    for ref, fast_cls in backend.FAST_OPS.items():
         assert issubclass(fast_cls, ref) and fast_cls.__module__ == fast.ops.__name__
 
 
@@ -95,9 +96,9 @@ def test_fast_op_equals_reference_op(op, dtype, seed, data):
     if not any(trainable):
         trainable[floating.index(True)] = True  # something must need a gradient
     # the upstream gradient (a loss takes none: its gradient is 1)
-    g = None if op is F.SoftmaxCrossEntropy else rng.normal(size=shape).astype(dtype)
+    g = None if op is F.SoftmaxCrossEntropyFunction else rng.normal(size=shape).astype(dtype)
     ref_out, ref_grads = run(op, arrays, settings, trainable, g)
-    fast_out, fast_grads = run(F.FAST_OPS[op], arrays, settings, trainable, g)
+    fast_out, fast_grads = run(backend.FAST_OPS[op], arrays, settings, trainable, g)
     assert fast_out.dtype == ref_out.dtype == dtype
     assert_close(fast_out, ref_out, dtype, "output")
     for i, (want, got) in enumerate(zip(ref_grads, fast_grads, strict=True)):
@@ -109,16 +110,18 @@ def test_fast_op_equals_reference_op(op, dtype, seed, data):
 
 
 def test_the_engine_switches_between_paths():
-    with F.use_ops("fast"):
-        with F.use_ops("reference"):
-            assert F.get_ops() == "reference" and F._use(F.GELU) is F.GELU
-            assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELU
-        assert F.get_ops() == "fast"  # put back
-        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.ops.GELU
-        assert F._use(F.Add) is F.Add  # an op without a fast version is its reference op
+    with backend.use_ops("fast"):
+        with backend.use_ops("reference"):
+            assert backend.get_ops() == "reference"
+            assert backend.implementation(F.GELUFunction) is F.GELUFunction
+            assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is F.GELUFunction
+        assert backend.get_ops() == "fast"  # put back
+        assert type(F.gelu(Tensor([0.5], requires_grad=True))._ctx) is fast.ops.GELUFunction
+        # an op without a fast version is its reference op
+        assert backend.implementation(F.Add) is F.Add
         with pytest.raises(ValueError, match=r"ops='quick'.*\('fast', 'reference'\)"):
-            F.set_ops("quick")
-        assert F.get_ops() == "fast"  # a refused setting changes nothing
+            backend.set_ops("quick")
+        assert backend.get_ops() == "fast"  # a refused setting changes nothing
 
 
 @pytest.mark.parametrize("value, ops", [("reference", "reference"), ("fast", "fast")])

@@ -116,6 +116,13 @@ def test_notebook_is_stored_clean_and_shaped_as_a_lesson(name):
     assert notebook_problems(nb) == []
 
 
+@pytest.mark.parametrize("name", EXPECTED[:3])
+def test_the_notebooks_that_teach_the_ops_run_on_them(name):
+    """Notebooks 1-3 read functional.py's ops: their setup cell turns the fast path off."""
+    setup = next(c for c in read(name).cells if c.cell_type == "code")
+    assert 'ml.set_ops("reference")' in setup.source
+
+
 def _no_outputs(nb):
     return nb
 

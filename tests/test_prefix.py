@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +35,9 @@ from minilora.autograd import Tensor, no_grad
 from minilora.gradcheck import gradcheck
 from minilora.interop import model_files, safetensors_files
 from minilora.relatives.prefix import (
+    PrefixAttention,
     PrefixConfig,
+    PrefixGPT,
     apply_prefix_tuning,
     collapse_prefix,
     load_prefix,
@@ -111,6 +114,18 @@ def test_cat_refuses_shapes_that_do_not_join(shapes_, axis, match):
         F.cat([Tensor(np.zeros(s)) for s in shapes_], axis=axis)
 
 
+def test_the_book_knows_nothing_of_the_prefix():
+    """The prefix brings its own modules (PrefixGPT, PrefixAttention) into a model; the
+    book's model.py has no branch for it, and a plain GPT has no prefix attribute."""
+    source = (Path(ml.__file__).parent / "model.py").read_text(encoding="utf-8")
+    assert "prefix" not in source.lower()
+    model, _ = prefixed(("layer", False))
+    assert isinstance(model, PrefixGPT) and "prefix" not in vars(make_gpt(TINY_2x2))
+    assert all(isinstance(block.attn, PrefixAttention) for block in model.blocks)
+    names = {n for n, _ in model.named_parameters()} - {"prefix.embedding"}
+    assert names == {n for n, _ in make_gpt(TINY_2x2).named_parameters()}  # same paths
+
+
 # --------------------------------------------------------------------------------------
 # What a prefix computes
 # --------------------------------------------------------------------------------------
@@ -169,11 +184,7 @@ def test_a_zero_prefix_is_not_the_base_model():
     attn = model.blocks[0].attn
     x = Tensor(np.random.default_rng(4).standard_normal((1, 3, TINY_2x2.n_embd)))
     with_zero_prefix = attn(x).data
-    hook, attn.prefix = attn.prefix, None
-    try:
-        without = attn(x).data
-    finally:
-        attn.prefix = hook
+    without = base_twin(model).blocks[0].attn(x).data  # the same weights, no prefix
     assert np.abs(with_zero_prefix - without).max() > 1e-3
 
 
@@ -301,7 +312,7 @@ def test_a_prefix_must_leave_a_position_for_tokens():
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"num_virtual_tokens=6 leaves no position.*at most 5"):
         apply_prefix_tuning(model, PrefixConfig("layer", 6))
-    assert snapshot(model) == before and model.prefix is None
+    assert snapshot(model) == before and type(model) is ml.GPT
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
@@ -416,7 +427,7 @@ def test_refused_loads_leave_the_model_untouched(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model") as info:
         load_prefix(wide, path)
     assert "embedding has shape (2, 32), expected (2, 16)" in str(info.value)  # L·2·C
-    assert snapshot(wide) == before and wide.prefix is None
+    assert snapshot(wide) == before and type(wide) is ml.GPT
     # a truncated file
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[:-5])
@@ -427,7 +438,7 @@ def test_refused_loads_leave_the_model_untouched(tmp_path):
     model_files.save_model(make_gpt(TINY_2x2), plain)
     with pytest.raises(ValueError, match="is not a prefix file .*'minilora.model'"):
         load_prefix(wide, plain)
-    assert snapshot(wide) == before and wide.prefix is None
+    assert snapshot(wide) == before and type(wide) is ml.GPT
 
 
 def test_save_refuses_a_model_without_a_prefix(tmp_path):
@@ -481,7 +492,7 @@ def test_a_bad_prefix_header_is_refused(metadata, match, tmp_path):
     before = snapshot(fresh)
     with pytest.raises(ValueError, match=match):
         load_prefix(fresh, path)
-    assert snapshot(fresh) == before and fresh.prefix is None
+    assert snapshot(fresh) == before and type(fresh) is ml.GPT
     safetensors_files.atomic_write([(path, safetensors_files.serialize(tensors, good))])
     load_prefix(fresh, path)  # the same file with the good header loads
-    assert fresh.prefix is not None
+    assert isinstance(fresh, PrefixGPT)

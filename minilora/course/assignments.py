@@ -115,7 +115,10 @@ ASSIGNMENTS: dict[str, Assignment] = {
                 (
                     "log-softmax and cross-entropy backward",
                     3,
-                    ["functional:LogSoftmax.backward", "functional:SoftmaxCrossEntropy.backward"],
+                    [
+                        "functional:LogSoftmax.backward",
+                        "functional:SoftmaxCrossEntropyFunction.backward",
+                    ],
                     "dlogits = (softmax - onehot) · g / n, zero on rows whose target is ignored",
                 ),
                 (
@@ -130,7 +133,7 @@ ASSIGNMENTS: dict[str, Assignment] = {
                 (
                     "GELU backward",
                     2,
-                    ["functional:GELU.backward"],
+                    ["functional:GELUFunction.backward"],
                     "product rule on ½x(1 + tanh u), with du/dx = c(1 + 3·0.044715 x²)",
                 ),
                 (
@@ -156,13 +159,13 @@ ASSIGNMENTS: dict[str, Assignment] = {
                 (
                     "causal self-attention forward",
                     3,
-                    ["functional:CausalSelfAttention.forward"],
+                    ["functional:CausalSelfAttentionFunction.forward"],
                     "S = q kᵀ/√hs with every later key masked (np.triu(..., k=1)), softmax, @ v",
                 ),
                 (
                     "causal self-attention backward",
                     4,
-                    ["functional:CausalSelfAttention.backward"],
+                    ["functional:CausalSelfAttentionFunction.backward"],
                     "dv = Pᵀg, dP = g vᵀ, dS = P·(dP - Σ dP·P), dq = dS k/√hs, dk = dSᵀ q/√hs",
                 ),
                 (

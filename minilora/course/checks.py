@@ -369,7 +369,7 @@ def _tiny_gpt(ctx: Context, dtype=f64):
         n_head=2,
         n_embd=2 * ctx.int(2, 3),
     )
-    F.manual_seed(ctx.seed)
+    backend.manual_seed(ctx.seed)
     gpt = model.GPT(config, dtype=dtype)
     for p in gpt.parameters():  # O(1) weights: every layer visibly changes the logits
         p.data[...] += 0.3 * ctx.gen.normal(p.shape, dtype=dtype)

@@ -168,7 +168,7 @@ def run_task(task, checks, seed: int, folder: Path, limit: float | None = None) 
     failures = []
     for i, check in enumerate(checks):
         try:
-            with F.use_ops("reference"), time_limit(limit):
+            with backend.use_ops("reference"), time_limit(limit):
                 check(Context(seed + 1000 * i, folder))
         except CheckTimeout as e:
             failures.append(f"{check.__name__} {e}")

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minilora import backend
+from minilora.backend import manual_seed
 from minilora.compression import compress
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, PRETRAIN_TASKS, DigitTasks
 from minilora.experiments.demo import load_base, median_latency, write_results
-from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
 from minilora.relatives.adapters import AdapterConfig, apply_adapters

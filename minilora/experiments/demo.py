@@ -23,8 +23,8 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.autograd import no_grad
+from minilora.backend import manual_seed
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
-from minilora.functional import manual_seed
 from minilora.interop import model_files, peft_adapters, safetensors_files
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, merge_lora
 from minilora.model import GPT, GPTConfig

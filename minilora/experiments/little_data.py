@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from minilora import backend
+from minilora.backend import manual_seed
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
 from minilora.experiments.compare import accuracy, copy_with, lora_config
 from minilora.experiments.demo import load_base
-from minilora.functional import manual_seed
 from minilora.lora import apply_lora, count_parameters, disable_adapters
 from minilora.train import fine_tune
 

@@ -22,8 +22,8 @@ CUDA kernel gets for free and NumPy does not:
   and, beyond one block of rows, keeps a log-sum-exp per row instead of the T×T
   probabilities (recomputed in the backward).
 
-Importing minilora registers these classes in ``functional.FAST_OPS``; they run unless
-``MINILORA_OPS=reference`` or ``functional.set_ops("reference")``. Measurements of what
+Importing minilora registers these classes in ``backend.FAST_OPS``; they run unless
+``MINILORA_OPS=reference`` or ``minilora.set_ops("reference")``. Measurements of what
 each trick buys: docs/performance.md. The process settings for speed that the ``minilora``
 command and the benchmarks apply (BLAS threads, the allocator) are in process.py beside it.
 """
@@ -67,8 +67,8 @@ def _softmax_(x, axis: int):
     return x
 
 
-class GELU(F.GELU):
-    """``functional.GELU``, blocked and in place; saves dy/dx instead of x."""
+class GELUFunction(F.GELUFunction):
+    """``functional.GELUFunction``, blocked and in place; saves dy/dx instead of x."""
 
     def forward(self, x):
         F._require_float("gelu", "input", x)
@@ -154,8 +154,8 @@ class LayerNormFunction(F.LayerNormFunction):
         return dx, dw, db
 
 
-class SoftmaxCrossEntropy(F.SoftmaxCrossEntropy):
-    """``functional.SoftmaxCrossEntropy`` keeping softmax(logits) built in place."""
+class SoftmaxCrossEntropyFunction(F.SoftmaxCrossEntropyFunction):
+    """``functional.SoftmaxCrossEntropyFunction`` keeping softmax(logits) built in place."""
 
     def forward(self, logits, targets):
         F._check_cross_entropy_inputs(logits, targets)
@@ -195,7 +195,7 @@ def _causal_mask(T: int, dtype, xp):
     return _causal_masks[key]
 
 
-#: Query rows causal attention processes at a time (see CausalSelfAttention below)
+#: Query rows causal attention processes at a time (see CausalSelfAttentionFunction below)
 QUERY_ROWS = 64
 
 
@@ -211,8 +211,8 @@ def keeps_probabilities(T: int) -> bool:
     return T <= QUERY_ROWS
 
 
-class CausalSelfAttention(F.CausalSelfAttention):
-    """``functional.CausalSelfAttention`` by blocks of query rows, never forming the future.
+class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
+    """``functional.CausalSelfAttentionFunction`` by blocks of query rows, never forming the future.
 
     Query rows i0 .. i1-1 are multiplied only with keys 0 .. i1-1 (their past and the block
     itself): the blocks of the T×T square above the diagonal, which the mask would set to
@@ -314,8 +314,8 @@ class EmbeddingFunction(F.EmbeddingFunction):
         return None, dw
 
 
-class CachedAttention(F.CachedAttention):
-    """``functional.CachedAttention`` with the mask's rows taken from the cached causal mask
+class CachedAttentionFunction(F.CachedAttentionFunction):
+    """``functional.CachedAttentionFunction`` with the mask's rows taken from the cached causal mask
     (none at all for a single new query, which sees every key) and the softmax in place."""
 
     def forward(self, q, k, v):
@@ -332,13 +332,13 @@ class CachedAttention(F.CachedAttention):
         return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
 
 
-F.FAST_OPS.update(
+backend.FAST_OPS.update(
     {
-        F.GELU: GELU,
+        F.GELUFunction: GELUFunction,
         F.LayerNormFunction: LayerNormFunction,
-        F.SoftmaxCrossEntropy: SoftmaxCrossEntropy,
-        F.CausalSelfAttention: CausalSelfAttention,
-        F.CachedAttention: CachedAttention,
+        F.SoftmaxCrossEntropyFunction: SoftmaxCrossEntropyFunction,
+        F.CausalSelfAttentionFunction: CausalSelfAttentionFunction,
+        F.CachedAttentionFunction: CachedAttentionFunction,
         F.EmbeddingFunction: EmbeddingFunction,
     }
 )

@@ -94,7 +94,7 @@ def _refuse_extra_layers(model: GPT) -> None:
     layers, a prefix, quantized or factored layers): load_model would refuse the file."""
     extra = {}  # class name -> paths
     for path, module in model.named_modules():
-        if type(module) not in _PLAIN_LAYERS:
+        if path and type(module) not in _PLAIN_LAYERS:  # the root: a GPT (or a relative's)
             extra.setdefault(type(module).__name__, []).append(path)
     if not extra:
         return

@@ -268,12 +268,13 @@ GPT_LORA = {
 
 def _gpt_model(dtype) -> GPT:
     """The case's GPT with LoRA; its initial values are overwritten by the drawn ones."""
-    saved = F.default_generator()  # building a GPT draws from the global generator:
-    F.manual_seed(0)  # use a throwaway one and put the caller's back afterwards
+    # building a GPT draws from the global generator: use a throwaway one and put the
+    # caller's back afterwards
+    saved = backend.set_default_generator(backend.Generator(0))
     try:
         model = GPT(GPTConfig(**GPT_CONFIG), dtype=dtype)
     finally:
-        F._default_generator = saved
+        backend.set_default_generator(saved)
     apply_lora(model, LoRAConfig(**GPT_LORA), generator=backend.Generator(0))
     return model
 
@@ -433,7 +434,7 @@ def compute_case(case: Case, seed: int = 0, dtype: str = "float64") -> dict:
     dtype_ = backend.resolve_dtype(dtype)
     gen = _case_generator(seed, case.name)
     arrays = case.make(gen, dtype_)
-    with F.use_ops("reference"):
+    with backend.use_ops("reference"):
         leaves, outputs = case.run(arrays)
         out = outputs[case.backward_from]
         grad_output = gen.normal(out.shape, dtype=dtype_)

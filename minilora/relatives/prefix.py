@@ -17,6 +17,13 @@ so the tokens sit at positions P .. P+T-1 and a model with ``block_size`` learne
 positions accepts ``block_size - P`` tokens: ``GPT.context_length``. The virtual vectors
 take no position embedding of their own (a learned vector would absorb it).
 
+The prefix brings its own modules; the book's GPT has no branch for it.
+:func:`apply_prefix_tuning` turns the GPT into a :class:`PrefixGPT` in place (the same
+object, modules and parameters, with ``model.prefix`` added), whose hooks put the tokens at
+positions P.., the virtual tokens before them (``embed``) and the prefix first in a KV
+cache (``kv_cache``); with prefix-layer, each block's attention becomes a
+:class:`PrefixAttention`, whose queries also see the prefix's keys and values.
+
 ``prefix_projection=True`` is Li & Liang's reparameterisation, which they found trains
 more stably: the prefix is the output of an MLP, ``(P, C) -> Linear(C, h) -> tanh ->
 Linear(h, width)``, from a smaller learned (P, C) matrix; once trained,
@@ -45,7 +52,7 @@ from minilora.interop.safetensors_files import (
     read_safetensors,
     serialize,
 )
-from minilora.model import GPT, KVCache, check_positive_int
+from minilora.model import GPT, CausalSelfAttention, KVCache, check_positive_int
 from minilora.nn import Linear, Module, ModuleList, Parameter
 
 PREFIX_TYPES = ("layer", "embedding")
@@ -101,7 +108,7 @@ class PrefixEncoder(Module):
     def __init__(self, config: PrefixConfig, model: GPT, generator=None):
         cfg = model.config
         C, dtype, device = cfg.n_embd, model.tok_emb.weight.dtype, model.device
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         self.config = config
         self.num_virtual_tokens = P = config.num_virtual_tokens
         self.n_head, self.n_embd = cfg.n_head, C
@@ -142,35 +149,13 @@ class PrefixEncoder(Module):
         every_row = backend.get_array_module(prefix.data).zeros(B, dtype=backend.int64)
         return prefix.reshape(1, self.num_virtual_tokens, self.n_embd)[every_row]
 
-    def prepend(self, x: Tensor) -> Tensor:
-        """(B, T, C) embedded tokens -> (B, P + T, C) with the virtual tokens first
-        (prefix-embedding); prefix-layer leaves the input alone."""
-        if self.config.prefix_type == "layer":
-            return x
-        return F.cat([self.virtual_tokens(x.shape[0]), x], axis=1)
-
-    def fill(self, model: GPT, cache: KVCache) -> None:
-        """Put the prefix's keys and values first in an empty ``cache`` (for generation):
-        prefix-layer's own, or prefix-embedding's virtual tokens run through the model."""
-        B = cache.keys[0].shape[0]
-        with no_grad():
-            if self.config.prefix_type == "layer":
-                for i in range(len(model.blocks)):
-                    k, v = self.layer_kv(i, B)
-                    cache.append(i, k.data, v.data)
-            else:
-                x = self.virtual_tokens(B)  # (B, P, C) at positions 0 .. P-1
-                for i, block in enumerate(model.blocks):
-                    x = block(x, cache, i)
-        cache.length += self.num_virtual_tokens
-
     def extra_repr(self) -> str:
         c = self.config
         return f"{c.prefix_type}, num_virtual_tokens={c.num_virtual_tokens}"
 
 
 class _LayerPrefix:
-    """What a CausalSelfAttention calls for its prefix: ``(B) -> (k, v)``, each
+    """What a PrefixAttention calls for its prefix: ``(B) -> (k, v)``, each
     (B, nh, P, hs). Not a Module, so the parameters are found once, under ``prefix``."""
 
     def __init__(self, encoder: PrefixEncoder, layer: int):
@@ -178,6 +163,80 @@ class _LayerPrefix:
 
     def __call__(self, B: int) -> tuple[Tensor, Tensor]:
         return self.encoder.layer_kv(self.layer, B)
+
+
+class PrefixAttention(CausalSelfAttention):
+    """A block's attention whose queries also see the prefix's P keys and values, put
+    before the tokens' own (prefix-layer). Same projections, same parameter names."""
+
+    @classmethod
+    def from_attention(cls, attn: CausalSelfAttention, prefix: _LayerPrefix) -> PrefixAttention:
+        """Take over ``attn`` (the same projections, no copy) and add its layer's prefix."""
+        layer = cls.__new__(cls)
+        vars(layer).update(vars(attn))
+        layer.prefix = prefix
+        return layer
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """q, k, v (B, nh, T, hs) -> (B, nh, T, hs): query i sees the P prefix keys and the
+        tokens' keys 0..i. With a ``cache``, the prefix is already in it
+        (:meth:`PrefixGPT.kv_cache`), so the plain attention over the cache is the same."""
+        if cache is not None:
+            return super().attend(q, k, v, cache, layer)
+        k_prefix, v_prefix = self.prefix(q.shape[0])  # (B, nh, P, hs) each
+        k, v = F.cat([k_prefix, k], axis=2), F.cat([v_prefix, v], axis=2)  # (B, nh, P+T, hs)
+        return F.cached_attention(q, k, v)  # T queries, the last T of P + T positions
+
+
+class PrefixGPT(GPT):
+    """A GPT steered by a prefix, held as ``prefix`` (a :class:`PrefixEncoder`): what
+    :func:`apply_prefix_tuning` and :func:`load_prefix` turn a GPT into, in place. The
+    tokens sit at positions P .. P+T-1, so ``block_size - P`` of them fit."""
+
+    prefix: PrefixEncoder
+
+    @property
+    def context_length(self) -> int:
+        return self.config.block_size - self.prefix.num_virtual_tokens
+
+    def describe_context(self) -> str:
+        P, kept = self.prefix.num_virtual_tokens, self.context_length
+        return f"{super().describe_context()}, less the {P} its prefix takes: at most {kept}"
+
+    def embed(self, idx) -> Tensor:
+        """The tokens (B, T) at positions P .. P+T-1: (B, T, C); with prefix-embedding,
+        the P virtual tokens first, (B, P + T, C)."""
+        x = self.embed_tokens(idx, start=self.prefix.num_virtual_tokens)  # (B, T, C)
+        if self.prefix.config.prefix_type == "layer":  # the prefix is in the attentions
+            return x
+        return F.cat([self.prefix.virtual_tokens(x.shape[0]), x], axis=1)  # (B, P + T, C)
+
+    def kv_cache(self, batch_size: int) -> KVCache:
+        """A :class:`KVCache` holding the prefix's keys and values already: prefix-layer's
+        own, or prefix-embedding's virtual tokens run through the model."""
+        cache = super().kv_cache(batch_size)
+        with no_grad():
+            if self.prefix.config.prefix_type == "layer":
+                for i in range(len(self.blocks)):
+                    k, v = self.prefix.layer_kv(i, batch_size)  # (B, nh, P, hs) each
+                    cache.append(i, k.data, v.data)
+            else:
+                x = self.prefix.virtual_tokens(batch_size)  # (B, P, C) at positions 0 .. P-1
+                for i, block in enumerate(self.blocks):
+                    x = block(x, cache, i)
+        cache.length += self.prefix.num_virtual_tokens
+        return cache
+
+    def forward_cached(self, idx, cache: KVCache):
+        """As :meth:`GPT.forward_cached`, refusing a cache without the prefix first (an
+        empty ``KVCache(...)`` would run the model without its prefix)."""
+        P = self.prefix.num_virtual_tokens
+        if cache.length < P:
+            raise ValueError(
+                f"the cache holds {cache.length} positions but the model's prefix takes {P}: "
+                "make the cache with model.kv_cache(batch_size), which puts the prefix first"
+            )
+        return super().forward_cached(idx, cache)
 
 
 def _check_model(model, caller: str) -> None:
@@ -196,12 +255,16 @@ def _check_fits(config: PrefixConfig, model: GPT, caller: str) -> None:
 
 
 def _attach(model: GPT, encoder: PrefixEncoder) -> list[Parameter]:
-    """Freeze the base, hang ``encoder`` on the model (and its layers on the attentions)."""
+    """Freeze the base, make the model a PrefixGPT holding ``encoder`` (and, prefix-layer,
+    its attentions PrefixAttentions)."""
     model.requires_grad_(False)
+    # in place, as the API promises: the caller's GPT object gains PrefixGPT's methods and
+    # keeps every module and parameter (LoRA swaps its layers; the model itself cannot be)
+    model.__class__ = PrefixGPT
     model.prefix = encoder
     if encoder.config.prefix_type == "layer":
         for i, block in enumerate(model.blocks):
-            block.attn.prefix = _LayerPrefix(encoder, i)
+            block.attn = PrefixAttention.from_attention(block.attn, _LayerPrefix(encoder, i))
     return encoder.requires_grad_(True).parameters()
 
 
@@ -212,7 +275,7 @@ def apply_prefix_tuning(model: GPT, config: PrefixConfig, generator=None) -> lis
     _check_model(model, "apply_prefix_tuning")
     if not isinstance(config, PrefixConfig):
         raise TypeError(f"config must be a PrefixConfig, got {type(config).__name__}")
-    if model.prefix is not None:
+    if isinstance(model, PrefixGPT):
         raise ValueError("apply_prefix_tuning: the model already has a prefix")
     _check_fits(config, model, "apply_prefix_tuning")
     return _attach(model, PrefixEncoder(config, model, generator))
@@ -224,7 +287,7 @@ def collapse_prefix(model: GPT) -> None:
     False. For inference and smaller files (PEFT's ``PrefixEncoder`` in inference mode
     likewise has no MLP); the collapsed prefix trains as a plain one."""
     _check_model(model, "collapse_prefix")
-    encoder = model.prefix
+    encoder = model.prefix if isinstance(model, PrefixGPT) else None
     if encoder is None or encoder.transform is None:
         raise ValueError("collapse_prefix: the model has no prefix with prefix_projection=True")
     with no_grad():
@@ -238,7 +301,7 @@ def save_prefix(model: GPT, path) -> None:
     """Write the prefix's parameters (``prefix.embedding``, ...) and its config to one
     ``.safetensors`` file, atomically."""
     _check_model(model, "save_prefix")
-    if model.prefix is None:
+    if not isinstance(model, PrefixGPT):
         raise ValueError("save_prefix: the model has no prefix (apply_prefix_tuning first)")
     path = check_destination(Path(path), "save_prefix")
     tensors = {
@@ -264,7 +327,8 @@ def load_prefix(model: GPT, path) -> PrefixConfig:
     tensors, metadata = read_safetensors(path, "load_prefix")
     config = _read_config(path, metadata)
     _check_fits(config, model, f"load_prefix: {path}")
-    if model.prefix is not None and model.prefix.config != config:
+    has_prefix = isinstance(model, PrefixGPT)
+    if has_prefix and model.prefix.config != config:
         raise ValueError(
             f"load_prefix: {path} holds a prefix with {config}, but the model has one with "
             f"{model.prefix.config}"
@@ -272,13 +336,13 @@ def load_prefix(model: GPT, path) -> PrefixConfig:
     outside = sorted(name for name in tensors if not name.startswith("prefix."))
     if outside:
         raise ValueError(f"load_prefix: {path} holds tensors outside the prefix: {outside}")
-    encoder = model.prefix or PrefixEncoder(config, model, backend.Generator(0))
+    encoder = model.prefix if has_prefix else PrefixEncoder(config, model, backend.Generator(0))
     state = {name.removeprefix("prefix."): array for name, array in tensors.items()}
     try:
         encoder.load_state_dict(state)  # checks every key and shape before copying any
     except ValueError as e:
         raise ValueError(f"load_prefix: {path} does not fit this model: {e}") from None
-    if model.prefix is None:
+    if not has_prefix:
         _attach(model, encoder)
     return config
 

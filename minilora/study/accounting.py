@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
-from minilora import fast
-from minilora import functional as F
+from minilora import backend, fast
 from minilora.functional import check_probability
 from minilora.lora import LoRAConfig, check_bias_mode, check_rank
 from minilora.model import GPTConfig, check_positive_int, check_sizes
@@ -425,14 +424,14 @@ def trace_step(
     (training mode); they change no matrix product.
 
     ``ops``: the path traced, ``"fast"`` or ``"reference"`` (default: the one the engine
-    runs on now, ``functional.get_ops()``). They differ in attention only: the reference
+    runs on now, ``minilora.get_ops()``). They differ in attention only: the reference
     multiplies over the whole T×T square and saves P; the fast path multiplies each block
     of query rows with its key prefix only, saves a log-sum-exp per row instead of P, and
     recomputes each block's scores in the backward, except at T <= 64 (one block), where it
     saves P and recomputes nothing (``fast.ops.keeps_probabilities``).
     """
     s, spec = _shape(shape), _spec(lora)
-    ops = F.get_ops() if ops is None else F.check_ops(ops, "trace_step: ops")
+    ops = backend.get_ops() if ops is None else backend.check_ops(ops, "trace_step: ops")
     T = s.block_size if seq_len is None else seq_len
     check_positive_int("trace_step", "batch_size", batch_size)
     check_positive_int("trace_step", "seq_len", T)
@@ -645,7 +644,7 @@ def activation_bytes(
     Full fine-tuning, dropout off, per block: (16·C + 2)·N + nh·B·T² elements on the
     reference ops, (16·C + 2)·N + nh·B·T on the fast path (see docs/accounting.md), plus
     ln_f and the softmax: 2·N·C + N + N·V. The path is the engine's current one
-    (``functional.get_ops()``), as for every function here built on ``trace_step``. Not
+    (``minilora.get_ops()``), as for every function here built on ``trace_step``. Not
     included: the integer token ids and targets, the logits the model returns, and the
     transient gradient arrays of the backward pass itself.
     """

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.autograd import no_grad
+from minilora.backend import manual_seed
 from minilora.data import IGNORE_INDEX
-from minilora.functional import manual_seed
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.text.bpe import END_OF_TEXT
 from minilora.train import fine_tune

@@ -98,7 +98,7 @@ class LoRAEmbedding(Embedding, LoRALayer):
         use_rslora, checked by the caller. PEFT's init: A zero, B ~ N(0, 1)."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(embedding))
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         V, C = layer.weight.shape
         dtype, device = layer.weight.dtype, layer.weight.device
         r = config.r

@@ -210,7 +210,7 @@ class VeraLinear(Linear):
         layer.vera_lambda_d = Parameter(lambda_d.astype(dtype))  # (r,)
         layer.vera_lambda_b = Parameter(backend.zeros((out_f,), dtype, device))  # (out,)
         layer.vera_dropout = config.vera_dropout
-        gen = generator or F.default_generator()
+        gen = generator or backend.default_generator()
         layer.vera_generator = backend.Generator(int(gen.integers(0, 2**31 - 1, ()).item()))
         layer.merged = False
         layer.disable_adapters = False
