@@ -39,7 +39,7 @@ mm = backend.matmul
 # ======================================================================================
 
 
-def _as_tensor(x, like: Tensor | None = None) -> Tensor:
+def as_tensor(x, like: Tensor | None = None) -> Tensor:
     """Wrap a Python number or array; numbers take the dtype/device of ``like``."""
     if isinstance(x, Tensor):
         return x
@@ -76,7 +76,7 @@ def _broadcast_shape(op: str, a, b) -> None:
         ) from None
 
 
-def _require_float(op: str, name: str, a) -> None:
+def require_float(op: str, name: str, a) -> None:
     if not backend.is_floating(a):
         raise TypeError(f"{op}: {name} must be a floating-point array, got dtype {a.dtype}")
 
@@ -207,22 +207,22 @@ class Tanh(Function):
 
 
 def add(a, b) -> Tensor:
-    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    a, b = as_tensor(a, b if isinstance(b, Tensor) else None), as_tensor(b, a)
     return Add()(a, b)
 
 
 def sub(a, b) -> Tensor:
-    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    a, b = as_tensor(a, b if isinstance(b, Tensor) else None), as_tensor(b, a)
     return Sub()(a, b)
 
 
 def mul(a, b) -> Tensor:
-    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    a, b = as_tensor(a, b if isinstance(b, Tensor) else None), as_tensor(b, a)
     return Mul()(a, b)
 
 
 def div(a, b) -> Tensor:
-    a, b = _as_tensor(a, b if isinstance(b, Tensor) else None), _as_tensor(b, a)
+    a, b = as_tensor(a, b if isinstance(b, Tensor) else None), as_tensor(b, a)
     return Div()(a, b)
 
 
@@ -405,7 +405,7 @@ def getitem(a: Tensor, index) -> Tensor:
 # ======================================================================================
 
 
-def _swap(a):
+def swap_last_two(a):
     """Transpose the last two axes: the matrix transpose of a batch of matrices."""
     return a.swapaxes(-1, -2)
 
@@ -432,13 +432,13 @@ class MatMul(Function):
 
     def backward(self, g):
         na, nb = self.needs_input_grad
-        da = unbroadcast(mm(g, _swap(self.b), "matmul.da"), self.a.shape) if na else None
-        db = unbroadcast(mm(_swap(self.a), g, "matmul.db"), self.b.shape) if nb else None
+        da = unbroadcast(mm(g, swap_last_two(self.b), "matmul.da"), self.a.shape) if na else None
+        db = unbroadcast(mm(swap_last_two(self.a), g, "matmul.db"), self.b.shape) if nb else None
         return da, db
 
 
 def matmul(a, b) -> Tensor:
-    return MatMul()(_as_tensor(a), _as_tensor(b))
+    return MatMul()(as_tensor(a), as_tensor(b))
 
 
 class LinearFunction(Function):
@@ -471,7 +471,7 @@ class LinearFunction(Function):
 
 
 def _check_linear_shapes(op: str, x, weight, bias) -> None:
-    _require_float(op, "input", x)
+    require_float(op, "input", x)
     if weight.ndim != 2:
         raise ValueError(f"{op}: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     if x.shape[-1] != weight.shape[1]:
@@ -580,7 +580,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, x_lora=None) ->
 # Activations, normalisation, softmax
 # ======================================================================================
 
-_GELU_C = math.sqrt(2.0 / math.pi)
+GELU_C = math.sqrt(2.0 / math.pi)
 
 
 class GELUFunction(Function):
@@ -590,17 +590,17 @@ class GELUFunction(Function):
     """
 
     def forward(self, x):
-        _require_float("gelu", "input", x)
+        require_float("gelu", "input", x)
         xp = backend.get_array_module(x)
         self.x = x
-        u = _GELU_C * (x + 0.044715 * x * x * x)  # x*x*x: NumPy's x**3 is many times slower
+        u = GELU_C * (x + 0.044715 * x * x * x)  # x*x*x: NumPy's x**3 is many times slower
         return 0.5 * x * (1.0 + xp.tanh(u))
 
     def backward(self, g):
         xp = backend.get_array_module(g)
         x = self.x
-        t = xp.tanh(_GELU_C * (x + 0.044715 * x * x * x))  # recomputed: the forward kept x
-        du_dx = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+        t = xp.tanh(GELU_C * (x + 0.044715 * x * x * x))  # recomputed: the forward kept x
+        du_dx = GELU_C * (1.0 + 3 * 0.044715 * x * x)
         return (g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx),)
 
 
@@ -620,7 +620,7 @@ class LayerNormFunction(Function):
         self.eps = eps
 
     def forward(self, x, weight, bias):
-        _check_layer_norm_inputs(x, weight, bias)
+        check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
         mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
         var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)  # (..., 1), biased as in PyTorch
@@ -645,8 +645,8 @@ class LayerNormFunction(Function):
         return dx, dw, db
 
 
-def _check_layer_norm_inputs(x, weight, bias) -> None:
-    _require_float("layer_norm", "input", x)
+def check_layer_norm_inputs(x, weight, bias) -> None:
+    require_float("layer_norm", "input", x)
     C = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (C,):
@@ -675,7 +675,7 @@ class Softmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        _require_float("softmax", "input", x)
+        require_float("softmax", "input", x)
         self.y = _softmax(x, self.axis)
         return self.y
 
@@ -691,7 +691,7 @@ class LogSoftmax(Function):
         self.axis = axis
 
     def forward(self, x):
-        _require_float("log_softmax", "input", x)
+        require_float("log_softmax", "input", x)
         xp = backend.get_array_module(x)
         shifted = x - x.max(axis=self.axis, keepdims=True)  # no overflow in exp
         self.y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
@@ -723,13 +723,13 @@ class SoftmaxCrossEntropyFunction(Function):
         self.ignore_index = ignore_index
 
     def forward(self, logits, targets):
-        _check_cross_entropy_inputs(logits, targets)
+        check_cross_entropy_inputs(logits, targets)
         xp = backend.get_array_module(logits)
         V = logits.shape[-1]
         z = logits.reshape(-1, V)  # (N, V)
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index  # (N,)
-        self.n = _count_targets(valid, self.ignore_index)
+        self.n = count_targets(valid, self.ignore_index)
         shifted = z - z.max(axis=1, keepdims=True)  # (N, V), no overflow in exp
         logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # log softmax
         rows, safe_t = xp.arange(t.shape[0]), xp.where(valid, t, 0)  # ignored rows: any id
@@ -745,7 +745,7 @@ class SoftmaxCrossEntropyFunction(Function):
         return dz.reshape(self.shape), None
 
 
-def _count_targets(valid, ignore_index: int) -> int:
+def count_targets(valid, ignore_index: int) -> int:
     """How many targets count (``valid``: not ``ignore_index``); none is an error."""
     n = int(valid.sum())
     if n == 0:
@@ -756,8 +756,8 @@ def _count_targets(valid, ignore_index: int) -> int:
     return n
 
 
-def _check_cross_entropy_inputs(logits, targets) -> None:
-    _require_float("softmax_cross_entropy", "logits", logits)
+def check_cross_entropy_inputs(logits, targets) -> None:
+    require_float("softmax_cross_entropy", "logits", logits)
     if not backend.is_integer(targets):
         raise TypeError(
             f"softmax_cross_entropy: targets must be integer class ids, got dtype {targets.dtype}"
@@ -771,7 +771,7 @@ def _check_cross_entropy_inputs(logits, targets) -> None:
 
 def softmax_cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
     op = backend.implementation(SoftmaxCrossEntropyFunction)
-    return op(ignore_index)(logits, _as_tensor(targets))
+    return op(ignore_index)(logits, as_tensor(targets))
 
 
 # ======================================================================================
@@ -801,7 +801,7 @@ class EmbeddingFunction(Function):
 
 
 def embedding(ids, weight: Tensor) -> Tensor:
-    return EmbeddingFunction()(_as_tensor(ids), weight)
+    return EmbeddingFunction()(as_tensor(ids), weight)
 
 
 class DropoutFunction(Function):
@@ -854,11 +854,11 @@ class CausalSelfAttentionFunction(Function):
     """
 
     def forward(self, q, k, v):
-        _check_attention_inputs(q, k, v)
+        check_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
-        S = mm(q, _swap(k), "attention.scores") * self.scale  # (B, nh, T, T)
+        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)
         future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T): key after query
         self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, T, T)
         self.q, self.k, self.v = q, k, v
@@ -867,17 +867,17 @@ class CausalSelfAttentionFunction(Function):
     def backward(self, g):
         need_q, need_k, need_v = self.needs_input_grad
         P = self.P
-        dv = mm(_swap(P), g, "attention.dv") if need_v else None
+        dv = mm(swap_last_two(P), g, "attention.dv") if need_v else None
         dq = dk = None
         if need_q or need_k:
-            dP = mm(g, _swap(self.v), "attention.dP")  # (B, nh, T, T)
+            dP = mm(g, swap_last_two(self.v), "attention.dP")  # (B, nh, T, T)
             dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))  # softmax's backward
             dq = mm(dS, self.k, "attention.dq") * self.scale if need_q else None
-            dk = mm(_swap(dS), self.q, "attention.dk") * self.scale if need_k else None
+            dk = mm(swap_last_two(dS), self.q, "attention.dk") * self.scale if need_k else None
         return dq, dk, dv
 
 
-def _check_attention_inputs(q, k, v) -> None:
+def check_attention_inputs(q, k, v) -> None:
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"causal_self_attention: q, k, v must all have shape (B, n_head, T, head_size), "
@@ -902,11 +902,11 @@ class CachedAttentionFunction(CausalSelfAttentionFunction):
     """
 
     def forward(self, q, k, v):
-        _check_cached_attention_inputs(q, k, v)
+        check_cached_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         Tq, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
-        S = mm(q, _swap(k), "attention.scores") * self.scale  # (B, nh, Tq, Tk)
+        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, Tq, Tk)
         query_pos = xp.arange(Tk - Tq, Tk)[:, None]  # (Tq, 1): positions of the queries
         future = xp.arange(Tk)[None, :] > query_pos  # (Tq, Tk): key after query
         self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, Tq, Tk)
@@ -914,7 +914,7 @@ class CachedAttentionFunction(CausalSelfAttentionFunction):
         return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
 
 
-def _check_cached_attention_inputs(q, k, v) -> None:
+def check_cached_attention_inputs(q, k, v) -> None:
     if (
         q.ndim != 4
         or k.shape != v.shape

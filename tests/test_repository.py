@@ -369,6 +369,62 @@ def test_the_length_check_counts_from_def_to_the_end_of_the_body():
     }
 
 
+def private_uses(source: str) -> list[str]:
+    """Private helpers (a leading underscore, not a dunder) that ``source`` takes from another
+    minilora module: ``from minilora.x import _helper`` or ``module._helper``."""
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    tree, modules, found = ast.parse(source), set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minilora"):
+            modules |= {a.asname or a.name for a in node.names}
+            found += [f"{node.module}.{a.name}" for a in node.names if private(a.name)]
+        elif isinstance(node, ast.Import):
+            modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+            and private(node.attr)
+        ):
+            found.append(f"{node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_helper_is_used_from_another_file():
+    used = {
+        str(path.relative_to(ROOT)): names
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (names := private_uses(path.read_text(encoding="utf-8")))
+    }
+    assert used == {}, "make a helper public where another file needs it"
+
+
+def test_classes_share_a_name_only_when_one_subclasses_the_other():
+    """A fast op keeps its reference op's name (it subclasses it); no other two classes share
+    one (the op CausalSelfAttentionFunction, the module CausalSelfAttention)."""
+    seen: dict[str, list[tuple[str, list[str]]]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).rpartition(".")[2] for b in node.bases]
+                seen.setdefault(node.name, []).append((str(path.relative_to(PACKAGE)), bases))
+    clashes = {
+        name: [where for where, _ in places]
+        for name, places in seen.items()
+        if len(places) > 1 and sum(name not in bases for _, bases in places) > 1
+    }
+    assert clashes == {}
+
+
+def test_the_private_helper_check_finds_both_spellings():
+    source = (
+        "from minilora import functional as F\nfrom minilora.lora import _plan, apply_lora\n"
+        "x = F._swap(a) + F.linear(a) + self._own + F.__name__\n"
+    )
+    assert private_uses(source) == ["minilora.lora._plan", "F._swap"]
+
+
 # --------------------------------------------------------------------------------------
 # Lint hygiene and running a test file on its own
 # --------------------------------------------------------------------------------------

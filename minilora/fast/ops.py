@@ -71,7 +71,7 @@ class GELUFunction(F.GELUFunction):
     """``functional.GELUFunction``, blocked and in place; saves dy/dx instead of x."""
 
     def forward(self, x):
-        F._require_float("gelu", "input", x)
+        F.require_float("gelu", "input", x)
         xp = backend.get_array_module(x)
         flat = x.reshape(-1)
         y = xp.empty_like(flat)
@@ -92,7 +92,7 @@ def _gelu_block(xp, x, y, d) -> None:
     t *= x  # x³ (x*x*x: pow is slow)
     t *= 0.044715
     t += x
-    t *= F._GELU_C  # u = c (x + 0.044715 x³)
+    t *= F.GELU_C  # u = c (x + 0.044715 x³)
     xp.tanh(t, out=t)  # t = tanh(u)
     y[...] = t
     y += 1.0
@@ -102,7 +102,7 @@ def _gelu_block(xp, x, y, d) -> None:
         du = x * (3 * 0.044715)
         du *= x
         du += 1.0
-        du *= F._GELU_C  # du/dx = c (1 + 3·0.044715 x²)
+        du *= F.GELU_C  # du/dx = c (1 + 3·0.044715 x²)
         h = 0.5 * x
         h *= 1.0 - t * t
         h *= du  # ½ x (1 - t²) du/dx
@@ -125,7 +125,7 @@ class LayerNormFunction(F.LayerNormFunction):
     """``functional.LayerNormFunction`` with x̂ and dx built in place (3 temporaries, not 5)."""
 
     def forward(self, x, weight, bias):
-        F._check_layer_norm_inputs(x, weight, bias)
+        F.check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
         xhat = x - _mean_last(x)  # x - μ, (..., C)
         var = _mean_last(xhat * xhat)
@@ -158,13 +158,13 @@ class SoftmaxCrossEntropyFunction(F.SoftmaxCrossEntropyFunction):
     """``functional.SoftmaxCrossEntropyFunction`` keeping softmax(logits) built in place."""
 
     def forward(self, logits, targets):
-        F._check_cross_entropy_inputs(logits, targets)
+        F.check_cross_entropy_inputs(logits, targets)
         xp = backend.get_array_module(logits)
         V = logits.shape[-1]
         z = logits.reshape(-1, V)  # (N, V)
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index
-        n = F._count_targets(valid, self.ignore_index)
+        n = F.count_targets(valid, self.ignore_index)
         rows = xp.arange(t.shape[0])
         safe_t = xp.where(valid, t, 0)
         shifted = z - _max_keepdims(z, 1)
@@ -231,7 +231,7 @@ class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
     """
 
     def forward(self, q, k, v):
-        F._check_attention_inputs(q, k, v)
+        F.check_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         T, hs = q.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
@@ -256,7 +256,7 @@ class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
     def _scores(self, q, k, i0: int, i1: int):
         """S / √hs of query rows i0 .. i1-1 against keys 0 .. i1-1, the future at -inf."""
         xp = backend.get_array_module(q)
-        s = mm(q[:, :, i0:i1], F._swap(k[:, :, :i1]), "attention.scores")  # (B, nh, n, i1)
+        s = mm(q[:, :, i0:i1], F.swap_last_two(k[:, :, :i1]), "attention.scores")  # (B, nh, n, i1)
         s *= self.scale
         s[..., i0:] += _causal_mask(i1 - i0, s.dtype, xp)  # the diagonal (n, n) square
         return s
@@ -276,16 +276,16 @@ class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
                 p -= self.lse[:, :, i0:i1, None]
                 xp.exp(p, out=p)  # P (B, nh, n, i1), again
             if need_v:
-                dv[:, :, :i1] += mm(F._swap(p), gb, "attention.dv")
+                dv[:, :, :i1] += mm(F.swap_last_two(p), gb, "attention.dv")
             if need_q or need_k:
-                ds = mm(gb, F._swap(v[:, :, :i1]), "attention.dP")  # dP, then in place:
+                ds = mm(gb, F.swap_last_two(v[:, :, :i1]), "attention.dP")  # dP, then in place:
                 ds -= (ds * p).sum(axis=-1, keepdims=True)
                 ds *= p
                 ds *= self.scale  # dS = P · (dP - Σ_row dP·P) / √hs
                 if need_q:
                     dq[:, :, i0:i1] = mm(ds, k[:, :, :i1], "attention.dq")
                 if need_k:
-                    dk[:, :, :i1] += mm(F._swap(ds), q[:, :, i0:i1], "attention.dk")
+                    dk[:, :, :i1] += mm(F.swap_last_two(ds), q[:, :, i0:i1], "attention.dk")
         return dq, dk, dv
 
 
@@ -319,11 +319,11 @@ class CachedAttentionFunction(F.CachedAttentionFunction):
     (none at all for a single new query, which sees every key) and the softmax in place."""
 
     def forward(self, q, k, v):
-        F._check_cached_attention_inputs(q, k, v)
+        F.check_cached_attention_inputs(q, k, v)
         xp = backend.get_array_module(q)
         Tq, Tk, hs = q.shape[2], k.shape[2], q.shape[3]
         self.scale = 1.0 / math.sqrt(hs)
-        scores = mm(q, F._swap(k), "attention.scores")  # (B, nh, Tq, Tk)
+        scores = mm(q, F.swap_last_two(k), "attention.scores")  # (B, nh, Tq, Tk)
         scores *= self.scale
         if Tq > 1:  # the last Tq rows of the (Tk, Tk) mask: query i at position Tk - Tq + i
             scores += _causal_mask(Tk, scores.dtype, xp)[Tk - Tq :]

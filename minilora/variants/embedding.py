@@ -82,7 +82,7 @@ class LoRAEmbeddingFunction(Function):
 
 def lora_embedding(ids, weight, lora_A, lora_B, scaling: float) -> Tensor:
     """``weight[ids] + scaling * lora_A.T[ids] @ lora_B.T``."""
-    return LoRAEmbeddingFunction(scaling)(F._as_tensor(ids), weight, lora_A, lora_B)
+    return LoRAEmbeddingFunction(scaling)(F.as_tensor(ids), weight, lora_A, lora_B)
 
 
 class LoRAEmbedding(Embedding, LoRALayer):
