@@ -299,6 +299,51 @@ def test_the_folder_arrows_form_no_cycle():
         left = {f: d for f, d in left.items() if f not in ready}
 
 
+def architecture_section(title: str) -> str:
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_the_architecture_page_states_the_import_rules_the_code_keeps():
+    """docs/architecture.md's "Who imports whom" table is FOLDER_IMPORTS, and its book table
+    lists the book in BOOK's order: what the page claims is what this file checks."""
+    rows = re.findall(r"^\| `(\w+)/` \| (.*) \|$", architecture_section("Who imports whom"), re.M)
+    every_other = set(FOLDER_IMPORTS)
+    claimed = {
+        folder: (every_other - {folder} if said == "every other folder" else
+                 set(re.findall(r"`(\w+)/`", said)))
+        for folder, said in rows
+    }
+    assert claimed == FOLDER_IMPORTS
+    book_table = architecture_section("The book, in reading order")
+    book = re.findall(r"^\| `(\w+)\.py` \|", book_table, re.M)
+    assert book == BOOK
+    tree = architecture_section("The house")
+    assert all(f"  {folder}/ " in tree for folder in FOLDER_IMPORTS)
+
+
+def test_the_api_reference_is_organised_by_folder_and_misses_no_module():
+    """docs/api.md documents every module but the command line's, each under the heading of
+    its folder (the book first)."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    placed, heading = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            heading = line[3:]
+        elif line.startswith("::: minilora."):
+            placed[line[len("::: minilora.") :]] = heading
+    expected = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] in ("__init__", "__main__") or parts[0] == "cli":
+            continue
+        expected[".".join(parts)] = "The book" if len(parts) == 1 else f"{parts[0]}/"
+    assert placed == expected
+    assert [m for m, h in placed.items() if h == "The book"] == BOOK  # in reading order
+
+
 def test_the_import_rule_catches_a_book_module_that_imports_a_folder(tmp_path):
     package = tmp_path / "minilora"
     (package / "interop").mkdir(parents=True)
