@@ -366,13 +366,6 @@ def adapted_layers(model: Module):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
-def vera_paths(model: Module) -> list[str]:
-    """The paths of the VeRA layers (:mod:`minilora.variants.vera`, which builds on this module),
-    found by their trainable vectors ``vera_lambda_d``/``vera_lambda_b``."""
-    names = [n for n, _ in model.named_parameters() if ".vera_lambda_" in n]
-    return sorted({n.rpartition(".")[0] for n in names})
-
-
 def adaptable_layers(model: Module):
     """(path, layer) for every layer of a kind ``LORA_LAYERS`` can wrap (a plain ``Linear``;
     an ``Embedding`` with the variants): what LoRA can target."""

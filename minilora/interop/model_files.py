@@ -24,9 +24,10 @@ from minilora.interop.safetensors_files import (
     read_tensors,
     serialize,
 )
-from minilora.lora import adapted_layers, vera_paths
+from minilora.lora import adapted_layers
 from minilora.model import GPT, MLP, Block, CausalSelfAttention, GPTConfig
 from minilora.nn import Dropout, Embedding, LayerNorm, Linear, ModuleList
+from minilora.variants.vera import vera_layers
 
 MODEL_FORMAT = "minilora.model"
 MODEL_FORMAT_VERSION = "1"
@@ -43,7 +44,7 @@ def save_model(model: GPT, path) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"save_model: model must be a GPT, got {type(model).__name__}")
     layers = [p for p, _ in adapted_layers(model)]
-    layers += vera_paths(model)
+    layers += [p for p, _ in vera_layers(model)]
     if layers:
         raise ValueError(
             f"save_model: the model has LoRA layers ({', '.join(layers)}); save_model writes "

@@ -62,11 +62,11 @@ from minilora.lora import (
     apply_lora,
     check_rank,
     lora_layers,
-    vera_paths,
 )
 from minilora.nn import Module
 from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
+from minilora.variants.vera import vera_layers
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
 COMBINATION_TYPES = ("cat", "svd")
@@ -86,7 +86,7 @@ class _Shelf:
 def _check_supported(model: Module, caller: str) -> None:
     """Refuse a model with layers the shelf cannot swap: embedding adapters and VeRA."""
     embeddings = [p for p, m in adapted_layers(model) if isinstance(m, LoRAEmbedding)]
-    vera = vera_paths(model)
+    vera = [p for p, _ in vera_layers(model)]
     if embeddings or vera:
         raise ValueError(
             f"{caller}: several named adapters hold LoRA layers on Linear layers only; the "
