@@ -523,12 +523,14 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    header, _ = split((adapter_dir / "adapter_model.safetensors").read_bytes())
-    # "format": "pt" is what PEFT writes; the digest binds the weights to this config
+    header, body = split((adapter_dir / "adapter_model.safetensors").read_bytes())
+    # "format": "pt" is what PEFT writes; the digest binds the weights to this config, and
+    # the checksum is that of the data section (every byte after the header)
     config_digest = hashlib.sha256((adapter_dir / "adapter_config.json").read_bytes()).hexdigest()
     assert header["__metadata__"] == {
         "format": "pt",
         peft_adapters.CONFIG_DIGEST_KEY: config_digest,
+        safetensors_files.DATA_SHA256_KEY: hashlib.sha256(body).hexdigest(),
     }
 
 
@@ -918,7 +920,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, adapter_dir,
     model = safetensors.numpy.load(model_bytes)
     model["ln_f.bias"][3] = bad
     path = tmp_path / "m.safetensors"
-    path.write_bytes(safetensors.numpy.save(model, metadata=split(model_bytes)[0]["__metadata__"]))
+    # written as minilora writes (serialize records the checksum of the new data): the
+    # values are what is wrong, not the bytes, and the message says so
+    path.write_bytes(safetensors_files.serialize(model, split(model_bytes)[0]["__metadata__"]))
     with pytest.raises(ValueError, match="NaN or infinite values in ln_f.bias"):
         load_model(path)
 

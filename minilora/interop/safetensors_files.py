@@ -2,13 +2,17 @@
 
 ``serialize`` gives canonical bytes (the same tensors give the same bytes); the checked
 readers refuse a truncated or corrupt file, a dtype minilora does not use, NaN or infinite
-values, a device or a pipe, naming the file; ``atomic_write`` moves fully written, fsync'ed
-temporary files into place. Why and how: docs/porting.md, "Conventions".
+values, a device or a pipe, naming the file; every file ``serialize`` writes records the
+SHA-256 of its tensor data, which the readers check (:func:`check_data_sha256`);
+``atomic_write`` moves fully written, fsync'ed temporary files into place. Why and how:
+docs/porting.md, "Conventions" and "File formats".
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 import os
 import stat
@@ -39,14 +43,54 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
     ``__metadata__`` is a Rust HashMap whose key order changes from call to call. We
     re-emit the header with sorted keys; data offsets are relative to the end of the
     header, so the data bytes stay valid. The header is padded with spaces to a multiple
-    of 8 bytes, as the library does, so the data stays aligned.
+    of 8 bytes, as the library does, so the data stays aligned. The metadata gains
+    ``DATA_SHA256_KEY``: the SHA-256 of the data section (see :func:`check_data_sha256`).
     """
     raw = safetensors.numpy.save(tensors, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
+    digest = data_sha256(io.BytesIO(raw), 8 + n)
+    header["__metadata__"] = {**header.get("__metadata__", {}), DATA_SHA256_KEY: digest}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+# ======================================================================================
+# Checksum of the tensor data
+# ======================================================================================
+
+# The metadata key of the checksum: the lowercase hex SHA-256 of the file's data section,
+# every byte after the header (the tensors' raw bytes in offset order). safetensors has no
+# checksum of its own, so a bit flipped on disk or in transfer would load without a word.
+DATA_SHA256_KEY = "minilora.data_sha256"
+
+
+def data_sha256(f, data_start: int) -> str:
+    """The hex SHA-256 of everything from byte ``data_start`` to the end of the binary
+    file object ``f``: a safetensors file's data section. Reads 1 MiB at a time."""
+    f.seek(data_start)
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_data_sha256(path: Path, caller: str) -> None:
+    """Refuse a safetensors file whose data section does not hash to the SHA-256 recorded
+    under ``DATA_SHA256_KEY`` when it was written, naming the file. A file without the key
+    (written by PEFT, transformers or an older minilora) passes unchecked. The header must
+    have been validated first (:func:`read_header`, or the safetensors library)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        expected = (json.loads(f.read(n)).get("__metadata__") or {}).get(DATA_SHA256_KEY)
+        if expected is None or data_sha256(f, 8 + n) == expected:
+            return
+    raise ValueError(
+        f"{caller}: {path} is corrupt: its tensor data does not match the SHA-256 recorded "
+        f"when it was written ({DATA_SHA256_KEY}), so some bytes changed on disk or in "
+        "transfer (bit flips?); restore it from a good copy"
+    )
 
 
 def read_file(path: Path, caller: str) -> bytes:
@@ -123,8 +167,11 @@ def read_tensors(path: Path, caller: str, entries, data_start: int, half_to_floa
 
     NaN and infinite values are refused, naming the tensor: no trained model holds them,
     and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
-    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
+    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning. A file
+    whose data does not match its recorded checksum is refused first (a flipped bit can
+    also make a NaN: the message names the real cause).
     """
+    check_data_sha256(path, caller)
     try:
         with open(path, "rb") as f:  # in the file's order: one pass over it
             tensors = {name: _read_tensor(f, data_start, v) for name, v in entries}

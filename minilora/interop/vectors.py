@@ -38,7 +38,7 @@ import safetensors.numpy
 from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
-from minilora.interop.safetensors_files import atomic_write, serialize
+from minilora.interop.safetensors_files import atomic_write, check_data_sha256, serialize
 from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
 from minilora.model import GPT, GPTConfig
 
@@ -579,11 +579,13 @@ def _read_set_file(path: Path) -> dict:
         raise FileNotFoundError(f"no such file: {path}") from None
     try:
         safetensors.deserialize(data)
-        return safetensors.numpy.load(data)
+        tensors = safetensors.numpy.load(data)
     except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
         if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    check_data_sha256(path, "vectors --check")
+    return tensors
 
 
 def _read_manifest(folder: Path) -> dict:
