@@ -4,7 +4,8 @@ safetensors has no checksum of its own: a bit flipped on disk or in transfer loa
 a word. minilora's writers (``safetensors_files.serialize``) put the hex SHA-256 of the
 data section (every byte after the header) in the metadata under ``DATA_SHA256_KEY``; the
 readers refuse a file whose data does not match, naming it. Files without the key (PEFT,
-transformers, an older minilora) load as before. Format: docs/porting.md, "File formats".
+transformers, an older minilora) load as before. Format: docs/porting.md, "Checksums" (in
+"Names across libraries").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import safetensors.numpy
 from helpers import TINY_2x2, make_gpt, randomize_weights
 
 import minilora as ml
+from minilora.experiments import demo
 from minilora.interop import model_files, peft_adapters, safetensors_files, vectors, vera_adapters
 from minilora.relatives import adapters, prefix
 from minilora.variants import vera
@@ -189,3 +191,22 @@ def test_a_vector_set_records_the_sha256_of_each_file(vector_set):
     for path in sorted(vector_set.glob("*.safetensors")):
         header, body = split(path.read_bytes())
         assert header["__metadata__"][KEY] == hashlib.sha256(body).hexdigest(), path
+
+
+def test_the_check_in_docs_porting_runs_as_written(tmp_path, monkeypatch):
+    # docs/porting.md, "Checksums": the few lines a port needs, run on a file minilora wrote
+    text = (Path(__file__).parent.parent / "docs" / "porting.md").read_text(encoding="utf-8")
+    section = text.split("**Checksums.**", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    path, _ = _lora(tmp_path)
+    monkeypatch.chdir(path.parent)
+    exec(compile(code, "porting.md", "exec"), {})
+    flip_bit(path)
+    with pytest.raises(AssertionError):
+        exec(compile(code, "porting.md", "exec"), {})
+
+
+def test_the_shipped_base_carries_its_checksum():
+    # what `minilora pretrain` writes today: the same tensors, the key in the header
+    header, body = split(demo.base_model_path().read_bytes())
+    assert header["__metadata__"][KEY] == hashlib.sha256(body).hexdigest()

@@ -5,7 +5,7 @@ readers refuse a truncated or corrupt file, a dtype minilora does not use, NaN o
 values, a device or a pipe, naming the file; every file ``serialize`` writes records the
 SHA-256 of its tensor data, which the readers check (:func:`check_data_sha256`);
 ``atomic_write`` moves fully written, fsync'ed temporary files into place. Why and how:
-docs/porting.md, "Conventions" and "File formats".
+docs/porting.md, "Conventions" and "Checksums".
 """
 
 from __future__ import annotations
