@@ -36,6 +36,9 @@ def files(tmp_path_factory) -> dict:
     model = demo.load_base()
     model.lm_head.weight.data[0, 0] = np.nan  # as a diverged training run leaves it
     model_files.save_model(model, root / "nan.safetensors")
+    flipped = bytearray(BASE.read_bytes())
+    flipped[-1] ^= 1  # one bit of the tensor data, flipped on disk or in transfer
+    (root / "flipped.safetensors").write_bytes(bytes(flipped))
     adapter = root / "adapter"
     assert (
         main(
@@ -81,6 +84,14 @@ BAD = {
         ["finetune", "--targets", ",", "--steps", "1", "--out", "{root}/a", "--no-progress"],
         "target_modules",
     ),
+    "finetune --targets twice": (
+        ["finetune", "--targets", "q_proj,v_proj,q_proj", "--steps", "1", "--out", "{root}/a"],
+        "--targets: q_proj is given twice",
+    ),
+    "vectors --case twice": (
+        ["vectors", "--check", "{root}/folder", "--case", "gelu", "--case", "gelu"],
+        "--case: gelu is given twice",
+    ),
     "eval --examples 0": (["eval", "--examples", "0"], "--examples"),
     "eval --threads 0": (["eval", "--threads", "0"], "--threads"),
     "eval --seed -1": (["eval", "--seed", "-1"], "--seed"),
@@ -116,6 +127,10 @@ BAD = {
     "model is /dev/zero": (["eval", "--model", "/dev/zero"], "not a regular file"),
     "model is not safetensors": (["eval", "--model", "{root}/file.txt"], "not a valid"),
     "model with NaN weights": (["eval", "--model", "{root}/nan.safetensors"], "lm_head.weight"),
+    "model with a flipped bit": (
+        ["eval", "--model", "{root}/flipped.safetensors"],
+        "flipped.safetensors is corrupt",
+    ),
     "adapter is a file": (["eval", "--adapter", "{root}/file.txt"], "is a file"),
     "adapter missing": (["eval", "--adapter", "{root}/none"], "no adapter folder"),
     "adapter is a symlink loop": (["eval", "--adapter", "{root}/loop_a"], "symbolic links"),

@@ -8,6 +8,7 @@ from minilora import backend
 from minilora.cli.options import (
     add_run_options,
     check_out,
+    comma_items,
     non_negative_float,
     positive_float,
     positive_int,
@@ -308,7 +309,7 @@ def _cmd_finetune(args) -> int:
         batch_size=args.batch_size or DIGIT_DEFAULTS["batch_size"],
         lr_full=defaults.lr_full if args.lr is None else args.lr,
         lr_lora=defaults.lr_lora if args.lr is None else args.lr,
-        targets=tuple(t for t in args.targets.split(",") if t),
+        targets=tuple(comma_items("--targets", args.targets)),
         seed=args.seed,
     )
     task = args.task or DOWNSTREAM_TASK

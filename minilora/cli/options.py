@@ -14,8 +14,9 @@ from minilora import backend, fast
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # never written to (its base model is shipped)
 
 
-def int_option(least: int):
-    """An argparse type: an integer, at least ``least``."""
+def int_option(least: int, most: int | None = None, beyond: str = ""):
+    """An argparse type: an integer, at least ``least`` and, when given, at most ``most``
+    (``beyond`` says what a larger value would mean, for the message)."""
 
     def parse(text: str) -> int:
         try:
@@ -24,6 +25,9 @@ def int_option(least: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        if most is not None and value > most:
+            shown = text.strip() if len(text.strip()) <= 20 else f"{value:.3g}"
+            raise argparse.ArgumentTypeError(f"{shown} is more than {most:,}{beyond}")
         return value
 
     return parse
@@ -59,6 +63,24 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction strictly between 0 and 1")
     return value
+
+
+def comma_items(flag: str, text: str, key=None) -> list[str]:
+    """The comma-separated items of ``flag``'s value, stripped, empty ones dropped. An item
+    whose key (``key(item)``, default the item) repeats an earlier one is refused, naming
+    the flag and the key: a later value would otherwise silently replace the first."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    refuse_repeats(flag, [item if key is None else key(item) for item in items])
+    return items
+
+
+def refuse_repeats(flag: str, keys: list[str]) -> None:
+    """Refuse a key given twice in one flag, naming the flag and the key."""
+    seen = set()
+    for k in keys:
+        if k in seen:
+            raise ValueError(f"{flag}: {k} is given twice; give each once")
+        seen.add(k)
 
 
 def add_run_options(p, out_help: str | None = None) -> None:

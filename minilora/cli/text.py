@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from minilora import backend
-from minilora.cli.options import check_out, fraction, positive_int, refuse_mixed, set_up_run
+from minilora.cli.options import (
+    check_out,
+    comma_items,
+    fraction,
+    positive_int,
+    refuse_mixed,
+    set_up_run,
+)
 from minilora.data import IGNORE_INDEX
 from minilora.interop import hf_gpt2, model_files, peft_adapters
 from minilora.lora import LoRAConfig
@@ -117,7 +124,7 @@ def fine_tune_on_text(args) -> int:
     config = LoRAConfig(
         r=args.r,
         lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-        target_modules=[t for t in args.targets.split(",") if t],
+        target_modules=comma_items("--targets", args.targets),
     )
     hf_gpt2.check_targets(model, config.target_modules, "--targets")  # before any training
     held_out = TEXT_HELD_OUT if args.held_out is None else args.held_out

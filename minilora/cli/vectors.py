@@ -4,7 +4,7 @@ docs/porting.md)."""
 
 from __future__ import annotations
 
-from minilora.cli.options import check_out
+from minilora.cli.options import check_out, refuse_repeats
 
 
 def add_vectors_command(sub) -> None:
@@ -49,6 +49,7 @@ def _cmd_vectors(args) -> int:
             f"{vectors.MANIFEST_NAME} to {args.out}"
         )
         return 0
+    refuse_repeats("--case", args.case or [])
     report = vectors.check_vectors(args.check, cases=args.case)
     lines = report.format().splitlines()
     if args.quiet:
