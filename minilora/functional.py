@@ -13,6 +13,8 @@ Conventions, shared by every op:
 * ``g`` is the upstream gradient dL/d(output); ``d<name>`` is dL/d(<name>).
 * A gradient is computed only when ``self.needs_input_grad`` asks for it.
 * Matrix products go through ``backend.matmul`` with a name, so tests can count them.
+* Layer norm, softmax and the loss compute float16 inputs in float32 and round back, as
+  PyTorch does (:func:`float32_if_half`; docs/math.md, "Half precision").
 
 Ops are fused at the size a porter would write a kernel: ``linear``, ``lora_linear``,
 ``layer_norm``, ``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``,
