@@ -83,6 +83,17 @@ def add_run_options(p, out_help: str | None = None) -> None:
     )
     if out_help:
         p.add_argument("--out", required=out_help.startswith("(required)"), help=out_help)
+        add_overwrite_option(p)
+
+
+def add_overwrite_option(p) -> None:
+    """--overwrite, for a command whose --out may already exist (see :func:`check_out`)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write --out even when it exists (a file) or is not empty (a folder); without "
+        "it such an --out is refused before any work",
+    )
 
 
 def set_up_run(args) -> None:
@@ -92,9 +103,10 @@ def set_up_run(args) -> None:
     backend.check_device(args.device)
 
 
-def check_out(path, kind: str) -> Path:
+def check_out(path, kind: str, overwrite: bool) -> Path:
     """Refuse an output path before any work: inside the installed package, of the wrong
-    kind (``kind`` is "file" or "folder"), or where we cannot write."""
+    kind (``kind`` is "file" or "folder"), where we cannot write, or, unless ``overwrite``,
+    a file that exists or a folder that is not empty (nothing is replaced without a word)."""
     out = Path(path)
     if out.resolve().is_relative_to(PACKAGE_DIR):
         raise ValueError(
@@ -105,6 +117,12 @@ def check_out(path, kind: str) -> Path:
         raise ValueError(f"--out {out} is a folder; expected a file name such as model.safetensors")
     if out.exists() and kind == "folder" and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a folder")
+    if out.exists() and not overwrite and (kind == "file" or any(out.iterdir())):
+        what = "exists" if kind == "file" else "is a folder that is not empty"
+        raise ValueError(
+            f"--out {out} {what}; pass --overwrite to replace "
+            + ("it" if kind == "file" else "the files of the same name in it")
+        )
     # the nearest existing folder is where the file or the new folders will be made
     parent = out if kind == "folder" else out.parent
     while not parent.exists() and parent != parent.parent:

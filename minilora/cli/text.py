@@ -104,7 +104,7 @@ def fine_tune_on_text(args) -> int:
         raise ValueError(
             "--data needs --base: a minilora model file or a Hugging Face GPT-2 folder"
         )
-    out = check_out(args.out if args.out is not None else TEXT_ADAPTER, "folder")
+    out = check_out(args.out if args.out is not None else TEXT_ADAPTER, "folder", args.overwrite)
     corpus.check_data_path(args.data)  # before loading a model that may take a while
     set_up_run(args)
     model, tokenizer = _text_model(args, args.base)
@@ -136,6 +136,8 @@ def fine_tune_on_text(args) -> int:
         args.batch_size or TEXT_DEFAULTS["batch_size"],
         args.seed,
         not args.no_progress,
+        # refuse now, not after the last step, an adapter that save_adapter would refuse
+        before_training=lambda adapted: peft_adapters.adapter_files(adapted, config),
     )
     after = corpus.held_out_loss(model, x, y)
     peft_adapters.save_adapter(model, out, config)

@@ -38,7 +38,7 @@ import safetensors.numpy
 from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
-from minilora.interop.safetensors_files import atomic_write, serialize
+from minilora.interop.safetensors_files import atomic_write, finish_interrupted_write, serialize
 from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
 from minilora.model import GPT, GPTConfig
 
@@ -640,6 +640,8 @@ def check_vectors(folder, cases=None) -> VectorReport:
     ``FileNotFoundError`` when the folder is not a vector set at all.
     """
     folder = Path(folder)
+    if folder.is_dir():  # a set whose writing was killed after its commit point: complete it
+        finish_interrupted_write(folder, "vectors --check")
     manifest = _read_manifest(folder)
     seed, dtype = manifest.get("seed"), manifest.get("dtype")
     if dtype not in TOLERANCES:
