@@ -3,9 +3,9 @@
 For every op in ``backend.FAST_OPS``, on random inputs, the fast and reference classes
 give the same output (float64, float32 and float16; to rounding: 16 units in the last place
 of the dtype, relative to the largest value) and the same gradients for every input that
-needs one, with frozen inputs getting none. Shapes include arrays larger than one cache block, so that the blocked loops
-really run over several blocks. The fast ops' own gradient checks run in test_functional.py,
-whose tests run on both paths.
+needs one, with frozen inputs getting none. Shapes include arrays larger than one cache
+block, so that the blocked loops really run over several blocks. The fast ops' own gradient
+checks run in test_functional.py, whose tests run on both paths.
 """
 
 from __future__ import annotations
