@@ -13,6 +13,8 @@ Conventions, shared by every op:
 * ``g`` is the upstream gradient dL/d(output); ``d<name>`` is dL/d(<name>).
 * A gradient is computed only when ``self.needs_input_grad`` asks for it.
 * Matrix products go through ``backend.matmul`` with a name, so tests can count them.
+* Layer norm, softmax and the loss compute float16 inputs in float32 and round back, as
+  PyTorch does (:func:`float32_if_half`; docs/math.md, "Half precision").
 
 Ops are fused at the size a porter would write a kernel: ``linear``, ``lora_linear``,
 ``layer_norm``, ``gelu``, ``causal_self_attention``, ``softmax_cross_entropy``,
@@ -79,6 +81,26 @@ def _broadcast_shape(op: str, a, b) -> None:
 def require_float(op: str, name: str, a) -> None:
     if not backend.is_floating(a):
         raise TypeError(f"{op}: {name} must be a floating-point array, got dtype {a.dtype}")
+
+
+def compute_dtype(dtype):
+    """The dtype layer norm, softmax and the loss compute in: float32 for float16, as
+    PyTorch does ((x - μ)² overflows float16's 65504 once |x - μ| > 256, and sums of many
+    terms lose their digits: docs/math.md, "Half precision"); any other dtype itself."""
+    return backend.float32 if dtype == backend.float16 else dtype
+
+
+def float32_if_half(*arrays):
+    """The arrays in :func:`compute_dtype` (None stays None): float16 ones as new float32
+    arrays, the others themselves, so that their results stay bitwise the plain formulas'."""
+    out = tuple(None if a is None else a.astype(compute_dtype(a.dtype), copy=False) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+def rounded_to(dtype, *arrays):
+    """The arrays in ``dtype`` (None stays None; no copy when they have it already)."""
+    out = tuple(None if a is None else a.astype(dtype, copy=False) for a in arrays)
+    return out if len(out) > 1 else out[0]
 
 
 # ======================================================================================
@@ -622,17 +644,19 @@ class LayerNormFunction(Function):
     def forward(self, x, weight, bias):
         check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
+        self.dtype = x.dtype
+        x, weight, bias = float32_if_half(x, weight, bias)  # float16's (x - μ)² overflows
         mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
         var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)  # (..., 1), biased as in PyTorch
         self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
         self.xhat = (x - mu) * self.rstd  # (..., C)
         self.weight = weight
         y = self.xhat if weight is None else self.xhat * weight
-        return y if bias is None else y + bias
+        return rounded_to(self.dtype, y if bias is None else y + bias)
 
     def backward(self, g):
         need_x, need_w, need_b = self.needs_input_grad
-        xhat, rstd = self.xhat, self.rstd
+        xhat, rstd, g = self.xhat, self.rstd, float32_if_half(g)  # in the forward's dtype
         lead = tuple(range(g.ndim - 1))  # every axis but the normalised one
         dw = (g * xhat).sum(axis=lead) if need_w else None
         db = g.sum(axis=lead) if need_b else None
@@ -642,7 +666,7 @@ class LayerNormFunction(Function):
             mean_gh = gh.mean(axis=-1, keepdims=True)
             mean_gh_xhat = (gh * xhat).mean(axis=-1, keepdims=True)
             dx = rstd * (gh - mean_gh - xhat * mean_gh_xhat)
-        return dx, dw, db
+        return rounded_to(self.dtype, dx, dw, db)
 
 
 def check_layer_norm_inputs(x, weight, bias) -> None:
@@ -662,9 +686,11 @@ def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 
 def _softmax(x, axis: int):
     """exp(x - max) / Σ exp(x - max) along ``axis``: shifting by the row maximum changes
-    nothing mathematically and keeps exp from overflowing."""
+    nothing mathematically and keeps exp from overflowing. In :func:`compute_dtype`: float32
+    for float16 (a sum of many exponentials would lose its digits)."""
     xp = backend.get_array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    z = float32_if_half(x)
+    e = xp.exp(z - z.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 
 
@@ -676,12 +702,12 @@ class Softmax(Function):
 
     def forward(self, x):
         require_float("softmax", "input", x)
-        self.y = _softmax(x, self.axis)
-        return self.y
+        self.y = _softmax(x, self.axis)  # float32 for float16
+        return rounded_to(x.dtype, self.y)
 
     def backward(self, g):
-        y = self.y
-        return (y * (g - (g * y).sum(axis=self.axis, keepdims=True)),)
+        y, g32 = self.y, float32_if_half(g)  # float16's row sum in float32
+        return (rounded_to(g.dtype, y * (g32 - (g32 * y).sum(axis=self.axis, keepdims=True))),)
 
 
 class LogSoftmax(Function):
@@ -693,13 +719,15 @@ class LogSoftmax(Function):
     def forward(self, x):
         require_float("log_softmax", "input", x)
         xp = backend.get_array_module(x)
-        shifted = x - x.max(axis=self.axis, keepdims=True)  # no overflow in exp
+        z = float32_if_half(x)  # float16's Σ exp in float32
+        shifted = z - z.max(axis=self.axis, keepdims=True)  # no overflow in exp
         self.y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
-        return self.y
+        return rounded_to(x.dtype, self.y)
 
     def backward(self, g):
         xp = backend.get_array_module(g)
-        return (g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True),)
+        g32 = float32_if_half(g)  # float16's row sum in float32
+        return (rounded_to(g.dtype, g32 - xp.exp(self.y) * g32.sum(axis=self.axis, keepdims=True)),)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
@@ -726,7 +754,7 @@ class SoftmaxCrossEntropyFunction(Function):
         check_cross_entropy_inputs(logits, targets)
         xp = backend.get_array_module(logits)
         V = logits.shape[-1]
-        z = logits.reshape(-1, V)  # (N, V)
+        z = float32_if_half(logits.reshape(-1, V))  # (N, V); float16's Σ exp in float32
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index  # (N,)
         self.n = count_targets(valid, self.ignore_index)
@@ -735,14 +763,15 @@ class SoftmaxCrossEntropyFunction(Function):
         rows, safe_t = xp.arange(t.shape[0]), xp.where(valid, t, 0)  # ignored rows: any id
         nll = -logp[rows, safe_t] * valid  # (N,), zero on ignored rows
         self.logp, self.t, self.valid, self.shape = logp, safe_t, valid, logits.shape
+        self.dtype = logits.dtype
         return xp.asarray(nll.sum() / self.n, dtype=logits.dtype)
 
     def backward(self, g):
         xp = backend.get_array_module(self.logp)
         dz = xp.exp(self.logp)  # softmax (N, V)
         dz[xp.arange(dz.shape[0]), self.t] -= 1.0  # - onehot(target)
-        dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)  # ignored rows: 0
-        return dz.reshape(self.shape), None
+        dz *= (self.valid * (float32_if_half(g) / self.n))[:, None].astype(dz.dtype)  # ignored: 0
+        return rounded_to(self.dtype, dz.reshape(self.shape)), None
 
 
 def count_targets(valid, ignore_index: int) -> int:
@@ -860,7 +889,8 @@ class CausalSelfAttentionFunction(Function):
         self.scale = 1.0 / math.sqrt(hs)
         S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)
         future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # (T, T): key after query
-        self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, T, T)
+        P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, T, T), float32 for float16
+        self.P = rounded_to(q.dtype, P)
         self.q, self.k, self.v = q, k, v
         return mm(self.P, v, "attention.values")  # (B, nh, T, hs)
 
@@ -909,7 +939,8 @@ class CachedAttentionFunction(CausalSelfAttentionFunction):
         S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, Tq, Tk)
         query_pos = xp.arange(Tk - Tq, Tk)[:, None]  # (Tq, 1): positions of the queries
         future = xp.arange(Tk)[None, :] > query_pos  # (Tq, Tk): key after query
-        self.P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, Tq, Tk)
+        P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, Tq, Tk), float32 for float16
+        self.P = rounded_to(q.dtype, P)
         self.q, self.k, self.v = q, k, v
         return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
 

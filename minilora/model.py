@@ -17,6 +17,7 @@ Shapes: B = batch, T = time (sequence length), C = n_embd, nh = n_head, hs = C /
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 from minilora import backend
@@ -361,7 +362,16 @@ class GPT(Module):
         xp = backend.get_array_module(logits)
         if temperature == 0:
             return logits.argmax(axis=-1)
-        logits = logits / temperature
+        # (logits - max) / T, not logits / T: the same softmax, but every value is <= 0, so a
+        # tiny T sends the others to -inf (probability 0: the greedy choice) where logits / T
+        # overflowed to inf - inf = NaN. float16 samples in float32, and a T its dtype cannot
+        # hold (1e-320 is 0 in float32) is its smallest positive number (docs/math.md,
+        # "Sampling at a small temperature").
+        logits = F.float32_if_half(logits)  # (B, vocab)
+        smallest = float(xp.finfo(logits.dtype).smallest_subnormal)
+        with warnings.catch_warnings():  # an overflow to -inf is meant: probability 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            logits = (logits - logits.max(axis=-1, keepdims=True)) / max(temperature, smallest)
         if top_k is not None:
             kth = xp.sort(logits, axis=-1)[:, -top_k][:, None]
             logits = xp.where(logits < kth, -xp.inf, logits)

@@ -7,7 +7,9 @@ gradient, and never for a parameter with ``requires_grad=False``: a frozen weigh
 touched at all (not even by weight decay).
 
 Both follow ``torch.optim`` exactly (same update order and formulas), so one step can be
-compared number for number.
+compared number for number. A float16 parameter trains through a float32 copy (its master
+weight) with float32 state, as PyTorch's mixed-precision training does: see
+:meth:`Optimizer.master_weight`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 
 from minilora import backend
 from minilora.autograd import Tensor
+from minilora.functional import compute_dtype
 
 
 class Optimizer:
@@ -53,6 +56,30 @@ class Optimizer:
             if p.requires_grad and p.grad is not None:
                 yield p
 
+    def master_weight(self, p: Tensor) -> tuple:
+        """The array a step updates for ``p`` and the gradient to update it with.
+
+        A float32 or float64 parameter is updated in place. A float16 one cannot hold what
+        training needs: AdamW's eps = 1e-8 underflows to 0 (a zero moment then gives
+        m / √v = 0/0), and a small update p - lr·u rounds back to p. So its step updates a
+        float32 copy kept in the state (the master weight, made at its first step) with
+        the gradient in float32, and :meth:`write_back` rounds the result into ``p``
+        (docs/math.md, "Half precision"). The master weight is the truth between steps.
+        """
+        dtype = compute_dtype(p.data.dtype)
+        if dtype == p.data.dtype:
+            return p.data, p.grad
+        state = self.state.setdefault(id(p), {})
+        if "master" not in state:
+            state["master"] = p.data.astype(dtype)
+        return state["master"], p.grad.astype(dtype)
+
+    @staticmethod
+    def write_back(p: Tensor, w) -> None:
+        """Round an updated master weight ``w`` into the float16 parameter ``p``."""
+        if w is not p.data:
+            p.data[...] = w
+
     def state_nbytes(self) -> int:
         """Bytes held by the optimizer's state arrays (moments), read from the arrays."""
         return sum(
@@ -76,16 +103,18 @@ class SGD(Optimizer):
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in self._trainable(group):
-                g = p.grad if wd == 0 else p.grad + wd * p.data
+                w, g = self.master_weight(p)
+                g = g if wd == 0 else g + wd * w
                 if mom:
-                    state = self.state.get(id(p))
-                    if state is None:
-                        state = self.state[id(p)] = {"momentum_buffer": g.copy()}
+                    state = self.state.setdefault(id(p), {})
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = g.copy()
                     else:
                         state["momentum_buffer"] *= mom
                         state["momentum_buffer"] += g
                     g = state["momentum_buffer"]
-                p.data -= lr * g
+                w -= lr * g
+                self.write_back(p, w)
 
 
 class AdamW(Optimizer):
@@ -116,17 +145,14 @@ class AdamW(Optimizer):
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in self._trainable(group):
                 xp = backend.get_array_module(p.data)
-                state = self.state.get(id(p))
-                if state is None:  # moments live on the parameter's device, in its dtype
-                    state = self.state[id(p)] = {
-                        "step": 0,
-                        "exp_avg": xp.zeros_like(p.data),
-                        "exp_avg_sq": xp.zeros_like(p.data),
-                    }
+                w, g = self.master_weight(p)  # p itself, or float16's float32 master
+                state = self.state.setdefault(id(p), {})
+                if "step" not in state:  # moments live on the parameter's device, in w's dtype
+                    state.update(step=0, exp_avg=xp.zeros_like(w), exp_avg_sq=xp.zeros_like(w))
                 state["step"] += 1
-                t, m, v, g = state["step"], state["exp_avg"], state["exp_avg_sq"], p.grad
+                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
                 if wd:
-                    p.data *= 1.0 - lr * wd
+                    w *= 1.0 - lr * wd
                 m *= b1
                 m += (1.0 - b1) * g
                 v *= b2
@@ -137,7 +163,8 @@ class AdamW(Optimizer):
                 denom += eps
                 update = m / denom
                 update *= step_size
-                p.data -= update
+                w -= update
+                self.write_back(p, w)
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float) -> float:

@@ -121,6 +121,7 @@ _STANDIN_CONSTANTS = (
     "int64",
     "uint8",
     "dtype",
+    "finfo",  # cupy.finfo is numpy's
 )
 # What CuPy's arrays have and minilora may use; no route to host memory (.data, .ctypes,
 # .tobytes(), .flat) is offered.

@@ -228,8 +228,8 @@ MUTATIONS = [
         "a1",
         "a1.5",
         "functional.py",
-        "e = xp.exp(x - x.max(axis=axis, keepdims=True))",
-        "e = xp.exp(x)",
+        "e = xp.exp(z - z.max(axis=axis, keepdims=True))",
+        "e = xp.exp(z)",
         "subtract the row maximum",
     ),
     (
@@ -246,8 +246,8 @@ MUTATIONS = [
         "a1",
         "a1.6",
         "functional.py",
-        "dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)",
-        "dz *= g / self.n",
+        "dz *= (self.valid * (float32_if_half(g) / self.n))[:, None].astype(dz.dtype)",
+        "dz *= float32_if_half(g) / self.n",
         "ignore_index=-100",
     ),
     (

@@ -157,6 +157,21 @@ def test_save_load_model_round_trip_gives_bitwise_identical_logits(tmp_path, dty
     np.testing.assert_array_equal(logits(loaded), logits(model))
 
 
+def test_loading_a_float16_model_says_what_it_computes_in(tmp_path, recwarn):
+    save_model(tiny_gpt(seed=3, dtype=backend.float32), tmp_path / "f32.safetensors")
+    load_model(tmp_path / "f32.safetensors")
+    assert not recwarn.list  # float32: nothing to say
+    save_model(tiny_gpt(seed=3, dtype=backend.float16), tmp_path / "f16.safetensors")
+    with pytest.warns(
+        UserWarning,
+        match=r"f16.safetensors holds float16 weights: .* computes in "
+        r"float16, with layer norm, softmax and the loss in float32",
+    ) as info:
+        loaded = load_model(tmp_path / "f16.safetensors")
+    assert len(info) == 1 and info[0].filename == __file__  # one line, about the caller's line
+    assert loaded.tok_emb.weight.dtype == backend.float16
+
+
 def test_model_file_holds_every_parameter_and_the_config(tmp_path):
     model = tiny_gpt()
     path = tmp_path / "model.safetensors"

@@ -75,6 +75,16 @@ def test_finetune_merge_eval_generate_commands(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "S 3 1 2 = 1 2 3 ."  # the base model can sort
 
 
+@pytest.mark.parametrize("temperature", ["1e-320", "1e-45"])
+def test_cli_generate_at_a_tiny_temperature_prints_the_greedy_answer(capsys, temperature):
+    """--temperature 1e-320 (0 in float32) gave NaN probabilities and token 0 each time."""
+    for seed in ("0", "1"):
+        argv = ["generate", "--prompt", "S 3 1 2 =", "--temperature", temperature]
+        assert main([*argv, "--seed", seed]) == 0
+        out = capsys.readouterr()
+        assert out.out.strip() == "S 3 1 2 = 1 2 3 ." and out.err == ""
+
+
 def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err

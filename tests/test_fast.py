@@ -1,11 +1,11 @@
 """The fast path (minilora/fast/ops.py): each fast op computes what its reference op computes.
 
 For every op in ``backend.FAST_OPS``, on random inputs, the fast and reference classes
-give the same output (to rounding: 16 units in the last place of the dtype, relative to the
-largest value) and the same gradients for every input that needs one, with frozen inputs
-getting none. Shapes include arrays larger than one cache block, so that the blocked loops
-really run over several blocks. The fast ops' own gradient checks run in test_functional.py,
-whose tests run on both paths.
+give the same output (float64, float32 and float16; to rounding: 16 units in the last place
+of the dtype, relative to the largest value) and the same gradients for every input that
+needs one, with frozen inputs getting none. Shapes include arrays larger than one cache
+block, so that the blocked loops really run over several blocks. The fast ops' own gradient
+checks run in test_functional.py, whose tests run on both paths.
 """
 
 from __future__ import annotations
@@ -85,7 +85,9 @@ def test_every_fast_op_has_a_reference_op_and_shapes_here():
 
 
 @pytest.mark.parametrize("op", list(SHAPES), ids=lambda op: op.__name__)
-@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype", [np.float64, np.float32, np.float16], ids=["float64", "float32", "float16"]
+)
 @given(seed=st.integers(0, 2**32 - 1), data=st.data())
 def test_fast_op_equals_reference_op(op, dtype, seed, data):
     rng = np.random.default_rng(seed)

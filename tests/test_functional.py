@@ -495,6 +495,56 @@ def test_softmax_cross_entropy_ignored_rows_get_zero_grad():
     np.testing.assert_allclose(logits.grad[1], p - [0, 0, 1], rtol=1e-14)
 
 
+# Half precision: layer norm, softmax and the loss compute in float32 for float16 inputs and
+# round back, as PyTorch does (docs/math.md, "Half precision"): their float16 outputs and
+# gradients are exactly the float32 op's on the same values, rounded to float16.
+
+HALF_OPS = {
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, w, b), 3),
+    "softmax": (lambda x: F.softmax(x), 1),
+    "log_softmax": (lambda x: F.log_softmax(x), 1),
+    "softmax_cross_entropy": (lambda x: F.softmax_cross_entropy(x, np.arange(6) % 50), 1),
+}
+
+
+def half_inputs(n: int, seed: int) -> list:
+    """float16 inputs: (6, 50) rows, the first three with an entry 300 to 900 from their
+    row mean, whose (x - μ)² overflows float16, and weight and bias (50,) for layer norm."""
+    r = np.random.default_rng(seed)
+    x = r.normal(size=(6, 50)) * 4
+    x[:3, 7] += np.linspace(300.0, 900.0, 3)
+    return [x.astype(np.float16)] + [r.normal(size=50).astype(np.float16) for _ in range(n - 1)]
+
+
+def run_op(fn, arrays, g):
+    tensors = [Tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    out.backward(None if g is None else g.astype(out.dtype))
+    return [out.data] + [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("name", list(HALF_OPS))
+def test_float16_ops_give_float32_math_rounded_to_float16(name):
+    fn, n = HALF_OPS[name]
+    x16 = half_inputs(n, seed=3)
+    g = np.random.default_rng(4).normal(size=(6, 50)).astype(np.float16)  # exact in float32
+    g = None if name == "softmax_cross_entropy" else g
+    got = run_op(fn, x16, g)
+    want = run_op(fn, [a.astype(np.float32) for a in x16], g)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == np.float16, f"result {i} has dtype {a.dtype}"
+        np.testing.assert_array_equal(a, b.astype(np.float16), err_msg=f"result {i}")
+
+
+def test_float16_layer_norm_of_far_entries_is_finite_and_right():
+    """The issue's case: an entry 300 to 900 from its row mean, normalised in float16
+    itself, gives inf variance and a row of zeros; in float32 it is right."""
+    x, w, b = half_inputs(3, seed=5)
+    y = F.layer_norm(Tensor(x), Tensor(w), Tensor(b)).data
+    want = np_layer_norm(*(a.astype(np.float64) for a in (x, w, b)))
+    np.testing.assert_allclose(y, want, rtol=4e-3, atol=4e-3 * np.abs(want).max())
+
+
 @given(data=st.data())
 def test_embedding_backward(data):
     V, C = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))

@@ -429,3 +429,22 @@ def test_greedy_generation_equals_transformers(tmp_path):
         ).numpy()
     assert len(np.unique(want[:, 4:])) > 4
     np.testing.assert_array_equal(model.generate(prompt, 8, temperature=0), want)
+
+
+@pytest.mark.filterwarnings("ignore:load_model.*float16")
+def test_float16_with_large_residual_entries_equals_transformers(tmp_path):
+    """A float16 GPT-2 whose residual stream holds entries far (> 256) from their row's
+    mean: layer norm must square x - μ in float32 (as PyTorch does), not in float16, where
+    it overflows 65504 and every logit after it is wrong. minilora's float16 logits equal
+    transformers' float16 ones (to float16 rounding) and pick the float32 model's tokens."""
+    hf = gpt2_folder(tmp_path / "f32", dtype=torch.float32)
+    with torch.no_grad():  # one channel of every position 300 to 900 from the others
+        hf.transformer.wpe.weight[:, 5] += torch.linspace(300.0, 900.0, 16)
+    hf.to(torch.float16).save_pretrained(tmp_path / "f16", safe_serialization=True)
+    hf16, idx = hf.to(torch.float16), ids()
+    model = load_model(tmp_path / "f16")
+    got, want16 = ours(model, idx), theirs(hf16, idx)
+    want32 = theirs(hf.to(torch.float32), idx)
+    assert got.dtype == np.float16 and np.isfinite(got).all()
+    np.testing.assert_allclose(got, want16, rtol=2e-2, atol=2e-2 * np.abs(want32).max())
+    np.testing.assert_array_equal(got.argmax(-1), want32.argmax(-1))

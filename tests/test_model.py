@@ -2,6 +2,7 @@
 training, a whole-model gradient check, generation, dropout and determinism."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -264,6 +265,28 @@ def test_generate_sampling_is_seeded_and_stays_in_the_vocabulary():
         model.generate(idx, 1, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(idx, 1, top_k=12)
+
+
+@pytest.mark.parametrize(
+    "dtype, temperature",
+    [(np.float32, 1e-320), (np.float32, 1e-38), (np.float16, 1e-6), (np.float16, 1e-9)],
+    ids=["float32-1e-320", "float32-1e-38", "float16-1e-6", "float16-1e-9"],
+)
+def test_a_temperature_whose_logits_over_t_overflow_samples_as_greedy(dtype, temperature):
+    """logits / T overflowed (inf - inf = NaN probabilities: token 0 every time); the
+    softmax of (logits - max) / T is the same distribution and only underflows, to the
+    greedy choice. 1e-320 and 1e-9 are 0 in their dtypes; nothing is warned."""
+    config = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    model = make_gpt(config, 0, dtype=dtype)
+    randomize_weights(model, 0, scale=1.0)  # a peaked distribution: no argmax ties
+    idx = np.array([[1, 2], [3, 4], [5, 6]])
+    greedy = model.generate(idx, 6, temperature=0)
+    assert greedy[:, 2:].any()  # not token 0 throughout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(3):
+            sampled = model.generate(idx, 6, temperature, generator=backend.Generator(seed))
+            np.testing.assert_array_equal(sampled, greedy)
 
 
 # --------------------------------------------------------------------------------------

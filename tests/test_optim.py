@@ -321,3 +321,45 @@ def test_bad_settings_are_refused_naming_them(make, named):
 def test_non_tensor_params_are_refused():
     with pytest.raises(TypeError, match="Tensor"):
         SGD([np.zeros(2)], lr=0.1)
+
+
+def test_float16_lora_trains_through_float32_master_weights():
+    """A float16 base with float16 adapters trains: AdamW's eps (1e-8) underflows to 0 in
+    float16, and B's zero gradient at step 1 (B = 0 at init) made A's step 2 a 0/0. The
+    optimizer keeps a float32 master weight and float32 moments per float16 parameter and
+    rounds each step into it."""
+    minilora.manual_seed(0)
+    config = minilora.GPTConfig(vocab_size=16, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    model = GPT(config, dtype=np.float16)
+    lora = minilora.LoRAConfig(r=4, lora_alpha=16, target_modules=["v_proj", "fc2"])
+    minilora.apply_lora(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = AdamW(trainable, lr=1e-2)
+    idx = np.random.default_rng(0).integers(0, 16, (4, 8))
+    losses = []
+    for _ in range(30):
+        loss = model(idx[:, :-1], idx[:, 1:])[1]
+        losses.append(float(loss.data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0] - 0.05, losses
+    for p in trainable:
+        state = opt.state[id(p)]
+        assert p.dtype == np.float16
+        assert state["master"].dtype == state["exp_avg"].dtype == state["exp_avg_sq"].dtype
+        assert state["master"].dtype == np.float32
+        np.testing.assert_array_equal(p.data, state["master"].astype(np.float16))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_float16_updates_below_half_a_unit_add_up(kind):
+    """100 steps of 1e-4 each on a float16 1.0 (whose unit in the last place is 1e-3):
+    each step alone rounds back to 1.0, the float32 master weight adds them up to 0.99."""
+    p = Parameter(np.ones(3, np.float16))
+    opt = AdamW([p], lr=1e-4, weight_decay=0.0) if kind == "adamw" else SGD([p], lr=1e-4)
+    for _ in range(100):
+        p.grad = np.ones(3, np.float16)
+        opt.step()
+    np.testing.assert_allclose(p.data, 0.99, rtol=1e-3)

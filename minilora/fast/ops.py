@@ -114,10 +114,7 @@ def _gelu_block(xp, x, y, d) -> None:
 
 def _mean_last(x):
     """``x.mean(axis=-1, keepdims=True)``: the same sum divided by the count, without mean's
-    Python-level bookkeeping (a tenth of a small forward's time). float16 keeps ``mean``,
-    which sums in float32."""
-    if x.dtype.itemsize < 4:
-        return x.mean(axis=-1, keepdims=True)
+    Python-level bookkeeping (a tenth of a small forward's time)."""
     return x.sum(axis=-1, keepdims=True) / x.shape[-1]
 
 
@@ -127,21 +124,23 @@ class LayerNormFunction(F.LayerNormFunction):
     def forward(self, x, weight, bias):
         F.check_layer_norm_inputs(x, weight, bias)
         xp = backend.get_array_module(x)
+        self.dtype = x.dtype
+        x, weight, bias = F.float32_if_half(x, weight, bias)  # float16 in float32
         xhat = x - _mean_last(x)  # x - μ, (..., C)
         var = _mean_last(xhat * xhat)
         self.rstd = 1.0 / xp.sqrt(var + self.eps)  # (..., 1)
         xhat *= self.rstd  # x̂ = (x - μ)·rstd, in the same buffer
         self.xhat, self.weight = xhat, weight
         if weight is None:
-            return xhat if bias is None else xhat + bias
+            return F.rounded_to(self.dtype, xhat if bias is None else xhat + bias)
         y = xhat * weight
         if bias is not None:
             y += bias
-        return y
+        return F.rounded_to(self.dtype, y)
 
     def backward(self, g):
         need_x, need_w, need_b = self.needs_input_grad
-        xhat, rstd = self.xhat, self.rstd
+        xhat, rstd, g = self.xhat, self.rstd, F.float32_if_half(g)
         lead = tuple(range(g.ndim - 1))
         dw = (g * xhat).sum(axis=lead) if need_w else None
         db = g.sum(axis=lead) if need_b else None
@@ -151,7 +150,7 @@ class LayerNormFunction(F.LayerNormFunction):
             dx = gh - gh.mean(axis=-1, keepdims=True)
             dx -= xhat * (gh * xhat).mean(axis=-1, keepdims=True)
             dx *= rstd
-        return dx, dw, db
+        return F.rounded_to(self.dtype, dx, dw, db)
 
 
 class SoftmaxCrossEntropyFunction(F.SoftmaxCrossEntropyFunction):
@@ -161,7 +160,7 @@ class SoftmaxCrossEntropyFunction(F.SoftmaxCrossEntropyFunction):
         F.check_cross_entropy_inputs(logits, targets)
         xp = backend.get_array_module(logits)
         V = logits.shape[-1]
-        z = logits.reshape(-1, V)  # (N, V)
+        z = F.float32_if_half(logits.reshape(-1, V))  # (N, V), float16 in float32
         t = targets.reshape(-1)  # (N,)
         valid = t != self.ignore_index
         n = F.count_targets(valid, self.ignore_index)
@@ -173,13 +172,14 @@ class SoftmaxCrossEntropyFunction(F.SoftmaxCrossEntropyFunction):
         self.shape, self.rows, self.t, self.valid, self.n = logits.shape, rows, safe_t, valid, n
         shifted -= logsumexp[:, None]
         self.probs = xp.exp(shifted, out=shifted)  # (N, V) softmax, in shifted's buffer
+        self.dtype = logits.dtype
         return xp.asarray(nll.sum() / n, dtype=logits.dtype)
 
     def backward(self, g):
         dz = self.probs.copy()
         dz[self.rows, self.t] -= 1.0
-        dz *= (self.valid * (g / self.n))[:, None].astype(dz.dtype)
-        return dz.reshape(self.shape), None
+        dz *= (self.valid * (F.float32_if_half(g) / self.n))[:, None].astype(dz.dtype)
+        return F.rounded_to(self.dtype, dz.reshape(self.shape)), None
 
 
 _causal_masks: dict = {}
@@ -237,14 +237,16 @@ class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
         self.scale = 1.0 / math.sqrt(hs)
         y = xp.empty_like(q)  # (B, nh, T, hs)
         self.P = None
-        self.lse = None if keeps_probabilities(T) else xp.empty(q.shape[:3], dtype=q.dtype)
+        lse_shape, lse_dtype = q.shape[:3], F.compute_dtype(q.dtype)  # (B, nh, T), as P's sums
+        self.lse = None if keeps_probabilities(T) else xp.empty(lse_shape, dtype=lse_dtype)
         for i0, i1 in query_blocks(T):
-            s = self._scores(q, k, i0, i1)  # (B, nh, n, i1), n = i1 - i0
+            s = F.float32_if_half(self._scores(q, k, i0, i1))  # (B, nh, n, i1), n = i1 - i0
             m = _max_keepdims(s, -1)  # (B, nh, n, 1)
             s -= m
             xp.exp(s, out=s)
             total = s.sum(axis=-1, keepdims=True)
             s /= total  # P of these rows
+            s = F.rounded_to(q.dtype, s)
             if self.lse is None:
                 self.P = s  # (B, nh, T, T): the one block
             else:
@@ -272,9 +274,9 @@ class CausalSelfAttentionFunction(F.CausalSelfAttentionFunction):
             gb = g[:, :, i0:i1]  # (B, nh, n, hs)
             p = self.P
             if p is None:
-                p = self._scores(q, k, i0, i1)
+                p = F.float32_if_half(self._scores(q, k, i0, i1))
                 p -= self.lse[:, :, i0:i1, None]
-                xp.exp(p, out=p)  # P (B, nh, n, i1), again
+                p = F.rounded_to(q.dtype, xp.exp(p, out=p))  # P (B, nh, n, i1), again
             if need_v:
                 dv[:, :, :i1] += mm(F.swap_last_two(p), gb, "attention.dv")
             if need_q or need_k:
@@ -327,7 +329,8 @@ class CachedAttentionFunction(F.CachedAttentionFunction):
         scores *= self.scale
         if Tq > 1:  # the last Tq rows of the (Tk, Tk) mask: query i at position Tk - Tq + i
             scores += _causal_mask(Tk, scores.dtype, xp)[Tk - Tq :]
-        self.P = _softmax_(scores, axis=-1)  # (B, nh, Tq, Tk)
+        P = _softmax_(F.float32_if_half(scores), axis=-1)  # float16 in float32
+        self.P = F.rounded_to(q.dtype, P)  # (B, nh, Tq, Tk)
         self.q, self.k, self.v = q, k, v
         return mm(self.P, v, "attention.values")  # (B, nh, Tq, hs)
 

@@ -9,6 +9,7 @@ is refused, naming every problem, before any model is built. Format: docs/portin
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from minilora import backend
@@ -129,7 +130,7 @@ def load_model(path, device: str = "cpu") -> GPT:
     device = backend.check_device(device)
     path = Path(path)
     if path.is_dir() and (path / hf_gpt2.CONFIG_NAME).exists():
-        return _load_gpt2(path, device)
+        return _say_half_precision(_load_gpt2(path, device), path)
     if path.is_dir():
         hint = (
             "; it looks like an adapter folder: use load_adapter(model, folder)"
@@ -162,7 +163,20 @@ def load_model(path, device: str = "cpu") -> GPT:
         )
     config = _model_config(path, metadata.get("config"), shapes)
     model = _new_model(path, config, [entry["dtype"] for _, entry in entries], device)
-    return _load_into(model, path, read_tensors(path, "load_model", entries, data_start))
+    model = _load_into(model, path, read_tensors(path, "load_model", entries, data_start))
+    return _say_half_precision(model, path)
+
+
+def _say_half_precision(model: GPT, path: Path) -> GPT:
+    """``model``, after one line (a warning) saying what a float16 model computes in."""
+    if model.tok_emb.weight.dtype == backend.float16:
+        warnings.warn(
+            f"load_model: {path} holds float16 weights: the model computes in float16, with "
+            "layer norm, softmax and the loss in float32 (as PyTorch does), and trains "
+            "through float32 master weights",
+            stacklevel=3,
+        )
+    return model
 
 
 def _load_gpt2(folder: Path, device: str) -> GPT:

@@ -669,7 +669,8 @@ def train_memory(
     included), gradients and optimizer state (trainable only), saved activations.
 
     Mixed precision differs: a float16/bfloat16 run usually keeps float32 master weights and
-    float32 Adam moments, i.e. more bytes per trainable parameter than this counts.
+    float32 Adam moments (minilora's optimizers do, for float16), i.e. more bytes per
+    trainable parameter than this counts.
     """
     s, spec = _shape(shape), _spec(lora)
     nbytes = dtype_bytes(dtype)
