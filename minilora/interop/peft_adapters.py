@@ -27,7 +27,6 @@ from minilora.interop.peft_config import (
 from minilora.interop.safetensors_files import (
     atomic_write,
     host_copy,
-    read_file,
     read_safetensors,
     serialize,
 )
@@ -143,7 +142,8 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
             f"use_dora={config.use_dora!r}"
         )
     fields, _ = read_adapter_config(
-        initial / ADAPTER_CONFIG_NAME, read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
+        initial / ADAPTER_CONFIG_NAME,
+        backend.read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter"),
     )
     saved = LoRAConfig(**fields)  # checked by read_adapter_config
     keys = ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern")
@@ -241,7 +241,7 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
             f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
         )
     config_path, weights_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
-    if not weights_path.exists():
+    if not os.path.lexists(weights_path):  # a link is checked when it is read
         hint = ""
         if (folder / "adapter_model.bin").exists():
             hint = (
@@ -250,7 +250,7 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
                 "safe_serialization=True))"
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
-    config_bytes = read_file(config_path, "load_adapter")
+    config_bytes = backend.read_file(config_path, "load_adapter", "a JSON file", backend.JSON_LIMIT)
     tensors, metadata = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
     digest = metadata.get(CONFIG_DIGEST_KEY)
     if digest is not None and digest != hashlib.sha256(config_bytes).hexdigest():

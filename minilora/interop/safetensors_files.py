@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import safetensors
 import safetensors.numpy
 
 from minilora import backend
+from minilora.backend import check_regular_file
 
 # The dtypes minilora computes in; anything else in a model file is refused, not
 # converted. Adapters may also be bfloat16 (NumPy has none): upcast to float32, with a warning.
@@ -47,25 +47,6 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
-
-
-def read_file(path: Path, caller: str) -> bytes:
-    """The bytes of a regular file (see :func:`check_regular_file`)."""
-    check_regular_file(path, caller)
-    return path.read_bytes()
-
-
-def check_regular_file(path: Path, caller: str) -> None:
-    """Refuse a missing path, a folder, a device (/dev/zero), a pipe or a socket before it
-    is opened: reading one could block or never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{caller}: no such file: {path}") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{caller}: {path} is a folder, expected a file")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{caller}: {path} is not a regular file (a device, pipe or socket?)")
 
 
 def read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:

@@ -25,7 +25,6 @@ from minilora.interop.peft_config import (
 )
 from minilora.interop.safetensors_files import (
     atomic_write,
-    read_file,
     read_safetensors,
     serialize,
 )
@@ -104,7 +103,8 @@ def load_vera(model: Module, path) -> VeraConfig:
     if not stat.S_ISDIR(mode):
         raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
     config_path = folder / ADAPTER_CONFIG_NAME
-    config = _read_vera_config(config_path, read_file(config_path, "load_vera"), model)
+    data = backend.read_file(config_path, "load_vera", "a JSON file", backend.JSON_LIMIT)
+    config = _read_vera_config(config_path, data, model)
     tensors, _ = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
     problems = []
     if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
