@@ -43,6 +43,7 @@ from minilora.lora import (
 from minilora.nn import Embedding, Linear, Module
 from minilora.variants import multi_adapter, pissa
 from minilora.variants.dora import DoRALinear
+from minilora.variants.patterns import paths_matching
 
 # The adapter's matrices, whose shapes say the rank (a Linear's, an embedding's)
 LORA_MATRICES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -342,10 +343,9 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
     if targets.lower() == "all-linear":
         adapts_head = any(key.startswith(f"{PEFT_PREFIX}lm_head.lora_") for key in tensors)
         return [p for p in paths if p != "lm_head" or adapts_head], []
-    try:
-        chosen = [p for p in paths + embeddings if re.fullmatch(targets, p)]
-    except re.error as e:
-        return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+    chosen, problems = paths_matching(targets, paths + embeddings)
+    if problems:
+        return [], problems
     if not chosen:
         return [], [
             f"target_modules={targets!r} (a regular expression over module paths) matches no "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from minilora.interop.safetensors_files import (
 )
 from minilora.lora import is_target
 from minilora.nn import Linear, Module
+from minilora.variants.patterns import paths_matching
 from minilora.variants.vera import (
     VERA_LEAVES,
     VeraConfig,
@@ -167,10 +167,8 @@ def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
     targets = fields_.get("target_modules")
     if isinstance(targets, str):
         paths = [p for p, m in model.named_modules() if type(m) is Linear and p]
-        try:
-            fields_["target_modules"] = [p for p in paths if re.fullmatch(targets, p)]
-        except re.error as e:
-            problems.append(f"target_modules={targets!r} is not a valid regular expression: {e}")
+        fields_["target_modules"], found = paths_matching(targets, paths)
+        problems += found
     if problems:
         raise ValueError(
             f"load_vera: {path} is not a usable VeRA config:\n  " + "\n  ".join(problems)
