@@ -34,6 +34,7 @@ from minilora.variants.vera import (
     VERA_LEAVES,
     VeraConfig,
     apply_vera,
+    projection_problem,
     projection_shape,
     vera_layers,
     vera_targets,
@@ -121,6 +122,8 @@ def load_vera(model: Module, path) -> VeraConfig:
         if config.save_projection:
             expected[_PROJECTION_KEYS[0]] = (config.r, max_in)
             expected[_PROJECTION_KEYS[1]] = (max_out, config.r)
+        elif problem := projection_problem(config.r, max_out, max_in):  # drawn: not read
+            problems.append(problem)
     for key in sorted(tensors):
         if key not in expected:
             problems.append(f"unexpected key {key!r}")
