@@ -177,6 +177,51 @@ def test_sequence_longer_than_the_block_is_refused(capsys):
     assert "seq_len=2048 is larger than block_size=1024" in err
 
 
+# Beyond any real model (count.MAX_FLAG, count.MAX_PARAMS): refused, naming the flag, the
+# value and the bound; the counts printed for such a shape described nothing ("whole step:
+# 0.0%").
+SIZE_FLAGS = ["--n-layer", "--n-embd", "--n-head", "--vocab-size", "--block-size"]
+
+
+@pytest.mark.parametrize("flag", [*SIZE_FLAGS, "--batch-size", "--seq-len"])
+def test_an_integer_flag_beyond_any_real_model_is_refused_naming_it(capsys, flag):
+    with pytest.raises(SystemExit) as info:  # argparse: refused as the command line is read
+        main(["count", "--preset", "gpt2", flag, str(10**30)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: 1e+30 is more than 1,000,000,000, beyond any real model" in err
+    with pytest.raises(SystemExit):
+        main(["count", "--preset", "gpt2", flag, str(10**9 + 1)])
+    assert f"argument {flag}: 1000000001 is more than 1,000,000,000" in capsys.readouterr().err
+
+
+def test_the_flag_bound_itself_is_accepted(capsys):
+    rep = run_json(capsys, ["count", "--preset", "gpt2", "--batch-size", str(10**9)])
+    assert rep["batch_size"] == 10**9
+
+
+def test_a_shape_beyond_any_real_model_is_refused_naming_its_flags(capsys):
+    flags = ["--n-layer", "100000000", "--n-embd", "100000", "--n-head", "1"]
+    err = run_error(capsys, ["count", "--preset", "gpt2", *flags])
+    assert (
+        "--n-layer 100000000 --n-embd 100000 --n-head 1 gives a model of 1.2e+19 parameters, "
+        "more than 1e+15, beyond any real model"
+    ) in err
+
+
+@pytest.mark.parametrize(
+    "flag, value, key",
+    [
+        ("--r", "q_proj=4,q_proj=8", "q_proj"),  # the last value used to win silently
+        ("--r", "q_proj=4, v_proj=2,v_proj =2", "v_proj"),
+        ("--targets", "q_proj,v_proj,q_proj", "q_proj"),
+    ],
+)
+def test_a_key_given_twice_in_a_flag_is_refused_naming_it(capsys, flag, value, key):
+    err = run_error(capsys, ["count", "--preset", "gpt2", flag, value])
+    assert f"{flag}: {key} is given twice; give each once" in err
+
+
 def test_python_m_and_console_script_both_work():
     args = ["count", "--preset", "gpt2", "--r", "4", "--json"]
     out = subprocess.run(

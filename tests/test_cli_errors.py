@@ -26,8 +26,8 @@ BASE = demo.base_model_path()
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
-    """Hostile paths: a plain file, a folder, a symlink loop, a file of NaN weights, a
-    torn adapter, and a good adapter."""
+    """Hostile paths: a plain file, a folder, a symlink loop, a file of NaN weights
+    and a good adapter."""
     root = tmp_path_factory.mktemp("hostile")
     (root / "file.txt").write_text("not a model")
     (root / "folder").mkdir()
@@ -36,6 +36,9 @@ def files(tmp_path_factory) -> dict:
     model = demo.load_base()
     model.lm_head.weight.data[0, 0] = np.nan  # as a diverged training run leaves it
     model_files.save_model(model, root / "nan.safetensors")
+    flipped = bytearray(BASE.read_bytes())
+    flipped[-1] ^= 1  # one bit of the tensor data, flipped on disk or in transfer
+    (root / "flipped.safetensors").write_bytes(bytes(flipped))
     adapter = root / "adapter"
     assert (
         main(
@@ -81,6 +84,14 @@ BAD = {
         ["finetune", "--targets", ",", "--steps", "1", "--out", "{root}/a", "--no-progress"],
         "target_modules",
     ),
+    "finetune --targets twice": (
+        ["finetune", "--targets", "q_proj,v_proj,q_proj", "--steps", "1", "--out", "{root}/a"],
+        "--targets: q_proj is given twice",
+    ),
+    "vectors --case twice": (
+        ["vectors", "--check", "{root}/folder", "--case", "gelu", "--case", "gelu"],
+        "--case: gelu is given twice",
+    ),
     "eval --examples 0": (["eval", "--examples", "0"], "--examples"),
     "eval --threads 0": (["eval", "--threads", "0"], "--threads"),
     "eval --seed -1": (["eval", "--seed", "-1"], "--seed"),
@@ -116,6 +127,10 @@ BAD = {
     "model is /dev/zero": (["eval", "--model", "/dev/zero"], "not a regular file"),
     "model is not safetensors": (["eval", "--model", "{root}/file.txt"], "not a valid"),
     "model with NaN weights": (["eval", "--model", "{root}/nan.safetensors"], "lm_head.weight"),
+    "model with a flipped bit": (
+        ["eval", "--model", "{root}/flipped.safetensors"],
+        "flipped.safetensors is corrupt",
+    ),
     "adapter is a file": (["eval", "--adapter", "{root}/file.txt"], "is a file"),
     "adapter missing": (["eval", "--adapter", "{root}/none"], "no adapter folder"),
     "adapter is a symlink loop": (["eval", "--adapter", "{root}/loop_a"], "symbolic links"),
@@ -201,16 +216,6 @@ def test_a_multi_line_error_becomes_one_line(files, tmp_path, capsys):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     weights = files["adapter"] / "adapter_model.safetensors"
     (folder / "adapter_model.safetensors").write_bytes(weights.read_bytes())
-    # the recorded digest is of the original config: drop it to reach the config checks
-    tensors = safetensors_files.read_safetensors(folder / "adapter_model.safetensors", "t")[0]
-    safetensors_files.atomic_write(
-        [
-            (
-                folder / "adapter_model.safetensors",
-                safetensors_files.serialize(tensors, {"format": "pt"}),
-            )
-        ]
-    )
     status, err = run(capsys, ["eval", "--adapter", str(folder)])
     assert status == 2 and len(err.splitlines()) == 1
     assert "lora_bias=True" in err and "; " in err

@@ -191,6 +191,10 @@ BAD = {
         ["finetune", *M, *T, "--data", "{root}/notes.txt", "--block-size", "17"],
         "--block-size 17 is more than the model's block_size 16",
     ),
+    "--targets twice": (
+        ["finetune", *M, *T, "--data", "{root}/notes.txt", "--targets", "q_proj,fc2,q_proj"],
+        "--targets: q_proj is given twice",
+    ),
     "--held-out 0": (["finetune", *M, *T, "--data", "{root}/notes.txt", "--held-out", "0"], "0 is"),
     "--held-out 1.5": (
         ["finetune", *M, *T, "--data", "{root}/notes.txt", "--held-out", "1.5"],

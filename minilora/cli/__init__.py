@@ -1,6 +1,7 @@
 """The ``minilora`` command: ``minilora <command> --help`` explains each one. This file
 builds the parser from the command groups (jobs, count, vectors, course; shared options in
-options.py) and runs a command, turning bad input into one line and exit status 2."""
+options.py) and runs a command, turning bad input into one line and exit status 2, and
+Ctrl-C into one line and exit status 130."""
 
 from __future__ import annotations
 
@@ -54,3 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, RuntimeError) as e:  # bad input: a message, not a trace
             print(f"{prefix}: error: {_one_line(e)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C: every file is written atomically, so none is partial
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports it

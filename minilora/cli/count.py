@@ -8,8 +8,17 @@ import argparse
 import json
 import sys
 
+from minilora.cli.options import comma_items, int_option
 from minilora.lora import BIAS_MODES
 from minilora.study import accounting
+
+# Bounds beyond any real model (the largest published ones have about 2·10^12 parameters,
+# a few hundred layers, widths of tens of thousands): an integer flag above MAX_FLAG, or a
+# shape with more than MAX_PARAMS parameters, is refused, naming it. Past them the counts
+# describe nothing real, and the ratios printed lose their meaning ("whole step: 0.0%").
+MAX_FLAG = 10**9
+MAX_PARAMS = 10**15
+count_int = int_option(1, MAX_FLAG, ", beyond any real model")
 
 
 def add_count_command(sub) -> None:
@@ -26,7 +35,8 @@ def add_count_command(sub) -> None:
     p.add_argument("--preset", help=f"a real model shape: {names}")
     shape = p.add_argument_group("shape (instead of, or overriding, a preset)")
     for flag in ("n-layer", "n-embd", "n-head", "vocab-size", "block-size"):
-        shape.add_argument(f"--{flag}", type=int, metavar="N", help=f"{flag} of the model")
+        help = f"{flag} of the model (at most {MAX_FLAG:,})"
+        shape.add_argument(f"--{flag}", type=count_int, metavar="N", help=help)
     shape.add_argument(
         "--model-bias",
         action=argparse.BooleanOptionalAction,
@@ -76,9 +86,11 @@ def add_count_command(sub) -> None:
         choices=list(accounting.DTYPE_BYTES),
         help="one dtype for weights, gradients, optimizer state and activations (default: float32)",
     )
-    run.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
     run.add_argument(
-        "--seq-len", type=int, default=None, help="tokens per sequence (default: block size)"
+        "--batch-size", type=count_int, default=1, help="sequences per step (default 1)"
+    )
+    run.add_argument(
+        "--seq-len", type=count_int, default=None, help="tokens per sequence (default: block size)"
     )
     run.add_argument(
         "--optimizer",
@@ -105,7 +117,8 @@ def _cmd_count(args) -> int:
     try:
         shape = resolve_shape(args.preset, **flags)
         r = parse_ranks(args.r)
-        spec = accounting.LoRASpec(args.targets, r, args.bias, args.lora_dropout)
+        targets = None if args.targets is None else comma_items("--targets", args.targets)
+        spec = accounting.LoRASpec(targets, r, args.bias, args.lora_dropout)
         rep = accounting.report(
             shape, spec, args.dtype, args.batch_size, args.seq_len, args.optimizer
         )
@@ -122,25 +135,36 @@ def _cmd_count(args) -> int:
 def resolve_shape(preset: str | None = None, **flags) -> accounting.Preset | accounting.ModelShape:
     """A preset by name, a shape from ``ModelShape`` fields, or a preset with some fields
     overridden (then no longer the published model: a plain ``ModelShape``). Fields given
-    as None are ignored; without a preset every size field is required."""
+    as None are ignored; without a preset every size field is required. A shape of more
+    than ``MAX_PARAMS`` parameters is refused, naming the flags that give it."""
     given = {k: v for k, v in flags.items() if v is not None}
+    sizes = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")
     if preset is not None:
         found = accounting.get_preset(preset)
-        return accounting.ModelShape(**{**found.shape.to_dict(), **given}) if given else found
-    sizes = ("n_layer", "n_embd", "n_head", "vocab_size", "block_size")
-    missing = [k for k in sizes if k not in given]
-    if missing:
-        names = ", ".join("--" + k.replace("_", "-") for k in missing)
+        shape = accounting.ModelShape(**{**found.shape.to_dict(), **given}) if given else found
+    else:
+        missing = [k for k in sizes if k not in given]
+        if missing:
+            names = ", ".join("--" + k.replace("_", "-") for k in missing)
+            raise ValueError(
+                f"give --preset ({', '.join(accounting.PRESETS)}) or every shape flag; "
+                f"missing: {names}"
+            )
+        shape = accounting.ModelShape(**given)
+    total = accounting.total_params(shape)
+    if total > MAX_PARAMS:
+        named = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items() if k in sizes)
         raise ValueError(
-            f"give --preset ({', '.join(accounting.PRESETS)}) or every shape flag; missing: {names}"
+            f"{named} gives a model of {total:.3g} parameters, more than {MAX_PARAMS:.0e}, "
+            "beyond any real model (GPT-3 has 1.75e11); check the shape flags"
         )
-    return accounting.ModelShape(**given)
+    return shape
 
 
 def parse_ranks(text: str):
     """``"4"`` -> 4; ``"q_proj=4,v_proj=8"`` -> ``{"q_proj": 4, "v_proj": 8}``. A value that
     is not an integer is kept as text, so that :meth:`LoRASpec.ranks` refuses it with a
-    message naming the module and its shape."""
+    message naming the module and its shape; a module named twice is refused."""
 
     def number(value: str):
         value = value.strip()
@@ -149,7 +173,7 @@ def parse_ranks(text: str):
     if "=" not in text:
         return number(text)
     ranks = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in comma_items("--r", text, key=lambda item: item.partition("=")[0].strip()):
         name, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--r: {item!r} should look like name=rank, e.g. q_proj=4")

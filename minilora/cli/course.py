@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minilora.cli.options import check_out, non_negative_int
+from minilora.cli.options import add_overwrite_option, check_out, non_negative_int
 from minilora.course import assignments, grading
 from minilora.interop import safetensors_files
 
@@ -41,6 +41,7 @@ def _add_assignments_command(sub) -> None:
     )
     q.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
     q.add_argument("--out", required=True, metavar="ZIP", help="(required) zip file to write")
+    add_overwrite_option(q)
     q.set_defaults(func=_cmd_assignments_autograder)
 
 
@@ -83,7 +84,7 @@ def _cmd_assignments_list(args) -> int:
 
 def _cmd_assignments_make(args) -> int:
     assignment = assignments.get_assignment(args.name)
-    out = check_out(args.out, "folder")
+    out = check_out(args.out, "folder", overwrite=True)  # make_copy never replaces a copy
     package = assignments.make_copy(args.name, out)
     print(
         f"wrote {package}: minilora with the {len(assignment.tasks)} tasks of {args.name} "
@@ -94,7 +95,7 @@ def _cmd_assignments_make(args) -> int:
 
 def _cmd_assignments_autograder(args) -> int:
     assignments.get_assignment(args.name)
-    out = check_out(args.out, "file")
+    out = check_out(args.out, "file", args.overwrite)
     safetensors_files.atomic_write([(out, assignments.autograder_zip(args.name))])
     print(f"wrote {out}: a Gradescope autograder for {args.name} (upload it as a zip file)")
     return 0
@@ -103,7 +104,7 @@ def _cmd_assignments_autograder(args) -> int:
 def _cmd_grade(args) -> int:
     for flag in ("json", "gradescope"):
         if getattr(args, flag):
-            check_out(getattr(args, flag), "file")
+            check_out(getattr(args, flag), "file", overwrite=True)  # a report, made again
     report = grading.grade(args.name, args.dir, args.task, args.seed, args.extra_tests)
     print(report.format())
     for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from minilora import backend
 from minilora.cli.options import (
+    add_overwrite_option,
     add_run_options,
     check_out,
+    comma_items,
     non_negative_float,
     positive_float,
     positive_int,
@@ -170,6 +172,7 @@ def _add_merge_command(sub) -> None:
     )
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--out", required=True, help="merged model file to write")
+    add_overwrite_option(p)
     p.set_defaults(func=_cmd_merge)
 
 
@@ -251,7 +254,7 @@ def _load(args):
 
 
 def _cmd_demo(args) -> int:
-    out = check_out(args.out if args.out is not None else "minilora-demo", "folder")
+    out = check_out(args.out if args.out is not None else "minilora-demo", "folder", args.overwrite)
     set_up_run(args)
     settings = (
         demo.DemoSettings.quick(args.seed) if args.quick else demo.DemoSettings(seed=args.seed)
@@ -261,7 +264,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    out = check_out(args.out if args.out is not None else "minilora-compare", "folder")
+    out = check_out(
+        args.out if args.out is not None else "minilora-compare", "folder", args.overwrite
+    )
     set_up_run(args)
     settings = (
         compare.CompareSettings.quick(args.seed)
@@ -273,7 +278,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    out = check_out(args.out, "file")
+    out = check_out(args.out, "file", args.overwrite)
     set_up_run(args)
     recipe = demo.PretrainRecipe(steps=args.steps, seed=args.seed)
     model, history = demo.pretrain(recipe, args.device, not args.no_progress)
@@ -297,7 +302,7 @@ def _cmd_finetune(args) -> int:
         raise ValueError(
             "--out is required: an adapter folder (lora) or a model file (full) to write"
         )
-    check_out(args.out, "folder" if method == "lora" else "file")  # before training
+    check_out(args.out, "folder" if method == "lora" else "file", args.overwrite)  # before training
     set_up_run(args)
     base = (
         model_files.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
@@ -308,7 +313,7 @@ def _cmd_finetune(args) -> int:
         batch_size=args.batch_size or DIGIT_DEFAULTS["batch_size"],
         lr_full=defaults.lr_full if args.lr is None else args.lr,
         lr_lora=defaults.lr_lora if args.lr is None else args.lr,
-        targets=tuple(t for t in args.targets.split(",") if t),
+        targets=tuple(comma_items("--targets", args.targets)),
         seed=args.seed,
     )
     task = args.task or DOWNSTREAM_TASK
@@ -330,7 +335,7 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    check_out(args.out, "file")
+    check_out(args.out, "file", args.overwrite)
     base = model_files.load_model(args.base) if args.base else demo.load_base()
     peft_adapters.load_adapter(base, args.adapter)
     merged = merge_and_unload(base)

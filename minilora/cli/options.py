@@ -14,8 +14,9 @@ from minilora import backend, fast
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # never written to (its base model is shipped)
 
 
-def int_option(least: int):
-    """An argparse type: an integer, at least ``least``."""
+def int_option(least: int, most: int | None = None, beyond: str = ""):
+    """An argparse type: an integer, at least ``least`` and, when given, at most ``most``
+    (``beyond`` says what a larger value would mean, for the message)."""
 
     def parse(text: str) -> int:
         try:
@@ -24,6 +25,9 @@ def int_option(least: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        if most is not None and value > most:
+            shown = text.strip() if len(text.strip()) <= 20 else f"{value:.3g}"
+            raise argparse.ArgumentTypeError(f"{shown} is more than {most:,}{beyond}")
         return value
 
     return parse
@@ -61,6 +65,24 @@ def fraction(text: str) -> float:
     return value
 
 
+def comma_items(flag: str, text: str, key=None) -> list[str]:
+    """The comma-separated items of ``flag``'s value, stripped, empty ones dropped. An item
+    whose key (``key(item)``, default the item) repeats an earlier one is refused, naming
+    the flag and the key: a later value would otherwise silently replace the first."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    refuse_repeats(flag, [item if key is None else key(item) for item in items])
+    return items
+
+
+def refuse_repeats(flag: str, keys: list[str]) -> None:
+    """Refuse a key given twice in one flag, naming the flag and the key."""
+    seen = set()
+    for k in keys:
+        if k in seen:
+            raise ValueError(f"{flag}: {k} is given twice; give each once")
+        seen.add(k)
+
+
 def add_run_options(p, out_help: str | None = None) -> None:
     """Flags every training or inference command shares (and --out, when it writes)."""
     p.add_argument(
@@ -83,6 +105,17 @@ def add_run_options(p, out_help: str | None = None) -> None:
     )
     if out_help:
         p.add_argument("--out", required=out_help.startswith("(required)"), help=out_help)
+        add_overwrite_option(p)
+
+
+def add_overwrite_option(p) -> None:
+    """--overwrite, for a command whose --out may already exist (see :func:`check_out`)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write --out even when it exists (a file) or is not empty (a folder); without "
+        "it such an --out is refused before any work",
+    )
 
 
 def set_up_run(args) -> None:
@@ -92,9 +125,10 @@ def set_up_run(args) -> None:
     backend.check_device(args.device)
 
 
-def check_out(path, kind: str) -> Path:
+def check_out(path, kind: str, overwrite: bool) -> Path:
     """Refuse an output path before any work: inside the installed package, of the wrong
-    kind (``kind`` is "file" or "folder"), or where we cannot write."""
+    kind (``kind`` is "file" or "folder"), where we cannot write, or, unless ``overwrite``,
+    a file that exists or a folder that is not empty (nothing is replaced without a word)."""
     out = Path(path)
     if out.resolve().is_relative_to(PACKAGE_DIR):
         raise ValueError(
@@ -105,6 +139,12 @@ def check_out(path, kind: str) -> Path:
         raise ValueError(f"--out {out} is a folder; expected a file name such as model.safetensors")
     if out.exists() and kind == "folder" and not out.is_dir():
         raise ValueError(f"--out {out} is a file; expected a folder")
+    if out.exists() and not overwrite and (kind == "file" or any(out.iterdir())):
+        what = "exists" if kind == "file" else "is a folder that is not empty"
+        raise ValueError(
+            f"--out {out} {what}; pass --overwrite to replace "
+            + ("it" if kind == "file" else "the files of the same name in it")
+        )
     # the nearest existing folder is where the file or the new folders will be made
     parent = out if kind == "folder" else out.parent
     while not parent.exists() and parent != parent.parent:

@@ -7,7 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from minilora import backend
-from minilora.cli.options import check_out, fraction, positive_int, refuse_mixed, set_up_run
+from minilora.cli.options import (
+    check_out,
+    comma_items,
+    fraction,
+    positive_int,
+    refuse_mixed,
+    set_up_run,
+)
 from minilora.data import IGNORE_INDEX
 from minilora.interop import hf_gpt2, model_files, peft_adapters
 from minilora.lora import LoRAConfig
@@ -104,7 +111,7 @@ def fine_tune_on_text(args) -> int:
         raise ValueError(
             "--data needs --base: a minilora model file or a Hugging Face GPT-2 folder"
         )
-    out = check_out(args.out if args.out is not None else TEXT_ADAPTER, "folder")
+    out = check_out(args.out if args.out is not None else TEXT_ADAPTER, "folder", args.overwrite)
     corpus.check_data_path(args.data)  # before loading a model that may take a while
     set_up_run(args)
     model, tokenizer = _text_model(args, args.base)
@@ -117,7 +124,7 @@ def fine_tune_on_text(args) -> int:
     config = LoRAConfig(
         r=args.r,
         lora_alpha=2 * args.r if args.alpha is None else args.alpha,
-        target_modules=[t for t in args.targets.split(",") if t],
+        target_modules=comma_items("--targets", args.targets),
     )
     hf_gpt2.check_targets(model, config.target_modules, "--targets")  # before any training
     held_out = TEXT_HELD_OUT if args.held_out is None else args.held_out
@@ -136,6 +143,8 @@ def fine_tune_on_text(args) -> int:
         args.batch_size or TEXT_DEFAULTS["batch_size"],
         args.seed,
         not args.no_progress,
+        # refuse now, not after the last step, an adapter that save_adapter would refuse
+        before_training=lambda adapted: peft_adapters.adapter_files(adapted, config),
     )
     after = corpus.held_out_loss(model, x, y)
     peft_adapters.save_adapter(model, out, config)

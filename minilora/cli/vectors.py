@@ -4,7 +4,7 @@ docs/porting.md)."""
 
 from __future__ import annotations
 
-from minilora.cli.options import check_out
+from minilora.cli.options import add_overwrite_option, check_out, refuse_repeats
 
 
 def add_vectors_command(sub) -> None:
@@ -35,6 +35,7 @@ def add_vectors_command(sub) -> None:
         help="with --check: check only this case (repeatable), for a port in progress",
     )
     p.add_argument("--quiet", action="store_true", help="with --check: print only failures")
+    add_overwrite_option(p)
     p.set_defaults(func=_cmd_vectors)
 
 
@@ -42,13 +43,14 @@ def _cmd_vectors(args) -> int:
     from minilora.interop import vectors  # builds its cases on import
 
     if args.out:
-        check_out(args.out, "folder")
+        check_out(args.out, "folder", args.overwrite)
         manifest = vectors.write_vectors(args.out, seed=args.seed, dtype=args.dtype)
         print(
             f"wrote {len(manifest['cases'])} cases ({args.dtype}, seed {args.seed}) and "
             f"{vectors.MANIFEST_NAME} to {args.out}"
         )
         return 0
+    refuse_repeats("--case", args.case or [])
     report = vectors.check_vectors(args.check, cases=args.case)
     lines = report.format().splitlines()
     if args.quiet:

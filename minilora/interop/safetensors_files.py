@@ -2,13 +2,19 @@
 
 ``serialize`` gives canonical bytes (the same tensors give the same bytes); the checked
 readers refuse a truncated or corrupt file, a dtype minilora does not use, NaN or infinite
-values, a device or a pipe, naming the file; ``atomic_write`` moves fully written, fsync'ed
-temporary files into place. Why and how: docs/porting.md, "Conventions".
+values, a device or a pipe, naming the file; every file ``serialize`` writes records the
+SHA-256 of its tensor data, which the readers check (:func:`check_data_sha256`);
+``atomic_write`` moves fully written, fsync'ed temporary files into place, several files as
+one commit (a journal, completed on the next save or load when a process was killed after
+its commit point). Why and how: docs/porting.md, "Conventions", "Checksums" and "The files
+of a save are one commit".
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -39,14 +45,54 @@ def serialize(tensors: dict, metadata: dict) -> bytes:
     ``__metadata__`` is a Rust HashMap whose key order changes from call to call. We
     re-emit the header with sorted keys; data offsets are relative to the end of the
     header, so the data bytes stay valid. The header is padded with spaces to a multiple
-    of 8 bytes, as the library does, so the data stays aligned.
+    of 8 bytes, as the library does, so the data stays aligned. The metadata gains
+    ``DATA_SHA256_KEY``: the SHA-256 of the data section (see :func:`check_data_sha256`).
     """
     raw = safetensors.numpy.save(tensors, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
+    digest = data_sha256(io.BytesIO(raw), 8 + n)
+    header["__metadata__"] = {**header.get("__metadata__", {}), DATA_SHA256_KEY: digest}
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
+# ======================================================================================
+# Checksum of the tensor data
+# ======================================================================================
+
+# The metadata key of the checksum: the lowercase hex SHA-256 of the file's data section,
+# every byte after the header (the tensors' raw bytes in offset order). safetensors has no
+# checksum of its own, so a bit flipped on disk or in transfer would load without a word.
+DATA_SHA256_KEY = "minilora.data_sha256"
+
+
+def data_sha256(f, data_start: int) -> str:
+    """The hex SHA-256 of everything from byte ``data_start`` to the end of the binary
+    file object ``f``: a safetensors file's data section. Reads 1 MiB at a time."""
+    f.seek(data_start)
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_data_sha256(path: Path, caller: str) -> None:
+    """Refuse a safetensors file whose data section does not hash to the SHA-256 recorded
+    under ``DATA_SHA256_KEY`` when it was written, naming the file. A file without the key
+    (written by PEFT, transformers or an older minilora) passes unchecked. The header must
+    have been validated first (:func:`read_header`, or the safetensors library)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        expected = (json.loads(f.read(n)).get("__metadata__") or {}).get(DATA_SHA256_KEY)
+        if expected is None or data_sha256(f, 8 + n) == expected:
+            return
+    raise ValueError(
+        f"{caller}: {path} is corrupt: its tensor data does not match the SHA-256 recorded "
+        f"when it was written ({DATA_SHA256_KEY}), so some bytes changed on disk or in "
+        "transfer (bit flips?); restore it from a good copy"
+    )
 
 
 def read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:
@@ -104,8 +150,11 @@ def read_tensors(path: Path, caller: str, entries, data_start: int, half_to_floa
 
     NaN and infinite values are refused, naming the tensor: no trained model holds them,
     and loading them would only print "loss nan" later. With ``half_to_float32`` (adapters)
-    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning.
+    float16 and bfloat16 tensors are upcast to float32 (exactly), with a warning. A file
+    whose data does not match its recorded checksum is refused first (a flipped bit can
+    also make a NaN: the message names the real cause).
     """
+    check_data_sha256(path, caller)
     try:
         with open(path, "rb") as f:  # in the file's order: one pass over it
             tensors = {name: _read_tensor(f, data_start, v) for name, v in entries}
@@ -173,43 +222,110 @@ def check_destination(path: Path, caller: str) -> Path:
 # Temporary files are named ".<destination name>.minilora-tmp-<random>", beside the
 # destination; a process killed mid-save leaves one, removed by the next save there.
 _TEMP_MARK = ".minilora-tmp-"
+# The commit record of a save of several files, in their folder (see atomic_write)
+JOURNAL_NAME = ".minilora-journal.json"
 
 
 def atomic_write(files: list[tuple[Path, bytes]]) -> None:
     """Write each (destination, bytes) to a temporary file beside it, flushed and fsync'ed,
     then move them into place with ``os.replace``. Nothing is replaced until every
-    temporary file is complete; on any error the temporary files are removed and the
+    temporary file is complete; an error before then removes the temporary files and the
     destinations keep their previous content.
+
+    Several files (an adapter's config and weights, a vector set) are one commit, as a
+    database commits a transaction: they must share a folder, and once every temporary
+    file is complete a journal naming them (``JOURNAL_NAME``, itself written to a
+    temporary name and renamed) is the commit point. Then the files are replaced and the
+    journal removed. A process killed before the journal exists leaves the old files; one
+    killed after it leaves a journal that :func:`finish_interrupted_write` (called by the
+    next save and by the loaders) completes, so the folder holds the new files. Never a mix.
 
     A destination that is a symbolic link is written through to its target (the link
     stays a link); one that is not a regular file (a device, a pipe) is refused.
     Temporary files a killed save left beside a destination are removed first (two
     processes saving to the same file at once are not supported: one fails).
-
-    (With several files there is still a short window between the replaces in which a
-    crash leaves a new file beside an old one; each file on its own is never partial.
-    ``save_adapter`` records a digest that makes such a pair refused on load.)
     """
+    folders = {Path(dest).parent for dest, _ in files}
+    if len(folders) != 1:
+        raise ValueError(f"atomic_write: the files of one commit must share a folder: {folders}")
+    folder = folders.pop()
+    if len(files) > 1:
+        finish_interrupted_write(folder, "atomic_write")  # before its temporary files go
+    names = [Path(dest).name for dest, _ in files]
     files = [(Path(os.path.realpath(dest)), data) for dest, data in files]
     for dest, _ in files:
         if dest.exists() and not dest.is_file():  # /dev/null, a pipe: never replace one
             raise ValueError(f"{dest} exists and is not a regular file; refusing to replace it")
-    for dest, _ in files:
+    written = [dest for dest, _ in files]
+    if len(files) > 1:
+        written.append(folder / JOURNAL_NAME)  # a journal a killed save was writing
+    for dest in written:
         stale = glob.escape(str(dest.parent / f".{dest.name}{_TEMP_MARK}")) + "*"
         for leftover in glob.glob(stale):
             _remove_quietly(leftover)
-    pending = []  # temporary paths not yet moved into place
+    pending = []  # (temporary path, destination), not yet moved into place
+    committed = False
     try:
         for dest, data in files:
             pending.append((_write_temp(dest, data), dest))
-        while pending:
-            tmp, dest = pending[0]
+        if len(pending) > 1:  # the commit point: from here on the new files are the truth
+            record = {name: Path(tmp).name for name, (tmp, _) in zip(names, pending, strict=True)}
+            _write_journal(folder, record)
+            committed = True
+        for tmp, dest in pending:
             os.replace(tmp, dest)
-            pending.pop(0)
             _fsync_dir(dest.parent)
     finally:
-        for tmp, _ in pending:
-            _remove_quietly(tmp)
+        if not committed:  # an error before the commit point (or one file): nothing left
+            for tmp, _ in pending:
+                _remove_quietly(tmp)
+    if committed:
+        os.remove(folder / JOURNAL_NAME)
+        _fsync_dir(folder)
+
+
+def _write_journal(folder: Path, record: dict) -> None:
+    """{destination name: temporary file name}, as ``folder``'s journal, durably."""
+    data = (json.dumps({"minilora_journal": record}, sort_keys=True) + "\n").encode()
+    tmp = _write_temp(folder / JOURNAL_NAME, data)
+    try:
+        os.replace(tmp, folder / JOURNAL_NAME)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def finish_interrupted_write(folder, caller: str) -> None:
+    """Complete a save of several files to ``folder`` that was killed after its commit
+    point (:func:`atomic_write`): move the temporary files its journal names into place,
+    then remove the journal. Nothing to do without a journal. A journal that is not one
+    minilora wrote is refused (ValueError naming it), never followed: it may only move a
+    destination's own temporary file onto that destination, in ``folder``."""
+    journal = Path(folder) / JOURNAL_NAME
+    if not os.path.lexists(journal):
+        return
+    data = backend.read_file(journal, caller, "a JSON file", backend.JSON_LIMIT)
+    try:
+        record = json.loads(data)["minilora_journal"]
+        moves = []
+        for name, tmp_name in record.items():
+            plain = all(n == Path(n).name and n not in ("", ".", "..") for n in (name, tmp_name))
+            dest = Path(os.path.realpath(Path(folder) / name))
+            if not plain or not tmp_name.startswith(f".{dest.name}{_TEMP_MARK}"):
+                raise ValueError(f"{name!r}: {tmp_name!r}")
+            moves.append((dest.parent / tmp_name, dest))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(
+            f"{caller}: {journal} is not the journal of a minilora save ({e}); it was not "
+            "followed: remove it if you know where it comes from"
+        ) from None
+    for tmp, dest in moves:
+        if os.path.lexists(tmp):  # else already moved before the save was killed
+            os.replace(tmp, dest)
+            _fsync_dir(dest.parent)
+    os.remove(journal)
+    _fsync_dir(Path(folder))
 
 
 def _write_temp(dest: Path, data: bytes) -> str:

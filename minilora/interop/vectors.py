@@ -38,7 +38,12 @@ import safetensors.numpy
 from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
-from minilora.interop.safetensors_files import atomic_write, serialize
+from minilora.interop.safetensors_files import (
+    atomic_write,
+    check_data_sha256,
+    finish_interrupted_write,
+    serialize,
+)
 from minilora.lora import LoRAConfig, LoRALinear, apply_lora, lora_scaling
 from minilora.model import GPT, GPTConfig
 
@@ -578,11 +583,13 @@ def _read_set_file(path: Path) -> dict:
     data = backend.read_file(path, "vectors --check", "a .safetensors file")
     try:
         safetensors.deserialize(data)
-        return safetensors.numpy.load(data)
+        tensors = safetensors.numpy.load(data)
     except BaseException as e:  # a Rust panic surfaces as a BaseException subclass
         if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    check_data_sha256(path, "vectors --check")
+    return tensors
 
 
 def _read_manifest(folder: Path) -> dict:
@@ -638,6 +645,8 @@ def check_vectors(folder, cases=None) -> VectorReport:
     ``FileNotFoundError`` when the folder is not a vector set at all.
     """
     folder = Path(folder)
+    if folder.is_dir():  # a set whose writing was killed after its commit point: complete it
+        finish_interrupted_write(folder, "vectors --check")
     manifest = _read_manifest(folder)
     seed, dtype = manifest.get("seed"), manifest.get("dtype")
     if dtype not in TOLERANCES:

@@ -4,6 +4,8 @@ minilora/variants/vera.py).
 ``adapter_config.json`` with ``"peft_type": "VERA"``, and ``adapter_model.safetensors`` with
 ``base_model.model.<path>.vera_lambda_b`` / ``.vera_lambda_d`` and, with ``save_projection``
 (PEFT's default), ``base_model.vera_A`` and ``base_model.vera_B``. The math: docs/math.md#vera.
+A save is one commit, as an adapter's (minilora/interop/peft_adapters.py): the old adapter
+or the new one, whenever the process dies.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from minilora.interop.peft_config import (
 )
 from minilora.interop.safetensors_files import (
     atomic_write,
+    finish_interrupted_write,
     read_safetensors,
     serialize,
 )
@@ -48,7 +51,7 @@ _HARMLESS = PEFT_BOOKKEEPING | {"init_weights"}  # init only: the trained vector
 
 def save_vera(model: Module, path, config: VeraConfig) -> None:
     """Write the model's VeRA adapter as PEFT does: λ vectors per layer, and the shared
-    projections when ``config.save_projection``. Both files are written atomically."""
+    projections when ``config.save_projection``. The two files are one commit."""
     if not isinstance(config, VeraConfig):
         raise TypeError(f"save_vera: config must be a VeraConfig, got {type(config).__name__}")
     layers = vera_layers(model)
@@ -103,6 +106,7 @@ def load_vera(model: Module, path) -> VeraConfig:
         raise FileNotFoundError(f"load_vera: no adapter folder at {folder}") from None
     if not stat.S_ISDIR(mode):
         raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
+    finish_interrupted_write(folder, "load_vera")  # a save killed after its commit point
     config_path = folder / ADAPTER_CONFIG_NAME
     data = backend.read_file(config_path, "load_vera", "a JSON file", backend.JSON_LIMIT)
     config = _read_vera_config(config_path, data, model)

@@ -21,6 +21,7 @@ Two kinds of file, each with a held-out part that training never sees:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from minilora import backend
@@ -244,12 +245,17 @@ def fine_tune_lora_on_text(
     batch_size: int,
     seed: int = 0,
     progress: bool = True,
+    before_training: Callable | None = None,
 ) -> list[dict]:
     """LoRA fine-tuning of ``model`` in place on ``data`` (a :class:`TokenStream` or
     :class:`PromptResponse`): ``apply_lora`` with ``config``, AdamW on the adapter only,
-    a cosine schedule with a short warm-up. Returns the history of :func:`train.train`."""
+    a cosine schedule with a short warm-up. Returns the history of :func:`train.train`.
+    ``before_training(model)`` is called once the LoRA layers are in, before the first
+    step (``minilora finetune`` checks there that the adapter it trains can be saved)."""
     manual_seed(seed)  # the adapter's initialisation
     apply_lora(model, config)
+    if before_training is not None:
+        before_training(model)
     history, _ = fine_tune(
         model, data, steps, lr, batch_size, seed=seed, progress=progress, desc=f"lora r={config.r}"
     )
