@@ -199,7 +199,7 @@ def test_a_corrupt_file_is_refused_naming_it(tmp_path, content, fragment):
 def test_a_missing_file_or_a_folder_is_refused_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         BPETokenizer.from_file(tmp_path / "none.json")
-    assert info.value.filename == str(tmp_path / "none.json")
+    assert f"no such file: {tmp_path / 'none.json'}" in str(info.value)
     with pytest.raises(ValueError, match="is a folder"):
         BPETokenizer.from_file(tmp_path)
     with pytest.raises(ValueError, match="is a folder"):

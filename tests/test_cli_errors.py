@@ -265,6 +265,6 @@ def test_console_script_shows_no_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "minilora eval: error: load_model: /dev/zero is not a regular file (a device, pipe or "
-        "socket?)"
+        "minilora eval: error: load_model: /dev/zero is not a regular file: it is a character "
+        "device; reading it could block or never end"
     ]

@@ -158,7 +158,7 @@ def test_a_base_folder_supplies_its_tokenizer(root, tmp_path, monkeypatch, capsy
 # (argv with {root} for the fixture's folder, a fragment the error line must contain)
 M, T = ["--base", "{root}/model.safetensors"], ["--tokenizer", "{root}/tokenizer.json"]
 BAD = {
-    "missing data": (["finetune", *M, *T, "--data", "{root}/none.txt"], "is not a file"),
+    "missing data": (["finetune", *M, *T, "--data", "{root}/none.txt"], "no such file"),
     "data of another kind": (["finetune", *M, *T, "--data", "{root}/notes.csv"], "expected .txt"),
     "a bad JSONL line": (["finetune", *M, *T, "--data", "{root}/bad.jsonl"], "line 2 is not JSON"),
     "an example too long": (
@@ -177,7 +177,7 @@ BAD = {
     ),
     "a missing tokenizer": (
         ["finetune", *M, "--tokenizer", "{root}/none.json", "--data", "{root}/notes.txt"],
-        "No such file or directory",
+        "no such file",
     ),
     "a corrupt tokenizer": (
         ["finetune", *M, "--tokenizer", "{root}/corrupt.json", "--data", "{root}/notes.txt"],

@@ -193,7 +193,7 @@ def test_load_text_data_refuses_other_extensions_missing_files_and_a_tokenizer_w
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match=r"extension '.csv'; expected .txt \(plain text\)"):
         load_text_data(tmp_path / "a.csv", tokenizer, 8)
-    with pytest.raises(ValueError, match="is not a file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         load_text_data(tmp_path / "none.txt", tokenizer, 8)
     (tmp_path / "a.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     no_end = BPETokenizer(tokenizer.vocab, [], {})

@@ -33,12 +33,12 @@ and peft_adapters.py's.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from minilora import backend
 from minilora.lora import LoRAConfig, is_target, lora_layers
 from minilora.model import GPTConfig
+from minilora.variants.patterns import paths_matching
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -130,8 +130,13 @@ def gpt2_shape_problems(shapes: dict, config: GPTConfig) -> tuple[set, list[str]
     """GPT-2's tensor shapes (by GPT-2 name, as the file's header gives them) against
     ``config``, before any tensor is read: (the names of the tensors that are parameters,
     every missing, unexpected or misshapen tensor). The parameters leave out the old
-    files' attention-mask buffers and a tied head written out."""
-    want = _gpt2_shapes(config)
+    files' attention-mask buffers and a tied head written out.
+
+    The layers are counted first: an n_layer beyond the file's is one problem, not a
+    missing tensor for each of a million layers (which took minutes to list)."""
+    names = [key.removeprefix("transformer.") for key in shapes]
+    held = len({name.split(".")[1] for name in names if name.startswith("h.")})
+    want = _gpt2_shapes(config, min(config.n_layer, held))
     found, problems = {}, []
     for key, shape in shapes.items():
         name = key.removeprefix("transformer.")
@@ -148,12 +153,16 @@ def gpt2_shape_problems(shapes: dict, config: GPTConfig) -> tuple[set, list[str]
         else:
             found[name] = key
     problems += [f"missing tensor {name!r}" for name in sorted(set(want) - set(found))]
+    if config.n_layer > held:
+        problems.append(
+            f"config.json says n_layer={config.n_layer}, but the file holds {held} layers"
+        )
     return set(found.values()), problems
 
 
-def _gpt2_shapes(config: GPTConfig) -> dict:
-    """{GPT-2 parameter name: shape} for ``config``."""
-    V, T, C, L = config.vocab_size, config.block_size, config.n_embd, config.n_layer
+def _gpt2_shapes(config: GPTConfig, L: int) -> dict:
+    """{GPT-2 parameter name: shape} for ``config``'s first ``L`` layers."""
+    V, T, C = config.vocab_size, config.block_size, config.n_embd
     want = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     for i in range(L):
         for ln in _LAYER_NORMS:
@@ -424,10 +433,10 @@ def _gpt2_chosen(convs: list[str], targets, layers: tuple) -> tuple[list[str], l
     if isinstance(targets, str) and targets.lower() == "all-linear":
         chosen = list(convs)  # PEFT leaves out the output layer lm_head
     elif isinstance(targets, str):
-        try:
-            chosen = [p for p in convs if re.fullmatch(targets, full[p])]
-        except re.error as e:
-            return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+        matched, problems = paths_matching(targets, list(full.values()))
+        if problems:
+            return [], problems
+        chosen = [p for p in convs if full[p] in matched]
     else:
         chosen = [p for p in convs if is_target(targets, full[p])]
         heads = [t for t in targets if is_target([t], "lm_head")]

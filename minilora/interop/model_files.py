@@ -9,6 +9,7 @@ is refused, naming every problem, before any model is built. Format: docs/portin
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from minilora.interop.safetensors_files import (
     atomic_write,
     check_destination,
     host_copy,
-    read_file,
     read_header,
     read_tensors,
     serialize,
@@ -129,7 +129,8 @@ def load_model(path, device: str = "cpu") -> GPT:
     """
     device = backend.check_device(device)
     path = Path(path)
-    if path.is_dir() and (path / hf_gpt2.CONFIG_NAME).exists():
+    # lexists: a dangling or looping config.json link is a GPT-2 folder, refused as such
+    if path.is_dir() and os.path.lexists(path / hf_gpt2.CONFIG_NAME):
         return _say_half_precision(_load_gpt2(path, device), path)
     if path.is_dir():
         hint = (
@@ -183,13 +184,13 @@ def _load_gpt2(folder: Path, device: str) -> GPT:
     """A Hugging Face GPT-2 folder as a minilora GPT; every tensor is checked against
     config.json before the model is built."""
     config_path, weights_path = folder / hf_gpt2.CONFIG_NAME, folder / hf_gpt2.WEIGHTS_NAME
-    text = read_file(config_path, "load_model")
+    text = backend.read_file(config_path, "load_model", "a JSON file", backend.JSON_LIMIT)
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"load_model: {config_path} is not valid JSON: {e}") from None
     config = hf_gpt2.gpt_config(raw, config_path)
-    if not weights_path.exists():
+    if not os.path.lexists(weights_path):  # a link is checked when it is read
         raise FileNotFoundError(
             f"load_model: {weights_path} does not exist (minilora reads one safetensors file: "
             "not pytorch_model.bin, a pickle it never loads, nor sharded weights; save with "
@@ -267,8 +268,8 @@ def _model_config(path: Path, text, shapes: dict) -> GPTConfig:
         if got != want:
             problems.append(f"config implies {name} of shape {want}, the file has {got}")
     blocks = {k.split(".")[1] for k in shapes if k.startswith("blocks.") and k.count(".") > 1}
-    want_blocks = {str(i) for i in range(config.n_layer)}
-    if blocks != want_blocks:
+    # blocks 0 to n_layer - 1, compared without listing n_layer of them (10**9 would not fit)
+    if len(blocks) != config.n_layer or blocks != {str(i) for i in range(len(blocks))}:
         problems.append(
             f"config says n_layer={config.n_layer} but the file has blocks {sorted(blocks)}"
         )

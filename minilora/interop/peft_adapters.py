@@ -34,7 +34,6 @@ from minilora.interop.safetensors_files import (
     atomic_write,
     finish_interrupted_write,
     host_copy,
-    read_file,
     read_safetensors,
     serialize,
 )
@@ -51,6 +50,7 @@ from minilora.lora import (
 from minilora.nn import Embedding, Linear, Module
 from minilora.variants import multi_adapter, pissa
 from minilora.variants.dora import DoRALinear
+from minilora.variants.patterns import paths_matching
 
 # The adapter's matrices, whose shapes say the rank (a Linear's, an embedding's)
 LORA_MATRICES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -153,7 +153,8 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
             f"use_dora={config.use_dora!r}"
         )
     fields, _ = read_adapter_config(
-        initial / ADAPTER_CONFIG_NAME, read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter")
+        initial / ADAPTER_CONFIG_NAME,
+        backend.read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter"),
     )
     saved = LoRAConfig(**fields)  # checked by read_adapter_config
     keys = ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern")
@@ -252,7 +253,7 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
         )
     finish_interrupted_write(folder, "load_adapter")
     config_path, weights_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
-    if not weights_path.exists():
+    if not os.path.lexists(weights_path):  # a link is checked when it is read
         hint = ""
         if (folder / "adapter_model.bin").exists():
             hint = (
@@ -261,7 +262,7 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
                 "safe_serialization=True))"
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
-    config_bytes = read_file(config_path, "load_adapter")
+    config_bytes = backend.read_file(config_path, "load_adapter", "a JSON file", backend.JSON_LIMIT)
     tensors, _ = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
     return config_path, config_bytes, tensors
 
@@ -345,10 +346,9 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
     if targets.lower() == "all-linear":
         adapts_head = any(key.startswith(f"{PEFT_PREFIX}lm_head.lora_") for key in tensors)
         return [p for p in paths if p != "lm_head" or adapts_head], []
-    try:
-        chosen = [p for p in paths + embeddings if re.fullmatch(targets, p)]
-    except re.error as e:
-        return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+    chosen, problems = paths_matching(targets, paths + embeddings)
+    if problems:
+        return [], problems
     if not chosen:
         return [], [
             f"target_modules={targets!r} (a regular expression over module paths) matches no "

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import os
-import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,6 +25,7 @@ import safetensors
 import safetensors.numpy
 
 from minilora import backend
+from minilora.backend import check_regular_file
 
 # The dtypes minilora computes in; anything else in a model file is refused, not
 # converted. Adapters may also be bfloat16 (NumPy has none): upcast to float32, with a warning.
@@ -93,25 +93,6 @@ def check_data_sha256(path: Path, caller: str) -> None:
         f"when it was written ({DATA_SHA256_KEY}), so some bytes changed on disk or in "
         "transfer (bit flips?); restore it from a good copy"
     )
-
-
-def read_file(path: Path, caller: str) -> bytes:
-    """The bytes of a regular file (see :func:`check_regular_file`)."""
-    check_regular_file(path, caller)
-    return path.read_bytes()
-
-
-def check_regular_file(path: Path, caller: str) -> None:
-    """Refuse a missing path, a folder, a device (/dev/zero), a pipe or a socket before it
-    is opened: reading one could block or never end."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{caller}: no such file: {path}") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{caller}: {path} is a folder, expected a file")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{caller}: {path} is not a regular file (a device, pipe or socket?)")
 
 
 def read_safetensors(path: Path, caller: str, half_to_float32: bool = False) -> tuple[dict, dict]:
@@ -324,7 +305,7 @@ def finish_interrupted_write(folder, caller: str) -> None:
     journal = Path(folder) / JOURNAL_NAME
     if not os.path.lexists(journal):
         return
-    data = read_file(journal, caller)
+    data = backend.read_file(journal, caller, "a JSON file", backend.JSON_LIMIT)
     try:
         record = json.loads(data)["minilora_journal"]
         moves = []

@@ -578,10 +578,9 @@ class VectorReport:
 
 
 def _read_set_file(path: Path) -> dict:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
+    # the library checks that the header's sizes end where the file does: a regular file
+    # is read up to its size, never past it
+    data = backend.read_file(path, "vectors --check", "a .safetensors file")
     try:
         safetensors.deserialize(data)
         tensors = safetensors.numpy.load(data)
@@ -597,10 +596,9 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"vectors --check: no folder at {folder}")
+    data = backend.read_file(path, "vectors --check", "a JSON file", backend.JSON_LIMIT)
     try:
-        manifest = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"vectors --check: {path} does not exist") from None
+        manifest = json.loads(data)
     except (ValueError, RecursionError) as e:
         raise ValueError(f"vectors --check: {path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

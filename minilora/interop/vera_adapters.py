@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -28,16 +27,17 @@ from minilora.interop.peft_config import (
 from minilora.interop.safetensors_files import (
     atomic_write,
     finish_interrupted_write,
-    read_file,
     read_safetensors,
     serialize,
 )
 from minilora.lora import is_target
 from minilora.nn import Linear, Module
+from minilora.variants.patterns import paths_matching
 from minilora.variants.vera import (
     VERA_LEAVES,
     VeraConfig,
     apply_vera,
+    projection_problem,
     projection_shape,
     vera_layers,
     vera_targets,
@@ -108,7 +108,8 @@ def load_vera(model: Module, path) -> VeraConfig:
         raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
     finish_interrupted_write(folder, "load_vera")  # a save killed after its commit point
     config_path = folder / ADAPTER_CONFIG_NAME
-    config = _read_vera_config(config_path, read_file(config_path, "load_vera"), model)
+    data = backend.read_file(config_path, "load_vera", "a JSON file", backend.JSON_LIMIT)
+    config = _read_vera_config(config_path, data, model)
     tensors, _ = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
     problems = []
     if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
@@ -125,6 +126,8 @@ def load_vera(model: Module, path) -> VeraConfig:
         if config.save_projection:
             expected[_PROJECTION_KEYS[0]] = (config.r, max_in)
             expected[_PROJECTION_KEYS[1]] = (max_out, config.r)
+        elif problem := projection_problem(config.r, max_out, max_in):  # drawn: not read
+            problems.append(problem)
     for key in sorted(tensors):
         if key not in expected:
             problems.append(f"unexpected key {key!r}")
@@ -171,10 +174,8 @@ def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
     targets = fields_.get("target_modules")
     if isinstance(targets, str):
         paths = [p for p, m in model.named_modules() if type(m) is Linear and p]
-        try:
-            fields_["target_modules"] = [p for p in paths if re.fullmatch(targets, p)]
-        except re.error as e:
-            problems.append(f"target_modules={targets!r} is not a valid regular expression: {e}")
+        fields_["target_modules"], found = paths_matching(targets, paths)
+        problems += found
     if problems:
         raise ValueError(
             f"load_vera: {path} is not a usable VeRA config:\n  " + "\n  ".join(problems)

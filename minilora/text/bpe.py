@@ -31,11 +31,12 @@ strings).
 
 from __future__ import annotations
 
+import heapq
 import json
-import math
-from pathlib import Path
 
 import regex  # the `regex` package: Python's `re` has no \p{L} (letter) or \p{N} (number)
+
+from minilora import backend
 
 # GPT-2's pre-tokenizer, as in its encoder.py and in tokenizers' ByteLevel: contractions,
 # letters, digits and other symbols, each with at most one leading space; then whitespace
@@ -131,7 +132,7 @@ class BPETokenizer:
         try:
             return cls(**read_tokenizer_json(path))
         except ValueError as e:
-            if str(e).startswith("tokenizer "):  # read_tokenizer_json's: it names the file
+            if str(e).startswith("tokenizer"):  # read_tokenizer_json's: it names the file
                 raise
             raise ValueError(f"tokenizer {path}: {e}") from None  # BPETokenizer's checks
 
@@ -176,10 +177,17 @@ class BPETokenizer:
         """The merge loop: ``word`` (bytes as characters, e.g. ``"Ġlower"``) -> its tokens.
 
         Start with one symbol per byte; while some adjacent pair has a rank, merge the pair
-        with the lowest rank, every occurrence of it, left to right."""
+        with the lowest rank (the leftmost of equal ones), as the tokenizers library does.
+
+        Searching every pair for the best after each merge would take time proportional to
+        the word's length squared (minutes for a 256,000-letter word); instead the pairs
+        wait in a heap ordered by (rank, position), and the symbols form a linked list, so
+        each merge costs a heap operation: ``n log n`` for ``n`` bytes. A merge changes
+        its two neighbouring pairs, so heap entries go stale; an entry is acted on only if
+        its pair is still there when it comes out of the heap."""
         if self.ignore_merges and word in self.vocab:
             return [word]
-        symbols = list(word)
+        symbols: list[str | None] = list(word)  # None: merged into the symbol on its left
         unknown = [s for s in symbols if s not in self.vocab]
         if unknown:
             byte = CHAR_TO_BYTE[unknown[0]]
@@ -188,23 +196,32 @@ class BPETokenizer:
                 "a byte-level vocabulary holds all 256 bytes (train with "
                 "initial_alphabet=ByteLevel.alphabet())"
             )
-        while len(symbols) > 1:
-            pairs = zip(symbols, symbols[1:], strict=False)
-            # the best adjacent pair; a pair never merged in training ranks last (inf)
-            rank, i = min((self.ranks.get(pair, math.inf), i) for i, pair in enumerate(pairs))
-            if rank == math.inf:
-                break  # nothing left to merge
-            first, second = symbols[i], symbols[i + 1]
-            merged, j = [], 0
-            while j < len(symbols):
-                if symbols[j] == first and j + 1 < len(symbols) and symbols[j + 1] == second:
-                    merged.append(first + second)
-                    j += 2
-                else:
-                    merged.append(symbols[j])
-                    j += 1
-            symbols = merged
-        return symbols
+        n = len(symbols)
+        before = list(range(-1, n - 1))  # the position of the symbol on the left (-1: none)
+        after = [*range(1, n), -1]  # the position of the symbol on the right (-1: none)
+        heap: list[tuple[int, int, str, str]] = []  # (rank, position, left, right)
+
+        def push(i: int) -> None:
+            """Queue the pair starting at position i, if it has a rank."""
+            if i >= 0 and after[i] >= 0:
+                pair = (symbols[i], symbols[after[i]])
+                if pair in self.ranks:
+                    heapq.heappush(heap, (self.ranks[pair], i, *pair))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, left, right = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] != left or j < 0 or symbols[j] != right:
+                continue  # stale: a merge since it was queued changed this pair
+            symbols[i], symbols[j] = left + right, None  # merge j into i, unlink j
+            after[i] = after[j]
+            if after[j] >= 0:
+                before[after[j]] = i
+            push(before[i])  # the new pairs (left neighbour, merged), (merged, right one)
+            push(i)
+        return [s for s in symbols if s is not None]
 
     # ---- decoding -------------------------------------------------------------------
 
@@ -237,17 +254,6 @@ def _token_bytes(token: str) -> bytes:
 # --------------------------------------------------------------------------------------
 
 
-def _check_file(path) -> Path:
-    """``path`` as a Path, if it is a regular file (a missing one is an OSError naming it)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"tokenizer {path} is a folder; expected a tokenizer.json file")
-    path.stat()
-    if not path.is_file():  # a device or a pipe could be read forever
-        raise ValueError(f"tokenizer {path} is not a regular file")
-    return path
-
-
 class UnsupportedTokenizer(ValueError):
     """A tokenizer.json that uses a setting :class:`BPETokenizer` does not implement."""
 
@@ -262,9 +268,9 @@ def read_tokenizer_json(path) -> dict:
     than ByteLevel, a post-processor that adds tokens, BPE dropout, subword prefixes or
     suffixes, byte fallback, and added tokens that strip spaces or match whole words only.
     """
-    path = _check_file(path)
+    data = backend.read_file(path, "tokenizer", "a tokenizer.json file", backend.JSON_LIMIT)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"tokenizer {path} is not a valid JSON file: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
@@ -406,7 +412,7 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
             "load_tokenizer(fast=True) needs the tokenizers library: pip install "
             '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
         )
-    path = _check_file(path)
+    backend.check_regular_file(path, "tokenizer", "a tokenizer.json file")
     try:
         return FastTokenizer(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # the library raises a bare Exception for every parse error

@@ -35,11 +35,9 @@ from minilora.train import fine_tune
 
 def read_text(path) -> str:
     """The UTF-8 text of ``path``; an error names the file and what is wrong with it."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"data {path} is a folder; expected a .txt or .jsonl file")
+    data = backend.read_file(path, "data", "a .txt or .jsonl file")
     try:
-        return path.read_bytes().decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"data {path} is not UTF-8 text: byte {e.start}: {e.reason}") from None
 
@@ -200,8 +198,7 @@ def check_data_path(path) -> Path:
     if path.suffix.lower() not in DATA_KINDS:
         kinds = ", ".join(f"{ext} ({kind})" for ext, kind in DATA_KINDS.items())
         raise ValueError(f"data {path} has extension {path.suffix or '(none)'!r}; expected {kinds}")
-    if not path.is_file():
-        raise ValueError(f"data {path} is not a file")
+    backend.check_regular_file(path, "data", "a .txt or .jsonl file")
     return path
 
 

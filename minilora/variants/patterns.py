@@ -14,22 +14,56 @@ them (``peft.utils.other.get_pattern_key`` and ``check_target_module_exists``).
   it finds HF's ``model.layers.3.`` but not minilora's ``blocks.3.``, so minilora's models
   need ``layers_pattern="blocks"``, as a PEFT user of the PyTorch port does).
 
+Patterns come from files (an adapter_config.json), so each match runs with a time limit
+(:func:`match_path`, the ``regex`` package's ``timeout``): a pattern that backtracks
+catastrophically, such as ``(.|.|.)*b``, is refused, named, instead of running for hours.
+
 ``import minilora`` registers the three rules below with the book's ``LoRAConfig``
 (``lora.CONFIG_CHECKS``, ``lora.TARGET_FILTERS``, ``lora.MODULE_SETTINGS``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
+import regex  # Python's `re` has no time limit
+
 from minilora import lora
+
+# The longest one match of a pattern from a file may take: real patterns take microseconds
+# on a module path; a catastrophically backtracking one would take hours.
+PATTERN_SECONDS = 0.5
+
+
+def match_path(expression: str, path: str, pattern: str, full: bool = False):
+    """``regex.match`` (``fullmatch`` with ``full``) of ``expression`` on a module path, or a
+    ValueError naming ``pattern`` (what the file wrote) when it takes over
+    :data:`PATTERN_SECONDS`."""
+    try:
+        return (regex.fullmatch if full else regex.match)(expression, path, timeout=PATTERN_SECONDS)
+    except TimeoutError:
+        raise ValueError(
+            f"the regular expression {pattern!r} took more than {PATTERN_SECONDS} s to match "
+            f"the module path {path!r}: it backtracks catastrophically (a repetition inside "
+            "a repetition, such as (.*.*)* or (.|.)*); write it without one"
+        ) from None
+
+
+def paths_matching(targets: str, paths: list[str]) -> tuple[list[str], list[str]]:
+    """(the ``paths`` that ``target_modules`` given as a string fully matches, as PEFT's
+    ``re.fullmatch``; the problems: an invalid or catastrophically slow expression)."""
+    try:
+        return [p for p in paths if match_path(targets, p, targets, full=True)], []
+    except regex.error as e:
+        return [], [f"target_modules={targets!r} is not a valid regular expression: {e}"]
+    except ValueError as e:
+        return [], [f"target_modules: {e}"]
 
 
 def get_pattern_key(pattern_keys, path: str) -> str | None:
     """The first key of ``pattern_keys`` that matches ``path`` (PEFT's rule), or None."""
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if match_path(rf"(.*\.)?({key})$", path, key):
             return key
     return None
 
@@ -47,8 +81,8 @@ def layer_index(path: str, layers_pattern=None) -> int | None:
     else:
         names = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
         regexes = [rf"(?:^|.*?\.){name}\.(\d+)\." for name in names]
-    for regex in regexes:
-        match = re.match(regex, path)
+    for expression in regexes:
+        match = match_path(expression, path, layers_pattern)
         if match:
             return int(match.group(1))
     return None
@@ -83,8 +117,8 @@ def check_patterns(owner: str, rank_pattern, alpha_pattern, layers_to_transform,
             )
         for key in pattern:
             try:
-                re.compile(key)
-            except re.error as e:
+                regex.compile(key)
+            except regex.error as e:
                 raise ValueError(
                     f"{owner}: {name} key {key!r} is not a valid regular expression: {e}"
                 ) from None

@@ -299,6 +299,20 @@ def projection_shape(chosen: list) -> tuple[int, int]:
     return max(m.weight.shape[0] for _, m in chosen), max(m.weight.shape[1] for _, m in chosen)
 
 
+def projection_problem(r: int, max_out: int, max_in: int) -> str | None:
+    """Why projections of rank ``r`` for layers up to (max_out, max_in) are not drawn, or
+    None. Each of the r directions adds one rank-one matrix ``B[:, k] A[k, :]``, and those
+    span at most out · in dimensions: a larger r adds nothing VeRA can learn, only memory
+    (an adapter_config.json's r would otherwise size an allocation of any size)."""
+    if r <= max_out * max_in:
+        return None
+    return (
+        f"r={r} is more than out * in = {max_out} * {max_in} = {max_out * max_in}: the shared "
+        f"projections would hold {r * (max_in + max_out):,} numbers, and beyond out * in "
+        "directions they add nothing VeRA can learn"
+    )
+
+
 def apply_vera(model: Module, config: VeraConfig, generator=None, projections=None) -> list[str]:
     """Replace every ``Linear`` that ``config.target_modules`` names by a ``VeraLinear``
     sharing one pair of frozen projections, and freeze everything but the λ vectors.
@@ -314,6 +328,8 @@ def apply_vera(model: Module, config: VeraConfig, generator=None, projections=No
     if unmatched:
         raise ValueError(f"apply_vera: target_modules {unmatched} match no Linear layer")
     max_out, max_in = projection_shape(chosen)
+    if projections is None and (problem := projection_problem(config.r, max_out, max_in)):
+        raise ValueError(f"apply_vera: {problem}; nothing was changed")
     if projections is None:
         projections = vera_projections(config.r, max_in, max_out, config.projection_prng_key)
     dtype, device = chosen[0][1].weight.dtype, chosen[0][1].weight.device
