@@ -14,10 +14,6 @@ Which ops run is chosen here too: the reference ops of ``functional.py``, or the
 versions that ``minilora/fast/ops.py`` registers in :data:`FAST_OPS` (:func:`set_ops`,
 ``MINILORA_OPS`` in the environment).
 
-Files are checked here before any reader opens one (:func:`check_regular_file`,
-:func:`read_file`): the readers of interop/ and text/ share the one check, and both may
-import only the book.
-
 Matrix products go through :func:`matmul`, which can record what it computes (see
 :class:`MatmulCounter`). Tests use that to *count* work, e.g. that a frozen weight never
 gets a weight-gradient matmul, instead of timing it.
@@ -26,10 +22,8 @@ gets a weight-gradient matmul, instead of timing it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -453,67 +447,3 @@ def _record_copy(source: str, target: str, array) -> None:
     if _copies is not None:
         shape = tuple(array.shape) if hasattr(array, "shape") else np.shape(array)  # or a list
         _copies.append(CopyRecord(source, target, shape))
-
-
-# --------------------------------------------------------------------------------------
-# Files: the check every reader makes before it opens one
-# --------------------------------------------------------------------------------------
-
-#: The most bytes a JSON file minilora reads may hold (config.json, adapter_config.json,
-#: tokenizer.json, a vector set's manifest.json): the largest real ones are tens of MB.
-JSON_LIMIT = 64 * 2**20
-
-_NOT_REGULAR = {
-    stat.S_IFIFO: "a named pipe (FIFO)",
-    stat.S_IFCHR: "a character device",
-    stat.S_IFBLK: "a block device",
-    stat.S_IFSOCK: "a socket",
-}
-
-
-def check_regular_file(path, caller: str, expected: str = "a file") -> int:
-    """The size in bytes of ``path``, if it is a regular file (or a link to one).
-
-    Anything else is refused before it is opened, naming ``caller`` and the real cause: a
-    missing file, a dangling or looping symbolic link, a folder, a device such as
-    /dev/zero (never ends), a named pipe (blocks until someone writes) or a socket."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise FileNotFoundError(
-                f"{caller}: {path} is a dangling symbolic link: its target "
-                f"{os.readlink(path)} does not exist"
-            ) from None
-        raise FileNotFoundError(f"{caller}: no such file: {path}") from None
-    except OSError as e:
-        if e.errno != errno.ELOOP:
-            raise
-        raise ValueError(
-            f"{caller}: {path} is a loop of symbolic links (each leads to the next, and "
-            "never to a file)"
-        ) from None
-    if stat.S_ISDIR(info.st_mode):
-        raise ValueError(f"{caller}: {path} is a folder, expected {expected}")
-    if not stat.S_ISREG(info.st_mode):
-        kind = _NOT_REGULAR.get(stat.S_IFMT(info.st_mode), "not a file")
-        if os.path.islink(path):
-            kind += f" (it is a symbolic link to {os.path.realpath(path)})"
-        raise ValueError(
-            f"{caller}: {path} is not a regular file: it is {kind}; reading it could block "
-            "or never end"
-        )
-    return info.st_size
-
-
-def read_file(path, caller: str, expected: str = "a file", limit: int | None = None) -> bytes:
-    """The bytes of a regular file (:func:`check_regular_file`), never more than its size
-    when checked, and refused, unread, when that is over ``limit`` bytes."""
-    size = check_regular_file(path, caller, expected)
-    if limit is not None and size > limit:
-        raise ValueError(
-            f"{caller}: {path} holds {size:,} bytes, expected {expected} of at most "
-            f"{limit:,} bytes (is it the right file?)"
-        )
-    with open(path, "rb") as f:
-        return f.read(size)

@@ -25,8 +25,8 @@ from helpers import TINY_2x2, make_gpt
 from tokenizer_files import write_small_tokenizer
 
 import minilora as ml
-from minilora import backend
 from minilora.interop import vectors
+from minilora.interop.files import JSON_LIMIT
 from minilora.interop.model_files import load_model, save_model
 from minilora.interop.peft_adapters import load_adapter, save_adapter
 from minilora.interop.vera_adapters import load_vera, save_vera
@@ -215,9 +215,9 @@ def test_a_json_file_larger_than_any_real_one_is_refused_unread(tmp_path, adapte
     folder = gpt2_folder(tmp_path / "gpt2")
     for path in (folder / "config.json", adapter_dir / "adapter_config.json"):
         with open(path, "r+b") as f:
-            f.truncate(backend.JSON_LIMIT + 1)  # sparse: no disk used
+            f.truncate(JSON_LIMIT + 1)  # sparse: no disk used
     with pytest.raises(
-        ValueError, match=f"holds {backend.JSON_LIMIT + 1:,} bytes, expected a JSON"
+        ValueError, match=f"holds {JSON_LIMIT + 1:,} bytes, expected a JSON"
     ):
         load_model(folder)
     with pytest.raises(ValueError, match="expected a JSON file of at most"):

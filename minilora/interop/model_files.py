@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.interop import hf_gpt2
+from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.peft_config import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from minilora.interop.safetensors_files import (
     SAFETENSORS_DTYPES,
@@ -184,7 +185,7 @@ def _load_gpt2(folder: Path, device: str) -> GPT:
     """A Hugging Face GPT-2 folder as a minilora GPT; every tensor is checked against
     config.json before the model is built."""
     config_path, weights_path = folder / hf_gpt2.CONFIG_NAME, folder / hf_gpt2.WEIGHTS_NAME
-    text = backend.read_file(config_path, "load_model", "a JSON file", backend.JSON_LIMIT)
+    text = read_file(config_path, "load_model", "a JSON file", JSON_LIMIT)
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from minilora import backend
 from minilora.interop import hf_gpt2
+from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.peft_config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -154,7 +155,7 @@ def _pissa_as_lora(model, config, initial: Path, arrays: dict, peft_config: dict
         )
     fields, _ = read_adapter_config(
         initial / ADAPTER_CONFIG_NAME,
-        backend.read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter"),
+        read_file(initial / ADAPTER_CONFIG_NAME, "save_adapter"),
     )
     saved = LoRAConfig(**fields)  # checked by read_adapter_config
     keys = ("r", "lora_alpha", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern")
@@ -262,7 +263,7 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
                 "safe_serialization=True))"
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
-    config_bytes = backend.read_file(config_path, "load_adapter", "a JSON file", backend.JSON_LIMIT)
+    config_bytes = read_file(config_path, "load_adapter", "a JSON file", JSON_LIMIT)
     tensors, _ = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
     return config_path, config_bytes, tensors
 

@@ -25,7 +25,7 @@ import safetensors
 import safetensors.numpy
 
 from minilora import backend
-from minilora.backend import check_regular_file
+from minilora.interop.files import JSON_LIMIT, check_regular_file, read_file
 
 # The dtypes minilora computes in; anything else in a model file is refused, not
 # converted. Adapters may also be bfloat16 (NumPy has none): upcast to float32, with a warning.
@@ -305,7 +305,7 @@ def finish_interrupted_write(folder, caller: str) -> None:
     journal = Path(folder) / JOURNAL_NAME
     if not os.path.lexists(journal):
         return
-    data = backend.read_file(journal, caller, "a JSON file", backend.JSON_LIMIT)
+    data = read_file(journal, caller, "a JSON file", JSON_LIMIT)
     try:
         record = json.loads(data)["minilora_journal"]
         moves = []

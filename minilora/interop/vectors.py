@@ -38,6 +38,7 @@ import safetensors.numpy
 from minilora import __version__, backend
 from minilora import functional as F
 from minilora.autograd import Tensor
+from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.safetensors_files import (
     atomic_write,
     check_data_sha256,
@@ -580,7 +581,7 @@ class VectorReport:
 def _read_set_file(path: Path) -> dict:
     # the library checks that the header's sizes end where the file does: a regular file
     # is read up to its size, never past it
-    data = backend.read_file(path, "vectors --check", "a .safetensors file")
+    data = read_file(path, "vectors --check", "a .safetensors file")
     try:
         safetensors.deserialize(data)
         tensors = safetensors.numpy.load(data)
@@ -596,7 +597,7 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise FileNotFoundError(f"vectors --check: no folder at {folder}")
-    data = backend.read_file(path, "vectors --check", "a JSON file", backend.JSON_LIMIT)
+    data = read_file(path, "vectors --check", "a JSON file", JSON_LIMIT)
     try:
         manifest = json.loads(data)
     except (ValueError, RecursionError) as e:

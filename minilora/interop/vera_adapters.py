@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from minilora import backend
+from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.peft_config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -108,7 +109,7 @@ def load_vera(model: Module, path) -> VeraConfig:
         raise ValueError(f"load_vera: {folder} is a file; expected an adapter folder")
     finish_interrupted_write(folder, "load_vera")  # a save killed after its commit point
     config_path = folder / ADAPTER_CONFIG_NAME
-    data = backend.read_file(config_path, "load_vera", "a JSON file", backend.JSON_LIMIT)
+    data = read_file(config_path, "load_vera", "a JSON file", JSON_LIMIT)
     config = _read_vera_config(config_path, data, model)
     tensors, _ = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
     problems = []

@@ -36,7 +36,7 @@ import json
 
 import regex  # the `regex` package: Python's `re` has no \p{L} (letter) or \p{N} (number)
 
-from minilora import backend
+from minilora.interop import files
 
 # GPT-2's pre-tokenizer, as in its encoder.py and in tokenizers' ByteLevel: contractions,
 # letters, digits and other symbols, each with at most one leading space; then whitespace
@@ -268,7 +268,7 @@ def read_tokenizer_json(path) -> dict:
     than ByteLevel, a post-processor that adds tokens, BPE dropout, subword prefixes or
     suffixes, byte fallback, and added tokens that strip spaces or match whole words only.
     """
-    data = backend.read_file(path, "tokenizer", "a tokenizer.json file", backend.JSON_LIMIT)
+    data = files.read_file(path, "tokenizer", "a tokenizer.json file", files.JSON_LIMIT)
     try:
         data = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -412,7 +412,7 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
             "load_tokenizer(fast=True) needs the tokenizers library: pip install "
             '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
         )
-    backend.check_regular_file(path, "tokenizer", "a tokenizer.json file")
+    files.check_regular_file(path, "tokenizer", "a tokenizer.json file")
     try:
         return FastTokenizer(tokenizers.Tokenizer.from_file(str(path)))
     except Exception as e:  # the library raises a bare Exception for every parse error

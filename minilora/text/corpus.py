@@ -28,6 +28,7 @@ from minilora import backend
 from minilora.autograd import no_grad
 from minilora.backend import manual_seed
 from minilora.data import IGNORE_INDEX
+from minilora.interop import files
 from minilora.lora import LoRAConfig, apply_lora
 from minilora.text.bpe import END_OF_TEXT
 from minilora.train import fine_tune
@@ -35,7 +36,7 @@ from minilora.train import fine_tune
 
 def read_text(path) -> str:
     """The UTF-8 text of ``path``; an error names the file and what is wrong with it."""
-    data = backend.read_file(path, "data", "a .txt or .jsonl file")
+    data = files.read_file(path, "data", "a .txt or .jsonl file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -198,7 +199,7 @@ def check_data_path(path) -> Path:
     if path.suffix.lower() not in DATA_KINDS:
         kinds = ", ".join(f"{ext} ({kind})" for ext, kind in DATA_KINDS.items())
         raise ValueError(f"data {path} has extension {path.suffix or '(none)'!r}; expected {kinds}")
-    backend.check_regular_file(path, "data", "a .txt or .jsonl file")
+    files.check_regular_file(path, "data", "a .txt or .jsonl file")
     return path
 
 
