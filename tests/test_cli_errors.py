@@ -39,6 +39,8 @@ def files(tmp_path_factory) -> dict:
     flipped = bytearray(BASE.read_bytes())
     flipped[-1] ^= 1  # one bit of the tensor data, flipped on disk or in transfer
     (root / "flipped.safetensors").write_bytes(bytes(flipped))
+    text_model = ml.GPT(ml.GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    model_files.save_model(text_model, root / "text.safetensors")  # not the digits' 16 tokens
     adapter = root / "adapter"
     assert (
         main(
@@ -146,6 +148,14 @@ BAD = {
     "merge --out a folder": (
         ["merge", "--adapter", "{root}/adapter", "--out", "{root}/folder"],
         "is a folder",
+    ),
+    "generate --model of another vocabulary": (
+        ["generate", "--model", "{root}/text.safetensors", "--prompt", "D 1 2 ="],
+        "has a vocabulary of 50 tokens, not the 16 of the digit tasks",
+    ),
+    "eval --model of another vocabulary": (
+        ["eval", "--model", "{root}/text.safetensors"],
+        "use --base with generate or finetune --data",
     ),
     "unknown command": (["train"], "invalid choice"),
     "unknown option": (["eval", "--colour"], "unrecognized arguments"),

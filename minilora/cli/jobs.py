@@ -25,7 +25,7 @@ from minilora.cli.text import (
     fine_tune_on_text,
     generate_text,
 )
-from minilora.data import DOWNSTREAM_TASK, TASKS, DigitTasks, decode, encode
+from minilora.data import DOWNSTREAM_TASK, TASKS, VOCAB, DigitTasks, decode, encode
 from minilora.experiments import compare, demo
 from minilora.interop import model_files, peft_adapters
 from minilora.lora import merge_and_unload
@@ -242,12 +242,20 @@ def _model_args(p) -> None:
 
 
 def _load(args):
-    """The model of --model (default: the shipped base), with the adapter of --adapter."""
+    """The model of --model (default: the shipped base), with the adapter of --adapter.
+    A model of another vocabulary (a Hugging Face GPT-2, say) is refused: these commands
+    speak the digit tasks' tokens."""
     model = (
         model_files.load_model(args.model, args.device)
         if args.model
         else demo.load_base(args.device)
     )
+    if model.config.vocab_size != len(VOCAB):
+        raise ValueError(
+            f"--model {args.model} has a vocabulary of {model.config.vocab_size} tokens, not "
+            f"the {len(VOCAB)} of the digit tasks ({VOCAB!r}); for a text model (a Hugging "
+            "Face GPT-2 folder) use --base with generate or finetune --data"
+        )
     if args.adapter:
         peft_adapters.load_adapter(model, args.adapter)
     return model
