@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from tokenizer_files import VOCAB_SIZE, write_small_tokenizer
 
+import minilora as ml
 from minilora.cli import main
 from minilora.course import assignments
 from minilora.experiments import compare, demo
@@ -132,3 +133,36 @@ def test_ctrl_c_during_a_real_run_leaves_no_partial_file(tmp_path):
     assert child.returncode == 130
     assert err == "minilora demo: interrupted\n"
     assert list(out.rglob("*")) == []  # stopped before its first file: nothing half-written
+
+
+INTERRUPTED = {
+    "demo": ["demo", "--quick", "--out", "{out}"],
+    "compare": ["compare", "--quick", "--out", "{out}"],
+    "pretrain": ["pretrain", "--steps", "5", "--out", "{out}/base.safetensors"],
+    "finetune": ["finetune", "--steps", "5", "--out", "{out}/adapter"],
+    "eval": ["eval"],
+    "generate": ["generate", "--prompt", "D 3 1 ="],
+    "vectors": ["vectors", "--out", "{out}/vectors"],
+}
+
+
+@pytest.mark.parametrize("argv", INTERRUPTED.values(), ids=INTERRUPTED.keys())
+def test_ctrl_c_in_any_command_that_runs_the_model_is_one_line_and_status_130(
+    tmp_path, monkeypatch, capsys, argv
+):
+    """The interrupt arrives at the model's first forward (or cached decoding step),
+    wherever the command is."""
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ml.GPT, "forward", interrupted)
+    monkeypatch.setattr(ml.GPT, "forward_cached", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = [a.replace("{out}", str(out)) for a in argv] + ["--no-progress"] * (
+        argv[0] not in ("vectors",)
+    )
+    assert main(argv) == 130
+    assert capsys.readouterr().err == f"minilora {argv[0]}: interrupted\n"
+    assert [p for p in out.rglob("*") if p.is_file()] == []  # nothing half-written
