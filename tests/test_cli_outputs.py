@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tokenizer_files import VOCAB_SIZE, write_small_tokenizer
 
-import minilora as ml
+from minilora import model
 from minilora.cli import main
 from minilora.course import assignments
 from minilora.experiments import compare, demo
@@ -150,14 +150,12 @@ INTERRUPTED = {
 def test_ctrl_c_in_any_command_that_runs_the_model_is_one_line_and_status_130(
     tmp_path, monkeypatch, capsys, argv
 ):
-    """The interrupt arrives at the model's first forward (or cached decoding step),
-    wherever the command is."""
+    """The interrupt arrives in the model's first block, wherever the command is."""
 
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ml.GPT, "forward", interrupted)
-    monkeypatch.setattr(ml.GPT, "forward_cached", interrupted)
+    monkeypatch.setattr(model.Block, "forward", interrupted)
     out = tmp_path / "out"
     out.mkdir()
     argv = [a.replace("{out}", str(out)) for a in argv] + ["--no-progress"] * (
