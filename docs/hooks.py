@@ -1,4 +1,8 @@
-"""MkDocs hooks: the notebooks as pages, and plain code for the docstrings' Sphinx roles.
+"""MkDocs hooks: the notebooks and the assignments' handouts as pages, and plain code for the
+docstrings' Sphinx roles.
+
+The handouts ship with the package (``minilora/course/handouts/``, so that every student copy
+carries them, whatever the install); ``on_files`` shows them on the site as ``assignments/``.
 
 The notebooks live in ``notebooks/`` (outside ``docs_dir``) and are stored without outputs.
 ``on_files`` adds them to the site, where mkdocs-jupyter (``mkdocs.yml``) executes each one while
@@ -37,6 +41,8 @@ def on_files(files, config, **kwargs):
                 use_directory_urls=config["use_directory_urls"],
             )
         )
+    for path in sorted((ROOT / "minilora" / "course" / "handouts").glob("*.md")):
+        files.append(File.generated(config, f"assignments/{path.name}", abs_src_path=str(path)))
     return files
 
 

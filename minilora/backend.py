@@ -317,12 +317,17 @@ def check_ops(name, where: str) -> str:
     return name
 
 
-_ops = check_ops(os.environ.get("MINILORA_OPS", "fast"), "MINILORA_OPS")
+#: The ops the engine runs unless ``MINILORA_OPS`` or :func:`set_ops` chooses. A student's
+#: copy of an assignment says ``"reference"`` here (minilora/course/assignments.py), so that
+#: its notebooks run the student's code.
+DEFAULT_OPS = "fast"
+
+_ops = check_ops(os.environ.get("MINILORA_OPS", DEFAULT_OPS), "MINILORA_OPS")
 
 
 def set_ops(name: str) -> str:
-    """Run the engine on ``"fast"`` ops (the default) or on the ``"reference"`` ops of
-    functional.py alone; returns the previous setting."""
+    """Run the engine on ``"fast"`` ops (the default, :data:`DEFAULT_OPS`) or on the
+    ``"reference"`` ops of functional.py alone; returns the previous setting."""
     global _ops
     previous, _ops = _ops, check_ops(name, "ops")
     return previous

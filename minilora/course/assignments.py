@@ -12,7 +12,10 @@ keeps its signature and docstring, and its body becomes::
 
 The copy is made from the library's own source at the moment it is made, so it can never
 drift from the code the tests prove correct. Everything else in it is the working library:
-a student who finishes a1 has a minilora that runs.
+a student who finishes a1 has a minilora that runs. Two files differ on purpose, so that the
+copy holds no answers and runs the student's code (:func:`copy_source`): ``fast/ops.py``
+loses the fast version of every reference op the assignment stubs (whose reference op, or a
+function it calls, is a target), and ``backend.py`` defaults to the reference ops.
 
 This module needs nothing but the standard library: the grader loads it, from the installed
 package, into the process where the student's package is imported.
@@ -24,6 +27,7 @@ import ast
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -31,7 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-HANDOUTS = "docs/assignments"  # where the handouts live in the repository and on the site
+HANDOUTS = "docs/assignments"  # where the site shows the handouts (docs/hooks.py)
+HANDOUT_DIR = Path(__file__).resolve().parent / "handouts"  # their one source, package data
+FAST_OPS_FILE = "fast/ops.py"  # the fast path's ops, each a subclass of its reference op
+BACKEND_FILE = "backend.py"  # holds DEFAULT_OPS, the ops the engine runs by default
 
 
 @dataclass(frozen=True)
@@ -56,8 +63,9 @@ class Assignment:
         return sum(t.points for t in self.tasks)
 
     @property
-    def handout(self) -> str:
-        return f"{HANDOUTS}/{self.name}.md"
+    def handout(self) -> Path:
+        """The handout's page, shipped with the package."""
+        return HANDOUT_DIR / f"{self.name}.md"
 
     def task(self, task_id: str) -> Task:
         for t in self.tasks:
@@ -360,9 +368,136 @@ def targets_by_file(assignment: Assignment) -> dict[str, dict[str, str]]:
     return files
 
 
+def stubbed_reference_ops(functional_source: str, stubs) -> set[str]:
+    """The classes of ``functional_source`` that a copy with the functions ``stubs``
+    (qualified names) stubbed cannot run: a method of the class, or of a base class defined
+    there, is stubbed or calls a stubbed function of the module."""
+    tree = ast.parse(functional_source)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    functions = {q for q in stubs if "." not in q}
+
+    def stubbed(name: str) -> bool:
+        node = classes[name]
+        return (
+            any(q.startswith(f"{name}.") for q in stubs)
+            or any(isinstance(x, ast.Name) and x.id in functions for x in ast.walk(node))
+            or any(
+                isinstance(b, ast.Name) and b.id in classes and stubbed(b.id) for b in node.bases
+            )
+        )
+
+    return {name for name in classes if stubbed(name)}
+
+
+def bound_names(node: ast.stmt) -> set[str]:
+    """The module-level names a top-level statement defines (none for other statements)."""
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return {node.name}
+    if (
+        isinstance(node, (ast.Import, ast.ImportFrom))
+        and getattr(node, "module", "") != "__future__"
+    ):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
+def names_used(nodes: list, but: ast.stmt) -> set[str]:
+    """The names read or written anywhere in ``nodes`` other than ``but``."""
+    return {x.id for n in nodes if n is not but for x in ast.walk(n) if isinstance(x, ast.Name)}
+
+
+def removable(node: ast.stmt, used: set[str]) -> bool:
+    """Whether a top-level statement of fast/ops.py goes once nothing uses it: an import or a
+    private name (``_blocks``), that no name in ``used`` reads."""
+    names = bound_names(node)
+    private = isinstance(node, (ast.Import, ast.ImportFrom)) or all(
+        n.startswith("_") for n in names
+    )
+    return bool(names) and private and not names & used
+
+
+def without_fast_ops(source: str, reference_ops: set[str]) -> str:
+    """fast/ops.py ``source`` without the classes that subclass one of ``reference_ops``
+    (``class X(F.Name)``, F the module's name for functional), their entries in the
+    ``FAST_OPS`` registration, and the private helpers and imports only they used."""
+    tree = ast.parse(source)
+    alias = next(
+        a.asname or a.name
+        for n in tree.body
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+        if a.name == "functional"
+    )
+    gone = [
+        n
+        for n in tree.body
+        if isinstance(n, ast.ClassDef)
+        and any(ast.unparse(b) in {f"{alias}.{r}" for r in reference_ops} for b in n.bases)
+    ]
+    removed = {n.name for n in gone}
+    while True:  # then whatever nothing left uses, one layer at a time
+        live = [n for n in tree.body if n not in gone]
+        unused = [n for n in live if removable(n, names_used(live, n))]
+        if not unused:
+            break
+        gone += unused
+    lines = source.splitlines(keepends=True)
+    spans = [
+        (min([n.lineno, *(d.lineno for d in getattr(n, "decorator_list", []))]), n.end_lineno)
+        for n in gone
+    ]
+    spans += [
+        (key.lineno, value.end_lineno)
+        for d in ast.walk(tree)
+        if isinstance(d, ast.Dict)
+        for key, value in zip(d.keys, d.values, strict=True)
+        if isinstance(value, ast.Name) and value.id in removed
+    ]
+    for start, end in sorted(spans, reverse=True):
+        while start > 1 and lines[start - 2].lstrip().startswith("#"):
+            start -= 1  # the comment above goes with it
+        del lines[start - 1 : end]
+    return re.sub(r"\n{4,}", "\n\n\n", "".join(lines)).rstrip("\n") + "\n"
+
+
+def with_default_ops(source: str, ops: str) -> str:
+    """backend.py ``source`` with ``DEFAULT_OPS = ops``."""
+    tree = ast.parse(source)
+    node = next(
+        n for n in tree.body if isinstance(n, ast.Assign) and bound_names(n) == {"DEFAULT_OPS"}
+    )
+    lines = source.splitlines(keepends=True)
+    lines[node.lineno - 1 : node.end_lineno] = [f"DEFAULT_OPS = {json.dumps(ops)}\n"]
+    return "".join(lines)
+
+
+def copy_source(assignment: Assignment, name: str, text: str) -> str:
+    """What a student copy holds in the package file ``name`` (``"functional.py"``) whose
+    library text is ``text``: the assignment's targets stubbed; in fast/ops.py, no fast
+    version of a stubbed reference op (it would hold the answer); in backend.py, the
+    reference ops by default (so the student's code runs; ``MINILORA_OPS=fast`` still works,
+    the stripped ops running their reference)."""
+    targets = targets_by_file(assignment)
+    if name in targets:
+        text = stub_source(text, targets[name])
+    if name == FAST_OPS_FILE:
+        functional = (PACKAGE_DIR / "functional.py").read_text(encoding="utf-8")
+        stubs = targets.get("functional.py", {})
+        text = without_fast_ops(text, stubbed_reference_ops(functional, stubs))
+    if name == BACKEND_FILE:
+        text = with_default_ops(text, "reference")
+    return text
+
+
+def copied_files(assignment: Assignment) -> list[str]:
+    """The package files a student copy changes: the targets' files, fast/ops.py, backend.py."""
+    return sorted({*targets_by_file(assignment), FAST_OPS_FILE, BACKEND_FILE})
+
+
 def changed_files(assignment: Assignment, package: Path) -> list[str]:
-    """The files of a student's ``package`` that differ from this one outside the
-    assignment's functions (their bodies are compared as stubs), or are missing."""
+    """The files of a student's ``package`` that differ from the copy :func:`make_copy` writes
+    outside the assignment's functions (their bodies are compared as stubs), or are missing."""
     targets = targets_by_file(assignment)
     changed = []
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
@@ -371,14 +506,14 @@ def changed_files(assignment: Assignment, package: Path) -> list[str]:
         if not theirs.is_file():
             changed.append(f"{name} (missing)")
             continue
-        ours, their_text = path.read_text(encoding="utf-8"), theirs.read_text(encoding="utf-8")
+        ours = copy_source(assignment, name, path.read_text(encoding="utf-8"))
+        their_text = theirs.read_text(encoding="utf-8")
         if name in targets:
             try:
                 their_text = stub_source(their_text, targets[name])
             except (SyntaxError, ValueError):
                 changed.append(name)
                 continue
-            ours = stub_source(ours, targets[name])
         if ours != their_text:
             changed.append(name)
     return changed
@@ -390,11 +525,10 @@ def _copy_package(destination: Path) -> None:
 
 def make_copy(name: str, out) -> Path:
     """Write the student copy of assignment ``name`` into folder ``out``: ``out/minilora``
-    (this package, with only the assignment's targets stubbed) and ``out/<name>.md``, the
-    handout (``docs/assignments/<name>.md``; from the manifest alone when the package was
-    installed without the repository's docs). Built in a temporary folder beside
-    ``out`` and moved into place, so a failure leaves no half-made copy. Refuses an ``out``
-    that already holds a ``minilora`` folder."""
+    (this package, with only the assignment's targets stubbed, and the changes of
+    :func:`copy_source`) and ``out/<name>.md``, the handout (:func:`handout_text`). Built in
+    a temporary folder beside ``out`` and moved into place, so a failure leaves no half-made
+    copy. Refuses an ``out`` that already holds a ``minilora`` folder."""
     assignment = get_assignment(name)
     out = Path(out)
     if (out / "minilora").exists():
@@ -403,9 +537,10 @@ def make_copy(name: str, out) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".minilora-", dir=out))
     try:
         _copy_package(work / "minilora")
-        for filename, stubs in targets_by_file(assignment).items():
+        for filename in copied_files(assignment):
             path = work / "minilora" / filename
-            path.write_text(stub_source(path.read_text(encoding="utf-8"), stubs), encoding="utf-8")
+            text = copy_source(assignment, filename, path.read_text(encoding="utf-8"))
+            path.write_text(text, encoding="utf-8")
         (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")
         os.replace(work / "handout.md", out / f"{name}.md")
         os.replace(work / "minilora", out / "minilora")
@@ -436,35 +571,14 @@ def files_section(assignment: Assignment) -> str:
 
 
 def handout_text(assignment: Assignment) -> str:
-    """The handout: its title, the files the student edits (from the manifest, so they
-    always match what is stubbed), then the repository's page or, without it, the tasks
-    from the manifest."""
-    page = PACKAGE_DIR.parent / assignment.handout
-    if page.is_file():
-        text = page.read_text(encoding="utf-8")
-        if assignment.port:
-            return text
-        title, _, rest = text.partition("\n")
-        return f"{title}\n\n{files_section(assignment)}\n{rest}"
-    rows = [
-        f"| {t.id} | {t.points} | {t.title} | {', '.join(f'`{x}`' for x in t.targets)} |"
-        for t in assignment.tasks
-    ]
-    return "\n".join(
-        [
-            f"# {assignment.name}: {assignment.title}",
-            "",
-            *([files_section(assignment), ""] if not assignment.port else []),
-            f"**{assignment.points} points, {len(assignment.tasks)} tasks**: {assignment.summary}.",
-            "",
-            "| task | points | what | functions (module:name) |",
-            "|---|---|---|---|",
-            *rows,
-            "",
-            f"Grade with `minilora grade {assignment.name}` in the folder that holds minilora/.",
-            "",
-        ]
-    )
+    """The handout: its page (shipped with the package, so every copy carries the whole of
+    it), opened, but for a port, by the files the student edits (from the manifest, so they
+    always match what is stubbed)."""
+    text = assignment.handout.read_text(encoding="utf-8")
+    if assignment.port:
+        return text
+    title, _, rest = text.partition("\n")
+    return f"{title}\n\n{files_section(assignment)}\n{rest}"
 
 
 # ======================================================================================
