@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,8 @@ from pathlib import Path
 import pytest
 import safetensors.numpy
 
-from minilora import cli
+from minilora import backend, cli
+from minilora import functional as F
 from minilora.course import assignments, grading
 from minilora.interop import vectors
 
@@ -73,7 +76,11 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
         relative = path.relative_to(PACKAGE)
         copy = package / relative
         if str(relative) not in stubbed:
-            assert copy.read_bytes() == path.read_bytes(), relative
+            if str(relative) in assignments.copied_files(assignment):  # fast/ops.py, backend.py
+                text = assignments.copy_source(assignment, str(relative), path.read_text())
+                assert copy.read_text() == text, relative  # tested on their own below
+            else:
+                assert copy.read_bytes() == path.read_bytes(), relative
             continue
         ours, theirs = ast.parse(path.read_text()), ast.parse(copy.read_text())
         for qualname, task_id in stubbed[str(relative)].items():
@@ -86,7 +93,7 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
             assert f"Task {task_id}: {qualname}" in message
             assert f"docs/assignments/{name}.md" in message
     handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
-    page = (PACKAGE.parent / "docs" / "assignments" / f"{name}.md").read_text()
+    page = (PACKAGE / "course" / "handouts" / f"{name}.md").read_text()
     if assignment.port:
         assert handout == page
         return
@@ -105,11 +112,142 @@ def test_the_handout_names_each_file_with_its_tasks():
     assert "- `minilora/lora.py`: a3.1, a3.2, a3.5, a3.6, a3.7\n" in text
 
 
-def test_without_the_docs_the_handout_comes_from_the_manifest(monkeypatch, tmp_path):
-    monkeypatch.setattr(assignments, "PACKAGE_DIR", tmp_path / "site-packages" / "minilora")
-    text = assignments.handout_text(assignments.get_assignment("a3"))
-    assert text.startswith("# a3: the LoRA layer\n\n## Your files\n")
-    assert "| a3.4 | 4 | fused backward | `functional:LoRALinearFunction.backward` |" in text
+def installed_package(site: Path) -> Path:
+    """The package as a regular install (pip install .) lays it out in ``site``, without the
+    repository around it: its modules, and the package data pyproject.toml names."""
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()  # (tomllib is Python 3.11+)
+    section = pyproject.split("[tool.setuptools.package-data]")[1]
+    data = re.findall(r'"([^"]+)"', re.search(r"^minilora = \[(.*?)\]", section, re.M).group(1))
+    assert "course/handouts/*.md" in data
+    for path in [*PACKAGE.rglob("*.py"), *(p for g in data for p in PACKAGE.glob(g))]:
+        if "__pycache__" not in path.parts:
+            target = site / "minilora" / path.relative_to(PACKAGE)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return site
+
+
+def test_a_copy_from_a_regular_install_carries_the_whole_handout(tmp_path):
+    """Without the repository's docs/ folder, the handout is still the whole page (formulas,
+    what is graded, the contracts), not a summary from the manifest."""
+    site = installed_package(tmp_path / "site-packages")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = [sys.executable, "-c", "import minilora; print(minilora.__file__)"]
+    found = subprocess.run(where, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert found.stdout.strip() == str(site / "minilora" / "__init__.py")  # not the clone's
+    for name in ("a1", "a5"):
+        make = [sys.executable, "-m", "minilora", "assignments", "make", name, "--out", name]
+        subprocess.run(make, cwd=tmp_path, env=env, check=True, capture_output=True)
+        assignments.make_copy(name, tmp_path / f"{name}-clone")
+        clone = (tmp_path / f"{name}-clone" / f"{name}.md").read_text()
+        assert (tmp_path / name / f"{name}.md").read_text() == clone, name
+    a1 = (tmp_path / "a1" / "a1.md").read_text()  # the page, opened by the student's files
+    assert "## Your files" in a1 and "## How it is graded" in a1 and "Read first" in a1
+
+
+FAST_KEPT = {  # the fast ops a copy keeps: none whose reference op the assignment stubs
+    "a1": set(),  # every fast op's reference is stubbed, or calls a1.5's _softmax
+    "a2": {"GELUFunction", "LayerNormFunction", "SoftmaxCrossEntropyFunction", "EmbeddingFunction"},
+    "a3": {op.__name__ for op in backend.FAST_OPS},
+    "a4": {op.__name__ for op in backend.FAST_OPS},
+}
+
+
+def test_every_fast_op_subclasses_its_reference_op():
+    """What lets a copy find the fast version of a stubbed op from the class hierarchy."""
+    for reference, fast in backend.FAST_OPS.items():
+        assert fast.__bases__ == (reference,) and fast.__name__ == reference.__name__
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_a_copy_holds_no_fast_version_of_a_stubbed_op(tmp_path, name):
+    """A copy's fast/ops.py answers no task: no class there subclasses a reference op with a
+    stubbed method (its own or a base class's), no private helper of a removed op is left,
+    and what the copy registers is exactly what its file defines."""
+    assignment = assignments.get_assignment(name)
+    package = assignments.make_copy(name, tmp_path)
+    stubbed = set(assignments.targets_by_file(assignment).get("functional.py", {}))
+    tree = ast.parse((package / "fast" / "ops.py").read_text())
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert classes == FAST_KEPT[name]
+    for cls in classes:
+        for base in getattr(F, cls).__mro__:
+            assert not any(q.startswith(f"{base.__name__}.") for q in stubbed), (cls, base)
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    if name == "a1":
+        assert defined == {"query_blocks", "keeps_probabilities"}  # used by accounting.py
+    script = "from minilora import backend; print(sorted(c.__name__ for c in backend.FAST_OPS))"
+    registered = run_in_copy(tmp_path, script, MINILORA_OPS="fast")
+    assert registered == str(sorted(classes))
+
+
+def run_in_copy(folder: Path, script: str, **env) -> str:
+    """What ``script`` prints, run in a fresh Python in ``folder`` (its minilora imported),
+    with ``env`` and no MINILORA_OPS unless ``env`` sets it."""
+    environment = {k: v for k, v in os.environ.items() if k != "MINILORA_OPS"}
+    command = [sys.executable, "-c", f"import minilora; assert minilora.__file__.startswith("
+               f"{str(folder)!r}); {script}"]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=folder, env={**environment, **env}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+STUDENT_CODE = """
+import numpy as np
+from minilora import backend, functional as F, Tensor
+x = Tensor(np.ones((2, 4, 8), np.float32))
+q = Tensor(np.ones((1, 2, 3, 4), np.float32))
+print(backend.get_ops())
+for f, args in ((F.layer_norm, (x, None, None)), (F.causal_self_attention, (q, q, q))):
+    try:
+        f(*args)
+        print(f.__name__, "ran")
+    except NotImplementedError as e:
+        print(f.__name__, str(e).split(":")[0])
+"""
+
+
+def test_a_copy_runs_the_students_code_by_default(tmp_path):
+    """A notebook in a copy runs the student's functions: the reference ops by default, and
+    MINILORA_OPS=fast, honoured, still meets the student's stub where a fast op was removed."""
+    for name in ("a1", "a2"):
+        assignments.make_copy(name, tmp_path / name)
+    a1, a2 = tmp_path / "a1", tmp_path / "a2"
+    assert run_in_copy(a1, STUDENT_CODE).splitlines() == [
+        "reference", "layer_norm Task a1.7", "causal_self_attention Task a1.5",
+    ]  # fmt: skip
+    assert run_in_copy(a1, STUDENT_CODE, MINILORA_OPS="fast").splitlines() == [
+        "fast", "layer_norm Task a1.7", "causal_self_attention Task a1.5",
+    ]  # fmt: skip
+    assert run_in_copy(a2, STUDENT_CODE).splitlines() == [
+        "reference", "layer_norm ran", "causal_self_attention Task a2.1",
+    ]  # fmt: skip
+    assert run_in_copy(a2, STUDENT_CODE, MINILORA_OPS="fast").splitlines() == [
+        "fast", "layer_norm ran", "causal_self_attention Task a2.1",
+    ]  # fmt: skip
+
+
+def test_a_copy_runs_a_model_on_the_reference_ops(tmp_path):
+    """a3's copy stubs only LoRA: its GPT runs, on the reference ops, unless asked otherwise."""
+    assignments.make_copy("a3", tmp_path)
+    script = (
+        "import numpy as np; from minilora import backend, functional as F; "
+        "from minilora.model import GPT, GPTConfig; "
+        "m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)); "
+        "m(np.zeros((1, 8), np.int64)); "
+        "print(backend.get_ops(), backend.implementation(F.LayerNormFunction).__module__)"
+    )
+    assert run_in_copy(tmp_path, script) == "reference minilora.functional"
+    assert run_in_copy(tmp_path, script, MINILORA_OPS="fast") == "fast minilora.fast.ops"
+
+
+def test_make_a5_says_nothing_is_stubbed(tmp_path, capsys):
+    assert cli.main(["assignments", "make", "a5", "--out", str(tmp_path / "a5")]) == 0
+    out = capsys.readouterr().out
+    assert "a5 is a porting assignment: nothing is stubbed" in out and "tasks stubbed" not in out
+    assert f"the handout {tmp_path / 'a5' / 'a5.md'}" in out
 
 
 def test_make_refuses_a_folder_that_already_holds_a_copy(tmp_path):

@@ -86,9 +86,18 @@ def _cmd_assignments_make(args) -> int:
     assignment = assignments.get_assignment(args.name)
     out = check_out(args.out, "folder", overwrite=True)  # make_copy never replaces a copy
     package = assignments.make_copy(args.name, out)
+    handout = out / f"{args.name}.md"
+    if assignment.port:
+        print(
+            f"{args.name} is a porting assignment: nothing is stubbed; wrote {package}, the "
+            f"working library to port from, and the handout {handout} ({assignment.points} "
+            f"points); grade the port's vector set with: minilora grade {args.name} SET"
+        )
+        return 0
     print(
         f"wrote {package}: minilora with the {len(assignment.tasks)} tasks of {args.name} "
-        f"stubbed ({assignment.points} points); grade it with: minilora grade {args.name} {out}"
+        f"stubbed ({assignment.points} points), and the handout {handout}; grade it with: "
+        f"minilora grade {args.name} {out}"
     )
     return 0
 
