@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -285,7 +286,8 @@ def test_stubs_score_zero_and_each_task_says_not_implemented(tmp_path, name):
 
 @pytest.mark.parametrize("name", PACKAGES)
 def test_the_reference_scores_full_marks(tmp_path, name):
-    report = grade(name, reference_copy(tmp_path), FAST[name], seed=None)  # a fresh seed
+    seed = random.SystemRandom().randrange(2**31)  # a fresh seed each run, printed on failure
+    report = grade(name, reference_copy(tmp_path), FAST[name], seed=seed)
     assert report.ok, report.format()
     assert report.earned == report.possible > 0
 
@@ -610,6 +612,157 @@ def test_grade_refuses_a_folder_without_a_package(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
+# The same score every time; copies of the reference named
+# --------------------------------------------------------------------------------------
+
+
+def with_reference_functions(name: str, folder: Path) -> Path:
+    """A student copy of ``name`` with each stub replaced by its reference function's
+    source, copied back in: what a student who pastes the library's code hands in."""
+    package = assignments.make_copy(name, folder)
+    for filename, stubs in assignments.targets_by_file(assignments.get_assignment(name)).items():
+        ours = (PACKAGE / filename).read_text(encoding="utf-8").splitlines(keepends=True)
+        path = package / filename
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        mine, theirs = ast.parse("".join(lines)), ast.parse("".join(ours))
+        spans = [(assignments.find_def(mine, q), assignments.find_def(theirs, q)) for q in stubs]
+        for stub, ref in sorted(spans, key=lambda pair: -pair[0].lineno):
+            lines[stub.lineno - 1 : stub.end_lineno] = ours[ref.lineno - 1 : ref.end_lineno]
+        path.write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{old!r} is no longer in {path.name}"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def test_without_a_seed_the_same_code_gets_the_same_seed_and_report(tmp_path):
+    """The seed comes from the graded files: grading a submission again, or from another
+    folder, gives the same seed and the same report (its random shapes and values in the
+    failure line); an edit to a graded function changes the seed, one elsewhere does not."""
+    ref = reference_copy(tmp_path / "one")
+    edit(
+        ref / "minilora" / "functional.py",
+        'y += self.s * mm(u, lora_B.T, "lora.B")',
+        'y += mm(u, lora_B.T, "lora.B")',
+    )  # the scaling forgotten: a3.3 fails with its shapes
+    first, again = grading.grade("a3", ref, "a3.3"), grading.grade("a3", ref, "a3.3")
+    assert first.seed_from_submission and 0 <= first.seed < 2**31
+    assert first.format().startswith(f"minilora grade a3: {ref} (seed {first.seed} from the ")
+    assert again.seed == first.seed and again.format() == first.format()
+    assert first.tasks[0].failures  # the report compared holds the random case's values
+    moved = Path(shutil.copytree(ref, tmp_path / "two"))
+    assert grading.grade("a3", moved, "a3.3").seed == first.seed
+    for outside in ("nn.py", "model.py"):  # files a3 does not grade
+        with open(moved / "minilora" / outside, "a", encoding="utf-8") as f:
+            f.write("# a student's note\n")
+    assert grading.grade("a3", moved, "a3.3").seed == first.seed
+    edit(
+        moved / "minilora" / "lora.py",
+        "use_rslora else lora_alpha / r\n",
+        "use_rslora else lora_alpha / float(r)\n",
+    )
+    assert grading.grade("a3", moved, "a3.3").seed != first.seed
+
+
+def test_seed_overrides_the_submissions_seed(tmp_path, capsys):
+    reference_copy(tmp_path)
+    report = grading.grade("a3", tmp_path, "a3.2", seed=4)
+    assert report.seed == 4 and not report.seed_from_submission
+    assert report.format().startswith(f"minilora grade a3: {tmp_path} (seed 4)\n")
+    js = tmp_path / "report.json"
+    assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2", "--json", str(js)]) == 0
+    derived = grading.submission_seed(assignments.get_assignment("a3"), tmp_path)
+    assert f"(seed {derived} from the submission)" in capsys.readouterr().out
+    assert json.loads(js.read_text())["seed"] == derived
+    assert json.loads(js.read_text())["seed_from"] == "submission"
+    assert cli.main(["grade", "a3", str(tmp_path), "--seed", "7", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["seed"] == 7
+    assert json.loads(js.read_text())["seed_from"] == "--seed"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_ports_seed_comes_from_its_vector_set(tmp_path):
+    """a5: the manifest and the vector files; a named pipe in the folder is never opened."""
+    a5 = assignments.get_assignment("a5")
+    vectors.write_vectors(tmp_path)
+    seed = grading.submission_seed(a5, tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    assert grading.submission_seed(a5, tmp_path) == seed
+    assert grade("a5", tmp_path, seed=None).seed == seed
+    path = tmp_path / "lora_layer_rslora.safetensors"
+    tensors = safetensors.numpy.load_file(path)
+    tensors["output"] = tensors["output"] * 1.01
+    safetensors.numpy.save_file(tensors, path)
+    assert grading.submission_seed(a5, tmp_path) != seed
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_a_copy_of_the_reference_is_marked_identical_for_every_task(tmp_path, name):
+    package = with_reference_functions(name, tmp_path / "copy") / "minilora"
+    assert all(
+        grading.identical_to_reference(t, package) for t in assignments.get_assignment(name).tasks
+    )
+    stubs = assignments.make_copy(name, tmp_path / "stubs")
+    assert not any(
+        grading.identical_to_reference(t, stubs) for t in assignments.get_assignment(name).tasks
+    )
+
+
+def test_comments_and_renamed_locals_are_still_identical(tmp_path):
+    """The same code, commented, reformatted, its docstring and every argument and local
+    renamed: still the reference's (a1.1 and a3.5)."""
+    package = with_reference_functions("a1", tmp_path / "a1") / "minilora"
+    edit(
+        package / "functional.py",
+        (PACKAGE / "functional.py")
+        .read_text(encoding="utf-8")[
+            (PACKAGE / "functional.py").read_text(encoding="utf-8").index("def unbroadcast(") :
+        ]
+        .partition("\n\n\n")[0],
+        "def unbroadcast(g, target: tuple):\n"
+        '    """My own words."""\n'
+        "    # same shape: nothing to do\n"
+        "    if tuple(g.shape) == tuple(target):\n"
+        "        return g\n"
+        "    lead = g.ndim - len(target)  # axes broadcasting added\n"
+        "    axes = tuple(lead + k for k, m in enumerate(target)\n"
+        "                 if m == 1 and g.shape[lead + k] != 1)\n"
+        "    return g.sum(axis=tuple(range(lead)) + axes,\n"
+        "                 keepdims=True).reshape(target)",
+    )
+    a1 = assignments.get_assignment("a1")
+    assert grading.identical_to_reference(a1.task("a1.1"), package)
+    package = with_reference_functions("a3", tmp_path / "a3") / "minilora"
+    edit(
+        package / "lora.py",
+        "self.weight.data -= self.get_delta_weight()",
+        "self.weight.data -= self.get_delta_weight()    # W - s·B·A",
+    )
+    assert grading.identical_to_reference(assignments.get_assignment("a3").task("a3.5"), package)
+
+
+def test_a_different_correct_implementation_is_not_marked(tmp_path):
+    """Another formula (α·r^-½ for α/√r) and two independent statements swapped: full
+    points, and not marked; the untouched tasks still are."""
+    folder = with_reference_functions("a3", tmp_path)
+    lora_py = folder / "minilora" / "lora.py"
+    edit(lora_py, "lora_alpha / math.sqrt(r) if", "lora_alpha * r**-0.5 if")
+    edit(
+        lora_py,
+        "        self.weight.data -= self.get_delta_weight()\n        self.merged = False\n",
+        "        self.merged = False\n        self.weight.data -= self.get_delta_weight()\n",
+    )
+    report = grading.grade("a3", folder)
+    assert report.ok, report.format()
+    marked = [t.id for t in report.tasks if t.identical]
+    assert marked == ["a3.1", "a3.3", "a3.4", "a3.6", "a3.7"], report.format()
+    assert "a3.2   scaling α/r and rsLoRA's α/√r               1 of 1  ok\n" in report.format()
+
+
+# --------------------------------------------------------------------------------------
 # The commands
 # --------------------------------------------------------------------------------------
 
@@ -628,13 +781,22 @@ def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "total: 15 of 15 points" in out and "(seed 4)" in out
+    assert out.count("ok  identical to the reference\n") == 7  # a copy: each task marked
     results = json.loads(gs.read_text())
     assert results["score"] == 15
-    assert len(results["tests"]) == 7
-    for test in results["tests"]:
+    visible = [t for t in results["tests"] if t["visibility"] == "visible"]
+    assert len(visible) == 7
+    for test in visible:
         assert set(test) == {"name", "score", "max_score", "output", "visibility"}
         assert test["score"] == test["max_score"]
-    assert json.loads(js.read_text())["earned"] == 15
+    hidden = [t for t in results["tests"] if t not in visible]  # staff only, no points
+    assert [t["name"] for t in hidden] == [
+        f"a3.{i} identical to the reference" for i in range(1, 8)
+    ]
+    assert all(t["visibility"] == "hidden" and t["max_score"] == 0 for t in hidden)
+    report = json.loads(js.read_text())
+    assert report["earned"] == 15
+    assert all(t["identical_to_reference"] for t in report["tasks"])
 
 
 def test_grade_defaults_to_the_current_folder(tmp_path, monkeypatch, capsys):

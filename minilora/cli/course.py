@@ -64,7 +64,8 @@ def _add_grade_command(sub) -> None:
         "--seed",
         type=non_negative_int,
         default=None,
-        help="seed of the random shapes and values (default: a fresh one each run)",
+        help="seed of the random shapes and values (default: one derived from the graded "
+        "files, so the same code scores the same)",
     )
     p.add_argument(
         "--extra-tests",

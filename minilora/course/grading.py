@@ -12,21 +12,27 @@ the reference implementation, compiled from the installed library's source and b
 the student's module (the student's source is that source, minus the stubs). One missing
 or wrong function costs only its own task's points.
 
-The checks (minilora/course/checks.py) draw their random shapes and values from a fresh seed on
-every run unless one is given. A failure is one line a student can act on: what was
+The checks (minilora/course/checks.py) draw their random shapes and values from a seed
+derived from the submission (:func:`submission_seed`: the same code scores the same on
+every run) unless one is given. A failure is one line a student can act on: what was
 checked, which entry, the value found and the value expected, and a hint. Never a
 traceback.
+
+A task whose functions are the released reference's, but for comments, docstrings,
+whitespace and local names (:func:`identical_to_reference`), is marked so beside its score,
+for staff to judge; it changes no points.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -262,12 +268,115 @@ except BaseException as e:
 # ======================================================================================
 
 
+def submission_files(assignment, folder: Path) -> list[Path]:
+    """The files a submission is graded on: the assignment's graded files in ``folder``'s
+    ``minilora/``, or for a port every file of its vector set (the manifest among them)."""
+    if not assignment.port:
+        return [folder / name for name in assignments.graded_files(assignment)]
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def submission_seed(assignment, folder) -> int:
+    """The seed of a run given none: SHA-256 over the names (relative to ``folder``) and
+    contents of :func:`submission_files`, its first four bytes as an integer halved into
+    [0, 2**31). The same code gets the same seed; an edit to a graded file, another.
+    A missing file counts as missing; a path that is not a regular file (a pipe, a
+    device) is never opened."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in submission_files(assignment, folder):
+        data = path.read_bytes() if path.is_file() else None
+        size = -1 if data is None else len(data)
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        digest.update(data or b"")
+    return int.from_bytes(digest.digest()[:4], "big") >> 1
+
+
+class _Canonical(ast.NodeTransformer):
+    """Docstrings dropped, and each local name (``names``) renamed ``v#0``, ``v#1``, ... in
+    the order the tree is walked: attribute names, globals and called functions stay."""
+
+    def __init__(self, names: set[str]):
+        self.names, self.renamed = names, {}
+
+    def rename(self, name: str) -> str:
+        if name not in self.names:
+            return name
+        return self.renamed.setdefault(name, f"v#{len(self.renamed)}")
+
+    def visit_Name(self, node):
+        node.id = self.rename(node.id)
+        return node
+
+    def visit_arg(self, node):
+        node.arg = self.rename(node.arg)
+        return self.generic_visit(node)  # its annotation
+
+    def visit_ExceptHandler(self, node):
+        node.name = node.name and self.rename(node.name)
+        return self.generic_visit(node)
+
+    def generic_visit(self, node):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and (
+            isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+        return super().generic_visit(node)
+
+
+def canonical_function(source: str, qualname: str) -> str:
+    """``qualname``'s ``def`` in ``source`` as :class:`_Canonical` writes it (``ast.dump``):
+    equal for two functions that differ only in comments, docstrings, whitespace and the
+    names of their arguments and local variables."""
+    node = copy.deepcopy(assignments.find_def(ast.parse(source), qualname))
+    names, declared = set(), set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.arg):
+            names.add(n.arg)
+        elif isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            names.add(n.id)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            names.add(n.name)
+        elif isinstance(n, (ast.Global, ast.Nonlocal)):
+            declared.update(n.names)
+    return ast.dump(_Canonical(names - declared).visit(node))
+
+
+def identical_to_reference(task, package: Path) -> bool:
+    """Whether every target of ``task`` in the student's ``package`` equals the released
+    reference's (the installed library's source) by :func:`canonical_function`. A task
+    with no targets (a port's), or a file that is missing or does not parse, is not."""
+    for target in task.targets:
+        module, qualname = assignments.split_target(target)
+        name = assignments.target_file(module)
+        if not (package / name).is_file():
+            return False
+        try:
+            theirs = canonical_function((package / name).read_text(encoding="utf-8"), qualname)
+        except (UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
+            return False
+        ours = (assignments.PACKAGE_DIR / name).read_text(encoding="utf-8")
+        if theirs != canonical_function(ours, qualname):
+            return False
+    return bool(task.targets)
+
+
+IDENTICAL_NOTE = (
+    "for staff: this task's functions equal the released reference but for comments, "
+    "docstrings, whitespace and local names; no points were taken"
+)
+
+
 @dataclass
 class TaskResult:
     id: str
     title: str
     points: int
     failures: list[str]
+    identical: bool = False  # its functions are the released reference's (for staff)
 
     @property
     def earned(self) -> int:
@@ -281,6 +390,7 @@ class Report:
     seed: int
     tasks: list[TaskResult]
     changed: list[str] = field(default_factory=list)  # files edited outside the tasks
+    seed_from_submission: bool = False  # the seed came from submission_seed, not --seed
 
     @property
     def earned(self) -> int:
@@ -298,6 +408,10 @@ class Report:
         )
 
     @property
+    def seed_text(self) -> str:
+        return f"seed {self.seed}" + (" from the submission" if self.seed_from_submission else "")
+
+    @property
     def possible(self) -> int:
         return sum(t.points for t in self.tasks)
 
@@ -308,32 +422,46 @@ class Report:
     def format(self) -> str:
         width = max(len(t.title) for t in self.tasks)
         lines = [
-            f"minilora grade {self.assignment}: {self.folder} (seed {self.seed})",
+            f"minilora grade {self.assignment}: {self.folder} ({self.seed_text})",
             f"{'task':<6} {'title':<{width}}  points",
         ]
         for t in self.tasks:
-            mark = "ok" if not t.failures else "FAIL"
+            mark = ("ok" if not t.failures else "FAIL") + (
+                "  identical to the reference" if t.identical else ""
+            )
             lines.append(f"{t.id:<6} {t.title:<{width}}  {t.earned} of {t.points}  {mark}")
             lines += [f"       - {f}" for f in t.failures]
         lines.append(f"total: {self.earned} of {self.possible} points")
         return "\n".join(lines + ([self.note] if self.note else []))
 
     def gradescope(self) -> dict:
-        """Gradescope's results.json."""
-        tests = [
-            {
-                "name": f"{t.id} {t.title}",
-                "score": t.earned,
-                "max_score": t.points,
-                "output": "\n".join(t.failures) or "passed",
-                "visibility": "visible",
-            }
-            for t in self.tasks
-        ]
+        """Gradescope's results.json: a visible test per task, and after a task whose code
+        is identical to the reference a test of 0 points that only staff see ("hidden")."""
+        tests = []
+        for t in self.tasks:
+            tests.append(
+                {
+                    "name": f"{t.id} {t.title}",
+                    "score": t.earned,
+                    "max_score": t.points,
+                    "output": "\n".join(t.failures) or "passed",
+                    "visibility": "visible",
+                }
+            )
+            if t.identical:
+                tests.append(
+                    {
+                        "name": f"{t.id} identical to the reference",
+                        "score": 0,
+                        "max_score": 0,
+                        "output": IDENTICAL_NOTE,
+                        "visibility": "hidden",
+                    }
+                )
         return {
             "score": self.earned,
             "output": "\n".join(
-                filter(None, [f"minilora grade {self.assignment}, seed {self.seed}", self.note])
+                filter(None, [f"minilora grade {self.assignment}, {self.seed_text}", self.note])
             ),
             "tests": tests,
         }
@@ -343,6 +471,7 @@ class Report:
             "assignment": self.assignment,
             "folder": self.folder,
             "seed": self.seed,
+            "seed_from": "submission" if self.seed_from_submission else "--seed",
             "earned": self.earned,
             "possible": self.possible,
             "changed": self.changed,
@@ -353,6 +482,7 @@ class Report:
                     "points": t.points,
                     "earned": t.earned,
                     "failures": t.failures,
+                    "identical_to_reference": t.identical,
                 }
                 for t in self.tasks
             ],
@@ -369,7 +499,8 @@ def grade(
     check_timeout: float = 120,
 ) -> Report:
     """Grade the ``minilora`` package in ``folder`` on assignment ``name`` (one task with
-    ``task``), in a separate process; ``seed`` None draws a fresh one. A check is stopped
+    ``task``), in a separate process; ``seed`` None derives one from the submission
+    (:func:`submission_seed`). A check is stopped
     after ``check_timeout`` seconds, the whole run after ``timeout``. For a port (a5),
     ``folder`` is the port's reference-vector set, checked in this process."""
     assignment = assignments.get_assignment(name)
@@ -377,16 +508,22 @@ def grade(
     folder = Path(folder)
     if extra_tests is not None and not Path(extra_tests).is_dir():
         raise ValueError(f"--extra-tests {extra_tests} is not a folder")
-    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    from_submission = seed is None
+    seed = submission_seed(assignment, folder) if from_submission else seed
     if assignment.port:
         results = _grade_port(assignment, tasks, seed, folder, extra_tests)
     else:
         results = _grade_package(
             assignment, tasks, seed, folder, extra_tests, timeout, check_timeout
         )
-    report = [TaskResult(t.id, t.title, t.points, results[t.id]) for t in tasks]
+    report = [
+        TaskResult(
+            t.id, t.title, t.points, results[t.id], identical_to_reference(t, folder / "minilora")
+        )
+        for t in tasks
+    ]
     changed = [] if assignment.port else assignments.changed_files(assignment, folder / "minilora")
-    return Report(name, str(folder), seed, report, changed)
+    return Report(name, str(folder), seed, report, changed, from_submission)
 
 
 def _grade_port(assignment, tasks, seed: int, folder: Path, extra_tests) -> dict:
