@@ -8,7 +8,9 @@ qualified name ``LayerNormFunction.backward``), its points, and the checks in
 A student copy is this package, copied, with only the assignment's targets stubbed: each
 keeps its signature and docstring, and its body becomes::
 
-    raise NotImplementedError("Task a1.7: LayerNormFunction.backward (see docs/assignments/a1.md)")
+    raise NotImplementedError(
+        "Task a1.7: LayerNormFunction.backward (...); see the handout, a1.md beside minilora/"
+    )
 
 The copy is made from the library's own source at the moment it is made, so it can never
 drift from the code the tests prove correct. Everything else in it is the working library:
@@ -35,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-HANDOUTS = "docs/assignments"  # where the site shows the handouts (docs/hooks.py)
 HANDOUT_DIR = Path(__file__).resolve().parent / "handouts"  # their one source, package data
 FAST_OPS_FILE = "fast/ops.py"  # the fast path's ops, each a subclass of its reference op
 BACKEND_FILE = "backend.py"  # holds DEFAULT_OPS, the ops the engine runs by default
@@ -323,7 +324,8 @@ def find_def(tree: ast.Module, qualname: str) -> ast.FunctionDef:
 
 
 def stub_message(task: Task, qualname: str) -> str:
-    return f"Task {task.id}: {qualname} ({task.title}); see {HANDOUTS}/{task.id.split('.')[0]}.md"
+    name = task.id.split(".")[0]
+    return f"Task {task.id}: {qualname} ({task.title}); see the handout, {name}.md beside minilora/"
 
 
 def stub_source(source: str, stubs: dict[str, str]) -> str:
