@@ -11,6 +11,9 @@ Two configurations, chosen for what the tests need:
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 
 import minilora as ml
@@ -74,3 +77,16 @@ def logits_of(model: ml.Module, idx) -> np.ndarray:
     model.eval()
     with ml.no_grad():
         return ml.backend.to_numpy(model(idx)[0].data)
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's bytes as (header dict, data section)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join(header: dict, body: bytes) -> bytes:
+    """safetensors bytes from a header dict and a data section (the header padded to 8)."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body

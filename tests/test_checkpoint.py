@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from helpers import TINY_2x2, make_gpt, snapshot
+from helpers import TINY_2x2, join, make_gpt, snapshot, split
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -74,17 +74,6 @@ def train_lora(model, config: ml.LoRAConfig, steps: int = 3):
         opt.step()
     return model
 
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    """A safetensors file as (header dict, data bytes)."""
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + body
 
 
 def tensor_names(header: dict) -> list[str]:

@@ -11,14 +11,13 @@ transformers, an older minilora) load as before. Format: docs/porting.md, "Check
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from pathlib import Path
 
 import pytest
 import safetensors
 import safetensors.numpy
-from helpers import TINY_2x2, make_gpt, randomize_weights
+from helpers import TINY_2x2, join, make_gpt, randomize_weights, split
 
 import minilora as ml
 from minilora.experiments import demo
@@ -28,17 +27,6 @@ from minilora.variants import vera
 
 KEY = safetensors_files.DATA_SHA256_KEY
 
-
-def split(data: bytes) -> tuple[dict, bytes]:
-    """(header, data section) of safetensors bytes."""
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def join(header: dict, body: bytes) -> bytes:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + body
 
 
 def flip_bit(path: Path, bit: int = 0) -> None:
