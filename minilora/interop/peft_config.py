@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from minilora.lora import LoRAConfig
+from minilora.variants.patterns import is_layer_selection, is_name_selection
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -145,15 +146,10 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
                 f"one {name} for every layer ({name}={want!r})"
             )
     layers = raw.get("layers_to_transform")
-    if not unset(layers) and not (
-        _index(layers) or (isinstance(layers, list) and all(_index(i) for i in layers))
-    ):
+    if not unset(layers) and not is_layer_selection(layers):
         problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
     layers_pattern = raw.get("layers_pattern")
-    if not unset(layers_pattern) and not (
-        isinstance(layers_pattern, str)
-        or (isinstance(layers_pattern, list) and all(isinstance(t, str) for t in layers_pattern))
-    ):
+    if not unset(layers_pattern) and not is_name_selection(layers_pattern):
         problems.append(f"layers_pattern={layers_pattern!r} must be a name or a list of names")
     init = raw.get("init_lora_weights", True)  # PEFT's default is true (kaiming)
     if not any(init == i and type(init) is type(i) for i in _INITS):
@@ -209,5 +205,3 @@ def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
-def _index(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

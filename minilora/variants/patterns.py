@@ -123,21 +123,29 @@ def check_patterns(owner: str, rank_pattern, alpha_pattern, layers_to_transform,
                     f"{owner}: {name} key {key!r} is not a valid regular expression: {e}"
                 ) from None
     layers = layers_to_transform
-    if layers is not None and not (
-        _index(layers) or (isinstance(layers, list) and all(_index(i) for i in layers))
-    ):
+    if layers is not None and not is_layer_selection(layers):
         raise ValueError(
             f"{owner}: layers_to_transform={layers!r} must be None, a layer index or a list of them"
         )
     lp = layers_pattern
-    if lp is not None and not (
-        isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(t, str) for t in lp))
-    ):
+    if lp is not None and not is_name_selection(lp):
         raise ValueError(f"{owner}: layers_pattern={lp!r} must be None, a name or a list of names")
 
 
 def _index(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def is_layer_selection(value) -> bool:
+    """A layer index or a list of them: the forms ``layers_to_transform`` takes."""
+    return _index(value) or (isinstance(value, list) and all(_index(i) for i in value))
+
+
+def is_name_selection(value) -> bool:
+    """A name or a list of names: the forms ``layers_pattern`` takes."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(t, str) for t in value)
+    )
 
 
 def check_config(config) -> None:
