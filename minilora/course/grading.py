@@ -118,7 +118,7 @@ def isolated(assignment, task, reference_root: Path):
             if target in mine:
                 continue
             module_name, qualname = assignments.split_target(target)
-            module = sys.modules[f"minilora.{module_name}"]
+            module = importlib.import_module(f"minilora.{module_name}")
             swapped.append((module, qualname, _lookup(module, qualname)))
             _assign(module, qualname, reference_function(target, module, reference_root))
     try:
@@ -249,7 +249,9 @@ if found != (Path(folder).resolve() / "minilora"):
     sys.exit(0)
 try:
     import minilora.course
-    for name in ("gradcheck", "course.assignments", "course.checks", "course.grading"):
+    for name in (
+        "gradcheck", "course.assignments", "course.student", "course.checks", "course.grading"
+    ):
         path = Path(reference, *name.split(".")).with_suffix(".py")
         spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
         module = importlib.util.module_from_spec(spec)
