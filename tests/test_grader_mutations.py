@@ -216,8 +216,10 @@ MUTATIONS = [
         "a2",
         "a2.1",
         "functional.py",
-        '        self.scale = 1.0 / math.sqrt(hs)\n        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)',
-        '        self.scale = 1.0 / hs\n        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)',
+        "self.scale = 1.0 / math.sqrt(hs)\n"
+        '        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)',
+        "self.scale = 1.0 / hs\n"
+        '        S = mm(q, swap_last_two(k), "attention.scores") * self.scale  # (B, nh, T, T)',
         "q kᵀ/√hs",
     ),
     (
@@ -226,7 +228,8 @@ MUTATIONS = [
         "a2.1",
         "functional.py",
         "P = _softmax(xp.where(future, -xp.inf, S), axis=-1)  # (B, nh, T, T)",
-        "P = xp.exp(xp.where(future, -xp.inf, S))\n        P = P / P.sum(axis=-1, keepdims=True)  # (B, nh, T, T)",
+        "P = xp.exp(xp.where(future, -xp.inf, S))\n"
+        "        P = P / P.sum(axis=-1, keepdims=True)  # (B, nh, T, T)",
         "float32 exp(89) = inf",
     ),
     (
@@ -497,7 +500,8 @@ MUTATIONS = [
         ),
         (
             "    def step(self) -> None:\n        self.t = getattr(self, 't', 0) + 1\n"
-            '        for group in self.param_groups:\n            lr, (b1, b2), eps, wd = group["lr"]',
+            "        for group in self.param_groups:\n"
+            '            lr, (b1, b2), eps, wd = group["lr"]',
             't, m, v = self.t, state["exp_avg"]',
         ),
         "no_grad_until_step_3",
