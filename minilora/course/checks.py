@@ -1029,8 +1029,8 @@ def check_lora_merge_hard_cases(ctx: Context) -> None:
     get_delta_weight and whose unmerge ends in yours."""
     h, lora = fixed(ctx), ctx.module("lora")
     dora = ctx.module("variants.dora")
-    for cls in (lora.LoRALinear, dora.DoRALinear):
-        layer = cls(
+    for name, is_dora in (("LoRALinear", False), ("DoRALinear", True)):
+        layer = (dora.DoRALinear if is_dora else lora.LoRALinear)(
             4,
             3,
             r=2,
@@ -1039,24 +1039,24 @@ def check_lora_merge_hard_cases(ctx: Context) -> None:
             generator=ctx.module("backend").Generator(FIXED_SEED),
         )
         layer.lora_B.data = h.normal(3, 2)  # as after training
-        if cls is dora.DoRALinear:
+        if is_dora:
             layer.lora_magnitude_vector.data = 1.0 + 0.1 * h.normal(3)
         layer.eval()
-        name, W0 = cls.__name__, ctx.value(layer.weight)
+        W0 = ctx.value(layer.weight)
         merged = W0 + 2.5 * ctx.value(layer.lora_B) @ ctx.value(layer.lora_A)
-        if cls is dora.DoRALinear:
+        if is_dora:
             norm = np.sqrt((merged**2).sum(axis=1))
             merged = merged * (ctx.value(layer.lora_magnitude_vector) / norm)[:, None]
         x = ctx.Tensor(h.normal(2, 4))
         before = ctx.value(layer(x))
-        for round in (1, 2):
+        for attempt in (1, 2):
             layer.merge()
             with hint(f"{name}.merge() adds get_delta_weight() = s·B·A (s = α/r = 2.5)"):
                 expect_close(
-                    ctx, layer.weight, merged, f"{name}: the weight after merge (round {round})"
+                    ctx, layer.weight, merged, f"{name}: the weight after merge (round {attempt})"
                 )
                 expect_close(
-                    ctx, layer(x), before, f"{name}: the merged layer's output (round {round})"
+                    ctx, layer(x), before, f"{name}: the merged layer's output (round {attempt})"
                 )
             for call in ("unmerge()", "a second unmerge()"):
                 layer.unmerge()
@@ -1117,15 +1117,16 @@ def _apply_lora_case(ctx: Context, gpt, config) -> None:
             )
         if config.use_dora and not hasattr(layer, "lora_magnitude_vector"):
             raise CheckFailed(
-                f"use_dora=True, but {path} is a {type(layer).__name__} without a magnitude: "
+                f"use_dora=True, but {path} is a layer without a magnitude (no DoRA): "
                 "wrap each layer with lora.LORA_LAYERS[type(base)] (DoRA's, an Embedding's)"
             )
     for name, p in gpt.named_parameters():
         if p.requires_grad != _expected_trainable(name, config.bias, adapted):
             state = "trainable" if p.requires_grad else "frozen"
             raise CheckFailed(
-                f"after apply_lora(bias={config.bias!r}), {name} is {state}; only lora_A, "
-                "lora_B and the biases the bias mode names should train"
+                f"after apply_lora(bias={config.bias!r}), {name} is {state}; only the adapters' "
+                "lora_* parameters (lora_A, lora_B, a variant's) and the biases the bias mode "
+                "names should train"
             )
     expect_close(ctx, gpt(idx)[0], before, "logits right after apply_lora (B = 0: the base's)")
 
