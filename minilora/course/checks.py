@@ -1265,6 +1265,15 @@ ADAMW_PARAMS = {
     "no_grad_until_step_3": (0, (2,), (3,), 1.0),
     "group_1": (1, (2, 2), (1, 2, 3), 1.0),
 }
+ADAMW_HINTS = {  # what each parameter shows, after the update every one shares
+    "p0": "bias-corrected moments m̂ = m/(1-β1^t), v̂ = v/(1-β2^t)",
+    "small_grads": "m̂/(√v̂ + eps): eps outside the square root",
+    "no_grad_until_step_3": (
+        "a parameter without a gradient is skipped (no decay, no state), and its own step "
+        "count t starts at its first gradient"
+    ),
+    "group_1": "each group's own lr and weight_decay",
+}
 ADAMW_GROUPS = [{"lr": 0.01, "weight_decay": 0.1}, {"lr": 0.05, "weight_decay": 0.3}]
 
 
@@ -1294,11 +1303,7 @@ def check_adamw_hard_cases(ctx: Context) -> None:
         opt.step()
         for name, (group, *_) in ADAMW_PARAMS.items():
             settings = ", ".join(f"{k} {v}" for k, v in ADAMW_GROUPS[group].items())
-            with hint(
-                "each group's own lr and weight_decay; decay decoupled, p·(1 - lr·wd), first; "
-                "m̂/(√v̂ + eps), eps outside the root; a parameter without a gradient is "
-                "skipped, no decay, and its step count t starts at its first gradient"
-            ):
+            with hint(f"weight decay decoupled, p·(1 - lr·wd), first; {ADAMW_HINTS[name]}"):
                 expect_close(
                     ctx,
                     params[name],
