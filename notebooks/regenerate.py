@@ -5,10 +5,11 @@
 
 Each notebook runs in a fresh ``python3`` kernel (nbclient), in full mode (``MINILORA_QUICK`` is
 removed from the kernel's environment), from the notebooks folder, as a reader runs it. A notebook
-whose cell raises is left as it was, and the script exits with status 1 after trying the others.
-A good run replaces the file atomically (a temporary file, then ``os.replace``), without what
-changes from run to run by itself (cell timings, the kernel's Python version, widget state), so a
-rerun on the same commit differs only where the notebook prints a timing.
+whose cell raises (or whose kernel dies) is left as it was, and the script exits with status 1
+after trying the others. A good run replaces the file atomically (a temporary file, then
+``os.replace``), without what changes from run to run by itself (cell timings, the kernel's
+Python version, widget state), so a rerun on the same commit differs only where the notebook
+prints a timing.
 
 The stored notebooks are what the repository's web page and the documentation site show
 (mkdocs-jupyter renders them without executing them); tests/test_notebooks.py fails when one of
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 NOTEBOOKS = Path(__file__).resolve().parent
 KEPT_METADATA = ("kernelspec",)  # the notebook-level keys a stored notebook keeps
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             nb = execute(path)
-        except CellExecutionError as error:
-            print(f"{path.name}: a cell raised; the file is unchanged\n{error}", file=sys.stderr)
+        except (CellExecutionError, DeadKernelError) as error:
+            print(f"{path.name}: failed, the file is unchanged\n{error}", file=sys.stderr)
             failed.append(path.name)
             continue
         write_atomically(strip_volatile(nb), path)

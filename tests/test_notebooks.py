@@ -92,7 +92,7 @@ def notebook_problems(nb) -> list[str]:
     code_cells = [cell for cell in cells if cell.cell_type == "code"]
     if not code_cells or not REPOSITORY.search(code_cells[0].source):
         problems.append("the first code cell must install minilora from MINILORA_REPOSITORY")
-    code = "\n".join(cell.source for cell in code_cells)
+    code = "\n".join(cell.source for cell in code_cells[1:])  # the lesson, after the install
     if not re.search(r"^\s*(import minilora|from minilora)", code, re.M):
         problems.append("no code cell imports minilora")
     if "MINILORA_QUICK" not in code:
@@ -451,3 +451,42 @@ def test_the_site_marks_notebook_math_as_arithmatex_does():
         '<p><span class="arithmatex">\\[\na &amp;= b\n\\]</span></p></div>'
         '<div class="jp-OutputArea"><pre>$HOME $PATH</pre></div>'
     )
+
+
+def test_regenerate_picks_notebooks_and_drops_what_changes_by_itself(tmp_path, monkeypatch):
+    """notebooks/regenerate.py (which executes them, so it is not run here): its choice of
+    notebooks, what it strips, and its atomic write."""
+    regenerate = runpy.run_path(str(NOTEBOOKS / "regenerate.py"))
+    chosen = regenerate["select"](["04", "05_scaling_on_paper", "06_gpu.ipynb"])
+    assert [path.name for path in chosen] == EXPECTED[3:6]
+    assert [path.name for path in regenerate["select"]([])] == EXPECTED
+    with pytest.raises(SystemExit, match="'10'"):
+        regenerate["select"](["10"])
+
+    nb = read(EXPECTED[0])
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.9"}
+    nb.metadata["widgets"] = {"state": {}}
+    nb.cells[1].metadata["execution"] = {"iopub.execute_input": "2026-01-01T00:00:00Z"}
+    nb = regenerate["strip_volatile"](nb)
+    kernelspec = read(EXPECTED[0]).metadata.kernelspec
+    assert nb.metadata == {"kernelspec": kernelspec, "language_info": {"name": "python"}}
+    assert all("execution" not in cell.metadata for cell in nb.cells)
+
+    path = tmp_path / "n.ipynb"
+    regenerate["write_atomically"](nb, path)
+    assert nbformat.read(path, as_version=4) == nb
+    broken = read(EXPECTED[0])
+    broken.cells[0].cell_type = "not a cell type"
+    with pytest.raises(nbformat.ValidationError):
+        regenerate["write_atomically"](broken, path)
+
+    def half_written(nb, f):
+        f.write('{"cells": [')
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nbformat, "write", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        regenerate["write_atomically"](read(EXPECTED[1]), path)
+    monkeypatch.undo()
+    assert nbformat.read(path, as_version=4) == nb  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["n.ipynb"]  # no temporary file left
