@@ -8,8 +8,8 @@ removed from the kernel's environment), from the notebooks folder, as a reader r
 whose cell raises (or whose kernel dies) is left as it was, and the script exits with status 1
 after trying the others. A good run replaces the file atomically (a temporary file, then
 ``os.replace``), without what changes from run to run by itself (cell timings, the kernel's
-Python version, widget state), so a rerun on the same commit differs only where the notebook
-prints a timing.
+Python version, widget state, where printing was cut into messages), so a rerun on the same
+commit differs only where the notebook prints a timing.
 
 The stored notebooks are what the repository's web page and the documentation site show
 (mkdocs-jupyter renders them without executing them); tests/test_notebooks.py fails when one of
@@ -71,7 +71,22 @@ def strip_volatile(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb.metadata["language_info"] = {"name": "python"}  # not the kernel's Python version
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = coalesce_streams(cell.outputs)
     return nb
+
+
+def coalesce_streams(outputs: list) -> list:
+    """Consecutive prints to one stream as one output: how a cell's printing is cut into
+    messages depends on the machine's timing."""
+    merged = []
+    for out in outputs:
+        last = merged[-1] if merged else None
+        if last and out.output_type == last.output_type == "stream" and out.name == last.name:
+            last.text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def write_atomically(nb: nbformat.NotebookNode, path: Path) -> None:

@@ -467,7 +467,21 @@ def test_regenerate_picks_notebooks_and_drops_what_changes_by_itself(tmp_path, m
     nb.metadata["language_info"] = {"name": "python", "version": "3.11.9"}
     nb.metadata["widgets"] = {"state": {}}
     nb.cells[1].metadata["execution"] = {"iopub.execute_input": "2026-01-01T00:00:00Z"}
+    out = nbformat.v4.new_output
+    nb.cells[1].outputs = [
+        out("stream", name="stdout", text="a\n"),
+        out("stream", name="stdout", text="b\n"),
+        out("stream", name="stderr", text="c\n"),
+        out("display_data", data={"text/plain": "d"}),
+        out("stream", name="stderr", text="e\n"),
+    ]
     nb = regenerate["strip_volatile"](nb)
+    assert [(o.get("name"), o.get("text")) for o in nb.cells[1].outputs] == [
+        ("stdout", "a\nb\n"),  # one message, however the kernel cut the printing into messages
+        ("stderr", "c\n"),
+        (None, None),
+        ("stderr", "e\n"),
+    ]
     kernelspec = read(EXPECTED[0]).metadata.kernelspec
     assert nb.metadata == {"kernelspec": kernelspec, "language_info": {"name": "python"}}
     assert all("execution" not in cell.metadata for cell in nb.cells)
