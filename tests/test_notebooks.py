@@ -28,6 +28,10 @@ NOTEBOOKS = ROOT / "notebooks"
 # The one place a notebook names the repository: its install cell (the first code cell) pip
 # installs minilora from there in a fresh Colab or Binder.
 REPOSITORY = re.compile(r'^MINILORA_REPOSITORY = "([^"]+)"$', re.M)
+# A formula typed in Unicode inside a markdown cell's code span or indented code block: the site,
+# GitHub and Jupyter typeset LaTeX (docs/hooks.py), not that.
+_SYMBOLS = "ᵀ√≈εσΣ⊙−²ΔφΦ‖∈≤≥×·∝→₀₁₂ᵢⱼ"
+UNICODE_MATH = re.compile(rf"`[^`\n]*[{_SYMBOLS}][^`\n]*`|^    .*[{_SYMBOLS}].*$", re.M)
 EXPECTED = [
     "01_autograd.ipynb",
     "02_transformer.ipynb",
@@ -100,6 +104,10 @@ def notebook_problems(nb) -> list[str]:
     copied = sorted(set(re.findall(r"^\s*(?:def|class) +(\w+)", code, re.M)) & LIBRARY_NAMES)
     if copied:
         problems.append(f"defines {copied}, which minilora already provides: import them")
+    text = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    unicode_math = sorted(set(UNICODE_MATH.findall(text)))
+    if unicode_math:
+        problems.append(f"math in code, not LaTeX ($...$, $$...$$): {unicode_math}")
     return problems
 
 
@@ -197,6 +205,11 @@ def _quick_run(nb):
     return nb
 
 
+def _unicode_math(nb):
+    nb.cells[-1].source += "\n\nThe update is `ΔW = s B A`."
+    return nb
+
+
 def _no_install_cell(nb):
     install = next(c for c in nb.cells if c.cell_type == "code")
     install.source = install.source.replace("MINILORA_REPOSITORY", "URL")
@@ -247,6 +260,7 @@ def _no_quick_mode(nb):
         (_no_figure, "no figure"),
         (_quick_run, "quick mode: False"),
         (_no_install_cell, "install minilora"),
+        (_unicode_math, "ΔW = s B A"),
         (_other_kernel, "kernelspec"),
         (_no_intro, "What you will learn"),
         (_no_exercises, "Exercises"),
