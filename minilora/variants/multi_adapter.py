@@ -55,6 +55,7 @@ import numbers
 from dataclasses import dataclass
 
 from minilora import backend
+from minilora.autograd import Tensor, no_grad
 from minilora.lora import (
     LoRAConfig,
     adapted_layers,
@@ -309,6 +310,112 @@ def unload(model: Module) -> Module:
     _unplug(model, shelf.layers)
     del vars(model)[_SHELF]
     return model
+
+
+# ======================================================================================
+# Merging several adapters, and one adapter per row of a batch
+# ======================================================================================
+
+BASE_ADAPTER = "__base__"  # PEFT's name, in adapter_names, for a row the base model computes
+
+
+def merge_and_unload(
+    model: Module, safe_merge: bool = True, adapter_names: list[str] | None = None
+) -> Module:
+    """Merge the adapters ``adapter_names`` (the active one when None) into the base
+    weights, one after the other in that order, and remove every adapter: a plain model
+    computing ``W0 + Σ ΔWᵢ`` on each layer (PEFT's ``merge_and_unload(adapter_names=...)``).
+    All or nothing: with ``safe_merge`` a non-finite result leaves every weight as it was.
+    The active adapter must be unmerged and enabled."""
+    caller = "merge_and_unload"
+    shelf = _shelf(model, caller)
+    names = [shelf.active] if adapter_names is None else adapter_names
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(f"{caller}: adapter_names={adapter_names!r} must be a non-empty list")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{caller}: adapter_names={names!r} names an adapter twice")
+    layers = [_adapter_layers(shelf, name, caller) for name in names]
+    _check_swappable(shelf, caller)
+    before = {}  # {path: the weight before any merge}, to put back if one is refused
+    try:
+        for by_path in layers:
+            _refresh(model, by_path)  # shelved layers read the model's (merged so far) weight
+            for path, layer in by_path.items():
+                before.setdefault(path, layer.weight.data.copy())
+                layer.weight.data[...] = layer.merged_weight(safe_merge)  # W ← W + ΔWᵢ
+    except ValueError:
+        for path, weight in before.items():
+            model.get_submodule(path).weight.data[...] = weight
+        raise
+    return unload(model)
+
+
+class MixedBatchLinear(Module):
+    """A layer's stand-in inside :func:`mixed_batch`: the rows of the batch whose adapter
+    adapts this layer go through that adapter's layer, the others through the base layer;
+    the outputs are put back in the batch's order. Inference only: no gradient flows."""
+
+    def __init__(self, routes: list, batch_size: int):
+        super().__init__()
+        self.routes = routes  # [(row indices, a LoRA layer or the base Linear)]: not children
+        self.batch_size = batch_size
+        self.training = False  # inference only (mixed_batch refuses a training model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"mixed_batch: the batch has {x.shape[0]} rows but adapter_names names "
+                f"{self.batch_size} adapters; give one name per row"
+            )
+        xp = backend.get_array_module(x.data)
+        out = None
+        with no_grad():
+            for rows, layer in self.routes:
+                y = layer(Tensor(x.data[rows])).data  # (n_rows, T, out)
+                if out is None:
+                    out = xp.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+                out[rows] = y
+        return Tensor(out)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: Module, adapter_names: list[str]):
+    """Inside the block, row i of every batch the model runs (a forward, ``generate``)
+    goes through adapter ``adapter_names[i]``, or the base model for ``"__base__"``: PEFT's
+    ``model(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])``. Each
+    row computes exactly what its adapter alone computes. For inference: the model must be
+    in eval mode (as PEFT asks), its active adapter unmerged and enabled."""
+    caller = "mixed_batch"
+    shelf = _shelf(model, caller)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"{caller}: adapter_names={adapter_names!r} must be a list, one per row")
+    if not adapter_names:
+        raise ValueError(f"{caller}: adapter_names is empty; give one name per row")
+    chosen = {n: _adapter_layers(shelf, n, caller) for n in adapter_names if n != BASE_ADAPTER}
+    _check_swappable(shelf, caller)
+    if model.training:
+        raise ValueError(
+            f"{caller}: the model is in training mode; one adapter per row is for inference: "
+            "call model.eval() first"
+        )
+    for layers in chosen.values():
+        _refresh(model, layers)
+    adapted = set().union(*chosen.values())
+    originals = {p: m for p, m in model.named_modules() if p in adapted}
+    xp = backend.module_for(backend.device_of(next(iter(model.parameters())).data))
+    for path, current in originals.items():
+        base = current.get_base_layer() if hasattr(current, "get_base_layer") else current
+        routes = {}  # {id(layer): (layer, rows)}: rows that share a layer run together
+        for i, name in enumerate(adapter_names):
+            layer = chosen[name].get(path, base) if name in chosen else base
+            routes.setdefault(id(layer), (layer, []))[1].append(i)
+        routes = [(xp.asarray(rows), layer) for layer, rows in routes.values()]
+        model.set_submodule(path, MixedBatchLinear(routes, len(adapter_names)))
+    try:
+        yield model
+    finally:
+        for path, layer in originals.items():
+            model.set_submodule(path, layer)
 
 
 # ======================================================================================

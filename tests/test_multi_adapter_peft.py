@@ -16,14 +16,24 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_2x2, make_gpt, randomize_weights
+from helpers import TINY_2x2, make_gpt, randomize_weights, snapshot
 
 import minilora as ml
 from minilora import backend
 from minilora.interop import peft_adapters
-from minilora.lora import lora_layers
+from minilora.lora import disable_adapters, lora_layers
 from minilora.variants import merge_methods
-from minilora.variants.multi_adapter import add_adapter, add_weighted_adapter, set_adapter
+from minilora.variants.multi_adapter import (
+    BASE_ADAPTER,
+    MixedBatchLinear,
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    add_weighted_adapter,
+    merge_and_unload,
+    mixed_batch,
+    set_adapter,
+)
 
 # Three adapters of one rank (the A-and-B types need it) and scaling 1, with weights whose
 # √|w·s| are exact in float32 (PEFT rounds its weight tensor to float32): exact compares.
@@ -116,9 +126,9 @@ def assert_same_adapter(ours: dict, theirs: dict, kind: str):
 # ======================================================================================
 
 
-def peft_mix(tmp_path, model, kind, **kwargs):
-    """The adapters saved, loaded by name in PEFT on the PyTorch port, combined there:
-    {path: PEFT's layer holding "mix"}."""
+def peft_twin(tmp_path, model):
+    """The three adapters saved, and loaded by name in PEFT on the PyTorch port of the
+    same base: the PEFT model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch = pytest.importorskip("torch", reason="PEFT parity needs PyTorch")
     peft = pytest.importorskip("peft", reason="PEFT parity needs PEFT")
@@ -132,7 +142,12 @@ def peft_mix(tmp_path, model, kind, **kwargs):
     p = peft.PeftModel.from_pretrained(port, tmp_path / NAMES[0], adapter_name=NAMES[0])
     for name in NAMES[1:]:
         p.load_adapter(tmp_path / name, adapter_name=name)
-    p.to(torch.float64)  # PEFT made the adapters float32
+    return p.to(torch.float64).eval()  # PEFT made the adapters float32
+
+
+def peft_mix(tmp_path, model, kind, **kwargs):
+    """The adapters combined in PEFT: {path: PEFT's layer holding "mix"}."""
+    p = peft_twin(tmp_path, model)
     p.add_weighted_adapter(NAMES, WEIGHTS, "mix", combination_type=kind, **kwargs)
     inner = p.base_model.model
     return {
@@ -234,6 +249,126 @@ def test_gpt2_combinations_are_peft_on_the_fused_c_attn(tmp_path, monkeypatch, k
     rank = p.peft_config["mix"].r
     assert config.r == rank == {"svd": 4, "cat": 12}.get(kind.split("_")[-1], 6)
     assert json.loads((tmp_path / "mix" / "adapter_config.json").read_text())["r"] == rank
+
+
+# ======================================================================================
+# merge_and_unload(adapter_names=...) and one adapter per row (mixed_batch)
+# ======================================================================================
+
+IDX = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [0, 7, 7, 0, 9], [10, 1, 10, 1, 2]])
+ROWS = ["b", BASE_ADAPTER, "a", "c"]
+
+
+def logits(model, idx=IDX):
+    with ml.no_grad():
+        return model.eval()(idx)[0].data.copy()
+
+
+def torch_logits(torch, model, **kwargs):
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(IDX), **kwargs)[0].numpy()
+
+
+@pytest.mark.oracle
+def test_merge_and_unload_of_named_adapters_is_peft(tmp_path):
+    torch = pytest.importorskip("torch", reason="PEFT parity needs PyTorch")
+    model = three_adapters()
+    theirs = peft_twin(tmp_path, model).merge_and_unload(adapter_names=["c", "a"])
+    only_a = logits(merge_and_unload(three_adapters()))  # the active one, "a"
+    merged = merge_and_unload(model, adapter_names=["c", "a"])
+    assert merged is model and not lora_layers(model)  # a plain model, no adapter left
+    got = logits(model)
+    np.testing.assert_allclose(got, torch_logits(torch, theirs), rtol=1e-10, atol=1e-12)
+    assert np.abs(got - only_a).max() > 1e-2  # "c" is in it
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        adapter_names(model)  # every adapter went
+
+
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (["a", "zz"], ValueError, r"no adapter named 'zz'"),
+        (["a", "a"], ValueError, "names an adapter twice"),
+        ("a", TypeError, "must be a non-empty list"),
+        (["c", "b"], ValueError, "NaN or inf"),  # "b" diverged: "c" is taken out again
+    ],
+)
+def test_merge_and_unload_refuses_bad_names_and_diverged_adapters_changing_nothing(
+    names, error, match
+):
+    model = three_adapters()
+    set_adapter(model, "b")
+    next(p for n, p in model.named_parameters() if n.endswith("lora_B")).data[0, 0] = np.inf
+    set_adapter(model, "a")
+    before, held = snapshot(model), adapter_names(model)
+    with pytest.raises(error, match=match):
+        merge_and_unload(model, adapter_names=names)
+    assert snapshot(model) == before and adapter_names(model) == held
+
+
+@pytest.mark.oracle
+def test_one_adapter_per_row_is_peft_and_each_row_its_adapter_alone(tmp_path):
+    torch = pytest.importorskip("torch", reason="PEFT parity needs PyTorch")
+    model = three_adapters().eval()
+    want = torch_logits(torch, peft_twin(tmp_path, model), adapter_names=ROWS)
+    before = snapshot(model)
+    with mixed_batch(model, ROWS):
+        got = logits(model)
+    assert snapshot(model) == before and active_adapter(model) == "a"  # as it was
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    for i, name in enumerate(ROWS):  # each row: its adapter alone, bitwise
+        if name == BASE_ADAPTER:
+            with disable_adapters(model):
+                alone = logits(model)
+        else:
+            set_adapter(model, name)
+            alone = logits(model)
+        np.testing.assert_array_equal(got[i], alone[i])
+    assert len({got[i].tobytes() for i in range(4)}) == 4
+
+
+def test_mixed_batch_refuses_a_training_model_and_a_wrong_batch():
+    model = three_adapters()
+    with pytest.raises(ValueError, match="training mode.*model.eval"):
+        with mixed_batch(model.train(), ROWS):
+            pass
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        with mixed_batch(model.eval(), ["a", "zz"]):
+            pass
+    with mixed_batch(model, ROWS[:3]):
+        with pytest.raises(ValueError, match="the batch has 4 rows but adapter_names names 3"):
+            logits(model)
+    assert active_adapter(model) == "a" and not any(
+        isinstance(m, MixedBatchLinear) for m in model.modules()
+    )
+
+
+@pytest.mark.oracle
+def test_gpt2_greedy_generation_with_one_adapter_per_row_is_peft(tmp_path):
+    torch = pytest.importorskip("torch", reason="GPT-2 tests need PyTorch")
+    transformers = pytest.importorskip("transformers", reason="GPT-2 tests need transformers")
+    peft = pytest.importorskip("peft", reason="GPT-2 tests need PEFT")
+    model = gpt2_pair(tmp_path, torch, transformers).eval()
+    rows = ["b", "a", BASE_ADAPTER]
+    idx = np.random.default_rng(2).integers(0, 40, (3, 3))
+    with mixed_batch(model, rows):
+        ours = model.generate(idx, 5, temperature=0)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", dtype=torch.float64)
+    p = peft.PeftModelForCausalLM.from_pretrained(hf, tmp_path / "a", adapter_name="a")
+    p.load_adapter(tmp_path / "b", adapter_name="b")
+    p.to(torch.float64).eval()
+    with torch.no_grad():
+        theirs = p.generate(
+            input_ids=torch.from_numpy(idx),
+            attention_mask=torch.ones(idx.shape, dtype=torch.int64),
+            adapter_names=rows,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    np.testing.assert_array_equal(ours, theirs.numpy())
+    with mixed_batch(model, ["a"] * 3):  # and the adapters matter
+        assert not np.array_equal(model.generate(idx, 5, temperature=0), ours)
 
 
 # ======================================================================================
