@@ -36,15 +36,20 @@ The rules (each refused with a ``ValueError`` naming the problem):
   (``LoRAEmbedding``) or VeRA layers is refused, and so is an added adapter that would put
   one in.
 * ``add_weighted_adapter`` refuses DoRA adapters: a DoRA update is not ``s·B·A`` alone
-  (its magnitude rescales the whole weight), so neither "cat" nor "svd" holds for it.
+  (its magnitude rescales the whole weight), so no combination of A's and B's holds it.
 * ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
   with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
   (by hand, or ``apply_lora`` after ``merge_and_unload``) start afresh as ``"default"``.
 
-:func:`add_weighted_adapter` makes a new adapter from weighted existing ones: ``"cat"``
-exactly (the weighted sum of the updates, rank Σ rᵢ) or ``"svd"`` (its best rank-k
-approximation). The math, and why PEFT's ``"linear"`` is not the weighted sum, are in
-docs/math.md, "Several adapters, and combining them".
+:func:`add_weighted_adapter` makes a new adapter from weighted existing ones, by every
+``combination_type`` PEFT has: ``"cat"`` exactly (the weighted sum of the updates, rank
+Σ rᵢ), ``"svd"`` (its best rank-k approximation), and PEFT's ``"linear"``, TIES, DARE and
+magnitude pruning (merge_methods.py), each as PEFT computes it, on GPT-2's fused ``c_attn``
+too. :func:`merge_and_unload` with ``adapter_names`` merges several adapters at once, and
+:func:`mixed_batch` runs each row of a batch through its own adapter (PEFT's
+``adapter_names=[...]``). The math, and why only "cat" is the weighted sum, are in
+docs/math.md, "Several adapters, and combining them" and "Combining adapters the ways PEFT
+does".
 """
 
 from __future__ import annotations
