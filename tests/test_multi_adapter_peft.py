@@ -371,6 +371,25 @@ def test_gpt2_greedy_generation_with_one_adapter_per_row_is_peft(tmp_path):
         assert not np.array_equal(model.generate(idx, 5, temperature=0), ours)
 
 
+@pytest.mark.parametrize("kind", ["ties", "dare_linear", "magnitude_prune_svd", "dare_ties_svd"])
+def test_combinations_and_mixed_batches_run_on_a_device(kind):
+    """On the stand-in device (a GPU's rules on the CPU, tests/standin.py): every step runs
+    on the device, bitwise as on the CPU (DARE's masks come from the seeded generator)."""
+    import standin
+
+    standin.register()
+    out = {}
+    for device in ("cpu", "standin"):
+        model = three_adapters().to(device)
+        gen = backend.Generator(3)
+        add_weighted_adapter(model, NAMES, WEIGHTS, "mix", kind, generator=gen, **options(kind))
+        with mixed_batch(model.eval(), ["mix", BASE_ADAPTER, "b", "mix"]):
+            with ml.no_grad():
+                out[device] = backend.to_numpy(model(IDX)[0].data)
+        assert all(backend.device_of(p.data) == device for p in model.parameters())
+    np.testing.assert_array_equal(out["standin"], out["cpu"])
+
+
 # ======================================================================================
 # The merge methods on their own
 # ======================================================================================
