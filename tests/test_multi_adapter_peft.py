@@ -410,6 +410,28 @@ def test_dare_keeps_the_density_fraction_rescaled_and_the_expectation():
     assert np.all(np.abs(mean - T) < 4 * spread)
 
 
+def test_linear_merges_the_a_and_the_b_apart_with_signed_square_roots():
+    """Without PEFT: A' = Σ sign(wᵢsᵢ)√|wᵢsᵢ| Aᵢ and B' = Σ √|wᵢsᵢ| Bᵢ over the adapters
+    that adapt the layer; "svd" of the same adapters is the weighted sum (rank 6 >= 3·2)."""
+    model = three_adapters()
+    add_weighted_adapter(model, NAMES, WEIGHTS, "lin", "linear")
+    add_weighted_adapter(model, NAMES, WEIGHTS, "sum", "svd", svd_rank=6)
+    mine = [layers_of(model, name) for name in NAMES]
+    for path, layer in layers_of(model, "lin").items():
+        terms = [(w, m[path]) for w, m in zip(WEIGHTS, mine, strict=True) if path in m]
+        c = [np.sign(w) * np.sqrt(abs(w * la.scaling)) for w, la in terms]
+        d = [np.sqrt(abs(w * la.scaling)) for w, la in terms]
+        A = sum(ci * la.lora_A.data for ci, (_, la) in zip(c, terms, strict=True))
+        B = sum(di * la.lora_B.data for di, (_, la) in zip(d, terms, strict=True))
+        np.testing.assert_allclose(layer.lora_A.data, A, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(layer.lora_B.data, B, rtol=1e-12, atol=1e-15)
+        weighted = sum(w * la.get_delta_weight() for w, la in terms)
+        summed = layers_of(model, "sum")[path].get_delta_weight()
+        np.testing.assert_allclose(summed, weighted, rtol=1e-9, atol=1e-12)
+        if len(terms) > 1:  # the cross terms: linear is not the weighted sum
+            assert np.abs(layer.get_delta_weight() - weighted).max() > 1e-2
+
+
 def test_dare_at_density_one_is_linear_and_a_seed_repeats():
     model = three_adapters()
     add_weighted_adapter(model, NAMES, WEIGHTS, "lin", "linear")
