@@ -371,6 +371,24 @@ def test_gpt2_greedy_generation_with_one_adapter_per_row_is_peft(tmp_path):
         assert not np.array_equal(model.generate(idx, 5, temperature=0), ours)
 
 
+@pytest.mark.oracle
+def test_gpt2_merge_and_unload_of_named_adapters_is_peft(tmp_path):
+    torch = pytest.importorskip("torch", reason="GPT-2 tests need PyTorch")
+    transformers = pytest.importorskip("transformers", reason="GPT-2 tests need transformers")
+    peft = pytest.importorskip("peft", reason="GPT-2 tests need PEFT")
+    model = gpt2_pair(tmp_path, torch, transformers)
+    merge_and_unload(model, adapter_names=["b", "a"])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", dtype=torch.float64)
+    p = peft.PeftModel.from_pretrained(hf, tmp_path / "a", adapter_name="a")
+    p.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs = p.to(torch.float64).merge_and_unload(adapter_names=["b", "a"]).eval()
+    idx = np.random.default_rng(4).integers(0, 40, (2, 7))
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(idx)).logits.numpy()
+    np.testing.assert_allclose(logits(model, idx), want, rtol=1e-10, atol=1e-10)
+    assert not lora_layers(model)
+
+
 @pytest.mark.parametrize("kind", ["ties", "dare_linear", "magnitude_prune_svd", "dare_ties_svd"])
 def test_combinations_and_mixed_batches_run_on_a_device(kind):
     """On the stand-in device (a GPU's rules on the CPU, tests/standin.py): every step runs
