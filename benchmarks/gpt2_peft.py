@@ -244,6 +244,7 @@ def sweep(args, steps: dict, folder: Path) -> dict:
         agree[batch] = float((ours == theirs).mean())
     out = {}
     for n in thread_counts(args):
+        print(f"timing at {n} thread(s)...", file=sys.stderr, flush=True)  # minutes each
         common.set_threads(n)
         out[n] = {"step": timed(steps, repeats)}
         for batch, fns in gen.items():

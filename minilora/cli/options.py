@@ -86,9 +86,9 @@ def refuse_repeats(flag: str, keys: list[str]) -> None:
 
 # --threads' default: models of at least this many parameters use every core. On a shared
 # 2-core machine (docs/performance.md) a step of the benchmarks' small shape (0.8M parameters)
-# ran ten times slower on two threads than on one, and a LoRA step on GPT-2 small (124M) was
-# quicker on two; the threshold is a choice between them, below the smallest GPT-2 on the hub
-# (distilgpt2, 82M).
+# ran ten times slower on two threads than on one, and a LoRA step on GPT-2 small (124M) ran
+# 1.55 times quicker on two while the other core was free (issue 26: 874 and 563 ms); the
+# threshold is a choice between them, below the smallest GPT-2 on the hub (distilgpt2, 82M).
 ALL_CORES_FROM = 50_000_000
 
 
@@ -119,8 +119,8 @@ def add_run_options(p, out_help: str | None = None) -> None:
         default=None,
         help=f"BLAS threads (default: fits the model: 1 below {ALL_CORES_FROM // 10**6}M "
         "parameters, such as the digit tasks' models, whose small matrices extra threads only "
-        "slow down on a busy machine; every core this process may use from there, such as "
-        "GPT-2 small's 124M, whose LoRA step two cores make 1.5 times quicker; docs/text.md)",
+        "slow down; every core this process may use from there, such as GPT-2 small's 124M; "
+        "on a machine other jobs keep busy, give 1; docs/text.md)",
     )
     p.add_argument(
         "--no-progress",
