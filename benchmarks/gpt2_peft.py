@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
             ],
         )
     )
-    print(f"minilora / torch: {result['ratio']:.2f} (paired {result['paired']:.2f})")
+    print(f"minilora / torch, paired by round: {result['text']}")
     common.write_json(args.out, "gpt2_peft", result, args)
     return result
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +24,7 @@ from minilora import backend
 from minilora.autograd import no_grad
 from minilora.backend import manual_seed
 from minilora.data import DOWNSTREAM_TASK, PRETRAIN_TASKS, DigitTasks
+from minilora.experiments import timing
 from minilora.interop import model_files, peft_adapters, safetensors_files
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, disable_adapters, merge_lora
 from minilora.model import GPT, GPTConfig
@@ -67,7 +67,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSettings:
-        return cls(steps=40, ranks=(1, 4), eval_examples=128, latency_repeats=5, seed=seed)
+        return cls(steps=40, ranks=(1, 4), eval_examples=128, latency_repeats=15, seed=seed)
 
 
 def pretrain(recipe: PretrainRecipe = PretrainRecipe(), device: str = "cpu", progress=True):
@@ -150,22 +150,6 @@ def fine_tune_on_digit_task(
     return model, opt, config, history
 
 
-def median_latency(fns: dict, x, repeats: int) -> dict:
-    """Median seconds per forward for each fn, alternating A, B, C, A, B, C, ..."""
-    times = {name: [] for name in fns}
-    with no_grad():
-        for fn in fns.values():  # warm-up
-            fn(x)
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                backend.synchronize()  # a GPU runs asynchronously: wait before reading the clock
-                t0 = time.perf_counter()
-                fn(x)
-                backend.synchronize()
-                times[name].append(time.perf_counter() - t0)
-    return {name: median(ts) for name, ts in times.items()}
-
-
 def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=True, echo=print):
     """The whole demo (the module docstring's four steps); writes results.json (and demo.png
     with matplotlib) to ``out`` and returns the results."""
@@ -196,7 +180,7 @@ def run_demo(settings: DemoSettings, out: Path, device: str = "cpu", progress=Tr
         "runs": rows,
         "pretrain_accuracy_after": forgetting,
         "merge_max_abs_diff": max_diff,
-        "latency_seconds": latency,
+        "latency": latency,
         "verdict": verdict,
     }
     write_results(out / "results.json", results, _plot(rows, out / "demo.png"), echo)
@@ -283,27 +267,35 @@ def _save_merge_and_time(
     unmerged = copy.deepcopy(base)
     peft_adapters.load_adapter(unmerged, adapter_dir)
     base.eval(), unmerged.eval()
-    latency = median_latency(
-        {"base": base, "unmerged": unmerged, "merged": served}, x, settings.latency_repeats
-    )
+    models = {"base": base, "unmerged": unmerged, "merged": served}
+    times = timing.alternate(timing.forwards(models, x), settings.latency_repeats)
+    latency = {
+        "median_seconds": timing.median_times(times),
+        "over_base": {
+            name: timing.paired_ratio(times, name, "base").as_dict()
+            for name in ("unmerged", "merged")
+        },
+    }
     echo(
         f"\nadapter saved to {adapter_dir} (PEFT layout: adapter_config.json, "
         "adapter_model.safetensors)"
     )
     echo(f"merged vs unmerged logits: largest difference {max_diff:.2e}")
-    echo(
-        "inference latency, batch of {} (median of {}): base {:.2f} ms, unmerged {:.2f} ms "
-        "({:.2f}x), merged {:.2f} ms ({:.2f}x)".format(
-            settings.eval_examples,
-            settings.latency_repeats,
-            1000 * latency["base"],
-            1000 * latency["unmerged"],
-            latency["unmerged"] / latency["base"],
-            1000 * latency["merged"],
-            latency["merged"] / latency["base"],
-        )
-    )
+    echo(_latency_line(times, x.shape[0]))
     return max_diff, latency
+
+
+def _latency_line(times: dict, batch: int) -> str:
+    """Base, unmerged and merged: median milliseconds per forward, and each adapted model's
+    paired ratio to the base with its spread, or "within noise" (minilora/experiments/timing.py)."""
+    ms = {name: 1000 * t for name, t in timing.median_times(times).items()}
+    rounds = len(times["base"])
+    return (
+        f"inference latency, batch of {batch} ({rounds} alternating rounds, medians): base "
+        f"{ms['base']:.2f} ms, unmerged {ms['unmerged']:.2f} ms, merged {ms['merged']:.2f} ms; "
+        f"to the base, paired by round: unmerged {timing.paired_ratio(times, 'unmerged', 'base')},"
+        f" merged {timing.paired_ratio(times, 'merged', 'base')}"
+    )
 
 
 def _table(rows: list[dict]) -> str:
