@@ -81,3 +81,7 @@ def test_the_latency_table_prints_the_spread_and_says_noise_in_words():
     assert full.count("within noise") == 2 and "IQR 0.97-1.06" in full
     assert "2.05x (IQR 1.95-2.20)" in qlora and "1.40x (IQR 1.30-1.52)" in qlora
     assert "noise" not in qlora
+    # a spread with a long number still leaves the columns apart
+    latency[1]["full"] = timing.PairedRatio(1.11, 0.90, 102.94, 15)
+    full = next(line for line in latency_table(latency).splitlines() if line.startswith("full"))
+    assert "IQR 0.90-102.94)  within noise" in full

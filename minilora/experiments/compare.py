@@ -386,11 +386,12 @@ def table(rows: list[dict]) -> str:
 def latency_table(latency: dict[int, dict[str, timing.PairedRatio]]) -> str:
     """One line per method: its paired ratio to the base at each batch size, with spread."""
     batches = list(latency)
-    head = f"{'method':<18}" + "".join(f"{f'batch {b}':<36}" for b in batches)
+    cells = {m: [str(latency[b][m]) for b in batches] for m in latency[batches[0]]}
+    width = 2 + max(len(c) for row in cells.values() for c in row)  # two spaces at least
+    head = f"{'method':<18}" + "".join(f"{f'batch {b}':<{width}}" for b in batches)
     lines = [head.rstrip(), "-" * len(head.rstrip())]
-    for method in latency[batches[0]]:
-        cells = "".join(f"{str(latency[b][method]):<36}" for b in batches)
-        lines.append(f"{method:<18}{cells}".rstrip())
+    for method, row in cells.items():
+        lines.append((f"{method:<18}" + "".join(f"{c:<{width}}" for c in row)).rstrip())
     return "\n".join(lines)
 
 
