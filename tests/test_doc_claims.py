@@ -189,3 +189,21 @@ def test_the_compression_table_counts_and_bytes(base):
         assert number(cells[3]) == compress.stored_parameters(model), label
         assert number(cells[4]) == stored, label
         assert cells[5] == f"{stored / base_bytes:.3f}", label
+
+
+def test_the_accounting_api_block_prints_what_its_comments_say():
+    """docs/accounting.md, section 6: each line whose comment starts with a number is run,
+    and must give that number."""
+    page = (ROOT / "docs/accounting.md").read_text()
+    block = page.split("## 6. The API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    checked = 0
+    for line in block.splitlines():
+        code, _, comment = line.partition("#")
+        claim = re.match(r"\s*(\d+)\b", comment)
+        if code.startswith(("from ", "import ", "shape =", "spec =")):
+            exec(code, namespace)
+        elif claim:
+            assert eval(code, namespace) == int(claim.group(1)), line
+            checked += 1
+    assert checked == 4  # total, trainable, adapter bytes, KV cache bytes
