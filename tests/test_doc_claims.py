@@ -10,6 +10,7 @@ import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minilora import GPT, GPTConfig, LoRAConfig, apply_lora, manual_seed
@@ -17,7 +18,7 @@ from minilora.compression import compress
 from minilora.experiments.compare import METHODS, lora_config
 from minilora.experiments.demo import load_base
 from minilora.lora import count_parameters, print_trainable_parameters
-from minilora.relatives.adapters import AdapterConfig, apply_adapters
+from minilora.relatives.adapters import AdapterConfig, adapter_parameter_count, apply_adapters
 from minilora.relatives.prefix import PrefixConfig, apply_prefix_tuning
 from minilora.variants.vera import VeraConfig, apply_vera
 
@@ -207,3 +208,31 @@ def test_the_accounting_api_block_prints_what_its_comments_say():
             assert eval(code, namespace) == int(claim.group(1)), line
             checked += 1
     assert checked == 4  # total, trainable, adapter bytes, KV cache bytes
+
+
+def backward_matmuls(lora: bool):
+    """docs/math.md's snippet: the backward's counted products, with or without LoRA."""
+    from minilora import backend
+
+    model = GPT(GPTConfig())
+    idx = np.random.default_rng(0).integers(0, 16, (2, 8))
+    if lora:
+        apply_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _, loss = model(idx, idx)
+    with backend.counting() as c:
+        loss.backward()
+    return c.flops, c.names().count("linear.dweight")
+
+
+def test_the_math_page_counts_backward_flops_and_adapter_parameters(base):
+    page = " ".join((ROOT / "docs/math.md").read_text().split())
+    full_flops, full_dweights = backward_matmuls(lora=False)
+    lora_flops, lora_dweights = backward_matmuls(lora=True)
+    assert lora_dweights == 0
+    assert (
+        f"the backward's matmuls cost {full_flops:,} FLOPs with full fine-tuning "
+        f"({full_dweights} `linear.dweight` products) and {lora_flops:,} with LoRA (none)"
+    ) in page
+    houlsby = adapter_parameter_count(base.config, AdapterConfig("houlsby", 8))
+    assert f"has 4 · (1024 + 8 + 64) + 2 · 5 · 64 = {houlsby:,} trainable parameters" in page
+    assert 4 * (1024 + 8 + 64) + 2 * 5 * 64 == houlsby
