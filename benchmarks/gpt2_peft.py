@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -201,20 +200,12 @@ def generators(folder: Path, prompt, new: int) -> dict:
     return {"minilora": minilora, "torch": transformers_generate}
 
 
-def paired_spread(times: dict, a: str, b: str) -> dict:
-    """The quartiles of the per-round ratios ``a`` / ``b`` (the spread of ``paired``)."""
-    rounds = [x / y for x, y in zip(times[a], times[b], strict=True)]
-    q = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
-    return {"paired_q1": q[0], "paired_q3": q[2]}
-
-
 def timed(fns: dict, repeats: int) -> dict:
     """Each engine's summary and the minilora / torch ratios, alternated (common.alternate)."""
     times = common.alternate(fns, repeats, warmup=1)
     return {
         **{engine: common.summary(times[engine]) for engine in fns},
-        **common.ratio(times, "minilora", "torch"),
-        **paired_spread(times, "minilora", "torch"),
+        **common.ratio(times, "minilora", "torch"),  # paired by round, with quartiles
     }
 
 
@@ -298,7 +289,7 @@ def main(argv=None) -> dict:
         "lora": LORA,
         "trainable_params": trainable,
         "first_loss": first,
-        **at_threads,  # the step at --threads: minilora, torch, ratio, paired
+        **at_threads,  # the step at --threads: minilora, torch, the paired ratio
         "memory": mem,
         **swept,
     }
@@ -343,7 +334,7 @@ def print_step(result: dict, args) -> None:
             ],
         )
     )
-    print(f"minilora / torch: {result['ratio']:.2f} (paired {result['paired']:.2f})")
+    print(f"minilora / torch, paired by round: {result['text']}")
 
 
 def print_sweep(swept: dict) -> None:
@@ -354,9 +345,7 @@ def print_sweep(swept: dict) -> None:
             "job": job,
             "minilora": ms(t["minilora"]["median_s"]),
             "torch": ms(t["torch"]["median_s"]),
-            "ratio": t["ratio"],
-            "paired": t["paired"],
-            "spread": f"{t['paired_q1']:.2f}-{t['paired_q3']:.2f}",
+            "paired": t["text"],
         }
         for n, jobs in swept["by_threads"].items()
         for job, t in jobs.items()
@@ -369,8 +358,8 @@ def print_sweep(swept: dict) -> None:
         + ")"
     )
     columns = [("threads", "threads"), ("job", "job"), ("minilora", "minilora ms")]
-    columns += [("torch", "torch ms"), ("ratio", "minilora / torch"), ("paired", "paired")]
-    print(common.table(rows, columns + [("spread", "paired q1-q3")]))
+    columns += [("torch", "torch ms"), ("paired", "minilora / torch, paired by round")]
+    print(common.table(rows, columns))
 
 
 if __name__ == "__main__":

@@ -419,7 +419,7 @@ def test_gpt2_peft_benchmark_quick(tmp_path, monkeypatch):
     jobs = result["by_threads"][1]
     assert sorted(jobs) == ["generate_b1", "generate_b8", "step"]
     for t in jobs.values():
-        assert t["paired_q1"] <= t["paired"] <= t["paired_q3"]
+        assert t["q1"] <= t["ratio"] <= t["q3"] and "x" in t["text"]
     assert all(0 <= share <= 1 for share in result["same_tokens"].values())
 
 
