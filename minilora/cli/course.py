@@ -7,7 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minilora.cli.options import add_overwrite_option, check_out, non_negative_int
+from minilora.cli.options import (
+    add_overwrite_option,
+    check_out,
+    non_negative_int,
+    positive_float,
+)
 from minilora.course import assignments, grading
 from minilora.interop import safetensors_files
 
@@ -73,7 +78,39 @@ def _add_grade_command(sub) -> None:
         help="hidden tests: functions check_a1_7_<anything>(ctx) in DIR/*.py grade task a1.7",
     )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json")
+    p.add_argument(
+        "--gradescope",
+        metavar="FILE",
+        help="also write Gradescope's results.json (before grading starts, after each task, "
+        "and at the end)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=540,
+        metavar="SECONDS",
+        help="the whole run's time limit: checks not started by then are not graded (default: 540)",
+    )
+    p.add_argument(
+        "--check-timeout",
+        type=positive_float,
+        default=60,
+        metavar="SECONDS",
+        help="one check's time limit, the student's import included (default: 60)",
+    )
+    p.add_argument(
+        "--memory",
+        type=positive_float,
+        default=2,
+        metavar="GIB",
+        help="the memory (address space) of the process that runs the student's code, in "
+        "GiB (default: 2)",
+    )
+    p.add_argument(
+        "--user",
+        help="when grading as root, the unprivileged user the student's code runs as "
+        "(default: nobody, where nobody can run this Python)",
+    )
     p.set_defaults(func=_cmd_grade)
 
 
@@ -111,14 +148,35 @@ def _cmd_assignments_autograder(args) -> int:
     return 0
 
 
-def _cmd_grade(args) -> int:
-    for flag in ("json", "gradescope"):
-        if getattr(args, flag):
-            check_out(getattr(args, flag), "file", overwrite=True)  # a report, made again
-    report = grading.grade(args.name, args.dir, args.task, args.seed, args.extra_tests)
-    print(report.format())
+def _write_reports(args, report) -> None:
     for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
         if getattr(args, flag):
             text = json.dumps(data(), indent=2, ensure_ascii=False) + "\n"
             safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
+
+
+def _cmd_grade(args) -> int:
+    for flag in ("json", "gradescope"):
+        if getattr(args, flag):
+            check_out(getattr(args, flag), "file", overwrite=True)  # a report, made again
+    if args.gradescope:  # a valid file whatever happens next (a grader killed outright)
+        unfinished = grading.unfinished(args.name, args.dir, args.task, grading.UNFINISHED)
+        safetensors_files.atomic_write(
+            [(Path(args.gradescope), json.dumps(unfinished.gradescope(), indent=2).encode())]
+        )
+    with grading.stop_on_signals():
+        report = grading.grade(
+            args.name,
+            args.dir,
+            args.task,
+            args.seed,
+            args.extra_tests,
+            timeout=args.timeout,
+            check_timeout=args.check_timeout,
+            memory=int(args.memory * 2**30),
+            user=args.user,
+            progress=(lambda r: _write_reports(args, r)) if args.gradescope else None,
+        )
+    print(report.format())
+    _write_reports(args, report)
     return 0 if report.ok else 1
