@@ -552,10 +552,10 @@ def test_a_students_own_checks_change_nothing(tmp_path, capsys):
 def test_hidden_tests_grade_their_task(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    (hidden / "hidden_a3.py").write_text(
-        "from minilora import lora\n\n\n"
+    (hidden / "hidden_a3.py").write_text(  # the student's code, reached as the checks do
         "def check_a3_2_big_rank(ctx):\n"
-        "    assert lora.lora_scaling(16, 256) == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
+        "    got = ctx.module('lora').lora_scaling(16, 256)\n"
+        "    assert got == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
         "def check_a3_5_always_fails(ctx):\n"
         "    assert False, 'a hidden property'\n"
     )
@@ -566,7 +566,7 @@ def test_hidden_tests_grade_their_task(tmp_path):
     assert lost["a3.5"][1].startswith("hint: ")
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="time limits need SIGALRM")
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="a hidden test's limit needs SIGALRM")
 def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -574,11 +574,11 @@ def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
         "def check_a3_2_forever(ctx):\n    while True:\n        pass\n"
     )
     report = grading.grade(
-        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=0.5
+        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=3
     )
     lost = {t.id: t.failures for t in report.tasks if t.failures}
     assert list(lost) == ["a3.2"]
-    assert lost["a3.2"][0] == "check_a3_2_forever took longer than 0.5 s (a loop that never ends?)"
+    assert lost["a3.2"][0] == "check_a3_2_forever: took longer than 3 s"
 
 
 def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
@@ -787,7 +787,7 @@ def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
     visible = [t for t in results["tests"] if t["visibility"] == "visible"]
     assert len(visible) == 7
     for test in visible:
-        assert set(test) == {"name", "score", "max_score", "output", "visibility"}
+        assert set(test) == {"name", "score", "max_score", "output", "visibility", "execution_time"}
         assert test["score"] == test["max_score"]
     hidden = [t for t in results["tests"] if t not in visible]  # staff only, no points
     assert [t["name"] for t in hidden] == [

@@ -96,16 +96,11 @@ def is_stub(package: Path, target: str) -> bool:
     return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"
 
 
-def kept_as_written(assignment, task, package: Path) -> set[str]:
-    """The targets of other tasks that ``task`` is graded with as the student wrote them:
-    the ``forward`` of a class whose ``backward`` the task grades, unless it is a stub."""
-    kept = set()
-    for target in task.targets:
-        if target.endswith(".backward"):
-            forward = target.removesuffix(".backward") + ".forward"
-            if not is_stub(package, forward):
-                kept.add(forward)
-    return kept
+def own_forwards(task, package: Path) -> set[str]:
+    """The ``forward`` of each class whose ``backward`` ``task`` grades, where the student
+    wrote it (not a stub)."""
+    forwards = {t.removesuffix(".backward") + ".forward" for t in task.targets}
+    return {f for f in forwards if f.endswith(".forward") and not is_stub(package, f)}
 
 
 @functools.cache
@@ -115,11 +110,18 @@ def _reference_source(name: str) -> tuple[str, ast.Module]:
     return source, ast.parse(source)
 
 
-def swaps(assignment, task, package: Path) -> list[dict]:
-    """What the worker compiles into the student's module: for every target of the other
-    tasks (but :func:`kept_as_written`), the reference ``def``'s source, from the installed
-    library."""
-    mine = set(task.targets) | kept_as_written(assignment, task, package)
+def swaps(assignment, task, package: Path) -> list[list[dict]]:
+    """What the worker compiles into the student's module, the ways a check may be run:
+    for every target of the other tasks, the reference ``def``'s source, from the installed
+    library. A backward whose forward the student wrote is graded with it first (whatever
+    it saves for the backward), then, if that fails, with the reference forward: a correct
+    pair never loses points, and a wrong forward costs only its own task."""
+    own = own_forwards(task, package)
+    ways = [_swaps(assignment, set(task.targets) | own)]
+    return ways + [_swaps(assignment, set(task.targets))] if own else ways
+
+
+def _swaps(assignment, mine: set[str]) -> list[dict]:
     out = []
     for other in assignment.tasks:
         for target in other.targets:
@@ -170,8 +172,9 @@ def describe_error(error: BaseException, student_root: Path | None = None) -> st
     return f"your code raised {type(error).__name__}: {str(error).strip()}"
 
 
-class CheckTimeout(Exception):
-    """A check ran past its time limit in this process (a hidden test that never ends)."""
+class CheckTimeout(BaseException):
+    """A check ran past its time limit in this process (a hidden test that never ends); a
+    BaseException, so that no ``except Exception`` in a check swallows it."""
 
 
 @contextlib.contextmanager
@@ -250,7 +253,18 @@ class Run:
         if self.spare is not None:
             self.spare.close()
 
-    def check(self, check, seed: int, swaps_: list) -> str | None:
+    def check(self, check, seed: int, ways: list[list]) -> str | None:
+        """Run one check against a fresh worker for each way of swapping (:func:`swaps`)
+        until one passes: None, else the first way's failure."""
+        failures = [self.check_once(check, seed, swapped) for swapped in ways[:1]]
+        for swapped in ways[1:]:
+            if failures[0] is None or self.import_failure is not None:
+                break
+            if self.check_once(check, seed, swapped) is None:
+                return None
+        return failures[0]
+
+    def check_once(self, check, seed: int, swaps_: list) -> str | None:
         """Run one check against a fresh worker; None if it passes."""
         if self.import_failure is not None:
             return self.import_failure
@@ -260,7 +274,7 @@ class Run:
         seconds = min(self.limits.seconds, left)
         worker = self.worker()
         try:
-            try:
+            try:  # the import has a limit of its own, as long as a check's
                 error = worker.open(swaps_, time.monotonic() + seconds)
             except sandbox.WorkerLost as e:
                 if "took longer" in str(e) or "died" in str(e):  # on import: every check
@@ -272,6 +286,8 @@ class Run:
                     f"{sandbox.clean(error['type'])}: {sandbox.clean(error['message'])}"
                 )
                 return self.import_failure
+            seconds = min(self.limits.seconds, self.deadline - time.monotonic())
+            worker.deadline = time.monotonic() + seconds
             ctx = Context(seed, self.package.parent, student=sandbox.Remote(worker))
             with backend.use_ops("reference"), time_limit(seconds):
                 return verdict(check, ctx)
@@ -723,12 +739,9 @@ def _grade_package(report, assignment, tasks, folder, extra, limits, timeout, pr
 def _run_tasks(report, assignment, tasks, package, extra, run, progress) -> None:
     """Each task's checks, in order; ``progress`` told after each."""
     for t in tasks:
-        swapped = swaps(assignment, t, package)
+        ways = swaps(assignment, t, package)
         results = run_checks(
-            t,
-            _checks(t, extra),
-            report.seed,
-            lambda c, s, swapped=swapped: run.check(c, s, swapped),
+            t, _checks(t, extra), report.seed, lambda c, s, ways=ways: run.check(c, s, ways)
         )
         report.tasks.append(_task_result(t, results, package))
         if progress is not None:  # the tasks still to run, marked so
