@@ -47,6 +47,7 @@ LENGTH = struct.Struct("!Q")
 MAX_DEPTH = 32  # nesting of tuples, lists and dicts in one value
 NUMERIC = "biufc"  # bool, signed, unsigned, float, complex: the dtypes that cross by value
 PY_TYPES = {"bool": bool, "int": int, "float": float, "complex": complex}
+PROGRAMS = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen"}
 OPERATORS = {
     "add": operator.add,
     "sub": operator.sub,
@@ -236,10 +237,12 @@ def isolate(swaps: list[dict]) -> None:
 def refuse_opening(protected: list[str]) -> None:
     """An audit hook: opening any file under ``protected`` (the grader's files) raises
     PermissionError, so the student's code can neither read the installed reference nor
-    change the grader."""
+    change the grader; and so does starting a program (which the hook would not see)."""
     roots = tuple(os.path.join(os.path.realpath(p), "") for p in protected)
 
     def hook(event, args):
+        if event in PROGRAMS:
+            raise PermissionError("the grader runs no programs for your code")
         if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
             return
         path = os.path.join(os.path.realpath(os.fsdecode(args[0])), "")
