@@ -4,6 +4,7 @@ commands, over minilora/course/ (guide: docs/teaching.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -46,6 +47,12 @@ def _add_assignments_command(sub) -> None:
     )
     q.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
     q.add_argument("--out", required=True, metavar="ZIP", help="(required) zip file to write")
+    q.add_argument(
+        "--extra-tests",
+        metavar="DIR",
+        help="hidden tests (DIR/*.py, as minilora grade --extra-tests takes them) baked into "
+        "the zip: their results are shown to students once the grades are published",
+    )
     add_overwrite_option(q)
     q.set_defaults(func=_cmd_assignments_autograder)
 
@@ -143,7 +150,8 @@ def _cmd_assignments_make(args) -> int:
 def _cmd_assignments_autograder(args) -> int:
     assignments.get_assignment(args.name)
     out = check_out(args.out, "file", args.overwrite)
-    safetensors_files.atomic_write([(out, assignments.autograder_zip(args.name))])
+    data = assignments.autograder_zip(args.name, args.extra_tests)
+    safetensors_files.atomic_write([(out, data)])
     print(f"wrote {out}: a Gradescope autograder for {args.name} (upload it as a zip file)")
     return 0
 
@@ -155,6 +163,19 @@ def _write_reports(args, report) -> None:
             safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
 
 
+@contextlib.contextmanager
+def _failure_in_results(args):
+    """A submission that cannot be graded (no minilora/ package) still gets results.json,
+    saying why."""
+    try:
+        yield
+    except ValueError as e:
+        if args.gradescope:
+            data = {"score": 0, "output": str(e), "tests": []}
+            safetensors_files.atomic_write([(Path(args.gradescope), json.dumps(data).encode())])
+        raise
+
+
 def _cmd_grade(args) -> int:
     for flag in ("json", "gradescope"):
         if getattr(args, flag):
@@ -164,7 +185,7 @@ def _cmd_grade(args) -> int:
         safetensors_files.atomic_write(
             [(Path(args.gradescope), json.dumps(unfinished.gradescope(), indent=2).encode())]
         )
-    with grading.stop_on_signals():
+    with grading.stop_on_signals(), _failure_in_results(args):
         report = grading.grade(
             args.name,
             args.dir,

@@ -168,7 +168,13 @@ def describe_error(error: BaseException, student_root: Path | None = None) -> st
     if isinstance(error, sandbox.StudentError):
         name, message, found = error.type_name, error.message, error.where
         where = f" (in {found[0]}, line {found[1]}, {found[2]})" if found else ""
-        return f"your code raised {name}: {message.strip()}{where}"
+        saved = ""
+        if isinstance(error, AttributeError) and found and found[2] == "backward":
+            saved = (
+                "; a backward reads what its forward saved: with your forward still a stub, "
+                "the reference forward runs, and saves the names the stub's comment lists"
+            )
+        return f"your code raised {name}: {message.strip()}{where}{saved}"
     return f"your code raised {type(error).__name__}: {str(error).strip()}"
 
 

@@ -203,5 +203,3 @@ def unset(value) -> bool:
 
 def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
