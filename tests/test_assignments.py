@@ -868,7 +868,7 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
         assert [t["max_score"] for t in results["tests"]] == [2, 1, 2, 4, 2, 2, 2]
         assert all(t["output"].startswith("not implemented") for t in results["tests"])
     else:
-        assert "no minilora/ folder" in results["output"]
+        assert "has no minilora/ package" in results["output"]
 
 
 def test_done_criterion_from_the_command_line(tmp_path):

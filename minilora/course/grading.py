@@ -40,6 +40,7 @@ import hashlib
 import importlib.util
 import os
 import signal
+import sys
 import tempfile
 import textwrap
 import time
@@ -487,6 +488,7 @@ class Report:
     tampered: list[str] = field(default_factory=list)  # installed files changed by the run
     chosen: str = ""  # how the graded folder was chosen among several
     stopped: bool = False  # the grader was stopped before the end
+    caution: str = ""  # for the instructor: a protection that could not be had here
 
     @property
     def earned(self) -> float:
@@ -537,7 +539,7 @@ class Report:
             lines.append(f"{t.id:<6} {t.title:<{width}}  {score}  {mark}")
             lines += [f"       - {f}" for f in t.failures]
         lines.append(f"total: {points_text(self.earned)} of {self.possible} points")
-        return "\n".join(lines + [x for x in (self.note, self.refusal) if x])
+        return "\n".join(lines + [x for x in (self.note, self.caution, self.refusal) if x])
 
     def gradescope(self) -> dict:
         """Gradescope's results.json: a visible test per task, one shown after the grades
@@ -576,7 +578,9 @@ class Report:
         head = f"minilora grade {self.assignment}, {self.seed_text}"
         return {
             "score": round(self.earned, 2),
-            "output": "\n".join(filter(None, [head, self.chosen, self.note, self.refusal])),
+            "output": "\n".join(
+                filter(None, [head, self.chosen, self.note, self.caution, self.refusal])
+            ),
             "execution_time": round(sum(t.seconds for t in self.tasks), 2),
             "tests": tests,
         }
@@ -682,6 +686,11 @@ def grade(
             _grade_port(report, tasks, folder, extra)
         else:
             limits = sandbox.Limits(check_timeout, memory, user)
+            if os.name == "posix" and os.geteuid() == 0 and sandbox.worker_user(limits) is None:
+                report.caution = (
+                    "caution: the student's code ran as root (the user nobody cannot run "
+                    f"{sys.executable}): give --user, or an interpreter every user can read"
+                )
             _grade_package(report, assignment, tasks, folder, extra, limits, timeout, progress)
     except Stopped:
         report.stopped = True
