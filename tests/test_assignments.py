@@ -860,7 +860,9 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
     submission.mkdir(parents=True)
     if submitted == "copy":
         assignments.make_copy("a3", submission)
-    script = assignments.RUN_AUTOGRADER.format(name="a3").replace("/autograder", str(root))
+    script = assignments.RUN_AUTOGRADER.format(name="a3", extra="").replace(
+        "/autograder", str(root)
+    )
     subprocess.run(["bash", "-c", script], check=True, capture_output=True)
     results = json.loads((root / "results" / "results.json").read_text())
     assert results["score"] == 0

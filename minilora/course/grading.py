@@ -529,7 +529,7 @@ class Report:
     def format(self) -> str:
         width = max(len(t.title) for t in self.tasks)
         lines = [f"minilora grade {self.assignment}: {self.folder} ({self.seed_text})"]
-        lines += [self.chosen] if self.chosen else []
+        lines += [x for x in (self.chosen, self.caution) if x]
         lines.append(f"{'task':<6} {'title':<{width}}  points")
         for t in self.tasks:
             mark = ("ok" if not t.failures else "FAIL") + (
@@ -539,7 +539,7 @@ class Report:
             lines.append(f"{t.id:<6} {t.title:<{width}}  {score}  {mark}")
             lines += [f"       - {f}" for f in t.failures]
         lines.append(f"total: {points_text(self.earned)} of {self.possible} points")
-        return "\n".join(lines + [x for x in (self.note, self.caution, self.refusal) if x])
+        return "\n".join(lines + [x for x in (self.note, self.refusal) if x])
 
     def gradescope(self) -> dict:
         """Gradescope's results.json: a visible test per task, one shown after the grades
@@ -579,7 +579,7 @@ class Report:
         return {
             "score": round(self.earned, 2),
             "output": "\n".join(
-                filter(None, [head, self.chosen, self.note, self.caution, self.refusal])
+                filter(None, [head, self.chosen, self.caution, self.note, self.refusal])
             ),
             "execution_time": round(sum(t.seconds for t in self.tasks), 2),
             "tests": tests,
