@@ -345,10 +345,8 @@ def load_extra_checks(folder) -> dict[str, list]:
 
 def submission_files(assignment, folder: Path) -> list[Path]:
     """The files a submission is graded on: the assignment's graded files in ``folder``'s
-    ``minilora/``, or for a port every file of its vector set (the manifest among them)."""
-    if not assignment.port:
-        return [folder / name for name in assignments.graded_files(assignment)]
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    ``minilora/``."""
+    return [folder / name for name in assignments.graded_files(assignment)]
 
 
 def submission_seed(assignment, folder) -> int:
@@ -484,7 +482,7 @@ class Report:
     seed: int
     tasks: list[TaskResult]
     changed: list[str] = field(default_factory=list)  # files edited outside the tasks
-    seed_from_submission: bool = False  # the seed came from submission_seed, not --seed
+    seed_from: str = "--seed"  # or "submission" (submission_seed), "fresh" (a port's inputs)
     tampered: list[str] = field(default_factory=list)  # installed files changed by the run
     chosen: str = ""  # how the graded folder was chosen among several
     stopped: bool = False  # the grader was stopped before the end
@@ -516,7 +514,8 @@ class Report:
 
     @property
     def seed_text(self) -> str:
-        return f"seed {self.seed}" + (" from the submission" if self.seed_from_submission else "")
+        said = {"submission": " from the submission", "fresh": ", fresh inputs"}
+        return f"seed {self.seed}{said.get(self.seed_from, '')}"
 
     @property
     def possible(self) -> int:
@@ -591,7 +590,7 @@ class Report:
             "folder": self.folder,
             "chosen": self.chosen,
             "seed": self.seed,
-            "seed_from": "submission" if self.seed_from_submission else "--seed",
+            "seed_from": self.seed_from,
             "earned": round(self.earned, 2),
             "possible": self.possible,
             "changed": self.changed,
@@ -660,6 +659,7 @@ def grade(
     memory: int = 2 << 30,
     user: str | None = None,
     progress=None,
+    port: str | None = None,
 ) -> Report:
     """Grade the ``minilora`` package in ``folder`` (or the one :func:`find_package` finds
     below it) on assignment ``name`` (one task with ``task``): each check against a worker
@@ -667,31 +667,32 @@ def grade(
     check is stopped after ``check_timeout`` seconds, the whole run after ``timeout``;
     ``seed`` None derives one from the submission (:func:`submission_seed`).
     ``progress(report)`` is called with the report so far after each task. For a port (a5),
-    ``folder`` is the port's reference-vector set, checked in this process."""
+    ``folder`` holds the port and ``port`` its command (default: ``folder/port.txt``), run
+    on fresh inputs (minilora/course/ports.py)."""
     assignment = assignments.get_assignment(name)
     tasks = [assignment.task(task)] if task else list(assignment.tasks)
     folder, chosen = Path(folder), ""
     if extra_tests is not None and not Path(extra_tests).is_dir():
         raise ValueError(f"--extra-tests {extra_tests} is not a folder")
-    if not assignment.port:
-        folder, chosen = find_package(folder)
+    if port is not None and not assignment.port:
+        raise ValueError(f"--port is for a porting assignment; {name} grades a minilora/ package")
+    if assignment.port:
+        return _grade_port(name, tasks, folder, seed, port, timeout)
+    folder, chosen = find_package(folder)
     extra = load_extra_checks(extra_tests) if extra_tests else {}
-    from_submission = seed is None
-    seed = submission_seed(assignment, folder) if from_submission else seed
-    changed = [] if assignment.port else assignments.changed_files(assignment, folder / "minilora")
-    report = Report(name, str(folder), seed, [], changed, from_submission, chosen=chosen)
+    seed_from = "submission" if seed is None else "--seed"
+    seed = submission_seed(assignment, folder) if seed is None else seed
+    changed = assignments.changed_files(assignment, folder / "minilora")
+    report = Report(name, str(folder), seed, [], changed, seed_from, chosen=chosen)
     before = installed_digests()
     try:
-        if assignment.port:
-            _grade_port(report, tasks, folder, extra)
-        else:
-            limits = sandbox.Limits(check_timeout, memory, user)
-            if os.name == "posix" and os.geteuid() == 0 and sandbox.worker_user(limits) is None:
-                report.caution = (
-                    "caution: the student's code ran as root (the user nobody cannot run "
-                    f"{sys.executable}): give --user, or an interpreter every user can read"
-                )
-            _grade_package(report, assignment, tasks, folder, extra, limits, timeout, progress)
+        limits = sandbox.Limits(check_timeout, memory, user)
+        if os.name == "posix" and os.geteuid() == 0 and sandbox.worker_user(limits) is None:
+            report.caution = (
+                "caution: the student's code ran as root (the user nobody cannot run "
+                f"{sys.executable}): give --user, or an interpreter every user can read"
+            )
+        _grade_package(report, assignment, tasks, folder, extra, limits, timeout, progress)
     except Stopped:
         report.stopped = True
     done = {t.id for t in report.tasks}
@@ -709,19 +710,15 @@ def _checks(task, extra: dict) -> list:
     return [(c, False) for c in CHECKS[task.id]] + [(c, True) for c in extra.get(task.id, [])]
 
 
-def _grade_port(report: Report, tasks, folder: Path, extra: dict) -> None:
-    """A port's vector set, checked in this process against the installed minilora."""
-    if not os.path.lexists(folder / "manifest.json"):  # what it is: check_vectors says
-        raise ValueError(
-            f"{folder} has no manifest.json: give the folder of your port's "
-            "reference-vector set (docs/porting.md)"
-        )
-    root = folder.resolve()
-    for t in tasks:
-        results = run_checks(
-            t, _checks(t, extra), report.seed, lambda c, s: verdict(c, Context(s, root))
-        )
-        report.tasks.append(_task_result(t, results, root))
+def _grade_port(name: str, tasks, folder: Path, seed, port, timeout: float) -> Report:
+    """A port, run on fresh inputs and compared here (minilora/course/ports.py)."""
+    # imported here: ports' vectors compute their cases on import
+    from minilora.course import ports
+
+    seed_from, seed = ("fresh", ports.fresh_seed()) if seed is None else ("--seed", seed)
+    results = ports.grade_port(tasks, folder, seed, port, min(timeout, ports.TIMEOUT))
+    report = [TaskResult(t.id, t.title, t.points, results[t.id]) for t in tasks]
+    return Report(name, str(folder), seed, report, [], seed_from)
 
 
 def _task_result(task, results: list[CheckResult], package: Path) -> TaskResult:
