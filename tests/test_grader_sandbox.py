@@ -248,7 +248,7 @@ def test_a_sleeping_import_costs_its_checks_within_the_limit(tmp_path):
     assert {f for f in lost(report).values()} == {"importing minilora failed: took longer than 3 s"}
 
 
-def test_a_loop_that_swallows_the_time_out_loses_its_task_only(tmp_path):
+def test_a_loop_that_swallows_the_time_out_loses_its_check(tmp_path):
     folder = attacked(
         tmp_path,
         """
@@ -260,7 +260,7 @@ def test_a_loop_that_swallows_the_time_out_loses_its_task_only(tmp_path):
                 pass
         """,
     )
-    report = grading.grade("a3", folder, seed=1, check_timeout=3)
+    report = grading.grade("a3", folder, "a3.2", seed=1, check_timeout=3)
     assert lost(report) == {"a3.2": "check_lora_scaling: took longer than 3 s"}
 
 
@@ -298,6 +298,9 @@ def test_a_stopped_grader_writes_its_report_and_results(tmp_path):
     )
     while not (markers / "sleeping").exists() and grader.poll() is None:
         time.sleep(0.05)
+    before = json.loads(results.read_text())  # written before grading, and after a3.1
+    unfinished = [t["name"][:4] for t in before["tests"] if t["output"] == "grading did not finish"]
+    assert before["score"] == 2 and unfinished[0] == "a3.2"
     grader.send_signal(signal.SIGTERM)
     out, _ = grader.communicate(timeout=60)
     assert grader.returncode == 1
@@ -329,3 +332,36 @@ def test_as_root_the_worker_cannot_write_outside_its_scratch(tmp_path):
     report = grading.grade("a3", folder, "a3.2", seed=1)
     assert "PermissionError: open failed" in lost(report)["a3.2"]
     assert target.read_text() == "the grader's"
+
+
+@pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_path):
+    markers = shared_folder()
+    folder = attacked(
+        tmp_path / "sub",
+        f"""
+        import os, time
+        with open("{markers}/worker", "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(60)
+        """,
+    )
+    results = tmp_path / "results.json"
+    command = [sys.executable, "-m", "minilora", "grade", "a3", str(folder)]
+    grader = subprocess.Popen([*command, "--gradescope", str(results)], stdout=subprocess.PIPE)
+    while not (markers / "worker").exists() and grader.poll() is None:
+        time.sleep(0.05)
+    grader.kill()
+    grader.communicate()
+    pid = int((markers / "worker").read_text())
+    for _ in range(600):  # the worker dies with the grader (a zombie counts as dead)
+        stat = Path(f"/proc/{pid}/stat")
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the worker {pid} outlived the grader")
+    written = json.loads(results.read_text())  # after a3.1: a valid file, a3.2 unfinished
+    shown = {t["name"][:4]: t["output"] for t in written["tests"] if t["visibility"] == "visible"}
+    assert shown["a3.2"] == "grading did not finish"
+    shutil.rmtree(markers)
