@@ -27,6 +27,7 @@ from minilora.course import worker as wire
 
 PACKAGE = assignments.PACKAGE_DIR
 LINUX = sys.platform == "linux"
+UNFINISHED = "grading did not finish"
 
 
 def attacked(folder: Path, body: str) -> Path:
@@ -296,13 +297,15 @@ def test_a_stopped_grader_writes_its_report_and_results(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
-    while not (markers / "sleeping").exists() and grader.poll() is None:
-        time.sleep(0.05)
-    before = json.loads(results.read_text())  # written before grading, and after a3.1
-    unfinished = [t["name"][:4] for t in before["tests"] if t["output"] == "grading did not finish"]
-    assert before["score"] == 2 and unfinished[0] == "a3.2"
-    grader.send_signal(signal.SIGTERM)
-    out, _ = grader.communicate(timeout=60)
+    try:
+        while not (markers / "sleeping").exists() and grader.poll() is None:
+            time.sleep(0.05)
+        before = json.loads(results.read_text())  # written before grading, and after a3.1
+        unfinished = [t["name"][:4] for t in before["tests"] if t["output"] == UNFINISHED]
+        assert before["score"] == 2 and unfinished[0] == "a3.2"
+    finally:
+        grader.send_signal(signal.SIGTERM)
+        out, _ = grader.communicate(timeout=60)
     assert grader.returncode == 1
     assert "not graded: the grader was stopped" in out
     written = json.loads(results.read_text())
@@ -349,10 +352,12 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
     results = tmp_path / "results.json"
     command = [sys.executable, "-m", "minilora", "grade", "a3", str(folder)]
     grader = subprocess.Popen([*command, "--gradescope", str(results)], stdout=subprocess.PIPE)
-    while not (markers / "worker").exists() and grader.poll() is None:
-        time.sleep(0.05)
-    grader.kill()
-    grader.communicate()
+    try:
+        while not (markers / "worker").exists() and grader.poll() is None:
+            time.sleep(0.05)
+    finally:
+        grader.kill()
+        grader.communicate()
     pid = int((markers / "worker").read_text())
     for _ in range(600):  # the worker dies with the grader (a zombie counts as dead)
         stat = Path(f"/proc/{pid}/stat")
@@ -360,8 +365,9 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
             break
         time.sleep(0.05)
     else:
+        os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the worker {pid} outlived the grader")
     written = json.loads(results.read_text())  # after a3.1: a valid file, a3.2 unfinished
     shown = {t["name"][:4]: t["output"] for t in written["tests"] if t["visibility"] == "visible"}
-    assert shown["a3.2"] == "grading did not finish"
+    assert shown["a3.2"] == UNFINISHED
     shutil.rmtree(markers)
