@@ -18,9 +18,6 @@ a student who finishes a1 has a minilora that runs. Two files differ on purpose,
 copy holds no answers and runs the student's code (:func:`copy_source`): ``fast/ops.py``
 loses the fast version of every reference op the assignment stubs (whose reference op, or a
 function it calls, is a target), and ``backend.py`` defaults to the reference ops.
-
-This module needs nothing but the standard library: the grader loads it, from the installed
-package, into the process where the student's package is imported.
 """
 
 from __future__ import annotations
