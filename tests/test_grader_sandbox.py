@@ -75,7 +75,10 @@ def test_a_stub_that_forges_the_results_and_exits_loses_its_check(tmp_path, caps
     assert written["score"] == 14  # every task but a3.2's one point
     failed = [t for t in written["tests"] if t["score"] < t["max_score"]]
     assert [t["name"][:4] for t in failed] == ["a3.2"]
-    assert "check_lora_scaling: the process died: exit status 0" in failed[0]["output"]
+    output = failed[0]["output"]  # as nobody (root grading) the write itself is refused
+    assert "check_lora_scaling: the process died: exit status 0" in output or (
+        "PermissionError: [Errno 13] Permission denied" in output
+    )
 
 
 def test_emptying_the_checks_table_changes_nothing(tmp_path):
