@@ -46,11 +46,13 @@ def attacked(folder: Path, body: str) -> Path:
     return folder
 
 
-def shared_folder() -> Path:
+@pytest.fixture
+def markers():
     """A folder the worker can write to whatever user it runs as (for markers)."""
     folder = Path(tempfile.mkdtemp(prefix="minilora-attack-"))
     folder.chmod(0o777)
-    return folder
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def lost(report) -> dict:
@@ -110,9 +112,9 @@ def test_the_installed_checks_cannot_be_opened_from_the_students_code(tmp_path):
     assert lost(report)["a3.2"].startswith("your code raised PermissionError: the grader refused")
 
 
-def test_a_stub_that_runs_a_program_is_refused(tmp_path):
+def test_a_stub_that_runs_a_program_is_refused(tmp_path, markers):
     """A program started by the student's code would escape the audit hook: none starts."""
-    marker = shared_folder() / "ran"
+    marker = markers / "ran"
     folder = attacked(tmp_path, f"import os\nos.system('touch {marker}')")
     report = grading.grade("a3", folder, "a3.2", seed=1)
     assert lost(report)["a3.2"] == (
@@ -121,7 +123,6 @@ def test_a_stub_that_runs_a_program_is_refused(tmp_path):
         f"{(folder / 'minilora' / 'lora.py').read_text().count(chr(10)) - 1}, lora_scaling)"
     )
     assert not marker.exists()
-    shutil.rmtree(marker.parent)
 
 
 def test_a_stub_that_loads_the_installed_reference_is_refused(tmp_path):
@@ -217,8 +218,7 @@ def test_bytes_that_are_not_utf8_still_give_a_report(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not LINUX, reason="the sweep of orphans reads /proc")
-def test_a_forked_child_does_not_outlive_the_grader(tmp_path):
-    markers = shared_folder()
+def test_a_forked_child_does_not_outlive_the_grader(tmp_path, markers):
     folder = attacked(
         tmp_path,
         f"""
@@ -240,7 +240,6 @@ def test_a_forked_child_does_not_outlive_the_grader(tmp_path):
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
     time.sleep(2)  # past the child's sleep
     assert not (markers / "late").exists()
-    shutil.rmtree(markers)
 
 
 def test_a_sleeping_import_costs_its_checks_within_the_limit(tmp_path):
@@ -275,8 +274,7 @@ def test_running_out_of_memory_loses_its_task_only(tmp_path):
 
 
 @pytest.mark.skipif(not LINUX, reason="signals and /proc")
-def test_a_stopped_grader_writes_its_report_and_results(tmp_path):
-    markers = shared_folder()
+def test_a_stopped_grader_writes_its_report_and_results(tmp_path, markers):
     folder = attacked(
         tmp_path / "sub",
         f"""
@@ -315,7 +313,6 @@ def test_a_stopped_grader_writes_its_report_and_results(tmp_path):
     visible = [t for t in written["tests"] if t["visibility"] == "visible"]
     assert [t["name"][:4] for t in visible][:2] == ["a3.1", "a3.2"]
     assert visible[1]["output"].startswith("not graded: the grader was stopped")
-    shutil.rmtree(markers)
 
 
 @pytest.mark.skipif(
@@ -341,8 +338,7 @@ def test_as_root_the_worker_cannot_write_outside_its_scratch(tmp_path):
 
 
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_path):
-    markers = shared_folder()
+def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_path, markers):
     folder = attacked(
         tmp_path / "sub",
         f"""
@@ -370,7 +366,10 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the worker {pid} outlived the grader")
+    stale = list(Path(tempfile.gettempdir()).glob(f"minilora-grade-{grader.pid}-*"))
+    assert stale  # the killed grader's scratch folder, removed by the next grader
+    grading.remove_stale_scratch()
+    assert not any(p.exists() for p in stale)
     written = json.loads(results.read_text())  # after a3.1: a valid file, a3.2 unfinished
     shown = {t["name"][:4]: t["output"] for t in written["tests"] if t["visibility"] == "visible"}
     assert shown["a3.2"] == UNFINISHED
-    shutil.rmtree(markers)

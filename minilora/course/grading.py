@@ -39,6 +39,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -732,11 +733,30 @@ def _task_result(task, results: list[CheckResult], package: Path) -> TaskResult:
     )
 
 
+SCRATCH_PREFIX = "minilora-grade-"  # then the grader's process id
+
+
+def remove_stale_scratch() -> None:
+    """Remove the scratch folders of graders that were killed outright (their process id,
+    in the folder's name, is gone)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX) :].partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            continue
+
+
 def _grade_package(report, assignment, tasks, folder, extra, limits, timeout, progress) -> None:
     """The student's ``minilora`` package in ``folder``, each check in a worker of its own."""
     package = (folder / "minilora").resolve()
     protected = [str(assignments.PACKAGE_DIR)]  # not the hidden tests: their path stays here
-    with tempfile.TemporaryDirectory(prefix="minilora-grade-") as scratch:
+    remove_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         os.chmod(scratch, 0o755)  # a worker of another user reaches its own folder in it
         run = Run(package, limits, time.monotonic() + timeout, timeout, Path(scratch), protected)
         try:
