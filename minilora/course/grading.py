@@ -163,7 +163,7 @@ def installed_digests() -> dict[str, str]:
 # ======================================================================================
 
 
-def describe_error(error: BaseException, student_root: Path | None = None) -> str:
+def describe_error(error: BaseException) -> str:
     """One line for an exception raised by the student's code: what and where."""
     if isinstance(error, NotImplementedError):
         return f"not implemented: {error}"
@@ -218,7 +218,7 @@ def verdict(check, ctx: Context) -> str | None:
     except sandbox.WorkerLost as e:
         return f"{check.__name__}: {e}"
     except (Exception, SystemExit) as e:  # whatever the student's code raises is a result
-        return describe_error(e, ctx.folder / "minilora")
+        return describe_error(e)
     return None
 
 
