@@ -373,3 +373,12 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
     written = json.loads(results.read_text())  # after a3.1: a valid file, a3.2 unfinished
     shown = {t["name"][:4]: t["output"] for t in written["tests"] if t["visibility"] == "visible"}
     assert shown["a3.2"] == UNFINISHED
+
+
+def test_the_hidden_tests_cannot_be_opened_even_by_a_student_who_guessed_the_path(tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "hidden_a3.py").write_text("def check_a3_2_secret(ctx):\n    pass\n")
+    folder = attacked(tmp_path / "sub", f"open({str(hidden / 'hidden_a3.py')!r}).read()")
+    report = grading.grade("a3", folder, "a3.2", seed=1, extra_tests=hidden)
+    assert "your code raised PermissionError: the grader refused to open" in lost(report)["a3.2"]

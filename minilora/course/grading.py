@@ -241,6 +241,7 @@ class Run:
     timeout: float
     scratch: Path
     protected: list[str]
+    hidden: list[str]  # SHA-256 of the hidden tests' folders: refused, never named
     import_failure: str | None = None
     count: int = 0
 
@@ -255,7 +256,7 @@ class Run:
     def start(self) -> sandbox.Worker:
         self.count += 1
         scratch = self.scratch / f"check-{self.count}"
-        return sandbox.Worker(self.package, scratch, self.protected, self.limits)
+        return sandbox.Worker(self.package, scratch, self.protected, self.hidden, self.limits)
 
     def close(self) -> None:
         if self.spare is not None:
@@ -755,10 +756,21 @@ def _grade_package(report, assignment, tasks, folder, extra, limits, timeout, pr
     """The student's ``minilora`` package in ``folder``, each check in a worker of its own."""
     package = (folder / "minilora").resolve()
     protected = [str(assignments.PACKAGE_DIR)]  # not the hidden tests: their path stays here
+    hidden = sorted(
+        {
+            hashlib.sha256(
+                os.path.realpath(Path(c.__code__.co_filename).parent).encode()
+            ).hexdigest()
+            for checks in extra.values()
+            for c in checks
+        }
+    )
     remove_stale_scratch()
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         os.chmod(scratch, 0o755)  # a worker of another user reaches its own folder in it
-        run = Run(package, limits, time.monotonic() + timeout, timeout, Path(scratch), protected)
+        run = Run(
+            package, limits, time.monotonic() + timeout, timeout, Path(scratch), protected, hidden
+        )
         try:
             _run_tasks(report, assignment, tasks, package, extra, run, progress)
         finally:

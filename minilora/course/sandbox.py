@@ -193,7 +193,7 @@ class Worker:
     told by :meth:`open` which targets run the reference, killed with its descendants by
     :meth:`close`. It starts importing the student's package as soon as it is made."""
 
-    def __init__(self, package: Path, scratch: Path, protected: list, limits):
+    def __init__(self, package: Path, scratch: Path, protected: list, hidden: list, limits):
         self.limits, self.deadline = limits, None
         self.scratch = scratch
         for name in ("home", "tmp", "submission"):
@@ -248,7 +248,12 @@ class Worker:
         os.close(to_grader)
         self.started = _start_time(self.process.pid)
         self.folder = scratch / "submission"
-        hello = {"folder": str(self.folder), "protected": protected, "cap": 1 << 26}
+        hello = {
+            "folder": str(self.folder),
+            "protected": protected,
+            "hidden": hidden,
+            "cap": 1 << 26,
+        }
         with contextlib.suppress(OSError):  # a worker that died at once: open() says why
             wire.send(self.write_fd, hello, [])
 

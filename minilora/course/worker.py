@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import hashlib
 import json
 import math
 import operator
@@ -234,19 +235,32 @@ def isolate(swaps: list[dict]) -> None:
         setattr(_lookup(module, owner_name) if owner_name else module, name, fn)
 
 
-def refuse_opening(protected: list[str]) -> None:
+def refuse_opening(protected: list[str], hidden: list[str]) -> None:
     """An audit hook: opening any file under ``protected`` (the grader's files) raises
     PermissionError, so the student's code can neither read the installed reference nor
-    change the grader; and so does starting a program (which the hook would not see)."""
+    change the grader; and so does starting a program (which the hook would not see).
+    ``hidden`` holds the SHA-256 of folders whose path this process must not learn (the
+    hidden tests'): a file is refused if the hash of one of its folders is there."""
     roots = tuple(os.path.join(os.path.realpath(p), "") for p in protected)
+    hidden_set = set(hidden)
+
+    def in_hidden(path: str) -> bool:
+        folder = os.path.dirname(path)
+        while folder and hidden_set:
+            if hashlib.sha256(folder.encode("utf-8", "surrogateescape")).hexdigest() in hidden_set:
+                return True
+            folder, previous = os.path.dirname(folder), folder
+            if folder == previous:
+                return False
+        return False
 
     def hook(event, args):
         if event in PROGRAMS:
             raise PermissionError("the grader runs no programs for your code")
         if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
             return
-        path = os.path.join(os.path.realpath(os.fsdecode(args[0])), "")
-        if path.startswith(roots):
+        real = os.path.realpath(os.fsdecode(args[0]))
+        if os.path.join(real, "").startswith(roots) or in_hidden(real):
             raise PermissionError(
                 f"the grader refused to open {os.fsdecode(args[0])}: it is one of the grader's "
                 "files (your code must not read the installed minilora or the grader)"
@@ -360,7 +374,7 @@ def main(argv: list[str]) -> None:
     setup, _ = receive(read_fd, 1 << 16)
     folder = setup["folder"]
     sys.path.insert(0, folder)
-    refuse_opening(setup["protected"])
+    refuse_opening(setup["protected"], setup["hidden"])
     try:
         import minilora
     except BaseException as e:
