@@ -520,10 +520,10 @@ def test_a_students_own_checks_change_nothing(tmp_path, capsys):
 def test_hidden_tests_grade_their_task(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    (hidden / "hidden_a3.py").write_text(
-        "from minilora import lora\n\n\n"
+    (hidden / "hidden_a3.py").write_text(  # the student's code, reached as the checks do
         "def check_a3_2_big_rank(ctx):\n"
-        "    assert lora.lora_scaling(16, 256) == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
+        "    got = ctx.module('lora').lora_scaling(16, 256)\n"
+        "    assert got == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
         "def check_a3_5_always_fails(ctx):\n"
         "    assert False, 'a hidden property'\n"
     )
@@ -534,7 +534,7 @@ def test_hidden_tests_grade_their_task(tmp_path):
     assert lost["a3.5"][1].startswith("hint: ")
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="time limits need SIGALRM")
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="a hidden test's limit needs SIGALRM")
 def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -542,11 +542,11 @@ def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
         "def check_a3_2_forever(ctx):\n    while True:\n        pass\n"
     )
     report = grading.grade(
-        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=0.5
+        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=3
     )
     lost = {t.id: t.failures for t in report.tasks if t.failures}
     assert list(lost) == ["a3.2"]
-    assert lost["a3.2"][0] == "check_a3_2_forever took longer than 0.5 s (a loop that never ends?)"
+    assert lost["a3.2"][0] == "check_a3_2_forever: took longer than 3 s"
 
 
 def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
@@ -739,7 +739,7 @@ def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
     visible = [t for t in results["tests"] if t["visibility"] == "visible"]
     assert len(visible) == 7
     for test in visible:
-        assert set(test) == {"name", "score", "max_score", "output", "visibility"}
+        assert set(test) == {"name", "score", "max_score", "output", "visibility", "execution_time"}
         assert test["score"] == test["max_score"]
     hidden = [t for t in results["tests"] if t not in visible]  # staff only, no points
     assert [t["name"] for t in hidden] == [
@@ -812,7 +812,9 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
     submission.mkdir(parents=True)
     if submitted == "copy":
         assignments.make_copy("a3", submission)
-    script = assignments.RUN_AUTOGRADER.format(name="a3").replace("/autograder", str(root))
+    script = assignments.RUN_AUTOGRADER.format(name="a3", extra="").replace(
+        "/autograder", str(root)
+    )
     subprocess.run(["bash", "-c", script], check=True, capture_output=True)
     results = json.loads((root / "results" / "results.json").read_text())
     assert results["score"] == 0
@@ -820,7 +822,7 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
         assert [t["max_score"] for t in results["tests"]] == [2, 1, 2, 4, 2, 2, 2]
         assert all(t["output"].startswith("not implemented") for t in results["tests"])
     else:
-        assert "no minilora/ folder" in results["output"]
+        assert "has no minilora/ package" in results["output"]
 
 
 def test_done_criterion_from_the_command_line(tmp_path):
