@@ -92,6 +92,7 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
             message = ast.unparse(body[0])
             assert f"Task {task_id}: {qualname}" in message
             assert f"see the handout, {name}.md beside minilora/" in message
+    assert assignments.changed_files(assignment, package) == []  # a fresh copy changed nothing
     handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
     page = (PACKAGE / "course" / "handouts" / f"{name}.md").read_text()
     if assignment.port:

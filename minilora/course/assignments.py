@@ -325,10 +325,13 @@ def stub_message(task: Task, qualname: str) -> str:
     return f"Task {task.id}: {qualname} ({task.title}); see the handout, {name}.md beside minilora/"
 
 
-def stub_source(source: str, stubs: dict[str, str]) -> str:
+def stub_source(source: str, stubs: dict[str, str], reference: str | None = None) -> str:
     """``source`` with each ``{qualname: message}`` function's body replaced by
-    ``raise NotImplementedError(message)``, keeping its signature and docstring."""
+    ``raise NotImplementedError(message)``, keeping its signature and docstring; a
+    backward's stub also lists what the forward of ``reference`` (default: ``source``)
+    saves (:func:`saved_contract`)."""
     tree = ast.parse(source)
+    contract_tree = tree if reference is None else ast.parse(reference)
     lines = source.splitlines(keepends=True)
     edits = []
     for qualname, message in stubs.items():
@@ -343,8 +346,11 @@ def stub_source(source: str, stubs: dict[str, str]) -> str:
         if not rest:
             raise ValueError(f"{qualname} has only a docstring: nothing to stub")
         start, indent = rest[0].lineno - 1, " " * rest[0].col_offset
+        top = body[0].end_lineno if has_doc else node.lineno  # comments above the body go too
+        while start > top and lines[start - 1].lstrip().startswith("#"):
+            start -= 1
         literal = json.dumps(message, ensure_ascii=False)  # a valid Python string literal
-        contract = "".join(f"{indent}{line}\n" for line in saved_contract(tree, qualname))
+        contract = "".join(f"{indent}{line}\n" for line in saved_contract(contract_tree, qualname))
         edits.append(
             (start, node.end_lineno, f"{contract}{indent}raise NotImplementedError({literal})\n")
         )
@@ -533,11 +539,12 @@ def changed_files(assignment: Assignment, package: Path) -> list[str]:
         if not theirs.is_file():
             changed.append(f"{name} (missing)")
             continue
-        ours = copy_source(assignment, name, path.read_text(encoding="utf-8"))
+        reference = path.read_text(encoding="utf-8")
+        ours = copy_source(assignment, name, reference)
         their_text = theirs.read_text(encoding="utf-8")
         if name in targets:
             try:
-                their_text = stub_source(their_text, targets[name])
+                their_text = stub_source(their_text, targets[name], reference)
             except (SyntaxError, ValueError):
                 changed.append(name)
                 continue
