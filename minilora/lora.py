@@ -472,12 +472,41 @@ def lora_state_dict(model: Module, bias: str = "none") -> dict:
     return out
 
 
+def tied_layers(model: Module, paths) -> dict[str, list[str]]:
+    """{path: the other modules that use its weight} for the ``paths`` whose weight is one
+    ``Parameter`` with another module's (GPT-2's ``tie_word_embeddings``: ``lm_head`` and
+    ``tok_emb``)."""
+    owners = {}
+    for path, m in model.named_modules():
+        w = vars(m).get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(path)
+    tied = {}
+    for path in paths:
+        others = [p for p in owners[id(model.get_submodule(path).weight)] if p != path]
+        if others:
+            tied[path] = others
+    return tied
+
+
 def merge_lora(model: Module, safe_merge: bool = True) -> None:
     """Merge every unmerged adapter into its weight (see :meth:`LoRALinear.merge`).
 
-    All or nothing: every merged weight is computed and checked before any is written.
+    All or nothing: every merged weight is computed and checked before any is written. An
+    adapter on a weight another layer shares (a tied head or embedding) is refused before
+    anything changes: merged, it would change both uses, so the merged model would not
+    compute what the adapted one does (PEFT merges it anyway, with a warning).
     """
-    layers = [layer for _, layer in adapted_layers(model) if not layer.merged]
+    pending = [(path, layer) for path, layer in adapted_layers(model) if not layer.merged]
+    tied = tied_layers(model, [path for path, _ in pending])
+    if tied:
+        shares = "; ".join(f"{p} shares its weight with {', '.join(o)}" for p, o in tied.items())
+        raise ValueError(
+            f"merge_lora: {shares} (tie_word_embeddings), so merging its adapter would change "
+            "both and move the logits; nothing was merged. Keep this adapter unmerged (the "
+            "adapted model computes the right logits) or adapt layers that are not tied"
+        )
+    layers = [layer for _, layer in pending]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):
         layer._set_merged(weight)

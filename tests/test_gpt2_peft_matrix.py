@@ -102,7 +102,12 @@ MATRIX = {
     ),
     "patterns-rslora": (
         "LoraConfig",
-        dict(target_modules=ALL, use_rslora=True, rank_pattern={"c_fc": 2}, alpha_pattern={"c_attn": 7}),
+        dict(
+            target_modules=ALL,
+            use_rslora=True,
+            rank_pattern={"c_fc": 2},
+            alpha_pattern={"c_attn": 7},
+        ),
     ),
     # embeddings
     "wte": ("LoraConfig", dict(target_modules=["wte"])),

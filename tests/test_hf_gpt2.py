@@ -285,14 +285,34 @@ def test_minilora_adapter_loads_in_peft(tmp_path, shape, targets, rslora, bias):
     assert_close(ours(again, idx), want, dtype)
 
 
-def test_adapting_the_tied_head_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "targets, words",
+    [
+        (["q_proj", "lm_head"], "lm_head shares its weight with tok_emb"),
+        (["tok_emb"], "tok_emb shares its weight with lm_head"),
+    ],
+)
+def test_merging_an_adapter_on_the_tied_weight_is_refused(tmp_path, targets, words):
+    """GPT-2's head and token embedding are one Parameter: an adapter on either trains,
+    saves and loads (tests/test_gpt2_peft_matrix.py), but merged it would change both uses.
+    merge_lora and merge_and_unload refuse it, naming the layers, and change nothing."""
     gpt2_folder(tmp_path / "hf")
     model = load_model(tmp_path / "hf")
-    config = ml.LoRAConfig(r=2, target_modules=["q_proj", "lm_head"])
-    ml.apply_lora(model, config)
-    with pytest.raises(ValueError, match="lm_head"):
-        save_adapter(model, tmp_path / "adapter", config)
-    assert not (tmp_path / "adapter").exists()
+    ml.apply_lora(model, ml.LoRAConfig(r=2, target_modules=targets))
+    randomize_lora(model, 5, "none")
+    idx = ids()
+    want, before = ours(model, idx), snapshot(model)
+    for merge in (ml.merge_lora, ml.merge_and_unload):
+        with pytest.raises(ValueError, match="nothing was merged") as e:
+            merge(model)
+        assert words in str(e.value)
+        assert snapshot(model) == before
+    np.testing.assert_array_equal(ours(model, idx), want)
+    # what the refusal prevents: the layer merged on its own changes the other use too
+    wte = model.tok_emb.weight.data.copy()
+    model.get_submodule(targets[-1]).merge()
+    assert np.abs(model.tok_emb.weight.data - wte).max() > 1e-2
+    assert np.abs(ours(model, idx) - want).max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------
@@ -345,14 +365,15 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
 @pytest.mark.parametrize(
     "changes, words",
     [
-        ({"use_dora": True}, ["use_dora=True"]),
+        ({"use_dora": True}, ["missing", "c_attn.lora_magnitude_vector"]),
         ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
         ({"layers_pattern": "blocks", "layers_to_transform": [0]}, ["layers_pattern='blocks'"]),
         ({"target_modules": ["c_attn", "lm_head"]}, ["lm_head"]),
-        ({"target_modules": ["wte"]}, ["matches none of GPT-2's"]),
+        ({"target_modules": ["wte"]}, ["h.0.attn.c_attn is not adapted by target_modules"]),
+        ({"target_modules": ["ln_f"]}, ["matches none of GPT-2's LoRA modules"]),
         ({"r": 3}, ["lora_A", "expected (3, 32)"]),
         ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out='yes'"]),
-        ({"rank_pattern": {"c_attn": 4}}, ["rank_pattern={'c_attn': 4} is not supported"]),
+        ({"rank_pattern": {"c_attn": 4}}, ["c_attn.lora_A.weight has shape (2, 32)", "(4, 32)"]),
     ],
     ids=lambda v: str(v)[:40],
 )

@@ -36,9 +36,9 @@ import math
 from dataclasses import dataclass
 
 from minilora import backend
-from minilora.lora import LoRAConfig, is_target, lora_layers
+from minilora.lora import LoRAConfig, adapted_layers, is_target
 from minilora.model import GPTConfig
-from minilora.variants.patterns import paths_matching
+from minilora.variants.patterns import in_layers, paths_matching, pattern_value
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -237,25 +237,16 @@ _OUR_NAMES = {
     "c_attn": "q_proj,k_proj,v_proj",
     "c_proj": "o_proj (attn.c_proj) or fc2 (mlp.c_proj)",
     "c_fc": "fc1",
+    "wte": "tok_emb",
+    "wpe": "pos_emb",
 }
 
 
 def check_targets(model, target_modules, caller: str) -> None:
-    """Refuse, before any training, LoRA targets on a GPT-2 that its adapter cannot hold
-    or that name no layer: ``lm_head`` (the token embedding's weight when tied; PEFT's
-    GPT-2 adapters live on the Conv1D layers only), and GPT-2's own names (``c_attn``...),
-    which minilora's loaded model does not use."""
+    """Refuse, before any training, LoRA targets on a GPT-2 that name no layer: GPT-2's
+    own names (``c_attn``, ``wte``...), which minilora's loaded model does not use."""
     if not is_gpt2(model):
         return
-    if any(is_target([t], "lm_head") for t in target_modules):
-        tied = (
-            ", which GPT-2 ties to the token embedding," if model.config.tie_word_embeddings else ""
-        )
-        raise ValueError(
-            f"{caller}: target_modules {list(target_modules)} adapt lm_head{tied} but PEFT's "
-            "GPT-2 adapters target c_attn, c_proj and c_fc (minilora's q_proj, k_proj, "
-            "v_proj, o_proj, fc1, fc2): leave lm_head out of target_modules"
-        )
     theirs = [t for t in target_modules if t.rsplit(".", 1)[-1] in _OUR_NAMES]
     if theirs:
         names = "; ".join(f"{t} is {_OUR_NAMES[t.rsplit('.', 1)[-1]]}" for t in theirs)
@@ -265,53 +256,92 @@ def check_targets(model, target_modules, caller: str) -> None:
         )
 
 
+def gpt2_modules(config: GPTConfig) -> dict:
+    """Every module PEFT's LoRA can adapt on GPT2LMHeadModel, by its path there, and how
+    minilora holds it: {path: (kind, (n_in, n_out), [(minilora layer, its rows of the
+    output)])}. kind: "conv1d" (``h.{i}...``, fan_in_fan_out), "embedding" (``wte``,
+    ``wpe``: n_in is the table's rows) or "linear" (``lm_head``, tied to ``wte``)."""
+    C, L = config.n_embd, config.n_layer
+    V, T = config.vocab_size, config.block_size
+    every = slice(None)
+    out = {
+        "transformer.wte": ("embedding", (V, C), [("tok_emb", every)]),
+        "transformer.wpe": ("embedding", (T, C), [("pos_emb", every)]),
+    }
+    for i in range(L):
+        for gpt2, ours in _modules_of_block(C).items():
+            pieces = [(f"blocks.{i}.{name}", rows) for name, rows in ours]
+            out[f"transformer.h.{i}.{gpt2}"] = ("conv1d", _conv1d_shapes(C)[gpt2], pieces)
+    out["lm_head"] = ("linear", (C, V), [("lm_head", every)])
+    return out
+
+
+def _adapter_names(kind: str) -> tuple[str, str]:
+    """PEFT's names of A and B: an embedding's are ``lora_embedding_A``/``_B``."""
+    return ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A", "lora_B")
+
+
 def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict, set, dict]:
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
 
-    Each adapted Conv1D gets rank r' = the largest rank any one needs (k·r for a
-    ``c_attn`` whose q, k, v has k adapters): the others are padded with zero rows of A
-    and zero columns of B, which add nothing. ``lora_alpha`` is rescaled so that PEFT's
-    scaling (lora_alpha'/r', or /√r' with rslora) is minilora's."""
-    C, L = model.config.n_embd, model.config.n_layer
-    layers = dict(lora_layers(model))
+    Each adapted module holds its pieces' A's stacked (a ``c_attn`` whose q, k, v have
+    adapters of ranks r_q, r_k, r_v gets rank r_q + r_k + r_v) and their B's block by
+    block; every module is padded to the largest such rank r' with zero rows of A and zero
+    columns of B, which add nothing. Each module's ``lora_alpha`` is chosen so that PEFT's
+    scaling (α'/r', or /√r' with rslora) is its pieces' (``alpha_pattern`` by full path
+    where modules differ); pieces of one ``c_attn`` with different scalings get theirs
+    folded into their block of B. DoRA's magnitudes are placed by rows like B."""
+    layers = dict(adapted_layers(model))
     check_targets(model, list(layers), "save_adapter")
     xp = backend.module_for("cpu")
-    parts = {}  # GPT-2 module path -> [(a minilora LoRA layer, the outputs it computes)]
-    for i in range(L):
-        for gpt2, ours in _modules_of_block(C).items():
-            paths = [(f"blocks.{i}.{name}", cols) for name, cols in ours]
-            pieces = [(layers[path], cols) for path, cols in paths if path in layers]
-            if pieces:
-                parts[f"transformer.h.{i}.{gpt2}"] = pieces
-    r = config.r
-    rank = max(len(pieces) for pieces in parts.values()) * r  # r'
-    arrays = {}
-    for path, pieces in parts.items():
-        n_in, n_out = _conv1d_shapes(C)[path.split(".", 3)[3]]
-        dtype = backend.to_numpy(pieces[0][0].lora_A.data).dtype
+    parts = {}  # GPT-2 module path -> (kind, shape, [(minilora LoRA layer, its rows)])
+    for path, (kind, shape, pieces) in gpt2_modules(model.config).items():
+        mine = [(layers[p], rows) for p, rows in pieces if p in layers]
+        if mine:
+            parts[path] = (kind, shape, mine)
+    rank = max(sum(m.r for m, _ in pieces) for _, _, pieces in parts.values())  # r'
+    arrays, alphas = {}, {}
+    for path, (kind, (n_in, n_out), pieces) in parts.items():
+        first = pieces[0][0]
+        dtype = backend.to_numpy(first.weight.data).dtype
+        a_name, b_name = _adapter_names(kind)
         A = xp.zeros((rank, n_in), dtype=dtype)  # (r', in): zero rows past the pieces'
         B = xp.zeros((n_out, rank), dtype=dtype)  # (out, r'): zero where no piece writes
-        for j, (layer, cols) in enumerate(pieces):  # piece j: rank block j, its outputs
-            A[j * r : (j + 1) * r] = backend.to_numpy(layer.lora_A.data)  # (r, in)
-            B[cols, j * r : (j + 1) * r] = backend.to_numpy(layer.lora_B.data)  # (n, r)
-        arrays[f"{path}.lora_A"], arrays[f"{path}.lora_B"] = A, B
+        start = 0
+        for layer, rows in pieces:  # piece j: its rank block, its output rows
+            block = slice(start, start + layer.r)
+            A[block] = backend.to_numpy(getattr(layer, a_name).data)  # (r_j, in)
+            fold = layer.scaling / first.scaling  # 1 unless the pieces' scalings differ
+            B[rows, block] = backend.to_numpy(getattr(layer, b_name).data) * fold
+            start += layer.r
+        arrays[f"{path}.{a_name}"], arrays[f"{path}.{b_name}"] = A, B
+        if config.use_dora:
+            m = xp.concatenate([_magnitude(layer) for layer, _ in pieces])
+            arrays[f"{path}.lora_magnitude_vector"] = m  # (out,): q, k, v rows in order
+        ratio = rank / first.r
+        alpha = first.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
+        alphas[path] = int(alpha) if float(alpha).is_integer() else alpha
     arrays.update(_gpt2_biases(model, config.bias, set(parts)))
 
-    ratio = rank / r
-    alpha = config.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
-    if rank == r:
-        alpha = config.lora_alpha  # unchanged, not recomputed
-    elif float(alpha).is_integer():
-        alpha = int(alpha)
+    alpha = next(iter(alphas.values()))
     peft_config = {
         **peft_config,
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": _gpt2_targets(set(parts), L),
+        "rank_pattern": {},
+        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "target_modules": _gpt2_targets(set(parts), model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
     }
     return arrays, set(parts), peft_config
+
+
+def _magnitude(layer):
+    """DoRA's magnitude of ``layer`` (out,), on the host."""
+    return backend.to_numpy(layer.lora_magnitude_vector.data)
 
 
 def _gpt2_biases(model, bias: str, adapted: set) -> dict:
@@ -341,118 +371,187 @@ def _gpt2_biases(model, bias: str, adapted: set) -> dict:
 def _gpt2_targets(adapted: set, n_layer: int) -> list[str]:
     """PEFT target_modules naming exactly the adapted modules: a module kind ("attn.c_proj",
     never the bare "c_proj", which would also match "mlp.c_proj") when every block has it
-    adapted, else the full paths."""
-    targets = []
+    adapted, else the full paths; ``wte``, ``wpe``, ``lm_head`` by name."""
+    targets = [name for name in ("wte", "wpe") if f"transformer.{name}" in adapted]
     for module in (_ATTN, _ATTN_OUT, _FC, _FC_OUT):
         paths = [f"transformer.h.{i}.{module}" for i in range(n_layer)]
         if all(p in adapted for p in paths):
             targets.append(module)
         else:
             targets += [p for p in paths if p in adapted]
-    return targets
+    return targets + (["lm_head"] if "lm_head" in adapted else [])
 
 
-def adapter_from_gpt2(model, fields: dict, layers: tuple, tensors: dict, prefix: str):
+def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefix: str):
     """A PEFT adapter of GPT2LMHeadModel as one for ``model`` in minilora's names:
-    (fields with ``target_modules`` the full minilora paths, tensors by minilora's PEFT
-    keys, problems). ``tensors`` are by PEFT key (``prefix`` + GPT-2 parameter path);
-    ``layers``: (layers_to_transform, layers_pattern), applied as PEFT does. A fused
-    ``c_attn`` adapter becomes one on each of q, k and v, with A shared and B split by
-    rows; nothing is converted unless every key and shape is right."""
-    C, L = model.config.n_embd, model.config.n_layer
-    convs = [f"h.{i}.{module}" for i in range(L) for module in _conv1d_shapes(C)]
-    chosen, problems = _gpt2_chosen(convs, fields["target_modules"], layers)
-    r = fields["r"]
-
-    want = {}  # GPT-2 parameter path (no "transformer.") -> shape
-    for path in chosen:
-        n_in, n_out = _conv1d_shapes(C)[path.split(".", 2)[2]]
-        want[f"{path}.lora_A"], want[f"{path}.lora_B"] = (r, n_in), (n_out, r)
-    bias = fields.get("bias", "none")
-    if bias != "none":
-        with_bias = convs if bias == "all" else chosen
-        for path in with_bias:
-            want[f"{path}.bias"] = (_conv1d_shapes(C)[path.split(".", 2)[2]][1],)
-        if bias == "all":
-            want["ln_f.bias"] = (C,)
-            for i in range(L):
-                for ln in _LAYER_NORMS:
-                    want[f"h.{i}.{ln}.bias"] = (C,)
-
+    (fields with ``target_modules`` the full minilora paths and ``rank_pattern`` /
+    ``alpha_pattern`` by those paths, tensors by minilora's PEFT keys, problems).
+    ``tensors`` are by PEFT key (``prefix`` + GPT-2 parameter path); ``selection``: the
+    file's ``layers_to_transform``, ``layers_pattern``, ``exclude_modules``,
+    ``rank_pattern`` and ``alpha_pattern``, applied as PEFT applies them to GPT-2's module
+    paths. A fused ``c_attn`` adapter becomes one on each of q, k and v, with A shared and
+    B (and DoRA's magnitude) split by rows; nothing is converted unless every key and
+    shape is right."""
+    modules = gpt2_modules(model.config)
+    chosen, problems = _gpt2_chosen(list(modules), fields["target_modules"], selection)
+    r, alpha = fields["r"], fields["lora_alpha"]
+    ranks = {p: pattern_value(selection["rank_pattern"], p, r) for p in chosen}
+    alphas = {p: pattern_value(selection["alpha_pattern"], p, alpha) for p in chosen}
+    want = _gpt2_expected(model, chosen, ranks, fields)
+    if "lm_head" in chosen and model.config.tie_word_embeddings:
+        want["lm_head.weight"] = None  # PEFT may save the tied weight: it must be wte's
     found = {}
     for key, array in tensors.items():
         name = _gpt2_param(key, prefix)
         if name not in want:
-            problems.append(f"unexpected key {key!r}")
+            problems.append(_unexpected(key, name, modules, fields["target_modules"]))
         elif name in found:
             problems.append(f"{name} is given twice")
+        elif want[name] is None:
+            problems += _tied_head_problems(model, key, array)
         elif tuple(array.shape) != want[name]:
             problems.append(f"{key} has shape {tuple(array.shape)}, expected {want[name]}")
         else:
             found[name] = array
+    found.pop("lm_head.weight", None)
+    want = {k: v for k, v in want.items() if v is not None}
     problems += [f"missing {name!r}" for name in sorted(set(want) - set(found))]
     if problems:
         return fields, {}, problems
 
-    ours, targets = {}, []
-    for i in range(L):
-        for gpt2, pieces in _modules_of_block(C).items():
-            path = f"h.{i}.{gpt2}"
-            for name, rows in pieces:
-                mine = f"blocks.{i}.{name}"
-                if path in chosen:
-                    targets.append(mine)
-                    ours[f"{mine}.lora_A"] = found[f"{path}.lora_A"]  # (r, in): shared
-                    ours[f"{mine}.lora_B"] = found[f"{path}.lora_B"][rows]  # its outputs
-                if f"{path}.bias" in found:
-                    ours[f"{mine}.bias"] = found[f"{path}.bias"][rows]
-        for ln, mine in _LAYER_NORMS.items():
-            if f"h.{i}.{ln}.bias" in found:
-                ours[f"blocks.{i}.{mine}.bias"] = found[f"h.{i}.{ln}.bias"]
-    if "ln_f.bias" in found:
-        ours["ln_f.bias"] = found["ln_f.bias"]
-    return {**fields, "target_modules": targets}, ours, []
+    ours, targets, rank_pattern, alpha_pattern = {}, [], {}, {}
+    for path, (kind, _, pieces) in modules.items():
+        if path in chosen:
+            for mine, rows in pieces:
+                targets.append(mine)
+                for leaf in _adapter_names(kind):  # A shared, B split by rows
+                    part = found[f"{path}.{leaf}"]
+                    ours[f"{mine}.{leaf}"] = part if leaf.endswith("A") else part[rows]
+                if f"{path}.lora_magnitude_vector" in found:
+                    ours[f"{mine}.lora_magnitude_vector"] = found[f"{path}.lora_magnitude_vector"][
+                        rows
+                    ]
+                if ranks[path] != r:
+                    rank_pattern[mine] = ranks[path]
+                if alphas[path] != alpha:
+                    alpha_pattern[mine] = alphas[path]
+        for mine, rows in pieces:
+            if f"{path}.bias" in found:
+                ours[f"{mine}.bias"] = found[f"{path}.bias"][rows]
+    for name, array in found.items():  # the LayerNorms' biases
+        if name.rsplit(".", 2)[-2].startswith("ln_"):
+            ours[_ln_bias(name)] = array
+    fields = {**fields, "target_modules": targets}
+    return {**fields, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, ours, []
+
+
+def _ln_bias(name: str) -> str:
+    """``transformer.h.0.ln_1.bias`` -> ``blocks.0.ln1.bias``; ``transformer.ln_f.bias``."""
+    name = name.removeprefix("transformer.")
+    if name == "ln_f.bias":
+        return name
+    _, i, ln, _ = name.split(".")
+    return f"blocks.{i}.{_LAYER_NORMS[ln]}.bias"
+
+
+def _gpt2_expected(model, chosen: list[str], ranks: dict, fields: dict) -> dict:
+    """{GPT-2 parameter path: shape} of what a PEFT adapter of ``chosen`` holds."""
+    modules = gpt2_modules(model.config)
+    C, L = model.config.n_embd, model.config.n_layer
+    want = {}
+    for path in chosen:
+        kind, (n_in, n_out), _ = modules[path]
+        a_name, b_name = _adapter_names(kind)
+        want[f"{path}.{a_name}"], want[f"{path}.{b_name}"] = (
+            (ranks[path], n_in),
+            (n_out, ranks[path]),
+        )
+        if fields.get("use_dora") and kind != "embedding":
+            want[f"{path}.lora_magnitude_vector"] = (n_out,)
+    bias = fields.get("bias", "none")
+    if bias != "none":
+        convs = [p for p, (kind, _, _) in modules.items() if kind == "conv1d"]
+        for path in convs if bias == "all" else [p for p in chosen if p in convs]:
+            want[f"{path}.bias"] = (modules[path][1][1],)
+        if bias == "all":
+            want["transformer.ln_f.bias"] = (C,)
+            for i in range(L):
+                for ln in _LAYER_NORMS:
+                    want[f"transformer.h.{i}.{ln}.bias"] = (C,)
+    return want
+
+
+def _tied_head_problems(model, key: str, array) -> list[str]:
+    """PEFT saves the tied head's weight with an ``lm_head`` adapter; it must be this
+    model's token embedding, or the adapter was trained on another base."""
+    wte = backend.to_numpy(model.tok_emb.weight.data)
+    if array.shape == wte.shape and (array == wte.astype(array.dtype)).all():
+        return []
+    return [
+        f"{key} is the tied head's weight (GPT-2's wte), and it differs from this model's "
+        "token embedding: the adapter was saved on another base model"
+    ]
+
+
+def _unexpected(key: str, name, modules: dict, targets) -> str:
+    """Why ``key`` is not expected: the module it is on is not a target, or the key is
+    not one PEFT's LoRA writes."""
+    if name is None:
+        return f"unexpected key {key!r}: not a PEFT LoRA key of GPT2LMHeadModel"
+    owner = name.rsplit(".", 1)[0]
+    if owner in modules:
+        return (
+            f"unexpected key {key!r}: {owner} is not adapted by target_modules={targets!r} "
+            "(with layers_to_transform and exclude_modules), so this adapter file and its "
+            "adapter_config.json disagree"
+        )
+    return f"unexpected key {key!r}: GPT2LMHeadModel has no LoRA module {owner!r}"
 
 
 def _gpt2_param(key: str, prefix: str) -> str | None:
-    """``prefix`` + ``transformer.h.0.attn.c_attn.lora_A.weight`` -> ``h.0.attn.c_attn.lora_A``;
-    PEFT's ``<module>.base_layer.bias`` -> ``<module>.bias``."""
+    """``prefix`` + ``transformer.h.0.attn.c_attn.lora_A.weight`` ->
+    ``transformer.h.0.attn.c_attn.lora_A``; PEFT's ``<module>.base_layer.bias`` ->
+    ``<module>.bias``; keys without ``transformer.`` get it (an ``lm_head`` has none)."""
     if not key.startswith(prefix):
         return None
-    name = key[len(prefix) :].removeprefix("transformer.").replace(".base_layer.", ".")
+    name = key[len(prefix) :].replace(".base_layer.", ".")
+    if not name.startswith(("transformer.", "lm_head.")):
+        name = f"transformer.{name}"
     owner, _, leaf = name.rpartition(".")
     if owner.endswith((".lora_A", ".lora_B")) and leaf == "weight":
         return owner
     return None if leaf in ("lora_A", "lora_B") else name
 
 
-def _gpt2_chosen(convs: list[str], targets, layers: tuple) -> tuple[list[str], list[str]]:
-    """The GPT-2 modules (``h.{i}.attn.c_attn``...) PEFT adapts for ``target_modules`` and
-    (layers_to_transform, layers_pattern), matched on GPT2LMHeadModel's paths."""
-    full = {p: f"transformer.{p}" for p in convs}
+def _gpt2_chosen(paths: list[str], targets, selection: dict) -> tuple[list[str], list[str]]:
+    """The GPT-2 modules PEFT adapts for ``target_modules`` and the ``selection``
+    (layers_to_transform, layers_pattern, exclude_modules), matched on GPT2LMHeadModel's
+    paths as PEFT matches them."""
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        chosen = list(convs)  # PEFT leaves out the output layer lm_head
+        chosen = [p for p in paths if ".h." in p]  # PEFT leaves out the output layer lm_head
     elif isinstance(targets, str):
-        matched, problems = paths_matching(targets, list(full.values()))
+        chosen, problems = paths_matching(targets, paths)
         if problems:
             return [], problems
-        chosen = [p for p in convs if full[p] in matched]
     else:
-        chosen = [p for p in convs if is_target(targets, full[p])]
-        heads = [t for t in targets if is_target([t], "lm_head")]
-        if heads:
-            return [], [
-                f"target_modules {heads} adapt lm_head, which GPT-2 ties to the token "
-                "embedding; minilora loads GPT-2 adapters on c_attn, c_proj and c_fc"
-            ]
+        chosen = [p for p in paths if is_target(targets, p)]
     if not chosen:
         return [], [
-            f"target_modules={targets!r} matches none of GPT-2's c_attn, c_proj, c_fc layers"
+            f"target_modules={targets!r} matches none of GPT-2's LoRA modules (c_attn, "
+            "c_proj, c_fc, wte, wpe, lm_head)"
         ]
-    wanted, pattern = layers
-    if wanted is not None:
+    exclude = selection["exclude_modules"]
+    if isinstance(exclude, str):
+        excluded, problems = paths_matching(exclude, chosen)
+        if problems:
+            return [], [p.replace("target_modules", "exclude_modules") for p in problems]
+    else:
+        excluded = [p for p in chosen if is_target(exclude or [], p)]
+    chosen = [p for p in chosen if p not in excluded]
+    wanted, pattern = selection["layers_to_transform"], selection["layers_pattern"]
+    if wanted is not None and not isinstance(targets, str):  # PEFT ignores it for a regex
         if pattern not in (None, "", [], "h", ["h"]):
             return [], [f"layers_pattern={pattern!r} is not GPT-2's ('h')"]
         wanted = {wanted} if isinstance(wanted, int) else set(wanted)
-        chosen = [p for p in chosen if int(p.split(".")[1]) in wanted]
+        chosen = [p for p in chosen if in_layers(p, list(wanted), "h")]
     return chosen, []

@@ -119,21 +119,16 @@ def adapter_files(
     arrays = lora_state_dict(model, config.bias)
     adapted = {p for p, _ in adapted_layers(model)}
     peft_config = peft_config_dict(config)
-    if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
+    if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
         raise ValueError(
-            "save_adapter: DoRA and PiSSA adapters of a GPT-2 model are not supported yet"
+            "save_adapter: a PiSSA adapter of a GPT-2 model is not supported: PEFT redoes the "
+            "SVD of the fused c_attn, minilora did it of q, k and v apart"
         )
     if path_initial_model_for_weight_conversion is not None:
         arrays, peft_config = _pissa_as_lora(
             model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
         )
     if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
-        if len(adapted) != len(lora_layers(model)) or _has_patterns(config):
-            raise ValueError(
-                "save_adapter: a GPT-2 model's adapter is saved in GPT2LMHeadModel's names, "
-                "for LoRA layers of one rank on c_attn, c_proj and c_fc; this one has an "
-                "embedding adapter, rank_pattern, alpha_pattern or layers_to_transform"
-            )
         arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     tensors = {peft_key(name, adapted): host_copy(arr) for name, arr in arrays.items()}
     text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
@@ -275,27 +270,31 @@ def _read_config(model: Module, folder: Path) -> tuple[LoRAConfig, dict]:
     config_path, config_bytes, tensors = _read_folder(folder)
     # A PEFT adapter of GPT2LMHeadModel, for a model loaded from GPT-2: mapped into
     # minilora's names (checked first), then loaded as any other
-    gpt2 = hf_gpt2.is_gpt2(model) and any(
-        k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
+    gpt2 = hf_gpt2.is_gpt2(model) and not any(
+        k.startswith(tuple(f"{PEFT_PREFIX}{n}." for n in ("blocks", "tok_emb", "pos_emb")))
+        for k in tensors
     )
-    fields, layers = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
-    if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
+    fields, selection = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if gpt2 and fields["init_lora_weights"] == "pissa":
         raise ValueError(
-            f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "
-            f"init_lora_weights={fields['init_lora_weights']!r}: DoRA and PiSSA adapters of a "
-            "GPT-2 model are not supported yet; nothing was changed"
+            f"load_adapter: {config_path}: init_lora_weights='pissa': a PiSSA adapter of a "
+            "GPT-2 model is not supported (PEFT takes the SVD of the fused c_attn); save it "
+            "converted (path_initial_model_for_weight_conversion) and it loads as plain LoRA; "
+            "nothing was changed"
         )
     if gpt2:
-        # converted at one rank (patterns that repeat r), the layers chosen by hf_gpt2
+        # the layers, ranks and alphas chosen by hf_gpt2 on GPT-2's paths
         per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
         fields = {k: v for k, v in fields.items() if k not in per_layer}
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
-            model, fields, layers, tensors, PEFT_PREFIX
+            model, fields, selection, tensors, PEFT_PREFIX
         )
         _refuse(folder, problems, "the GPT-2 model")
         adapted = set(fields["target_modules"])
         tensors = {peft_key(name, adapted): arr for name, arr in arrays.items()}
     fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
+    if selection["exclude_modules"] is not None and not gpt2 and not problems:
+        fields["target_modules"], problems = _exclude(model, fields, selection["exclude_modules"])
     _refuse(folder, problems)
     try:
         return LoRAConfig(**fields), tensors
@@ -356,6 +355,22 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
             f"Linear layer in the model; the paths are {paths}"
         ]
     return chosen, []
+
+
+def _exclude(model: Module, fields: dict, exclude) -> tuple[list[str], list[str]]:
+    """PEFT's ``exclude_modules``: the full paths of the layers ``fields`` targets, less
+    those ``exclude`` names (a regular expression matched in full, or a list of names,
+    suffixes and paths as targets are matched), and the problems found."""
+    config = LoRAConfig(**fields)
+    chosen = [p for p, _ in adaptable_layers(model) if config.adapts(p)]
+    if isinstance(exclude, str):
+        excluded, problems = paths_matching(exclude, chosen)
+    else:
+        excluded, problems = [p for p in chosen if is_target(exclude, p)], []
+    kept = [p for p in chosen if p not in excluded]
+    if not kept and not problems:
+        problems = [f"exclude_modules={exclude!r} leaves none of {chosen} to adapt"]
+    return kept, [p.replace("target_modules", "exclude_modules") for p in problems]
 
 
 def _adapter_paths(model: Module, config: LoRAConfig) -> list:
