@@ -555,3 +555,42 @@ def _gpt2_chosen(paths: list[str], targets, selection: dict) -> tuple[list[str],
         wanted = {wanted} if isinstance(wanted, int) else set(wanted)
         chosen = [p for p in chosen if in_layers(p, list(wanted), "h")]
     return chosen, []
+
+
+# ======================================================================================
+# VeRA adapters: PEFT's on GPT2LMHeadModel's single layers
+# ======================================================================================
+
+
+_VERA_FUSED = (
+    "PEFT's VeRA there scales all 3C outputs of the fused c_attn with one vera_lambda_d and "
+    "reads rows [0, 3C) of the shared vera_B, while minilora's VeRA layers on q, k and v "
+    "have a vera_lambda_d each and read rows [0, C): VeRA crosses on attn.c_proj, mlp.c_fc, "
+    "mlp.c_proj and lm_head"
+)
+
+
+def vera_names(model, paths) -> tuple[dict, list[str]]:
+    """({minilora path: GPT-2 module path} for the VeRA layers at ``paths``, the problems:
+    layers of the fused ``c_attn`` (q, k, v) do not cross, see ``_VERA_FUSED``)."""
+    names, fused = {}, []
+    for gpt2, (_, _, pieces) in gpt2_modules(model.config).items():
+        mine = [p for p, _ in pieces if p in paths]
+        if mine and len(pieces) > 1:
+            fused += mine
+        elif mine:
+            names[mine[0]] = gpt2
+    return names, [f"{fused} are parts of GPT-2's c_attn: {_VERA_FUSED}"] if fused else []
+
+
+def vera_targets_from_gpt2(model, targets) -> tuple[dict, list[str]]:
+    """({GPT-2 module path: minilora path} of the layers PEFT's VeRA ``target_modules``
+    adapts on GPT2LMHeadModel, the problems)."""
+    modules = gpt2_modules(model.config)
+    paths = [p for p, (kind, _, _) in modules.items() if kind != "embedding"]
+    none = {"layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
+    chosen, problems = _gpt2_chosen(paths, targets, none)
+    fused = [p for p in chosen if len(modules[p][2]) > 1]
+    if fused:
+        problems.append(f"target_modules={targets!r} adapt {fused}: {_VERA_FUSED}")
+    return {p: modules[p][2][0][0] for p in chosen if p not in fused}, problems
