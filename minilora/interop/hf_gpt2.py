@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from minilora import backend
 from minilora.lora import LoRAConfig, adapted_layers, is_target
 from minilora.model import GPTConfig
+from minilora.variants import pissa
 from minilora.variants.patterns import in_layers, paths_matching, pattern_value
 
 CONFIG_NAME = "config.json"
@@ -285,63 +286,84 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
 
-    Each adapted module holds its pieces' A's stacked (a ``c_attn`` whose q, k, v have
-    adapters of ranks r_q, r_k, r_v gets rank r_q + r_k + r_v) and their B's block by
-    block; every module is padded to the largest such rank r' with zero rows of A and zero
-    columns of B, which add nothing. Each module's ``lora_alpha`` is chosen so that PEFT's
-    scaling (α'/r', or /√r' with rslora) is its pieces' (``alpha_pattern`` by full path
-    where modules differ); pieces of one ``c_attn`` with different scalings get theirs
-    folded into their block of B. DoRA's magnitudes are placed by rows like B."""
+    A module of one piece keeps its adapter. The pieces of a fused ``c_attn`` (q, k, v)
+    are one adapter: with one A and one scaling (as loaded from PEFT) A stays and the B's
+    stack by rows; otherwise the A's stack (rank r_q + r_k + r_v) and the B's are placed
+    block by block, a piece's scaling folded into its block of B where they differ. The
+    file's ``r`` and ``lora_alpha`` are the largest rank's, ``rank_pattern`` and
+    ``alpha_pattern`` (by full path) give the others, so PEFT's scaling (α/r, or α/√r with
+    rslora) is each module's. DoRA's magnitudes are placed by rows like B (a piece without
+    an adapter gets its rows' norms: m / ‖W‖ = 1)."""
     layers = dict(adapted_layers(model))
     check_targets(model, list(layers), "save_adapter")
-    xp = backend.module_for("cpu")
-    parts = {}  # GPT-2 module path -> (kind, shape, [(minilora LoRA layer, its rows)])
+    arrays, ranks, alphas = {}, {}, {}
     for path, (kind, shape, pieces) in gpt2_modules(model.config).items():
         mine = [(layers[p], rows) for p, rows in pieces if p in layers]
-        if mine:
-            parts[path] = (kind, shape, mine)
-    rank = max(sum(m.r for m, _ in pieces) for _, _, pieces in parts.values())  # r'
-    arrays, alphas = {}, {}
-    for path, (kind, (n_in, n_out), pieces) in parts.items():
-        first = pieces[0][0]
-        dtype = backend.to_numpy(first.weight.data).dtype
+        if not mine:
+            continue
+        first = mine[0][0]
         a_name, b_name = _adapter_names(kind)
-        A = xp.zeros((rank, n_in), dtype=dtype)  # (r', in): zero rows past the pieces'
-        B = xp.zeros((n_out, rank), dtype=dtype)  # (out, r'): zero where no piece writes
-        start = 0
-        for layer, rows in pieces:  # piece j: its rank block, its output rows
-            block = slice(start, start + layer.r)
-            A[block] = backend.to_numpy(getattr(layer, a_name).data)  # (r_j, in)
-            fold = layer.scaling / first.scaling  # 1 unless the pieces' scalings differ
-            B[rows, block] = backend.to_numpy(getattr(layer, b_name).data) * fold
-            start += layer.r
+        A, B = _fused_adapter(mine, shape, a_name, b_name)
         arrays[f"{path}.{a_name}"], arrays[f"{path}.{b_name}"] = A, B
-        if config.use_dora:
-            m = xp.concatenate([_magnitude(layer) for layer, _ in pieces])
-            arrays[f"{path}.lora_magnitude_vector"] = m  # (out,): q, k, v rows in order
-        ratio = rank / first.r
+        if config.use_dora and kind != "embedding":
+            arrays[f"{path}.lora_magnitude_vector"] = _fused_magnitude(model, pieces, layers)
+        ranks[path] = A.shape[0]
+        ratio = ranks[path] / first.r
         alpha = first.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
         alphas[path] = int(alpha) if float(alpha).is_integer() else alpha
-    arrays.update(_gpt2_biases(model, config.bias, set(parts)))
+    arrays.update(_gpt2_biases(model, config.bias, set(ranks)))
 
-    alpha = next(iter(alphas.values()))
+    rank = max(ranks.values())
+    alpha = next(alphas[p] for p in ranks if ranks[p] == rank)
     peft_config = {
         **peft_config,
         "r": rank,
         "lora_alpha": alpha,
-        "rank_pattern": {},
+        "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
         "layers_to_transform": None,
         "layers_pattern": None,
-        "target_modules": _gpt2_targets(set(parts), model.config.n_layer),
+        "target_modules": _gpt2_targets(set(ranks), model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
     }
-    return arrays, set(parts), peft_config
+    return arrays, set(ranks), peft_config
 
 
-def _magnitude(layer):
-    """DoRA's magnitude of ``layer`` (out,), on the host."""
-    return backend.to_numpy(layer.lora_magnitude_vector.data)
+def _fused_adapter(pieces: list, shape: tuple, a_name: str, b_name: str) -> tuple:
+    """(A (r', in), B (out, r')) of one GPT-2 module from its pieces [(layer, rows)]: A
+    shared when every piece has the same A and scaling, else stacked (module docstring)."""
+    xp = backend.module_for("cpu")
+    n_in, n_out = shape
+    As = [backend.to_numpy(getattr(layer, a_name).data) for layer, _ in pieces]
+    first = pieces[0][0]
+    shared = all(
+        a.shape == As[0].shape and (a == As[0]).all() and layer.scaling == first.scaling
+        for a, (layer, _) in zip(As, pieces, strict=True)
+    )
+    rank = first.r if shared else sum(layer.r for layer, _ in pieces)
+    A = As[0].copy() if shared else xp.concatenate(As)  # (r', in)
+    B = xp.zeros((n_out, rank), dtype=A.dtype)  # (out, r'): zero where no piece writes
+    start = 0
+    for layer, rows in pieces:  # piece j: its output rows, its rank block unless shared
+        block = slice(0, rank) if shared else slice(start, start + layer.r)
+        fold = layer.scaling / first.scaling  # 1 unless the pieces' scalings differ
+        B[rows, block] = backend.to_numpy(getattr(layer, b_name).data) * fold
+        start += layer.r
+    return A, B
+
+
+def _fused_magnitude(model, pieces: list, layers: dict):
+    """DoRA's magnitude of one GPT-2 module (out,): each adapted piece's, and the row norms
+    of the weight of a piece without an adapter (so that PEFT's m / ‖W‖ is 1 there)."""
+    xp = backend.module_for("cpu")
+    parts = []
+    for path, _ in pieces:
+        if path in layers:
+            parts.append(backend.to_numpy(layers[path].lora_magnitude_vector.data))
+        else:
+            W = backend.to_numpy(model.get_submodule(path).weight.data)  # (out, in)
+            parts.append(xp.sqrt((W.astype(xp.float64) ** 2).sum(axis=1)).astype(W.dtype))
+    return xp.concatenate(parts)
 
 
 def _gpt2_biases(model, bias: str, adapted: set) -> dict:
@@ -594,3 +616,54 @@ def vera_targets_from_gpt2(model, targets) -> tuple[dict, list[str]]:
     if fused:
         problems.append(f"target_modules={targets!r} adapt {fused}: {_VERA_FUSED}")
     return {p: modules[p][2][0][0] for p in chosen if p not in fused}, problems
+
+
+def fused_pissa_residuals(model, config: LoRAConfig) -> dict:
+    """PiSSA on GPT-2's fused ``c_attn`` as PEFT computes it when it loads the adapter: the
+    SVD of the whole (3C, C) weight [W_q; W_k; W_v] (out, in), whose residual
+    ``W - s·B0·A0`` is split by rows: {minilora path: residual (C, C)} for each ``c_attn``
+    whose q, k and v ``config`` adapts. (minilora's own init would take the SVD of q, k
+    and v apart: another residual.) Read from the model before it changes."""
+    xp = backend.get_array_module(model.tok_emb.weight.data)
+    out = {}
+    for _, (_, _, pieces) in gpt2_modules(model.config).items():
+        paths = [p for p, _ in pieces]
+        if len(paths) == 1 or not all(config.adapts(p) for p in paths):
+            continue
+        own = config.for_module(paths[0])  # one r and alpha: they came from one c_attn
+        W = xp.concatenate([model.get_submodule(p).weight.data for p in paths])  # (3C, C)
+        _, _, residual = pissa.pissa_init(W, own.r, own.scaling)
+        for path, rows in pieces:
+            out[path] = residual[rows]
+    return out
+
+
+def pissa_problems(model) -> list[str]:
+    """Why the model's PiSSA adapter would load differently in PEFT, which redoes the SVD
+    of each adapted module at the file's rank when it loads, of the fused ``c_attn`` as a
+    whole: the q, k and v pieces must hold the fused module's residual
+    (``fused_residual``, set by ``load_adapter``; ``apply_lora`` takes three SVDs) and
+    still share one ``lora_A`` (three A's stack to rank 3r, a different SVD)."""
+    layers = dict(adapted_layers(model))
+    apart, unshared = [], []
+    for path, (_, _, pieces) in gpt2_modules(model.config).items():
+        mine = [layers[p] for p, _ in pieces if p in layers]
+        if len(pieces) == 1 or not mine:
+            continue
+        if not all(getattr(layer, "fused_residual", False) for layer in mine):
+            apart.append(path)
+        elif not all((m.lora_A.data == mine[0].lora_A.data).all() for m in mine):
+            unshared.append(path)
+    problems = []
+    if apart:
+        problems.append(
+            f"the PiSSA residuals of q, k and v in {apart} are three SVDs (apply_lora), but "
+            "PEFT takes the SVD of GPT-2's fused c_attn when it loads the adapter"
+        )
+    if unshared:
+        problems.append(
+            f"q, k and v of {unshared} have different lora_A (trained apart in minilora): "
+            "saved, they stack to a c_attn adapter of rank 3r, and PEFT would take the SVD "
+            "at rank 3r when it loads the adapter"
+        )
+    return problems

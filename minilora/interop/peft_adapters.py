@@ -120,10 +120,13 @@ def adapter_files(
     adapted = {p for p, _ in adapted_layers(model)}
     peft_config = peft_config_dict(config)
     if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
-        raise ValueError(
-            "save_adapter: a PiSSA adapter of a GPT-2 model is not supported: PEFT redoes the "
-            "SVD of the fused c_attn, minilora did it of q, k and v apart"
-        )
+        problems = hf_gpt2.pissa_problems(model)
+        if problems:
+            raise ValueError(
+                "save_adapter: PEFT would load this PiSSA adapter of a GPT-2 as another "
+                "function (PiSSA on attn.c_proj, mlp.c_fc and mlp.c_proj saves, and so does "
+                "one loaded from PEFT, untrained on c_attn):\n  " + "\n  ".join(problems)
+            )
     if path_initial_model_for_weight_conversion is not None:
         arrays, peft_config = _pissa_as_lora(
             model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
@@ -231,7 +234,13 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     config, tensors = _read_config(model, folder)  # 1. the folder as a LoRAConfig and tensors
     expected, problems = _adapter_plan(model, config)  # 2. what the model needs
     _check_tensors(folder, tensors, expected, config, problems)  # 3. every problem, or none
+    fused = {}  # PiSSA on a GPT-2: the residuals of the fused c_attn, as PEFT's
+    if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
+        fused = hf_gpt2.fused_pissa_residuals(model, config)
     _apply_adapter(model, config, tensors)  # 4. everything checked: now change the model
+    for path, residual in fused.items():
+        layer = model.get_submodule(path)
+        layer.weight.data, layer.fused_residual = residual, True  # saved as PEFT loads it
     return config
 
 
@@ -275,13 +284,6 @@ def _read_config(model: Module, folder: Path) -> tuple[LoRAConfig, dict]:
         for k in tensors
     )
     fields, selection = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
-    if gpt2 and fields["init_lora_weights"] == "pissa":
-        raise ValueError(
-            f"load_adapter: {config_path}: init_lora_weights='pissa': a PiSSA adapter of a "
-            "GPT-2 model is not supported (PEFT takes the SVD of the fused c_attn); save it "
-            "converted (path_initial_model_for_weight_conversion) and it loads as plain LoRA; "
-            "nothing was changed"
-        )
     if gpt2:
         # the layers, ranks and alphas chosen by hf_gpt2 on GPT-2's paths
         per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
