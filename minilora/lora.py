@@ -71,6 +71,9 @@ class LoRAConfig:
     alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}
     layers_to_transform: int | list[int] | None = None  # adapt targets in these layers only
     layers_pattern: str | list[str] | None = None  # the layer list's name, e.g. "blocks"
+    # modules trained in full and saved with the adapter (a head, a LayerNorm), named as
+    # targets are; a weight one of them shares with another module is copied (untied) first
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
@@ -97,6 +100,14 @@ class LoRAConfig:
                 "module names such as ['q_proj', 'v_proj']"
             )
         check_bias_mode(self.bias, "LoRAConfig")
+        saved = self.modules_to_save
+        if saved is not None and not (
+            isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)
+        ):
+            raise ValueError(
+                f"LoRAConfig: modules_to_save={saved!r} must be None or a list of module names "
+                "such as ['lm_head']"
+            )
         for check in CONFIG_CHECKS:
             check(self)
 
@@ -430,8 +441,27 @@ def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generat
         base, own = model.get_submodule(path), config.for_module(path)
         wrap = LORA_LAYERS[type(base)]  # LoRALinear.from_linear for a Linear
         model.set_submodule(path, wrap(base, own, generator))
+    saved = [
+        p for p, _ in model.named_modules() if p and is_target(config.modules_to_save or [], p)
+    ]
+    untie(model, saved)
     mark_only_lora_as_trainable(model, config.bias)
+    for path in saved:  # trained in full (PEFT's modules_to_save)
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
     return paths
+
+
+def untie(model: Module, paths) -> None:
+    """Give each module at ``paths`` whose weight another module shares (GPT-2's tied head
+    and embedding) a copy of its own, as PEFT's ``modules_to_save`` copies the module: it
+    then trains and is saved alone, and the other use keeps the original. A config that
+    says the model is tied (``tie_word_embeddings``) then says it is not."""
+    for path in tied_layers(model, paths):
+        module = model.get_submodule(path)
+        module.weight = Parameter(module.weight.data.copy())
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
 
 
 def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
@@ -483,7 +513,8 @@ def tied_layers(model: Module, paths) -> dict[str, list[str]]:
             owners.setdefault(id(w), []).append(path)
     tied = {}
     for path in paths:
-        others = [p for p in owners[id(model.get_submodule(path).weight)] if p != path]
+        w = vars(model.get_submodule(path)).get("weight")
+        others = [p for p in owners.get(id(w), []) if p != path]
         if others:
             tied[path] = others
     return tied

@@ -79,6 +79,14 @@ MATRIX = {
     # PiSSA
     "pissa": ("LoraConfig", dict(target_modules=["c_attn"], init_lora_weights="pissa")),
     "pissa-all": ("LoraConfig", dict(target_modules=ALL, init_lora_weights="pissa")),
+    "pissa-single": (
+        "LoraConfig",
+        dict(target_modules=["attn.c_proj", "c_fc"], init_lora_weights="pissa"),
+    ),
+    "pissa-converted": (
+        "LoraConfig",
+        dict(target_modules=ALL, init_lora_weights="pissa", converted=True),
+    ),
     "pissa-niter": ("LoraConfig", dict(target_modules=ALL, init_lora_weights="pissa_niter_4")),
     # rank_pattern, alpha_pattern
     "rank_pattern": ("LoraConfig", dict(target_modules=ALL, rank_pattern={"c_attn": 4})),
@@ -147,8 +155,10 @@ MATRIX = {
     ),
 }
 
-# id -> (words the refusal holds, why minilora cannot compute it)
-REFUSED: dict[str, tuple[list[str], str]] = {}
+# id -> (the side that refuses, words its message holds, why minilora cannot compute it):
+# "load": minilora refuses PEFT's adapter; "save": it loads PEFT's adapter exactly, but
+# refuses to save its own (moved) copy, which PEFT would load as another function.
+REFUSED: dict[str, tuple[str, list[str], str]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -176,20 +186,27 @@ def theirs(model, idx) -> np.ndarray:
 
 def peft_saved(folder, adapter, kind: str, kwargs: dict):
     """PEFT's model for ``kwargs`` on the GPT-2 in ``folder``, every adapter tensor moved
-    off its init, saved to ``adapter``."""
+    off its init, saved to ``adapter`` (PiSSA ``converted``: as a plain LoRA adapter of
+    the original base, PEFT's ``path_initial_model_for_weight_conversion``)."""
+    converted = kwargs.pop("converted", False)
     base = transformers.GPT2LMHeadModel.from_pretrained(folder)
     torch.manual_seed(2)  # PEFT's init draws
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(base, getattr(peft, kind)(r=kwargs.pop("r", 2), **kwargs))
+        if converted:  # PEFT's recipe: the initial adapter, saved as plain LoRA
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(adapter.parent / "initial")
+            model.peft_config["default"].init_lora_weights = "pissa"
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad or "lora_" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    initial = {"path_initial_model_for_weight_conversion": adapter.parent / "initial"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.save_pretrained(adapter)
+        model.save_pretrained(adapter, **(initial if converted else {}))
     return model.eval()
 
 
@@ -201,20 +218,27 @@ def moved(model, seed: int) -> None:
             p.data = p.data + 0.1 * rng.standard_normal(p.shape).astype(p.dtype)
 
 
-def cross(tmp_path, gpt2, key: str) -> None:
+def peft_to_minilora(tmp_path, gpt2, key: str):
+    """PEFT's adapter for ``MATRIX[key]`` loaded by minilora: (the model, its config)."""
     folder, idx = gpt2
     kind, kwargs = MATRIX[key]
-    vera = kind == "VeraConfig"
     hf = peft_saved(folder, tmp_path / "theirs", kind, dict(kwargs))
     model = load_model(folder)
-    config = (load_vera if vera else load_adapter)(model, tmp_path / "theirs")
+    load = load_vera if kind == "VeraConfig" else load_adapter
+    config = load(model, tmp_path / "theirs")
     want = theirs(hf, idx)
     assert np.abs(want - ours(load_model(folder), idx)).max() > 1e-3  # the adapter matters
     np.testing.assert_allclose(ours(model, idx), want, rtol=TOL, atol=TOL)
+    return model, config
 
+
+def minilora_to_peft(tmp_path, gpt2, key: str, model, config) -> None:
+    """``model``'s adapter, moved again, saved by minilora, loads in PEFT with its logits."""
+    folder, idx = gpt2
     moved(model, 5)
     want = ours(model, idx)
-    (save_vera if vera else save_adapter)(model, tmp_path / "ours", config)
+    save = save_vera if MATRIX[key][0] == "VeraConfig" else save_adapter
+    save(model, tmp_path / "ours", config)
     base = transformers.GPT2LMHeadModel.from_pretrained(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -224,11 +248,16 @@ def cross(tmp_path, gpt2, key: str) -> None:
 
 @pytest.mark.parametrize("key", MATRIX)
 def test_peft_option_crosses_both_ways(tmp_path, gpt2, key):
-    if key in REFUSED:
-        words, _ = REFUSED[key]
+    side, words, _ = REFUSED.get(key, (None, [], ""))
+    if side == "load":
         with pytest.raises(ValueError) as e:
-            cross(tmp_path, gpt2, key)
-        for word in words:
-            assert word in str(e.value)
+            peft_to_minilora(tmp_path, gpt2, key)
     else:
-        cross(tmp_path, gpt2, key)
+        model, config = peft_to_minilora(tmp_path, gpt2, key)
+        if side is None:
+            minilora_to_peft(tmp_path, gpt2, key, model, config)
+            return
+        with pytest.raises(ValueError) as e:
+            minilora_to_peft(tmp_path, gpt2, key, model, config)
+    for word in words:
+        assert word in str(e.value)

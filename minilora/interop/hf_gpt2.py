@@ -312,6 +312,8 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
         alpha = first.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
         alphas[path] = int(alpha) if float(alpha).is_integer() else alpha
     arrays.update(_gpt2_biases(model, config.bias, set(ranks)))
+    saved = _saved_to_gpt2(model, config.modules_to_save)
+    arrays.update(saved)
 
     rank = max(ranks.values())
     alpha = next(alphas[p] for p in ranks if ranks[p] == rank)
@@ -325,8 +327,30 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
         "layers_pattern": None,
         "target_modules": _gpt2_targets(set(ranks), model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
+        "modules_to_save": sorted({n.rpartition(".")[0] for n in saved}) or None,
     }
     return arrays, set(ranks), peft_config
+
+
+def _saved_to_gpt2(model, names) -> dict:
+    """The parameters of the modules ``names`` (minilora's ``modules_to_save``) by GPT-2
+    parameter path, or a ValueError for one GPT-2 does not hold alike."""
+    ours = {mine: path for path, mine in saved_modules(model.config).items()}
+    out = {}
+    for path, module in model.named_modules():
+        if not path or not is_target(names or [], path):
+            continue
+        if path not in ours:
+            raise ValueError(
+                f"save_adapter: modules_to_save names {path}, which GPT-2 computes in a "
+                "Conv1D layer; minilora saves modules_to_save of a GPT-2 on the LayerNorms, "
+                "tok_emb, pos_emb and lm_head"
+            )
+        for leaf in ("weight", "bias"):
+            p = vars(module).get(leaf)
+            if p is not None:
+                out[f"{ours[path]}.{leaf}"] = backend.to_numpy(p.data)
+    return out
 
 
 def _fused_adapter(pieces: list, shape: tuple, a_name: str, b_name: str) -> tuple:
@@ -404,6 +428,41 @@ def _gpt2_targets(adapted: set, n_layer: int) -> list[str]:
     return targets + (["lm_head"] if "lm_head" in adapted else [])
 
 
+def saved_modules(config: GPTConfig) -> dict:
+    """The modules PEFT's ``modules_to_save`` can copy on GPT2LMHeadModel that minilora
+    holds alike (the LayerNorms, the embeddings, the head), by GPT-2 path: {path:
+    minilora path}. (The Conv1D layers would need c_attn split and transposes.)"""
+    out = {"transformer.wte": "tok_emb", "transformer.wpe": "pos_emb"}
+    for i in range(config.n_layer):
+        for ln, mine in _LAYER_NORMS.items():
+            out[f"transformer.h.{i}.{ln}"] = f"blocks.{i}.{mine}"
+    return {**out, "transformer.ln_f": "ln_f", "lm_head": "lm_head"}
+
+
+def _saved_from_gpt2(model, names) -> tuple[dict, list[str], list[str]]:
+    """({GPT-2 parameter path: shape} of the modules PEFT's ``modules_to_save`` (``names``,
+    matched as PEFT matches them: a module path that ends with one) copies, their minilora
+    paths, problems)."""
+    table = saved_modules(model.config)
+    names = names or []
+    chosen = [p for p in table if any(p.endswith(n) for n in names)]
+    unmatched = [n for n in names if not any(p.endswith(n) for p in table)]
+    problems = []
+    if unmatched:
+        problems.append(
+            f"modules_to_save {unmatched} match none of the GPT-2 modules minilora holds "
+            "alike (ln_1, ln_2, ln_f, wte, wpe, lm_head); a Conv1D layer's copy is not supported"
+        )
+    want = {}
+    for path in chosen:
+        module = model.get_submodule(table[path])
+        for leaf in ("weight", "bias"):
+            p = vars(module).get(leaf)
+            if p is not None:
+                want[f"{path}.{leaf}"] = tuple(p.shape)
+    return want, [table[p] for p in chosen], problems
+
+
 def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefix: str):
     """A PEFT adapter of GPT2LMHeadModel as one for ``model`` in minilora's names:
     (fields with ``target_modules`` the full minilora paths and ``rank_pattern`` /
@@ -420,7 +479,10 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
     ranks = {p: pattern_value(selection["rank_pattern"], p, r) for p in chosen}
     alphas = {p: pattern_value(selection["alpha_pattern"], p, alpha) for p in chosen}
     want = _gpt2_expected(model, chosen, ranks, fields)
-    if "lm_head" in chosen and model.config.tie_word_embeddings:
+    saved, saved_paths, found_problems = _saved_from_gpt2(model, fields.get("modules_to_save"))
+    want.update(saved)
+    problems += found_problems
+    if "lm_head" in chosen and model.config.tie_word_embeddings and "lm_head.weight" not in want:
         want["lm_head.weight"] = None  # PEFT may save the tied weight: it must be wte's
     found = {}
     for key, array in tensors.items():
@@ -435,7 +497,6 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
             problems.append(f"{key} has shape {tuple(array.shape)}, expected {want[name]}")
         else:
             found[name] = array
-    found.pop("lm_head.weight", None)
     want = {k: v for k, v in want.items() if v is not None}
     problems += [f"missing {name!r}" for name in sorted(set(want) - set(found))]
     if problems:
@@ -461,9 +522,13 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
             if f"{path}.bias" in found:
                 ours[f"{mine}.bias"] = found[f"{path}.bias"][rows]
     for name, array in found.items():  # the LayerNorms' biases
-        if name.rsplit(".", 2)[-2].startswith("ln_"):
+        if name.rsplit(".", 2)[-2].startswith("ln_") and name not in saved:
             ours[_ln_bias(name)] = array
-    fields = {**fields, "target_modules": targets}
+    table = saved_modules(model.config)
+    for name in saved:  # the modules PEFT copied: minilora's parameter paths
+        owner, _, leaf = name.rpartition(".")
+        ours[f"{table[owner]}.{leaf}"] = found[name]
+    fields = {**fields, "target_modules": targets, "modules_to_save": saved_paths or None}
     return {**fields, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, ours, []
 
 

@@ -117,6 +117,7 @@ def adapter_files(
             + "\n  ".join(problems)
         )
     arrays = lora_state_dict(model, config.bias)
+    arrays.update({n: p.data.copy() for n, p in _saved_parameters(model, config).items()})
     adapted = {p for p, _ in adapted_layers(model)}
     peft_config = peft_config_dict(config)
     if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
@@ -428,6 +429,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         expected[f"{p}.lora_B"] = (out_f, r)
         if config.use_dora:
             expected[f"{p}.lora_magnitude_vector"] = (out_f,)
+    expected.update({n: p.shape for n, p in _saved_parameters(model, config).items()})
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
@@ -437,6 +439,18 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
             if getattr(m, "bias", None) is not None:
                 expected[f"{p}.bias"] = m.bias.shape
     return expected, problems
+
+
+def _saved_parameters(model: Module, config: LoRAConfig) -> dict:
+    """{parameter path: Parameter} of the modules ``config.modules_to_save`` names (PEFT
+    saves them whole: ``base_model.model.<path>.weight``)."""
+    out = {}
+    for path, module in model.named_modules():
+        if path and is_target(config.modules_to_save or [], path):
+            for leaf in ("weight", "bias"):
+                if vars(module).get(leaf) is not None:
+                    out[f"{path}.{leaf}"] = vars(module)[leaf]
+    return out
 
 
 def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:

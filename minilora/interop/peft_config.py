@@ -36,6 +36,7 @@ _PEFT_READ = frozenset(
         "layers_to_transform",
         "layers_pattern",
         "exclude_modules",
+        "modules_to_save",
     }
 )
 # Keys known not to change what a trained adapter computes, whatever their value:
@@ -61,7 +62,7 @@ _PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
     }
 )
 # Every other key (lora_bias, target_parameters,
-# alora_invocation_tokens, modules_to_save, ...) is refused unless its value is null, false
+# alora_invocation_tokens, trainable_token_indices, ...) is refused unless its value is null, false
 # or empty: an option minilora does not implement would otherwise load silently wrong.
 _UNSET = (None, False, "", [], {})
 # PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
@@ -88,7 +89,7 @@ def peft_config_dict(config: LoRAConfig) -> dict:
         "fan_in_fan_out": False,
         "task_type": None,
         "base_model_name_or_path": None,
-        "modules_to_save": None,
+        "modules_to_save": config.modules_to_save,
         "inference_mode": True,
         "revision": None,
         "layers_to_transform": config.layers_to_transform,
@@ -139,6 +140,11 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
         pattern = raw.get(key)
         if not unset(pattern) and not isinstance(pattern, dict):
             problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
+    saved = raw.get("modules_to_save")
+    if not unset(saved) and not (
+        isinstance(saved, list) and all(isinstance(t, str) for t in saved)
+    ):
+        problems.append(f"modules_to_save={saved!r} must be a list of module names")
     exclude = raw.get("exclude_modules")
     if not unset(exclude) and not is_name_selection(exclude):
         problems.append(f"exclude_modules={exclude!r} must be a name, a list of names or a regex")
@@ -173,6 +179,8 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
     for key in ("lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
+    if not unset(saved):
+        fields["modules_to_save"] = saved
     if not unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
         fields["layers_to_transform"] = layers
         fields["layers_pattern"] = None if unset(layers_pattern) else layers_pattern
