@@ -398,8 +398,9 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     biases per ``config.bias``). Returns the replaced module paths.
 
     Raises ``ValueError``, changing nothing, when a target matches nothing (listing the
-    available names), when a rank exceeds a layer's min(out, in), or when a target
-    already has a LoRA layer (minilora keeps one adapter per layer).
+    available names), or when a target already has a LoRA layer (minilora keeps one
+    adapter per layer). A rank above a layer's min(out, in) is built with a warning, as
+    PEFT builds it (refused for PiSSA, whose SVD has no more directions).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -424,8 +425,16 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
             f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
             f"{config.layers_pattern!r}) leaves none of {config.target_modules} to adapt"
         )
-    for path, m in chosen:  # check every rank first, so a bad config changes nothing
+    above = [p for p, m in chosen if config.for_module(p).r > min(m.weight.shape)]
+    if above and config.init_lora_weights == "pissa":  # the SVD has min(out, in) directions
+        path, m = next((p, m) for p, m in chosen if p in above)
         check_rank(config.for_module(path).r, m.weight.shape, path)
+    if above:  # PEFT builds them too: a loaded adapter may have such a rank
+        warnings.warn(
+            f"apply_lora: the rank of {above} is above min(out, in) of their weights: B·A "
+            "cannot have a larger rank, so the extra rank adds parameters, not expressiveness",
+            stacklevel=2,
+        )
     problems = target_problems(model, [p for p, _ in chosen], config)
     if problems:
         raise ValueError(f"apply_lora: {problems[0]}; nothing was changed")

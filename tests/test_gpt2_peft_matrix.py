@@ -158,7 +158,43 @@ MATRIX = {
 # id -> (the side that refuses, words its message holds, why minilora cannot compute it):
 # "load": minilora refuses PEFT's adapter; "save": it loads PEFT's adapter exactly, but
 # refuses to save its own (moved) copy, which PEFT would load as another function.
-REFUSED: dict[str, tuple[str, list[str], str]] = {}
+_PISSA_QKV = (
+    "save",
+    ["have different lora_A", "rank 3r"],
+    "minilora trains q, k and v with an A each; saved, they stack to one c_attn adapter of "
+    "rank 3r, and PEFT redoes PiSSA's SVD at the file's rank when it loads: another base",
+)
+_VERA_QKV = (
+    "load",
+    ["one vera_lambda_d", "rows [0, 3C)"],
+    "PEFT's VeRA on the fused c_attn shares one lambda_d across q, k, v and reads vera_B's "
+    "rows [0, 3C); minilora's VeRA layers on q, k, v are apart, each reading rows [0, C)",
+)
+_TOKENS = (
+    "load",
+    ["trainable_token_indices", "is not supported"],
+    "not implemented: PEFT's trainable tokens replace rows of the embedding (and of the tied "
+    "head); minilora has no such layer",
+)
+REFUSED: dict[str, tuple[str, list[str], str]] = {
+    "pissa": _PISSA_QKV,
+    "pissa-all": _PISSA_QKV,
+    "pissa-niter": (
+        "load",
+        ["init_lora_weights='pissa_niter_4'", "randomised"],
+        "PEFT's fast SVD draws a random sketch from torch's generator when it loads the "
+        "adapter, and the base it leaves depends on those draws",
+    ),
+    "tokens": _TOKENS,
+    "tokens-wte": _TOKENS,
+    "lora_bias": (
+        "load",
+        ["lora_bias=True is not supported"],
+        "not implemented: a trainable bias on lora_B",
+    ),
+    "vera-c_attn": _VERA_QKV,
+    "vera-all": _VERA_QKV,
+}
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +297,35 @@ def test_peft_option_crosses_both_ways(tmp_path, gpt2, key):
             minilora_to_peft(tmp_path, gpt2, key, model, config)
     for word in words:
         assert word in str(e.value)
+
+
+# minilora's own adapters on a GPT-2 (apply_lora, in minilora's names), saved, load in PEFT:
+# the pieces of c_attn with their own ranks, scalings and DoRA magnitudes, a partly
+# adapted c_attn, embeddings, and modules_to_save with the tied head
+OURS = {
+    "dora-q-fc2": dict(target_modules=["q_proj", "fc2"], use_dora=True),
+    "patterns-q-v": dict(
+        target_modules=["q_proj", "v_proj", "o_proj"],
+        rank_pattern={"q_proj": 3},
+        alpha_pattern={"v_proj": 5, "blocks.1.attn.o_proj": 7},
+    ),
+    "embeddings-saved-head": dict(
+        target_modules=["tok_emb", "pos_emb", "k_proj"], modules_to_save=["ln_f", "lm_head"]
+    ),
+    "rank-above-min": dict(target_modules=["fc2"], r=40, use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("key", OURS)
+def test_minilora_adapter_on_gpt2_loads_in_peft(tmp_path, gpt2, key):
+    folder, idx = gpt2
+    model = load_model(folder)
+    config = ml.LoRAConfig(**{"r": 2, "lora_alpha": 4, **OURS[key]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ml.apply_lora(model, config)  # PEFT builds a rank above min(out, in): so does minilora
+    above = [w for w in caught if "above min(out, in)" in str(w.message)]
+    assert len(above) == (key == "rank-above-min")
+    moved(model, 7)
+    assert np.abs(ours(model, idx) - ours(load_model(folder), idx)).max() > 1e-3
+    minilora_to_peft(tmp_path, gpt2, "c_attn", model, config)

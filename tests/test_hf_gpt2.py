@@ -366,7 +366,8 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
     "changes, words",
     [
         ({"use_dora": True}, ["missing", "c_attn.lora_magnitude_vector"]),
-        ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
+        ({"modules_to_save": ["lm_head"]}, ["missing 'lm_head.weight'"]),
+        ({"modules_to_save": ["c_fc"]}, ["modules_to_save ['c_fc'] match none of"]),
         ({"layers_pattern": "blocks", "layers_to_transform": [0]}, ["layers_pattern='blocks'"]),
         ({"target_modules": ["c_attn", "lm_head"]}, ["lm_head"]),
         ({"target_modules": ["wte"]}, ["h.0.attn.c_attn is not adapted by target_modules"]),

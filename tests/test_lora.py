@@ -135,6 +135,7 @@ def test_lora_config_defaults_and_peft_spellings():
         "alpha_pattern",
         "layers_to_transform",
         "layers_pattern",
+        "modules_to_save",
     }
 
 
