@@ -372,6 +372,10 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
         ({"target_modules": ["c_attn", "lm_head"]}, ["lm_head"]),
         ({"target_modules": ["wte"]}, ["h.0.attn.c_attn is not adapted by target_modules"]),
         ({"target_modules": ["ln_f"]}, ["matches none of GPT-2's LoRA modules"]),
+        (
+            {"target_modules": ["transformer.h.1.attn.c_attn"], "layers_to_transform": [0]},
+            ["h.0.attn.c_attn.lora_A.weight': transformer.h.0.attn.c_attn is not adapted"],
+        ),
         ({"r": 3}, ["lora_A", "expected (3, 32)"]),
         ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out='yes'"]),
         ({"rank_pattern": {"c_attn": 4}}, ["c_attn.lora_A.weight has shape (2, 32)", "(4, 32)"]),
@@ -394,6 +398,22 @@ def test_unsupported_peft_adapter_is_refused(tmp_path, changes, words):
     for word in words:
         assert word in str(e.value)
     assert snapshot(model) == before
+
+
+def test_a_head_adapter_of_another_base_is_refused_naming_the_tied_weight(tmp_path):
+    """PEFT saves the tied head's weight (lm_head.base_layer.weight, GPT-2's wte) with an
+    lm_head adapter: it must be this model's embedding."""
+    gpt2_folder(tmp_path / "hf")
+    gpt2_folder(tmp_path / "other", seed=1)
+    peft_adapter(
+        tmp_path / "other", tmp_path / "adapter", torch.float32, r=2, target_modules=["lm_head"]
+    )
+    model = load_model(tmp_path / "hf")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight is the tied head's weight"):
+        load_adapter(model, tmp_path / "adapter")
+    assert snapshot(model) == before
+    load_adapter(load_model(tmp_path / "other"), tmp_path / "adapter")  # its own base: loads
 
 
 def test_layer_norm_epsilon_and_gelu_spelling_follow_config(tmp_path):
