@@ -21,10 +21,14 @@ them, or not, as the original gpt2 files)::
     lm_head (absent, or = wte)   lm_head, the same Parameter as tok_emb
 
 Adapters cross over both ways (PEFT adapts ``c_attn``, ``c_proj`` and ``c_fc`` with
-``fan_in_fan_out=True``): a rank-r adapter on the fused ``c_attn`` is a rank-r adapter on
-each of q, k and v (A shared, B split by rows), and adapters on q, k and v are one adapter
-on ``c_attn`` (the A's stacked, the B's placed block by block). Why both are exact:
-docs/porting.md, "GPT-2 checkpoints and their PEFT adapters".
+``fan_in_fan_out=True``, and ``wte``, ``wpe``, ``lm_head`` as they are): a rank-r adapter on
+the fused ``c_attn`` is a rank-r adapter on each of q, k and v (A shared, B and DoRA's
+magnitude split by rows), and adapters on q, k and v are one adapter on ``c_attn`` (one A
+when they share it, else the A's stacked and the B's placed block by block). Per-module
+ranks and alphas travel as ``rank_pattern`` / ``alpha_pattern`` by full path;
+``modules_to_save`` of the LayerNorms, embeddings and head by GPT-2 name; VeRA on the
+single layers. Why each is exact, and what is refused: docs/porting.md, "GPT-2 checkpoints
+and their PEFT adapters".
 
 This module maps names, shapes and arrays; reading and writing the files is model_files.py's
 and peft_adapters.py's.
