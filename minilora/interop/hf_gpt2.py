@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from minilora import backend
 from minilora.lora import LoRAConfig, adapted_layers, is_target
 from minilora.model import GPTConfig
-from minilora.variants import pissa
+from minilora.variants import multi_adapter, pissa
 from minilora.variants.patterns import in_layers, paths_matching, pattern_value
 
 CONFIG_NAME = "config.json"
@@ -290,50 +290,74 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
 
-    A module of one piece keeps its adapter. The pieces of a fused ``c_attn`` (q, k, v)
-    are one adapter: with one A and one scaling (as loaded from PEFT) A stays and the B's
-    stack by rows; otherwise the A's stack (rank r_q + r_k + r_v) and the B's are placed
-    block by block, a piece's scaling folded into its block of B where they differ. The
-    file's ``r`` and ``lora_alpha`` are the largest rank's, ``rank_pattern`` and
-    ``alpha_pattern`` (by full path) give the others, so PEFT's scaling (α/r, or α/√r with
-    rslora) is each module's. DoRA's magnitudes are placed by rows like B (a piece without
-    an adapter gets its rows' norms: m / ‖W‖ = 1)."""
+    The Conv1D layers' factors are :func:`lora_factors`' (rank r', q, k and v sharing a
+    block of A where they share A); ``wte``, ``wpe`` and ``lm_head`` keep theirs, padded
+    to r' with zero rows of A and zero columns of B, which add nothing. Each module's
+    ``lora_alpha`` is chosen so that PEFT's scaling (α/r', or α/√r' with rslora) is its
+    first adapted piece's (``alpha_pattern`` by full path where modules differ); a piece
+    of ``c_attn`` with another scaling has it folded into its rows of B. DoRA's
+    magnitudes are placed by rows like B (a piece without an adapter gets its rows'
+    norms: m / ‖W‖ = 1)."""
     layers = dict(adapted_layers(model))
     check_targets(model, list(layers), "save_adapter")
-    arrays, ranks, alphas = {}, {}, {}
-    for path, (kind, shape, pieces) in gpt2_modules(model.config).items():
+    modules = gpt2_modules(model.config)
+    pieces_of_convs = {
+        p for kind, _, pieces in modules.values() if kind == "conv1d" for p, _ in pieces
+    }
+    convs = {p: m for p, m in layers.items() if p in pieces_of_convs}
+    factors = lora_factors(model, convs) if convs else {}
+    rank = max([A.shape[0] for A, _, _ in factors.values()] + [m.r for m in layers.values()])
+    arrays, alphas = {}, {}
+    for path, (kind, _, pieces) in modules.items():
         mine = [(layers[p], rows) for p, rows in pieces if p in layers]
         if not mine:
             continue
         first = mine[0][0]
         a_name, b_name = _adapter_names(kind)
-        A, B = _fused_adapter(mine, shape, a_name, b_name)
+        if path in factors:
+            A, B = (backend.to_numpy(f) for f in factors[path][:2])  # (r', in), (out, r')
+        else:
+            A, B = _padded(first, a_name, b_name, rank)
+        B = B.copy()
+        for layer, rows in mine:  # 1 unless the pieces' scalings differ
+            B[rows] *= layer.scaling / first.scaling
         arrays[f"{path}.{a_name}"], arrays[f"{path}.{b_name}"] = A, B
         if config.use_dora and kind != "embedding":
             arrays[f"{path}.lora_magnitude_vector"] = _fused_magnitude(model, pieces, layers)
-        ranks[path] = A.shape[0]
-        ratio = ranks[path] / first.r
+        ratio = rank / first.r
         alpha = first.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
         alphas[path] = int(alpha) if float(alpha).is_integer() else alpha
-    arrays.update(_gpt2_biases(model, config.bias, set(ranks)))
+    adapted = set(alphas)
+    arrays.update(_gpt2_biases(model, config.bias, adapted))
     saved = _saved_to_gpt2(model, config.modules_to_save)
     arrays.update(saved)
 
-    rank = max(ranks.values())
-    alpha = next(alphas[p] for p in ranks if ranks[p] == rank)
+    alpha = next(iter(alphas.values()))
     peft_config = {
         **peft_config,
         "r": rank,
         "lora_alpha": alpha,
-        "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
+        "rank_pattern": {},
         "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
         "layers_to_transform": None,
         "layers_pattern": None,
-        "target_modules": _gpt2_targets(set(ranks), model.config.n_layer),
+        "target_modules": _gpt2_targets(adapted, model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
         "modules_to_save": sorted({n.rpartition(".")[0] for n in saved}) or None,
     }
-    return arrays, set(ranks), peft_config
+    return arrays, adapted, peft_config
+
+
+def _padded(layer, a_name: str, b_name: str, rank: int) -> tuple:
+    """(A (rank, in), B (out, rank)) of one layer's adapter, zero-padded to ``rank``, on
+    the host."""
+    xp = backend.module_for("cpu")
+    A0 = backend.to_numpy(getattr(layer, a_name).data)  # (r, in)
+    B0 = backend.to_numpy(getattr(layer, b_name).data)  # (out, r)
+    A = xp.zeros((rank, A0.shape[1]), dtype=A0.dtype)
+    B = xp.zeros((B0.shape[0], rank), dtype=B0.dtype)
+    A[: A0.shape[0]], B[:, : B0.shape[1]] = A0, B0
+    return A, B
 
 
 def _saved_to_gpt2(model, names) -> dict:
@@ -357,29 +381,6 @@ def _saved_to_gpt2(model, names) -> dict:
     return out
 
 
-def _fused_adapter(pieces: list, shape: tuple, a_name: str, b_name: str) -> tuple:
-    """(A (r', in), B (out, r')) of one GPT-2 module from its pieces [(layer, rows)]: A
-    shared when every piece has the same A and scaling, else stacked (module docstring)."""
-    xp = backend.module_for("cpu")
-    n_in, n_out = shape
-    As = [backend.to_numpy(getattr(layer, a_name).data) for layer, _ in pieces]
-    first = pieces[0][0]
-    shared = all(
-        a.shape == As[0].shape and (a == As[0]).all() and layer.scaling == first.scaling
-        for a, (layer, _) in zip(As, pieces, strict=True)
-    )
-    rank = first.r if shared else sum(layer.r for layer, _ in pieces)
-    A = As[0].copy() if shared else xp.concatenate(As)  # (r', in)
-    B = xp.zeros((n_out, rank), dtype=A.dtype)  # (out, r'): zero where no piece writes
-    start = 0
-    for layer, rows in pieces:  # piece j: its output rows, its rank block unless shared
-        block = slice(0, rank) if shared else slice(start, start + layer.r)
-        fold = layer.scaling / first.scaling  # 1 unless the pieces' scalings differ
-        B[rows, block] = backend.to_numpy(getattr(layer, b_name).data) * fold
-        start += layer.r
-    return A, B
-
-
 def _fused_magnitude(model, pieces: list, layers: dict):
     """DoRA's magnitude of one GPT-2 module (out,): each adapted piece's, and the row norms
     of the weight of a piece without an adapter (so that PEFT's m / ‖W‖ is 1 there)."""
@@ -392,6 +393,57 @@ def _fused_magnitude(model, pieces: list, layers: dict):
             W = backend.to_numpy(model.get_submodule(path).weight.data)  # (out, in)
             parts.append(xp.sqrt((W.astype(xp.float64) ** 2).sum(axis=1)).astype(W.dtype))
     return xp.concatenate(parts)
+
+
+def lora_factors(model, layers: dict) -> dict:
+    """The LoRA factors PEFT holds for ``layers`` ({minilora path: LoRALinear}) of a GPT-2
+    model: {GPT-2 module path: (A (r', in), B (out, r'), [(minilora path, its outputs)])},
+    every path of an adapted Conv1D listed (``c_attn``'s q, k and v, adapted or not), on
+    the layers' device.
+
+    q, k and v with one A (an adapter loaded from PEFT, or combined by
+    ``add_weighted_adapter``) share one rank block; each other A gets its own. Each
+    Conv1D gets rank r' = the largest any one needs (k·r for a ``c_attn`` whose q, k, v
+    have k different A's): the others are padded with zero rows of A and zero columns
+    of B, which add nothing."""
+    C, L = model.config.n_embd, model.config.n_layer
+    r = max(layer.r for layer in layers.values())
+    plan = {}  # GPT-2 module path -> (pieces, the distinct A's, each piece's block or None)
+    for i in range(L):
+        for gpt2, ours in _modules_of_block(C).items():
+            pieces = [(f"blocks.{i}.{name}", cols) for name, cols in ours]
+            if any(path in layers for path, _ in pieces):
+                blocks, where = [], []
+                for path, _ in pieces:
+                    A = layers[path].lora_A.data if path in layers else None
+                    same = [j for j, b in enumerate(blocks) if A is not None and _equal(b, A)]
+                    if A is not None and not same:
+                        blocks.append(A)
+                    where.append(None if A is None else (same or [len(blocks) - 1])[0])
+                plan[f"transformer.h.{i}.{gpt2}"] = (pieces, blocks, where)
+    rank = r * max(len(blocks) for _, blocks, _ in plan.values())  # r'
+    out = {}
+    for path, (pieces, blocks, where) in plan.items():
+        n_in, n_out = _conv1d_shapes(C)[path.split(".", 3)[3]]
+        dtype, device = blocks[0].dtype, backend.device_of(blocks[0])
+        A = backend.zeros((rank, n_in), dtype, device)  # (r', in): zero rows past the blocks'
+        B = backend.zeros((n_out, rank), dtype, device)  # (out, r'): zero where none writes
+        for j, block in enumerate(blocks):
+            A[j * r : j * r + block.shape[0]] = block  # (r, in)
+        for (mine, cols), j in zip(pieces, where, strict=True):
+            if j is not None:  # piece j: rank block j, its outputs
+                lora_B = layers[mine].lora_B.data  # (n, r)
+                B[cols, j * r : j * r + lora_B.shape[1]] = lora_B
+        out[path] = (A, B, pieces)
+    return out
+
+
+def _equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+# add_weighted_adapter combines GPT-2's adapters on the fused c_attn, as PEFT does
+multi_adapter.PEFT_FACTORS[GPT2Config] = lora_factors
 
 
 def _gpt2_biases(model, bias: str, adapted: set) -> dict:
@@ -724,6 +776,12 @@ def pissa_problems(model) -> list[str]:
         elif not all((m.lora_A.data == mine[0].lora_A.data).all() for m in mine):
             unshared.append(path)
     problems = []
+    ranks = sorted({layer.r for layer in layers.values()})
+    if len(ranks) > 1:
+        problems.append(
+            f"the PiSSA layers have ranks {ranks}: saved, every module is padded to the "
+            "largest, and PEFT would take each SVD at that rank when it loads the adapter"
+        )
     if apart:
         problems.append(
             f"the PiSSA residuals of q, k and v in {apart} are three SVDs (apply_lora), but "
