@@ -76,7 +76,6 @@ def train_lora(model, config: ml.LoRAConfig, steps: int = 3):
     return model
 
 
-
 def tensor_names(header: dict) -> list[str]:
     return sorted(k for k in header if k != "__metadata__")
 
@@ -727,7 +726,7 @@ BAD_CONFIGS = {
     "fan in fan out": ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     "rank pattern not a dict": ({"rank_pattern": ["q_proj", 4]}, "rank_pattern=['q_proj', 4]"),
     "rank pattern not a rank": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern={'q_proj': 0}"),
-    "modules to save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    "modules to save": ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be a list"),
     "olora init": ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     "bias mode": ({"bias": "some"}, "bias='some'"),
     "dropout": ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
@@ -750,7 +749,6 @@ def test_bad_adapter_config_is_refused_naming_the_field(tmp_path, adapter_dir, c
 SET_OPTIONS = {
     "alora_invocation_tokens": [1, 2],
     "lora_bias": True,
-    "exclude_modules": ["blocks.0.attn.v_proj"],
     "target_parameters": ["blocks.0.mlp.fc1.weight"],
     "trainable_token_indices": [3],
     "use_bdlora": {"block_size": 2},
@@ -771,6 +769,22 @@ def test_an_option_minilora_does_not_implement_is_refused_naming_it(
     model = tiny_gpt()
     assert_refused(model, folder, f"{key}={value!r} is not supported by minilora")
     assert not lora_layers(model)
+
+
+def test_exclude_modules_leaves_a_target_out_as_peft_does(tmp_path, adapter_dir):
+    """PEFT's exclude_modules (a list of names, or a regular expression matched in full):
+    the excluded layer gets no LoRA layer, and the file must not hold its adapter."""
+    tensors, config = adapter_parts(adapter_dir)
+    kept = {k: v for k, v in tensors.items() if "blocks.0.attn.v_proj" not in k}
+    for exclude in (["blocks.0.attn.v_proj"], r"blocks\.0\.attn\.v.*"):
+        folder = write_adapter(
+            tmp_path / str(len(exclude)), kept, {**config, "exclude_modules": exclude}
+        )
+        model = tiny_gpt()
+        load_adapter(model, folder)
+        assert [p for p, _ in lora_layers(model)] == ["blocks.0.attn.q_proj"]
+    folder = write_adapter(tmp_path / "all", tensors, {**config, "exclude_modules": ["v_proj"]})
+    assert_refused(tiny_gpt(), folder, "unexpected key 'base_model.model.blocks.0.attn.v_proj")
 
 
 def load_changed(tmp_path, adapter_dir, trained, tensors=None, **changes) -> ml.LoRAConfig:
