@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     args = common.parser(__doc__.split("\n\n")[0]).parse_args(argv)
     common.set_threads(args.threads, torch_too=False)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
-    ranks = (1, 4, 64) if args.quick else RANKS
+    ranks = (4, 64) if args.quick else RANKS
     base = load_base()
     x, y = DigitTasks((DOWNSTREAM_TASK,)).eval_set(seed=2024, n=settings.eval_examples)
     width = base.config.n_embd
@@ -101,13 +101,16 @@ def main(argv=None) -> dict:
         "r4_share_of_width_gpt3": 4 / GPT3_WIDTH,
     }
     print(f"{settings.steps} steps, {settings.eval_examples} held-out examples, n_embd = {width}")
-    print(common.table(runs, [("run", "run"), ("trainable", "trainable"), ("accuracy", "acc")]))
+    shown = [{**r, "held_out": f"{r['accuracy']:.1%}"} for r in runs]
+    print(
+        common.table(shown, [("run", "run"), ("trainable", "trainable"), ("held_out", "held out")])
+    )
     print(f"smallest rank within 1 point of full fine-tuning: {result['rank_needed']}")
     for label, per_matrix in spectra.items():
         print(f"\nthe update of {label} (of {width} directions):")
         rows = [{"matrix": k, **v} for k, v in per_matrix.items()]
         columns = [("matrix", "matrix"), ("directions_90", "90%"), ("directions_99", "99%")]
-        columns += [("stable_rank", "stable rank"), ("best_rank_4_share", "rank-4 share")]
+        columns += [("stable_rank", "stable rank"), ("best_rank_4_share", "best rank-4 share")]
         print(common.table(rows, columns))
     print(
         f"\nr = 4 is {result['r4_share_of_width']:.2%} of this model's width "
