@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from minilora import backend
 from minilora.autograd import Tensor, no_grad
 
+EPS, ATOL, RTOL = 1e-6, 1e-6, 1e-4  # the defaults below: see the error estimate above
+
 
 class GradcheckError(AssertionError):
     """Raised when an analytic gradient disagrees with the numerical one."""
@@ -31,9 +33,9 @@ def gradcheck(
     inputs: Sequence,
     dout=None,
     *,
-    eps: float = 1e-6,
-    atol: float = 1e-6,
-    rtol: float = 1e-4,
+    eps: float = EPS,
+    atol: float = ATOL,
+    rtol: float = RTOL,
     no_grads: Sequence[int] = (),
     seed: int = 0,
 ) -> bool:
@@ -86,9 +88,13 @@ def gradcheck(
                 "inputs must get grad None"
             )
 
-    def loss() -> float:
-        with no_grad():
-            return float((backend.to_numpy(fn(*tensors).data) * backend.to_numpy(dout)).sum())
+    def loss_at(t: Tensor, x) -> float:  # L with the input t's data set to x
+        kept, t.data = t.data, x
+        try:
+            with no_grad():
+                return float((backend.to_numpy(fn(*tensors).data) * backend.to_numpy(dout)).sum())
+        finally:
+            t.data = kept
 
     for i in checked:
         t = tensors[i]
@@ -98,7 +104,7 @@ def gradcheck(
                 "returned None for it, or the output does not depend on it through the graph"
             )
         analytic = backend.to_numpy(t.grad)
-        numeric = _numerical_gradient(loss, t, eps)
+        numeric = numerical_gradient(lambda x, t=t: loss_at(t, x), t.data, eps)
         err = abs(analytic - numeric)
         allowed = atol + rtol * abs(numeric)
         if (err > allowed).any():
@@ -115,17 +121,18 @@ def gradcheck(
     return True
 
 
-def _numerical_gradient(loss: Callable[[], float], t: Tensor, eps: float):
-    """Central differences of ``loss`` w.r.t. each element of ``t`` (edited in place)."""
-    data = t.data
-    numeric = backend.to_numpy(data).copy()
-    flat = data.reshape(-1)  # a view: editing it edits t.data
+def numerical_gradient(loss: Callable, x, eps: float = EPS):
+    """Central differences ``(loss(x + eps·e_j) - loss(x - eps·e_j)) / (2 eps)`` for each
+    element ``j`` of the array ``x`` (left as it was), as a NumPy array of ``x``'s shape."""
+    x = x.copy()
+    numeric = backend.to_numpy(x).copy()
+    flat = x.reshape(-1)  # a view: editing it edits x
     for j in range(flat.size):
         orig = float(flat[j])
         flat[j] = orig + eps
-        plus = loss()
+        plus = loss(x)
         flat[j] = orig - eps
-        minus = loss()
+        minus = loss(x)
         flat[j] = orig
         numeric.reshape(-1)[j] = (plus - minus) / (2 * eps)
     return numeric

@@ -37,6 +37,7 @@ from minilora import backend
 from minilora.interop import hf_gpt2, peft_adapters, safetensors_files
 from minilora.interop.model_files import load_model, save_model
 from minilora.interop.peft_adapters import load_adapter, save_adapter
+from minilora.interop.peft_config import SAVED_CONFIG_KEY
 from minilora.lora import lora_layers, merge_lora
 from minilora.relatives import adapters, prefix
 
@@ -529,10 +530,11 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
     }
     header, body = split((adapter_dir / "adapter_model.safetensors").read_bytes())
     # "format": "pt" is what PEFT writes; the checksum is that of the data section (every
-    # byte after the header)
+    # byte after the header); the config is the one saved with the weights
     assert header["__metadata__"] == {
         "format": "pt",
         safetensors_files.DATA_SHA256_KEY: hashlib.sha256(body).hexdigest(),
+        SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True),
     }
 
 

@@ -75,7 +75,7 @@ def test_the_site_typesets_latex_with_its_own_mathjax():
 # An install of the package by name: `pip install minilora`, `pip install 'minilora[gpu]'`,
 # `"minilora[text]"`; not `pip install -e ".[gpu]"` or `"minilora @ git+https://..."`.
 FROM_AN_INDEX = re.compile(
-    r"""pip install(?:\s+--?[\w-]+)*\s+["']?minilora(?:\[[\w,]+\])?["']?(?!\s*@)(?:[\s`)]|$)"""
+    r"""pip install(?:\s+--?[\w-]+)*\s+["']?minilora(?:\[[\w,]+\])?["']?(?!\s*@)(?:[\s`)"']|$)"""
 )
 
 
@@ -102,6 +102,7 @@ def test_the_install_check_can_fail():
         '(`pip install "minilora[text]"`)',
         "pip install minilora cupy-cuda11x",
         "pip install -U minilora",
+        "_INSTALL = \"pip install 'minilora[hub]'\"",
     ]:
         assert install_lines_from_an_index(bad), bad
     for good in [

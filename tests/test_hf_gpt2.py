@@ -415,6 +415,12 @@ def test_gpt2_peft_benchmark_quick(tmp_path, monkeypatch):
         assert 0 < result[engine]["min_s"] <= result[engine]["median_s"]
         assert result["memory"][engine]["peak_mib"] >= result["memory"][engine]["loaded_mib"] > 0
     assert result["memory"]["minilora"]["step_traced_mib"] > 0
+    # --quick: the step and greedy generation at batch 1 and 8, at --threads (1) only
+    jobs = result["by_threads"][1]
+    assert sorted(jobs) == ["generate_b1", "generate_b8", "step"]
+    for t in jobs.values():
+        assert t["q1"] <= t["ratio"] <= t["q3"] and "x" in t["text"]
+    assert all(0 <= share <= 1 for share in result["same_tokens"].values())
 
 
 def test_greedy_generation_equals_transformers(tmp_path):

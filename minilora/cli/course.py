@@ -72,6 +72,12 @@ def _add_grade_command(sub) -> None:
         metavar="DIR",
         help="hidden tests: functions check_a1_7_<anything>(ctx) in DIR/*.py grade task a1.7",
     )
+    p.add_argument(
+        "--port",
+        metavar="CMD",
+        help="a5: the port's command, with the words IN and OUT where its folders go "
+        "(default: the first line of DIR/port.txt), e.g. 'python my_port.py IN OUT'",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json")
     p.set_defaults(func=_cmd_grade)
@@ -92,7 +98,8 @@ def _cmd_assignments_make(args) -> int:
         print(
             f"{args.name} is a porting assignment: nothing is stubbed; wrote {package}, the "
             f"working library to port from, and the handout {handout} ({assignment.points} "
-            f"points); grade the port's vector set with: minilora grade {args.name} SET"
+            f"points); write your port's command in {out / 'port.txt'} and grade it with: "
+            f"minilora grade {args.name} {out}"
         )
         return 0
     print(
@@ -115,7 +122,9 @@ def _cmd_grade(args) -> int:
     for flag in ("json", "gradescope"):
         if getattr(args, flag):
             check_out(getattr(args, flag), "file", overwrite=True)  # a report, made again
-    report = grading.grade(args.name, args.dir, args.task, args.seed, args.extra_tests)
+    report = grading.grade(
+        args.name, args.dir, args.task, args.seed, args.extra_tests, port=args.port
+    )
     print(report.format())
     for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
         if getattr(args, flag):

@@ -521,6 +521,14 @@ def changed_files(assignment: Assignment, package: Path) -> list[str]:
     return changed
 
 
+PORT_TEMPLATE = """\
+# The command that runs your port (minilora grade a5 runs it in this folder). The grader
+# replaces IN by a folder of inputs it has just drawn and OUT by an empty folder for your
+# port's set: copy each case's inputs, add your outputs and gradients (the handout says how).
+python my_port.py IN OUT
+"""
+
+
 def _copy_package(destination: Path) -> None:
     shutil.copytree(PACKAGE_DIR, destination, ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -544,6 +552,9 @@ def make_copy(name: str, out) -> Path:
             text = copy_source(assignment, filename, path.read_text(encoding="utf-8"))
             path.write_text(text, encoding="utf-8")
         (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")
+        if assignment.port and not os.path.lexists(out / "port.txt"):  # the student edits it
+            (work / "port.txt").write_text(PORT_TEMPLATE, encoding="utf-8")
+            os.replace(work / "port.txt", out / "port.txt")
         os.replace(work / "handout.md", out / f"{name}.md")
         os.replace(work / "minilora", out / "minilora")
     finally:

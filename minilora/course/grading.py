@@ -118,7 +118,7 @@ def isolated(assignment, task, reference_root: Path):
             if target in mine:
                 continue
             module_name, qualname = assignments.split_target(target)
-            module = sys.modules[f"minilora.{module_name}"]
+            module = importlib.import_module(f"minilora.{module_name}")
             swapped.append((module, qualname, _lookup(module, qualname)))
             _assign(module, qualname, reference_function(target, module, reference_root))
     try:
@@ -249,7 +249,9 @@ if found != (Path(folder).resolve() / "minilora"):
     sys.exit(0)
 try:
     import minilora.course
-    for name in ("gradcheck", "course.assignments", "course.checks", "course.grading"):
+    for name in (
+        "gradcheck", "course.assignments", "course.student", "course.checks", "course.grading"
+    ):
         path = Path(reference, *name.split(".")).with_suffix(".py")
         spec = importlib.util.spec_from_file_location(f"minilora.{name}", path)
         module = importlib.util.module_from_spec(spec)
@@ -270,10 +272,8 @@ except BaseException as e:
 
 def submission_files(assignment, folder: Path) -> list[Path]:
     """The files a submission is graded on: the assignment's graded files in ``folder``'s
-    ``minilora/``, or for a port every file of its vector set (the manifest among them)."""
-    if not assignment.port:
-        return [folder / name for name in assignments.graded_files(assignment)]
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    ``minilora/``."""
+    return [folder / name for name in assignments.graded_files(assignment)]
 
 
 def submission_seed(assignment, folder) -> int:
@@ -390,7 +390,7 @@ class Report:
     seed: int
     tasks: list[TaskResult]
     changed: list[str] = field(default_factory=list)  # files edited outside the tasks
-    seed_from_submission: bool = False  # the seed came from submission_seed, not --seed
+    seed_from: str = "--seed"  # or "submission" (submission_seed), "fresh" (a port's inputs)
 
     @property
     def earned(self) -> int:
@@ -409,7 +409,8 @@ class Report:
 
     @property
     def seed_text(self) -> str:
-        return f"seed {self.seed}" + (" from the submission" if self.seed_from_submission else "")
+        said = {"submission": " from the submission", "fresh": ", fresh inputs"}
+        return f"seed {self.seed}{said.get(self.seed_from, '')}"
 
     @property
     def possible(self) -> int:
@@ -471,7 +472,7 @@ class Report:
             "assignment": self.assignment,
             "folder": self.folder,
             "seed": self.seed,
-            "seed_from": "submission" if self.seed_from_submission else "--seed",
+            "seed_from": self.seed_from,
             "earned": self.earned,
             "possible": self.possible,
             "changed": self.changed,
@@ -497,22 +498,31 @@ def grade(
     extra_tests=None,
     timeout: float = 900,
     check_timeout: float = 120,
+    port: str | None = None,
 ) -> Report:
     """Grade the ``minilora`` package in ``folder`` on assignment ``name`` (one task with
     ``task``), in a separate process; ``seed`` None derives one from the submission
     (:func:`submission_seed`). A check is stopped
     after ``check_timeout`` seconds, the whole run after ``timeout``. For a port (a5),
-    ``folder`` is the port's reference-vector set, checked in this process."""
+    ``folder`` holds the port and ``port`` its command (default: ``folder/port.txt``), run
+    on fresh inputs (minilora/course/ports.py)."""
     assignment = assignments.get_assignment(name)
     tasks = [assignment.task(task)] if task else list(assignment.tasks)
     folder = Path(folder)
     if extra_tests is not None and not Path(extra_tests).is_dir():
         raise ValueError(f"--extra-tests {extra_tests} is not a folder")
-    from_submission = seed is None
-    seed = submission_seed(assignment, folder) if from_submission else seed
+    if port is not None and not assignment.port:
+        raise ValueError(f"--port is for a porting assignment; {name} grades a minilora/ package")
     if assignment.port:
-        results = _grade_port(assignment, tasks, seed, folder, extra_tests)
+        # imported here: the grading process loads this module beside a student's package,
+        # and ports' vectors compute their cases on import, with the stubs
+        from minilora.course import ports
+
+        seed_from, seed = ("fresh", ports.fresh_seed()) if seed is None else ("--seed", seed)
+        results = ports.grade_port(tasks, folder, seed, port, min(timeout, ports.TIMEOUT))
     else:
+        seed_from = "submission" if seed is None else "--seed"
+        seed = submission_seed(assignment, folder) if seed is None else seed
         results = _grade_package(
             assignment, tasks, seed, folder, extra_tests, timeout, check_timeout
         )
@@ -523,20 +533,7 @@ def grade(
         for t in tasks
     ]
     changed = [] if assignment.port else assignments.changed_files(assignment, folder / "minilora")
-    return Report(name, str(folder), seed, report, changed, from_submission)
-
-
-def _grade_port(assignment, tasks, seed: int, folder: Path, extra_tests) -> dict:
-    """A port's vector set, checked in this process against the installed minilora."""
-    if not os.path.lexists(folder / "manifest.json"):  # what it is: check_vectors says
-        raise ValueError(
-            f"{folder} has no manifest.json: give the folder of your port's "
-            "reference-vector set (docs/porting.md)"
-        )
-    extra = load_extra_checks(extra_tests) if extra_tests else {}
-    return {
-        t.id: run_task(t, CHECKS[t.id] + extra.get(t.id, []), seed, folder.resolve()) for t in tasks
-    }
+    return Report(name, str(folder), seed, report, changed, seed_from)
 
 
 def _grade_package(

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from minilora import backend
 from minilora.lora import LoRAConfig, is_target, lora_layers
 from minilora.model import GPTConfig
+from minilora.variants import multi_adapter
 from minilora.variants.patterns import paths_matching
 
 CONFIG_NAME = "config.json"
@@ -269,34 +270,18 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     """The adapter of ``model`` (a GPT-2 with LoRA layers matching ``config``) in GPT-2's
     names: ({parameter path: host array}, the adapted module paths, adapter_config.json).
 
-    Each adapted Conv1D gets rank r' = the largest rank any one needs (k·r for a
-    ``c_attn`` whose q, k, v has k adapters): the others are padded with zero rows of A
-    and zero columns of B, which add nothing. ``lora_alpha`` is rescaled so that PEFT's
-    scaling (lora_alpha'/r', or /√r' with rslora) is minilora's."""
-    C, L = model.config.n_embd, model.config.n_layer
+    The factors are :func:`lora_factors`' (rank r'). ``lora_alpha`` is rescaled so that
+    PEFT's scaling (lora_alpha'/r', or /√r' with rslora) is minilora's."""
     layers = dict(lora_layers(model))
     check_targets(model, list(layers), "save_adapter")
-    xp = backend.module_for("cpu")
-    parts = {}  # GPT-2 module path -> [(a minilora LoRA layer, the outputs it computes)]
-    for i in range(L):
-        for gpt2, ours in _modules_of_block(C).items():
-            paths = [(f"blocks.{i}.{name}", cols) for name, cols in ours]
-            pieces = [(layers[path], cols) for path, cols in paths if path in layers]
-            if pieces:
-                parts[f"transformer.h.{i}.{gpt2}"] = pieces
-    r = config.r
-    rank = max(len(pieces) for pieces in parts.values()) * r  # r'
+    factors = lora_factors(model, layers)
+    parts = set(factors)
     arrays = {}
-    for path, pieces in parts.items():
-        n_in, n_out = _conv1d_shapes(C)[path.split(".", 3)[3]]
-        dtype = backend.to_numpy(pieces[0][0].lora_A.data).dtype
-        A = xp.zeros((rank, n_in), dtype=dtype)  # (r', in): zero rows past the pieces'
-        B = xp.zeros((n_out, rank), dtype=dtype)  # (out, r'): zero where no piece writes
-        for j, (layer, cols) in enumerate(pieces):  # piece j: rank block j, its outputs
-            A[j * r : (j + 1) * r] = backend.to_numpy(layer.lora_A.data)  # (r, in)
-            B[cols, j * r : (j + 1) * r] = backend.to_numpy(layer.lora_B.data)  # (n, r)
-        arrays[f"{path}.lora_A"], arrays[f"{path}.lora_B"] = A, B
-    arrays.update(_gpt2_biases(model, config.bias, set(parts)))
+    for path, (A, B, _) in factors.items():
+        arrays[f"{path}.lora_A"] = backend.to_numpy(A)  # (r', in)
+        arrays[f"{path}.lora_B"] = backend.to_numpy(B)  # (out, r')
+    r, rank = config.r, next(iter(factors.values()))[0].shape[0]  # r' = rank
+    arrays.update(_gpt2_biases(model, config.bias, parts))
 
     ratio = rank / r
     alpha = config.lora_alpha * (math.sqrt(ratio) if config.use_rslora else ratio)
@@ -308,10 +293,61 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
         **peft_config,
         "r": rank,
         "lora_alpha": alpha,
-        "target_modules": _gpt2_targets(set(parts), L),
+        "target_modules": _gpt2_targets(parts, model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
     }
-    return arrays, set(parts), peft_config
+    return arrays, parts, peft_config
+
+
+def lora_factors(model, layers: dict) -> dict:
+    """The LoRA factors PEFT holds for ``layers`` ({minilora path: LoRALinear}) of a GPT-2
+    model: {GPT-2 module path: (A (r', in), B (out, r'), [(minilora path, its outputs)])},
+    every path of an adapted Conv1D listed (``c_attn``'s q, k and v, adapted or not), on
+    the layers' device.
+
+    q, k and v with one A (an adapter loaded from PEFT, or combined by
+    ``add_weighted_adapter``) share one rank block; each other A gets its own. Each
+    Conv1D gets rank r' = the largest any one needs (k·r for a ``c_attn`` whose q, k, v
+    have k different A's): the others are padded with zero rows of A and zero columns
+    of B, which add nothing."""
+    C, L = model.config.n_embd, model.config.n_layer
+    r = max(layer.r for layer in layers.values())
+    plan = {}  # GPT-2 module path -> (pieces, the distinct A's, each piece's block or None)
+    for i in range(L):
+        for gpt2, ours in _modules_of_block(C).items():
+            pieces = [(f"blocks.{i}.{name}", cols) for name, cols in ours]
+            if any(path in layers for path, _ in pieces):
+                blocks, where = [], []
+                for path, _ in pieces:
+                    A = layers[path].lora_A.data if path in layers else None
+                    same = [j for j, b in enumerate(blocks) if A is not None and _equal(b, A)]
+                    if A is not None and not same:
+                        blocks.append(A)
+                    where.append(None if A is None else (same or [len(blocks) - 1])[0])
+                plan[f"transformer.h.{i}.{gpt2}"] = (pieces, blocks, where)
+    rank = r * max(len(blocks) for _, blocks, _ in plan.values())  # r'
+    out = {}
+    for path, (pieces, blocks, where) in plan.items():
+        n_in, n_out = _conv1d_shapes(C)[path.split(".", 3)[3]]
+        dtype, device = blocks[0].dtype, backend.device_of(blocks[0])
+        A = backend.zeros((rank, n_in), dtype, device)  # (r', in): zero rows past the blocks'
+        B = backend.zeros((n_out, rank), dtype, device)  # (out, r'): zero where none writes
+        for j, block in enumerate(blocks):
+            A[j * r : j * r + block.shape[0]] = block  # (r, in)
+        for (mine, cols), j in zip(pieces, where, strict=True):
+            if j is not None:  # piece j: rank block j, its outputs
+                lora_B = layers[mine].lora_B.data  # (n, r)
+                B[cols, j * r : j * r + lora_B.shape[1]] = lora_B
+        out[path] = (A, B, pieces)
+    return out
+
+
+def _equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+# add_weighted_adapter combines GPT-2's adapters on the fused c_attn, as PEFT does
+multi_adapter.PEFT_FACTORS[GPT2Config] = lora_factors
 
 
 def _gpt2_biases(model, bias: str, adapted: set) -> dict:

@@ -11,6 +11,11 @@ moved into place (the commit point); the two files replace their predecessors; t
 goes. A save killed before the commit point leaves the old adapter; one killed after it
 leaves the journal, and ``load_adapter`` (or the next save) completes the move first, so
 the folder loads as the new adapter. Never new weights beside an old config.
+
+The weights record the config saved with them; ``load_adapter`` warns, naming each field,
+when ``adapter_config.json`` differs from it in a field that changes what the adapter
+computes (bookkeeping such as ``base_model_name_or_path`` is edited freely):
+docs/porting.md, "An edited config is named, never silent".
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 
 from minilora import backend
@@ -28,6 +34,8 @@ from minilora.interop.peft_config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     PEFT_PREFIX,
+    SAVED_CONFIG_KEY,
+    edited_fields,
     peft_config_dict,
     read_adapter_config,
 )
@@ -137,7 +145,10 @@ def adapter_files(
         arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     tensors = {peft_key(name, adapted): host_copy(arr) for name, arr in arrays.items()}
     text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    weights = serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
+    # "format": "pt" is what PEFT writes; the config recorded beside the weights lets
+    # load_adapter name the fields edited since (a hand edit, or files of two saves)
+    record = json.dumps(peft_config, sort_keys=True)
+    weights = serialize(tensors, {"format": "pt", SAVED_CONFIG_KEY: record})
     return {ADAPTER_WEIGHTS_NAME: weights, ADAPTER_CONFIG_NAME: text}
 
 
@@ -240,9 +251,9 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     return config
 
 
-def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
-    """(the config's path, its bytes, the tensors by PEFT key) of an adapter folder, a save
-    that was killed after its commit point completed first."""
+def _read_folder(folder: Path) -> tuple[Path, bytes, dict, dict]:
+    """(the config's path, its bytes, the tensors by PEFT key, the weights' metadata) of an
+    adapter folder, a save that was killed after its commit point completed first."""
     try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
         mode = os.stat(folder).st_mode
     except FileNotFoundError:
@@ -264,21 +275,32 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
     config_bytes = read_file(config_path, "load_adapter", "a JSON file", JSON_LIMIT)
-    tensors, _ = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
-    return config_path, config_bytes, tensors
+    tensors, metadata = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
+    return config_path, config_bytes, tensors, metadata
 
 
 def _read_config(model: Module, folder: Path) -> tuple[LoRAConfig, dict]:
     """Step 1 of load_adapter: the folder's LoRAConfig, its targets resolved against
     ``model``, and its tensors by PEFT key in minilora's module names (a GPT-2 adapter's
     mapped from GPT-2's)."""
-    config_path, config_bytes, tensors = _read_folder(folder)
+    config_path, config_bytes, tensors, metadata = _read_folder(folder)
     # A PEFT adapter of GPT2LMHeadModel, for a model loaded from GPT-2: mapped into
     # minilora's names (checked first), then loaded as any other
     gpt2 = hf_gpt2.is_gpt2(model) and any(
         k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
     )
     fields, layers = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if SAVED_CONFIG_KEY in metadata:  # saved by minilora: which fields were edited since?
+        edits = edited_fields(metadata[SAVED_CONFIG_KEY], json.loads(config_bytes))
+        if edits:  # loaded as the config says, as PEFT loads it; but never silently
+            warnings.warn(
+                f"load_adapter: {config_path} is not the config saved with its weights; "
+                "fields that change what the adapter computes differ (saved -> now): "
+                + "; ".join(edits)
+                + ". Loading it as it is now (as PEFT does); put the saved values back if "
+                "the edit was not meant",
+                stacklevel=3,
+            )
     if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
         raise ValueError(
             f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "

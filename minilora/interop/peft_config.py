@@ -185,6 +185,34 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
     return fields, (None if unset(layers) else layers, layers_pattern)
 
 
+# The weights' safetensors __metadata__ key that records the adapter_config.json written
+# with them (PEFT and transformers ignore it): load_adapter names the fields edited since.
+SAVED_CONFIG_KEY = "minilora.adapter_config"
+
+
+def edited_fields(saved_text: str, current: dict) -> list[str]:
+    """The fields of ``current`` (an adapter_config.json, parsed) that differ from
+    ``saved_text`` (the config recorded beside the weights) and may change what the adapter
+    computes, as ``"name: saved -> now"``. Bookkeeping and init-only keys
+    (``base_model_name_or_path``, ``revision``, ``task_type``, ...) are edited freely."""
+    try:
+        saved = json.loads(saved_text)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        return [f"{SAVED_CONFIG_KEY} (the record itself is not a JSON object)"]
+    missing = object()
+    edits = []
+    for key in sorted((saved.keys() | current.keys()) - _PEFT_HARMLESS):
+        before, now = saved.get(key, missing), current.get(key, missing)
+        if before != now or type(before) is not type(now):
+            edits.append(
+                f"{key}: {'(absent)' if before is missing else json.dumps(before)} -> "
+                f"{'(absent)' if now is missing else json.dumps(now)}"
+            )
+    return edits
+
+
 def json_object(path: Path, data, caller: str) -> dict:
     """``data`` (the bytes or text of ``path``) parsed as a JSON object, or a ValueError
     naming ``caller``, the file and what is wrong with it."""
@@ -203,5 +231,3 @@ def unset(value) -> bool:
 
 def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-
