@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     args = p.parse_args(argv)
     if common.optional_torch() is None:
-        raise SystemExit("seq_len.py needs PyTorch (pip install 'minilora[oracle]')")
+        raise SystemExit('seq_len.py needs PyTorch (pip install -e ".[oracle]")')
     common.set_threads(args.threads)
     seq_lens = [64] if args.quick else [int(t) for t in args.seq_lens.split(",")]
     tokens = 128 if args.quick else TOKENS

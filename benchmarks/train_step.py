@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     )
     args = p.parse_args(argv)
     if common.optional_torch() is None:
-        raise SystemExit("train_step.py needs PyTorch (pip install 'minilora[oracle]')")
+        raise SystemExit('train_step.py needs PyTorch (pip install -e ".[oracle]")')
     common.set_threads(args.threads)
     names = ["tiny"] if args.quick else args.configs.split(",")
     rows = []

@@ -362,7 +362,8 @@ def _write_json(path: Path, obj) -> None:
 def write_results(path: Path, results: dict, plot: Path | None, echo=print) -> None:
     """Write a job's results as JSON (atomically) and say where they and the plot went."""
     _write_json(path, results)
-    where = f" and {plot}" if plot else " (install matplotlib for the plots)"
+    no_plot = ' (for the plots, install the plots extra: pip install ".[plots]")'
+    where = f" and {plot}" if plot else no_plot
     echo(f"\nwrote {path}{where}")
 
 

@@ -3,7 +3,7 @@
 
 A local file or folder always wins: a name is looked up on the hub only when no such path
 exists and it has a hub id's form (``name`` or ``org/name``). The lookup needs the optional
-``hub`` extra (``pip install 'minilora[hub]'``, the ``huggingface_hub`` package), which
+``hub`` extra (``pip install -e ".[hub]"`` in a clone, the ``huggingface_hub`` package), which
 downloads only the files minilora reads into its cache (``$HF_HOME/hub``, or
 ``$HF_HUB_CACHE``) and, with ``HF_HUB_OFFLINE=1``, never touches the network: a model
 cached before is found there. Both variables are read by huggingface_hub when it is first
@@ -23,7 +23,7 @@ HUB_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
 # A hub id: a name, or an organisation and a name, of letters, digits, "_", "-" and "."
 # (huggingface_hub's own check refuses the rarer bad forms, such as "--" or "..").
 _HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*")
-_INSTALL = "pip install 'minilora[hub]'"
+_INSTALL = 'pip install -e ".[hub]" in a clone of minilora'
 
 
 def is_hub_id(name) -> bool:
