@@ -187,8 +187,6 @@ def run(name: str, repeats: int, with_torch: bool) -> dict:
         mm_s = statistics.median(s["op_matmul"].get(key, 0.0) for s in per_step)
         ops.append({"op": key[0], "phase": key[1], "median_s": total, "matmul_s": mm_s})
     ops.sort(key=lambda r: -r["median_s"])
-    step_s = statistics.median(times["step"])
-    alone_s = statistics.median(times["matmuls_alone"])
     result = {
         "config": name,
         "shape": bench.describe(),
@@ -196,25 +194,27 @@ def run(name: str, repeats: int, with_torch: bool) -> dict:
         "matmul_flops": sum(2 * a[-1] * _prod(_out_shape(a, b)) for _, a, b in shapes),
         "step": common.summary(times["step"]),
         "instrumented_step": common.summary(times["instrumented"]),
-        "instrumentation_overhead": statistics.median(times["instrumented"]) / step_s,
+        "instrumentation_overhead": common.ratio(times, "instrumented", "step"),
         "phases": {k: med(k) for k in ("forward", "backward", "optimizer")},
         "categories": categories,
         "matmul_share": categories["matmul"]["share"],
         "matmuls_alone": common.summary(times["matmuls_alone"]),
-        "step_over_matmuls_alone": step_s / alone_s,
+        "step_over_matmuls_alone": common.ratio(times, "step", "matmuls_alone"),
         "ops": ops,
         "matmul_shapes": [list(s) for s in shapes],
     }
     if twin is not None:
-        t_step = statistics.median(times["torch_step"])
-        t_alone = statistics.median(times["torch_matmuls_alone"])
         result.update(
             {
                 "torch_step": common.summary(times["torch_step"]),
                 "torch_matmuls_alone": common.summary(times["torch_matmuls_alone"]),
-                "step_over_torch_step": step_s / t_step,
-                "numpy_over_torch_matmuls": alone_s / t_alone,
-                "torch_step_over_torch_matmuls": t_step / t_alone,
+                "step_over_torch_step": common.ratio(times, "step", "torch_step"),
+                "numpy_over_torch_matmuls": common.ratio(
+                    times, "matmuls_alone", "torch_matmuls_alone"
+                ),
+                "torch_step_over_torch_matmuls": common.ratio(
+                    times, "torch_step", "torch_matmuls_alone"
+                ),
             }
         )
     return result
@@ -236,7 +236,7 @@ def print_report(r: dict) -> None:
     step = r["step"]["median_s"]
     print(
         f"\n{r['config']} ({r['shape']}): step {ms(step):.1f} ms (median), "
-        f"instrumented x{r['instrumentation_overhead']:.2f}"
+        f"instrumented / plain step, paired by round: {r['instrumentation_overhead']['text']}"
     )
     rows = [
         {"part": k, "ms": ms(v["median_s"]), "share": f"{100 * v['share']:.0f}%"}
@@ -246,7 +246,7 @@ def print_report(r: dict) -> None:
         {
             "part": "matmuls alone (NumPy replay)",
             "ms": ms(r["matmuls_alone"]["median_s"]),
-            "share": f"step = {r['step_over_matmuls_alone']:.2f} x this",
+            "share": f"step / this: {r['step_over_matmuls_alone']['text']}",
         }
     )
     if "torch_step" in r:
@@ -254,14 +254,14 @@ def print_report(r: dict) -> None:
             {
                 "part": "matmuls alone (PyTorch replay)",
                 "ms": ms(r["torch_matmuls_alone"]["median_s"]),
-                "share": f"NumPy/PyTorch {r['numpy_over_torch_matmuls']:.2f}",
+                "share": f"NumPy/PyTorch {r['numpy_over_torch_matmuls']['text']}",
             }
         )
         rows.append(
             {
                 "part": "PyTorch step",
                 "ms": ms(r["torch_step"]["median_s"]),
-                "share": f"minilora/PyTorch {r['step_over_torch_step']:.2f}",
+                "share": f"minilora/PyTorch {r['step_over_torch_step']['text']}",
             }
         )
     print(common.table(rows, [("part", "part"), ("ms", "median ms"), ("share", "share")]))

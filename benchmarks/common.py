@@ -1,10 +1,12 @@
 """What every benchmark script shares: configurations, timing, the machine, output.
 
 Machines here are shared and noisy, so nothing is reported from a single time. Variants
-are *alternated* in one run (A B B A A B ...: the order flips every round so that a
+are *alternated* in one run (A B, B A, A B, ...: the order flips every round so that a
 slow drift of the machine hits both alike), each is timed many times, and we report
-medians and ratios of medians, plus the median of the per-round ratios (``paired``), which
-cancels load that changes from one round to the next.
+medians of the times and, for every ratio, the median of the per-round (paired) ratios
+with their interquartile range, or "within noise" where that range covers the difference.
+The timing itself is minilora's (minilora/experiments/timing.py), the same that
+``minilora demo`` and ``minilora compare`` use.
 
 Every script takes ``--quick`` (a few repeats, for smoke tests), ``--threads N`` (BLAS
 threads for NumPy via threadpoolctl, intra-op threads for PyTorch; default 1) and
@@ -19,7 +21,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,11 @@ if str(ROOT) not in sys.path:  # so that `examples.torch_gpt` imports when run a
 
 import numpy as np  # noqa: E402
 
-from minilora import GPT, GPTConfig, fast, manual_seed, no_grad  # noqa: E402
+from minilora import GPT, GPTConfig, fast, manual_seed  # noqa: E402
+
+# the one timing implementation, shared with `minilora demo` and `minilora compare`; the
+# scripts call common.alternate and common.forwards
+from minilora.experiments.timing import alternate, forwards, paired_ratio  # noqa: E402, F401
 
 fast.process.keep_freed_host_memory()  # as the minilora command does; off with ..._MEMORY=0
 
@@ -115,25 +120,6 @@ def optional_torch():
 # --------------------------------------------------------------------------------------
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict:
-    """Time each function ``repeats`` times, alternating them: A B, B A, A B, ...
-
-    Returns ``{name: [seconds, ...]}``. ``warmup`` untimed rounds run first (caches,
-    lazy optimizer state, allocator pools).
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def summary(seconds: list[float]) -> dict:
     """Median and spread (quartiles) of a list of times, in seconds."""
     q = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
@@ -147,11 +133,17 @@ def summary(seconds: list[float]) -> dict:
 
 
 def ratio(times: dict, a: str, b: str) -> dict:
-    """``a`` over ``b``: the ratio of the medians, and the median of per-round ratios."""
-    ta, tb = times[a], times[b]
+    """``a`` over ``b``, paired by round (:func:`minilora.experiments.timing.paired_ratio`):
+    ``ratio`` is the median of the per-round ratios, ``q1`` and ``q3`` its quartiles,
+    ``within_noise`` whether they cover the difference, and ``text`` what a table prints."""
+    r = paired_ratio(times, a, b)
     return {
-        "ratio": statistics.median(ta) / statistics.median(tb),
-        "paired": statistics.median(x / y for x, y in zip(ta, tb, strict=True)),
+        "ratio": r.median,
+        "q1": r.q1,
+        "q3": r.q3,
+        "rounds": r.rounds,
+        "within_noise": r.within_noise,
+        "text": str(r),
     }
 
 
@@ -256,19 +248,6 @@ def ms(seconds: float) -> float:
 # --------------------------------------------------------------------------------------
 # Training steps: minilora and its PyTorch twin
 # --------------------------------------------------------------------------------------
-
-
-def forwards(models: dict, x) -> dict[str, Callable[[], object]]:
-    """One inference forward (under ``no_grad``) per model, ready for :func:`alternate`."""
-
-    def forward(model):
-        def run():
-            with no_grad():
-                return model(x)[0]
-
-        return run
-
-    return {key: forward(model) for key, model in models.items()}
 
 
 def minilora_step(model, optimizer, x, y) -> Callable[[], float]:

@@ -1,4 +1,5 @@
-"""A LoRA training step on GPT-2 small: minilora against PyTorch + PEFT, on the CPU.
+"""GPT-2 small on the CPU: a LoRA step against PyTorch + PEFT, greedy generation against
+transformers' ``generate``, at every thread count the machine has.
 
 A random ``GPT2LMHeadModel`` with transformers' ``GPT2Config`` defaults (124M parameters,
 dropout set to 0) is saved with ``save_pretrained``; both engines train LoRA on it, on the
@@ -13,13 +14,23 @@ same weights:
 
 One step is a forward, the cross-entropy of the same batch, a backward and an AdamW
 update; the first losses must agree (same weights). The two steps alternate; medians and
-the minilora / PyTorch ratio are reported. Peak memory is measured for each engine in a
-process of its own that loads the model, reads every weight and runs two steps, with
-malloc giving freed memory back (``MINILORA_KEEP_FREED_MEMORY=0``): its resident memory once
-loaded and at its peak (``VmHWM``, the load included), and for minilora the peak of the
-arrays one step adds (tracemalloc).
+the minilora / PyTorch ratio are reported, at 1, 2, ... threads up to the cores this process
+may use (``--threads`` sets the count the memory figures use; with ``--quick``, the only one).
+
+Greedy generation: the base GPT-2 (no adapter) completes the same random prompt of
+``GEN_PROMPT`` tokens by ``GEN_NEW`` tokens at batch 1 and 8, minilora's ``GPT.generate``
+(temperature 0, its KV cache) against transformers' ``generate`` (``do_sample=False``,
+its KV cache, no stop at end-of-text), alternated, at each thread count. Random weights make
+near-ties, so the share of tokens both pick is printed, not required.
+
+Peak memory is measured for each engine in a process of its own that loads the model,
+reads every weight and runs two steps, with malloc giving freed memory back
+(``MINILORA_KEEP_FREED_MEMORY=0``): its resident memory once loaded and at its peak
+(``VmHWM``, the load included), and for minilora the peak of the arrays one step adds
+(tracemalloc).
 
     python benchmarks/gpt2_peft.py [--quick] [--threads N] [--batch B] [--seq T] [--repeats N]
+                                   [--max-threads N]
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ import common
 import numpy as np
 from common import ms
 
-from minilora import AdamW, LoRAConfig, apply_lora, manual_seed
+from minilora import AdamW, LoRAConfig, apply_lora, backend, manual_seed
 from minilora.interop.model_files import load_model
 from minilora.interop.peft_adapters import save_adapter
 from minilora.lora import count_parameters
@@ -45,6 +56,7 @@ from minilora.lora import count_parameters
 LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 QUICK_SHAPE = dict(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4)
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+GEN_BATCHES, GEN_PROMPT, GEN_NEW = (1, 8), 16, 32  # --quick: a prompt of 4, 8 new tokens
 
 
 def make_folders(root: Path, quick: bool) -> tuple[Path, Path]:
@@ -159,6 +171,79 @@ def memory(engine: str, folder: Path, adapter: Path, args) -> dict | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def generators(folder: Path, prompt, new: int) -> dict:
+    """Greedy decoding of ``new`` tokens after ``prompt`` (B, T0) with a KV cache, one
+    function per engine, each returning the new tokens (B, new) as a NumPy array."""
+    import torch
+    import transformers
+
+    ours = load_model(folder)  # eval mode
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    theirs.generation_config.eos_token_id = None  # as minilora: never stop early
+    tprompt, ids = torch.from_numpy(prompt), backend.array(prompt, dtype=backend.int64)
+
+    def minilora():
+        return backend.to_numpy(ours.generate(ids, new, temperature=0.0))[:, prompt.shape[1] :]
+
+    def transformers_generate():
+        with torch.no_grad():
+            out = theirs.generate(
+                tprompt,
+                attention_mask=torch.ones_like(tprompt),
+                max_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=0,
+            )
+        return out[:, prompt.shape[1] :].numpy()
+
+    return {"minilora": minilora, "torch": transformers_generate}
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Each engine's summary and the minilora / torch ratios, alternated (common.alternate)."""
+    times = common.alternate(fns, repeats, warmup=1)
+    return {
+        **{engine: common.summary(times[engine]) for engine in fns},
+        **common.ratio(times, "minilora", "torch"),  # paired by round, with quartiles
+    }
+
+
+def thread_counts(args) -> list[int]:
+    """1, 2, ... up to the cores this process may use (or --max-threads), and --threads;
+    --quick: --threads only."""
+    if args.quick:
+        return [args.threads]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return sorted(set(range(1, (args.max_threads or cores) + 1)) | {args.threads})
+
+
+def sweep(args, steps: dict, folder: Path) -> dict:
+    """At each thread count: the LoRA step, and greedy generation at each batch size (the
+    same random prompt for both engines)."""
+    repeats = 3 if args.quick else (args.repeats or 7)
+    length, new = (4, GEN_NEW // 4) if args.quick else (GEN_PROMPT, GEN_NEW)
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(2)
+    gen = {
+        batch: generators(folder, rng.integers(0, vocab, (batch, length), dtype="int64"), new)
+        for batch in GEN_BATCHES
+    }
+    agree = {}
+    for batch, fns in gen.items():
+        ours, theirs = fns["minilora"](), fns["torch"]()
+        agree[batch] = float((ours == theirs).mean())
+    out = {}
+    for n in thread_counts(args):
+        print(f"timing at {n} thread(s)...", file=sys.stderr, flush=True)  # minutes each
+        common.set_threads(n)
+        out[n] = {"step": timed(steps, repeats)}
+        for batch, fns in gen.items():
+            out[n][f"generate_b{batch}"] = timed(fns, max(3, repeats // 2))
+    common.set_threads(args.threads)
+    return {"by_threads": out, "generate": {"prompt": length, "new": new}, "same_tokens": agree}
+
+
 def the_batch(folder: Path, batch: int, seq: int):
     config = json.loads((folder / "config.json").read_text())
     rng = np.random.default_rng(0)
@@ -170,6 +255,7 @@ def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 64)")
+    p.add_argument("--max-threads", type=int, default=None, help="sweep 1..N (default: cores)")
     # internal: the memory measurement's child process
     p.add_argument("--child", choices=["minilora", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -185,7 +271,6 @@ def main(argv=None) -> dict:
     if common.optional_torch() is None:
         raise SystemExit("gpt2_peft.py needs PyTorch, transformers and PEFT")
     common.set_threads(args.threads)
-    repeats = 3 if args.quick else (args.repeats or 7)
     with tempfile.TemporaryDirectory() as tmp:
         folder, adapter = make_folders(Path(tmp), args.quick)
         x, y = the_batch(folder, args.batch, args.seq)
@@ -193,9 +278,10 @@ def main(argv=None) -> dict:
         for engine in ("minilora", "torch"):
             steps[engine], trainable[engine], _ = make_step(engine, folder, adapter, x, y)
         first = {k: f() for k, f in steps.items()}  # the same weights: the same loss
-        times = common.alternate(steps, repeats, warmup=1)
+        swept = sweep(args, steps, folder)
         mem = {engine: memory(engine, folder, adapter, args) for engine in steps}
         params = json.loads((folder / "config.json").read_text())
+    at_threads = swept["by_threads"][args.threads]["step"]
     result = {
         "shape": {k: params[k] for k in ("vocab_size", "n_positions", "n_embd", "n_layer")},
         "batch": args.batch,
@@ -203,11 +289,19 @@ def main(argv=None) -> dict:
         "lora": LORA,
         "trainable_params": trainable,
         "first_loss": first,
-        "minilora": common.summary(times["minilora"]),
-        "torch": common.summary(times["torch"]),
-        **common.ratio(times, "minilora", "torch"),
+        **at_threads,  # the step at --threads: minilora, torch, the paired ratio
         "memory": mem,
+        **swept,
     }
+    print_step(result, args)
+    print_sweep(swept)
+    common.write_json(args.out, "gpt2_peft", result, args)
+    return result
+
+
+def print_step(result: dict, args) -> None:
+    """The step at --threads: times, trainable parameters, memory."""
+    mem, trainable, first = result["memory"], result["trainable_params"], result["first_loss"]
     rows = [
         {
             "engine": engine,
@@ -240,9 +334,32 @@ def main(argv=None) -> dict:
             ],
         )
     )
-    print(f"minilora / torch: {result['ratio']:.2f} (paired {result['paired']:.2f})")
-    common.write_json(args.out, "gpt2_peft", result, args)
-    return result
+    print(f"minilora / torch, paired by round: {result['text']}")
+
+
+def print_sweep(swept: dict) -> None:
+    """Each timed job at each thread count: medians and minilora / torch, paired with spread."""
+    rows = [
+        {
+            "threads": n,
+            "job": job,
+            "minilora": ms(t["minilora"]["median_s"]),
+            "torch": ms(t["torch"]["median_s"]),
+            "paired": t["text"],
+        }
+        for n, jobs in swept["by_threads"].items()
+        for job, t in jobs.items()
+    ]
+    gen = swept["generate"]
+    print(
+        f"\nby thread count (generate_bB: batch B, a prompt of {gen['prompt']} tokens and "
+        f"{gen['new']} new, greedy; share of tokens both engines picked: "
+        + ", ".join(f"b{b} {share:.0%}" for b, share in swept["same_tokens"].items())
+        + ")"
+    )
+    columns = [("threads", "threads"), ("job", "job"), ("minilora", "minilora ms")]
+    columns += [("torch", "torch ms"), ("paired", "minilora / torch, paired by round")]
+    print(common.table(rows, columns))
 
 
 if __name__ == "__main__":

@@ -86,10 +86,7 @@ def run_size(size: Size, devices: list[str], repeats: int, dtype, deadline: floa
             continue
         fns = {d: workload(size, mode, d, dtype) for d in devices}
         first = {d: timed(fns[d]) for d in devices}  # compilation, caches, lazy state
-        times = {d: [] for d in devices}
-        for i in range(repeats):
-            for d in devices if i % 2 == 0 else reversed(devices):
-                times[d].append(timed(fns[d])[0])
+        times = common.alternate(fns, repeats, warmup=0)  # the first calls were the warm-up
         row = {
             "size": size.name,
             "shape": size.describe(),
@@ -103,7 +100,8 @@ def run_size(size: Size, devices: list[str], repeats: int, dtype, deadline: floa
             row[f"{d}_ms"] = ms(row[d]["median_s"])
         for d in devices:
             if d != "cpu" and "cpu" in devices:
-                row[f"{d}_speedup"] = row["cpu"]["median_s"] / row[d]["median_s"]
+                speedup = common.ratio(times, "cpu", d)  # CPU time / device time, by round
+                row[f"{d}_speedup"], row[f"{d}_speedup_text"] = speedup, speedup["text"]
         rows.append(row)
         each = ", ".join(f"{d} {row[f'{d}_ms']:.2f} ms" for d in devices)
         print(f"  {size.name:<7}{mode:<10}{each}", flush=True)
@@ -113,7 +111,11 @@ def run_size(size: Size, devices: list[str], repeats: int, dtype, deadline: floa
 def _columns(devices: list[str]) -> list[tuple[str, str]]:
     cols = [("size", "size"), ("mode", "mode"), ("tokens", "tokens")]
     cols += [(f"{d}_ms", f"{d} ms") for d in devices]
-    cols += [(f"{d}_speedup", f"{d} speed-up") for d in devices if d != "cpu" and "cpu" in devices]
+    cols += [
+        (f"{d}_speedup_text", f"{d} speed-up (paired)")
+        for d in devices
+        if d != "cpu" and "cpu" in devices
+    ]
     return cols
 
 

@@ -81,9 +81,8 @@ def main(argv=None) -> dict:
             "base": ms(r["base"]["median_s"]),
             "unmerged": ms(r["unmerged"]["median_s"]),
             "merged": ms(r["merged"]["median_s"]),
-            "u/b": r["unmerged_over_base"]["ratio"],
-            "m/b": r["merged_over_base"]["ratio"],
-            "m/b paired": r["merged_over_base"]["paired"],
+            "u/b": r["unmerged_over_base"]["text"],
+            "m/b": r["merged_over_base"]["text"],
             "same": "yes" if r["merged_matches_unmerged"] else "NO",
         }
         for r in rows
@@ -98,23 +97,21 @@ def main(argv=None) -> dict:
                 ("base", "base ms"),
                 ("unmerged", "unmerged ms"),
                 ("merged", "merged ms"),
-                ("u/b", "unmerged/base"),
-                ("m/b", "merged/base"),
-                ("m/b paired", "paired"),
+                ("u/b", "unmerged/base (paired)"),
+                ("m/b", "merged/base (paired)"),
                 ("same", "merged==unmerged"),
             ],
         )
     )
     # Base and merged run the very same code, so the per-round (paired) ratio is the measure:
     # it cancels the load that drifts between rounds on a shared machine.
-    worst = max(r["merged_over_base"]["paired"] for r in rows)
+    worst = max(r["merged_over_base"]["ratio"] for r in rows)
     result = {
         "rows": rows,
         "target": {
             "merged_over_base_at_most": 1.02,
             "measure": "paired",
             "worst": worst,
-            "worst_ratio_of_medians": max(r["merged_over_base"]["ratio"] for r in rows),
             "met": worst <= 1.02,
         },
     }

@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     args = p.parse_args(argv)
     if common.optional_torch() is None:
-        raise SystemExit("seq_len.py needs PyTorch (pip install 'minilora[oracle]')")
+        raise SystemExit('seq_len.py needs PyTorch (pip install -e ".[oracle]")')
     common.set_threads(args.threads)
     seq_lens = [64] if args.quick else [int(t) for t in args.seq_lens.split(",")]
     tokens = 128 if args.quick else TOKENS
@@ -179,9 +179,8 @@ def main(argv=None) -> dict:
             "ml": ms(r["minilora"]["median_s"]),
             "expl": ms(r["torch_explicit"]["median_s"]),
             "sdpa": ms(r["torch_sdpa"]["median_s"]),
-            "r_expl": r["over_torch_explicit"]["ratio"],
-            "r_sdpa": r["over_torch_sdpa"]["ratio"],
-            "p_sdpa": r["over_torch_sdpa"]["paired"],
+            "r_expl": r["over_torch_explicit"]["text"],
+            "r_sdpa": r["over_torch_sdpa"]["text"],
         }
         if "peak_step_bytes" in r:
             mem = r["peak_step_bytes"]
@@ -200,7 +199,6 @@ def main(argv=None) -> dict:
         ("sdpa", "torch sdpa ms"),
         ("r_expl", "ml/explicit"),
         ("r_sdpa", "ml/sdpa"),
-        ("p_sdpa", "paired"),
     ]
     if not args.no_memory:
         columns += [
@@ -209,7 +207,10 @@ def main(argv=None) -> dict:
             ("m_sdpa", "sdpa MiB"),
             ("m_r", "ml/sdpa mem"),
         ]
-    print(f"\ntraining step by sequence length, {tokens} tokens, {args.threads} thread(s); medians")
+    print(
+        f"\ntraining step by sequence length, {tokens} tokens, {args.threads} thread(s); "
+        "medians, time ratios paired by round (median and IQR, or within noise)"
+    )
     print(common.table(table, columns))
     result = {"tokens_per_step": tokens, "rows": rows}
     longest = rows[-1]

@@ -97,7 +97,8 @@ def check_device(device: str) -> str:
     if name == "cuda" and not cuda_available():
         raise RuntimeError(
             "device='cuda' was requested but CuPy with a CUDA device is not available; "
-            "install the gpu extra (pip install 'minilora[gpu]') or use device='cpu'"
+            'install the gpu extra (pip install -e ".[gpu]" in a clone of minilora) or use '
+            "device='cpu'"
         )
     return name
 

@@ -71,6 +71,9 @@ class LoRAConfig:
     alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}
     layers_to_transform: int | list[int] | None = None  # adapt targets in these layers only
     layers_pattern: str | list[str] | None = None  # the layer list's name, e.g. "blocks"
+    # modules trained in full and saved with the adapter (a head, a LayerNorm), named as
+    # targets are; a weight one of them shares with another module is copied (untied) first
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
@@ -97,6 +100,14 @@ class LoRAConfig:
                 "module names such as ['q_proj', 'v_proj']"
             )
         check_bias_mode(self.bias, "LoRAConfig")
+        saved = self.modules_to_save
+        if saved is not None and not (
+            isinstance(saved, list) and all(isinstance(t, str) and t for t in saved)
+        ):
+            raise ValueError(
+                f"LoRAConfig: modules_to_save={saved!r} must be None or a list of module names "
+                "such as ['lm_head']"
+            )
         for check in CONFIG_CHECKS:
             check(self)
 
@@ -387,8 +398,9 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
     biases per ``config.bias``). Returns the replaced module paths.
 
     Raises ``ValueError``, changing nothing, when a target matches nothing (listing the
-    available names), when a rank exceeds a layer's min(out, in), or when a target
-    already has a LoRA layer (minilora keeps one adapter per layer).
+    available names), or when a target already has a LoRA layer (minilora keeps one
+    adapter per layer). A rank above a layer's min(out, in) is built with a warning, as
+    PEFT builds it (refused for PiSSA, whose SVD has no more directions).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -413,8 +425,16 @@ def apply_lora(model: Module, config: LoRAConfig, generator=None) -> list[str]:
             f"layers_to_transform={config.layers_to_transform!r} (layers_pattern="
             f"{config.layers_pattern!r}) leaves none of {config.target_modules} to adapt"
         )
-    for path, m in chosen:  # check every rank first, so a bad config changes nothing
+    above = [p for p, m in chosen if config.for_module(p).r > min(m.weight.shape)]
+    if above and config.init_lora_weights == "pissa":  # the SVD has min(out, in) directions
+        path, m = next((p, m) for p, m in chosen if p in above)
         check_rank(config.for_module(path).r, m.weight.shape, path)
+    if above:  # PEFT builds them too: a loaded adapter may have such a rank
+        warnings.warn(
+            f"apply_lora: the rank of {above} is above min(out, in) of their weights: B·A "
+            "cannot have a larger rank, so the extra rank adds parameters, not expressiveness",
+            stacklevel=2,
+        )
     problems = target_problems(model, [p for p, _ in chosen], config)
     if problems:
         raise ValueError(f"apply_lora: {problems[0]}; nothing was changed")
@@ -430,8 +450,27 @@ def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generat
         base, own = model.get_submodule(path), config.for_module(path)
         wrap = LORA_LAYERS[type(base)]  # LoRALinear.from_linear for a Linear
         model.set_submodule(path, wrap(base, own, generator))
+    saved = [
+        p for p, _ in model.named_modules() if p and is_target(config.modules_to_save or [], p)
+    ]
+    untie(model, saved)
     mark_only_lora_as_trainable(model, config.bias)
+    for path in saved:  # trained in full (PEFT's modules_to_save)
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(True)
     return paths
+
+
+def untie(model: Module, paths) -> None:
+    """Give each module at ``paths`` whose weight another module shares (GPT-2's tied head
+    and embedding) a copy of its own, as PEFT's ``modules_to_save`` copies the module: it
+    then trains and is saved alone, and the other use keeps the original. A config that
+    says the model is tied (``tie_word_embeddings``) then says it is not."""
+    for path in tied_layers(model, paths):
+        module = model.get_submodule(path)
+        module.weight = Parameter(module.weight.data.copy())
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False
 
 
 def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
@@ -472,12 +511,42 @@ def lora_state_dict(model: Module, bias: str = "none") -> dict:
     return out
 
 
+def tied_layers(model: Module, paths) -> dict[str, list[str]]:
+    """{path: the other modules that use its weight} for the ``paths`` whose weight is one
+    ``Parameter`` with another module's (GPT-2's ``tie_word_embeddings``: ``lm_head`` and
+    ``tok_emb``)."""
+    owners = {}
+    for path, m in model.named_modules():
+        w = vars(m).get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(path)
+    tied = {}
+    for path in paths:
+        w = vars(model.get_submodule(path)).get("weight")
+        others = [p for p in owners.get(id(w), []) if p != path]
+        if others:
+            tied[path] = others
+    return tied
+
+
 def merge_lora(model: Module, safe_merge: bool = True) -> None:
     """Merge every unmerged adapter into its weight (see :meth:`LoRALinear.merge`).
 
-    All or nothing: every merged weight is computed and checked before any is written.
+    All or nothing: every merged weight is computed and checked before any is written. An
+    adapter on a weight another layer shares (a tied head or embedding) is refused before
+    anything changes: merged, it would change both uses, so the merged model would not
+    compute what the adapted one does (PEFT merges it anyway, with a warning).
     """
-    layers = [layer for _, layer in adapted_layers(model) if not layer.merged]
+    pending = [(path, layer) for path, layer in adapted_layers(model) if not layer.merged]
+    tied = tied_layers(model, [path for path, _ in pending])
+    if tied:
+        shares = "; ".join(f"{p} shares its weight with {', '.join(o)}" for p, o in tied.items())
+        raise ValueError(
+            f"merge_lora: {shares} (tie_word_embeddings), so merging its adapter would change "
+            "both and move the logits; nothing was merged. Keep this adapter unmerged (the "
+            "adapted model computes the right logits) or adapt layers that are not tied"
+        )
+    layers = [layer for _, layer in pending]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):
         layer._set_merged(weight)

@@ -97,6 +97,7 @@ _STANDIN_FUNCTIONS = (
     "ones_like",
     "repeat",
     "searchsorted",
+    "sign",
     "sort",
     "sqrt",
     "square",

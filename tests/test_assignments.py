@@ -23,12 +23,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import safetensors.numpy
 
 from minilora import backend, cli
 from minilora import functional as F
-from minilora.course import assignments, grading
-from minilora.interop import vectors
+from minilora.course import assignments, grading, ports
 
 PACKAGE = assignments.PACKAGE_DIR
 FAST = {"a1": None, "a2": None, "a3": None, "a4": "a4.1"}  # a4.2 fine-tunes: its own test
@@ -53,13 +51,14 @@ def test_every_task_has_checks_and_every_target_exists():
     for a in assignments.ASSIGNMENTS.values():
         assert [t.id for t in a.tasks] == [f"{a.name}.{i}" for i in range(1, len(a.tasks) + 1)]
         for task in a.tasks:
-            assert grading.CHECKS[task.id], task.id
+            assert (ports.TASK_CASES if a.port else grading.CHECKS)[task.id], task.id
             for target in task.targets:
                 module, qualname = assignments.split_target(target)
                 source = (PACKAGE / assignments.target_file(module)).read_text(encoding="utf-8")
                 tree = ast.parse(source)
                 assignments.find_def(tree, qualname)  # raises if missing
-    assert set(grading.CHECKS) == {t.id for a in assignments.ASSIGNMENTS.values() for t in a.tasks}
+    every = {t.id for a in assignments.ASSIGNMENTS.values() for t in a.tasks}
+    assert set(grading.CHECKS) | set(ports.TASK_CASES) == every
 
 
 @pytest.mark.parametrize("name", list(assignments.ASSIGNMENTS))
@@ -93,6 +92,7 @@ def test_a_student_copy_stubs_exactly_the_targets(tmp_path, name):
             message = ast.unparse(body[0])
             assert f"Task {task_id}: {qualname}" in message
             assert f"see the handout, {name}.md beside minilora/" in message
+    assert assignments.changed_files(assignment, package) == []  # a fresh copy changed nothing
     handout = (tmp_path / "copy" / f"{name}.md").read_text()  # the handout comes along
     page = (PACKAGE / "course" / "handouts" / f"{name}.md").read_text()
     if assignment.port:
@@ -297,37 +297,6 @@ def test_the_fine_tune_task_passes_on_the_reference_and_fails_on_the_stub(tmp_pa
     assert report.ok, report.format()
     assignments.make_copy("a4", tmp_path / "stub")
     assert grade("a4", tmp_path / "stub", "a4.2").earned == 0
-
-
-def test_a_port_is_graded_by_its_vector_set(tmp_path):
-    """a5: minilora's own set passes (as a port that reproduces it would); a port whose
-    rsLoRA layer uses α/r loses a5.2 only, with the tensor named."""
-    vectors.write_vectors(tmp_path)
-    report = grade("a5", tmp_path)
-    assert report.ok and report.earned == 10, report.format()
-    path = tmp_path / "lora_layer_rslora.safetensors"
-    tensors = safetensors.numpy.load_file(path)
-    tensors["output"] = tensors["output"] * 1.01
-    safetensors.numpy.save_file(tensors, path)
-    report = grade("a5", tmp_path)
-    lost = {t.id: t.failures for t in report.tasks if t.failures}
-    assert list(lost) == ["a5.2"] and "lora_layer_rslora/output" in lost["a5.2"][0]
-    with pytest.raises(ValueError, match="has no manifest.json"):
-        grade("a5", tmp_path / "nothing")
-
-
-@pytest.mark.oracle
-def test_the_pytorch_port_scores_full_marks_on_a5(tmp_path, monkeypatch):
-    """examples/torch_vectors.py, an independent port (PyTorch and PEFT), passes a5."""
-    pytest.importorskip("torch", reason="needs PyTorch: pip install -e '.[oracle]'")
-    pytest.importorskip("peft", reason="needs PEFT: pip install -e '.[oracle]'")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from examples import torch_vectors
-
-    vectors.write_vectors(tmp_path / "ref")
-    port = torch_vectors.write_torch_vectors(tmp_path / "ref", tmp_path / "torch")
-    report = grade("a5", port)
-    assert report.ok and report.earned == 10, report.format()
 
 
 # --------------------------------------------------------------------------------------
@@ -552,10 +521,10 @@ def test_a_students_own_checks_change_nothing(tmp_path, capsys):
 def test_hidden_tests_grade_their_task(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
-    (hidden / "hidden_a3.py").write_text(
-        "from minilora import lora\n\n\n"
+    (hidden / "hidden_a3.py").write_text(  # the student's code, reached as the checks do
         "def check_a3_2_big_rank(ctx):\n"
-        "    assert lora.lora_scaling(16, 256) == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
+        "    got = ctx.module('lora').lora_scaling(16, 256)\n"
+        "    assert got == 1 / 16, 'lora_scaling(16, 256) is not 1/16'\n\n\n"
         "def check_a3_5_always_fails(ctx):\n"
         "    assert False, 'a hidden property'\n"
     )
@@ -566,7 +535,7 @@ def test_hidden_tests_grade_their_task(tmp_path):
     assert lost["a3.5"][1].startswith("hint: ")
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="time limits need SIGALRM")
+@pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="a hidden test's limit needs SIGALRM")
 def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
     hidden = tmp_path / "hidden"
     hidden.mkdir()
@@ -574,11 +543,11 @@ def test_a_check_that_never_ends_costs_its_task_only(tmp_path):
         "def check_a3_2_forever(ctx):\n    while True:\n        pass\n"
     )
     report = grading.grade(
-        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=0.5
+        "a3", reference_copy(tmp_path / "ref"), seed=0, extra_tests=hidden, check_timeout=3
     )
     lost = {t.id: t.failures for t in report.tasks if t.failures}
     assert list(lost) == ["a3.2"]
-    assert lost["a3.2"][0] == "check_a3_2_forever took longer than 0.5 s (a loop that never ends?)"
+    assert lost["a3.2"][0] == "check_a3_2_forever: took longer than 3 s"
 
 
 def test_a_package_that_does_not_import_scores_zero_with_the_reason(tmp_path):
@@ -649,7 +618,7 @@ def test_without_a_seed_the_same_code_gets_the_same_seed_and_report(tmp_path):
         'y += mm(u, lora_B.T, "lora.B")',
     )  # the scaling forgotten: a3.3 fails with its shapes
     first, again = grading.grade("a3", ref, "a3.3"), grading.grade("a3", ref, "a3.3")
-    assert first.seed_from_submission and 0 <= first.seed < 2**31
+    assert first.seed_from == "submission" and 0 <= first.seed < 2**31
     assert first.format().startswith(f"minilora grade a3: {ref} (seed {first.seed} from the ")
     assert again.seed == first.seed and again.format() == first.format()
     assert first.tasks[0].failures  # the report compared holds the random case's values
@@ -670,7 +639,7 @@ def test_without_a_seed_the_same_code_gets_the_same_seed_and_report(tmp_path):
 def test_seed_overrides_the_submissions_seed(tmp_path, capsys):
     reference_copy(tmp_path)
     report = grading.grade("a3", tmp_path, "a3.2", seed=4)
-    assert report.seed == 4 and not report.seed_from_submission
+    assert report.seed == 4 and report.seed_from == "--seed"
     assert report.format().startswith(f"minilora grade a3: {tmp_path} (seed 4)\n")
     js = tmp_path / "report.json"
     assert cli.main(["grade", "a3", str(tmp_path), "--task", "a3.2", "--json", str(js)]) == 0
@@ -681,22 +650,6 @@ def test_seed_overrides_the_submissions_seed(tmp_path, capsys):
     assert cli.main(["grade", "a3", str(tmp_path), "--seed", "7", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["seed"] == 7
     assert json.loads(js.read_text())["seed_from"] == "--seed"
-
-
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
-def test_a_ports_seed_comes_from_its_vector_set(tmp_path):
-    """a5: the manifest and the vector files; a named pipe in the folder is never opened."""
-    a5 = assignments.get_assignment("a5")
-    vectors.write_vectors(tmp_path)
-    seed = grading.submission_seed(a5, tmp_path)
-    os.mkfifo(tmp_path / "pipe")
-    assert grading.submission_seed(a5, tmp_path) == seed
-    assert grade("a5", tmp_path, seed=None).seed == seed
-    path = tmp_path / "lora_layer_rslora.safetensors"
-    tensors = safetensors.numpy.load_file(path)
-    tensors["output"] = tensors["output"] * 1.01
-    safetensors.numpy.save_file(tensors, path)
-    assert grading.submission_seed(a5, tmp_path) != seed
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -787,7 +740,7 @@ def test_grade_writes_json_and_gradescope_results(tmp_path, capsys):
     visible = [t for t in results["tests"] if t["visibility"] == "visible"]
     assert len(visible) == 7
     for test in visible:
-        assert set(test) == {"name", "score", "max_score", "output", "visibility"}
+        assert set(test) == {"name", "score", "max_score", "output", "visibility", "execution_time"}
         assert test["score"] == test["max_score"]
     hidden = [t for t in results["tests"] if t not in visible]  # staff only, no points
     assert [t["name"] for t in hidden] == [
@@ -860,7 +813,9 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
     submission.mkdir(parents=True)
     if submitted == "copy":
         assignments.make_copy("a3", submission)
-    script = assignments.RUN_AUTOGRADER.format(name="a3").replace("/autograder", str(root))
+    script = assignments.RUN_AUTOGRADER.format(name="a3", extra="").replace(
+        "/autograder", str(root)
+    )
     subprocess.run(["bash", "-c", script], check=True, capture_output=True)
     results = json.loads((root / "results" / "results.json").read_text())
     assert results["score"] == 0
@@ -868,7 +823,7 @@ def test_run_autograder_writes_gradescope_results(tmp_path, submitted):
         assert [t["max_score"] for t in results["tests"]] == [2, 1, 2, 4, 2, 2, 2]
         assert all(t["output"].startswith("not implemented") for t in results["tests"])
     else:
-        assert "no minilora/ folder" in results["output"]
+        assert "has no minilora/ package" in results["output"]
 
 
 def test_done_criterion_from_the_command_line(tmp_path):

@@ -30,7 +30,7 @@ def test_check_device_rejects_unknown_device_naming_it(bad):
 
 @pytest.mark.skipif(backend.cuda_available(), reason="CuPy with a CUDA device is installed")
 def test_cuda_without_cupy_raises_runtime_error_mentioning_gpu_extra():
-    with pytest.raises(RuntimeError, match=r"minilora\[gpu\]"):
+    with pytest.raises(RuntimeError, match=r'pip install -e "\.\[gpu\]"'):
         backend.check_device("cuda")
     with pytest.raises(RuntimeError, match="gpu"):
         backend.to_device(np.zeros(2), "cuda")

@@ -37,6 +37,7 @@ from minilora import backend
 from minilora.interop import hf_gpt2, peft_adapters, safetensors_files
 from minilora.interop.model_files import load_model, save_model
 from minilora.interop.peft_adapters import load_adapter, save_adapter
+from minilora.interop.peft_config import SAVED_CONFIG_KEY
 from minilora.lora import lora_layers, merge_lora
 from minilora.relatives import adapters, prefix
 
@@ -73,7 +74,6 @@ def train_lora(model, config: ml.LoRAConfig, steps: int = 3):
         loss.backward()
         opt.step()
     return model
-
 
 
 def tensor_names(header: dict) -> list[str]:
@@ -529,10 +529,11 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
     }
     header, body = split((adapter_dir / "adapter_model.safetensors").read_bytes())
     # "format": "pt" is what PEFT writes; the checksum is that of the data section (every
-    # byte after the header)
+    # byte after the header); the config is the one saved with the weights
     assert header["__metadata__"] == {
         "format": "pt",
         safetensors_files.DATA_SHA256_KEY: hashlib.sha256(body).hexdigest(),
+        SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True),
     }
 
 
@@ -725,7 +726,7 @@ BAD_CONFIGS = {
     "fan in fan out": ({"fan_in_fan_out": True}, "fan_in_fan_out"),
     "rank pattern not a dict": ({"rank_pattern": ["q_proj", 4]}, "rank_pattern=['q_proj', 4]"),
     "rank pattern not a rank": ({"rank_pattern": {"q_proj": 0}}, "rank_pattern={'q_proj': 0}"),
-    "modules to save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    "modules to save": ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be a list"),
     "olora init": ({"init_lora_weights": "olora"}, "init_lora_weights='olora'"),
     "bias mode": ({"bias": "some"}, "bias='some'"),
     "dropout": ({"lora_dropout": 1.5}, "lora_dropout=1.5"),
@@ -748,7 +749,6 @@ def test_bad_adapter_config_is_refused_naming_the_field(tmp_path, adapter_dir, c
 SET_OPTIONS = {
     "alora_invocation_tokens": [1, 2],
     "lora_bias": True,
-    "exclude_modules": ["blocks.0.attn.v_proj"],
     "target_parameters": ["blocks.0.mlp.fc1.weight"],
     "trainable_token_indices": [3],
     "use_bdlora": {"block_size": 2},
@@ -769,6 +769,22 @@ def test_an_option_minilora_does_not_implement_is_refused_naming_it(
     model = tiny_gpt()
     assert_refused(model, folder, f"{key}={value!r} is not supported by minilora")
     assert not lora_layers(model)
+
+
+def test_exclude_modules_leaves_a_target_out_as_peft_does(tmp_path, adapter_dir):
+    """PEFT's exclude_modules (a list of names, or a regular expression matched in full):
+    the excluded layer gets no LoRA layer, and the file must not hold its adapter."""
+    tensors, config = adapter_parts(adapter_dir)
+    kept = {k: v for k, v in tensors.items() if "blocks.0.attn.v_proj" not in k}
+    for exclude in (["blocks.0.attn.v_proj"], r"blocks\.0\.attn\.v.*"):
+        folder = write_adapter(
+            tmp_path / str(len(exclude)), kept, {**config, "exclude_modules": exclude}
+        )
+        model = tiny_gpt()
+        load_adapter(model, folder)
+        assert [p for p, _ in lora_layers(model)] == ["blocks.0.attn.q_proj"]
+    folder = write_adapter(tmp_path / "all", tensors, {**config, "exclude_modules": ["v_proj"]})
+    assert_refused(tiny_gpt(), folder, "unexpected key 'base_model.model.blocks.0.attn.v_proj")
 
 
 def load_changed(tmp_path, adapter_dir, trained, tensors=None, **changes) -> ml.LoRAConfig:

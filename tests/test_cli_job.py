@@ -32,7 +32,43 @@ def test_demo_quick_runs_and_writes_its_files(tmp_path, capsys):
         assert run["optimizer_state_bytes"] == 2 * 4 * run["trainable_params"]
     assert results["merge_max_abs_diff"] < 1e-4
     assert results["pretrain_accuracy_after"]["lora_disabled"] == results["base_pretrain_accuracy"]
-    assert "verdict:" in out and "merged vs unmerged" in out
+    assert "verdict: with at most 5% of the parameters trained" in out
+    assert "merged vs unmerged" in out
+    latency = results["latency"]  # timed in alternating rounds, paired with the base's time
+    assert set(latency["over_base"]) == {"unmerged", "merged"}
+    for ratio in latency["over_base"].values():
+        assert ratio["q1"] <= ratio["median"] <= ratio["q3"]
+        assert ratio["rounds"] == demo.DemoSettings.quick().latency_repeats
+    line = next(x for x in out.splitlines() if x.startswith("inference latency"))
+    assert "alternating rounds" in line and line.count("IQR") == 2  # the spread is printed
+
+
+def demo_rows(*lora_runs):
+    """Stand-in table rows: full fine-tuning at 100%, then (rank, % trainable, accuracy)."""
+    full = {"method": "full", "rank": None, "trainable_percent": 100.0, "accuracy": 1.0}
+    lora = [
+        {"method": "lora", "rank": r, "trainable_percent": p, "accuracy": a}
+        for r, p, a in lora_runs
+    ]
+    return [full, *lora]
+
+
+def test_the_verdict_names_its_parameter_budget_and_the_runs_over_it():
+    # the default demo's table: r=16 is the most accurate but trains over 5%
+    rows = demo_rows((1, 0.49, 0.393), (4, 1.94, 0.924), (16, 7.35, 0.998))
+    line = demo.verdict(rows)
+    assert line.startswith("verdict: with at most 5% of the parameters trained (LoRA r=1, r=4)")
+    assert "did NOT come within 5 points" in line and "the best, r=4" in line
+    assert "Over the budget, r=16 trains 7.35% and reaches 99.8%." in line
+    # within 5 points inside the budget: the smallest such rank is named
+    rows = demo_rows((1, 0.49, 0.96), (4, 1.94, 0.99), (16, 7.35, 0.998))
+    line = demo.verdict(rows)
+    assert "LoRA r=1 reaches 96.0% against full fine-tuning's 100.0%" in line
+    assert "NOT" not in line
+    # a larger budget takes r=16 in, and nothing is reported as over it
+    line = demo.verdict(demo_rows((4, 1.94, 0.924), (16, 7.35, 0.998)), budget_percent=10)
+    assert "at most 10% of the parameters trained (LoRA r=4, r=16), LoRA r=16 reaches" in line
+    assert "Over the budget" not in line
 
 
 def test_finetune_is_deterministic_for_a_seed():

@@ -146,7 +146,7 @@ def test_a_base_folder_supplies_its_tokenizer(root, tmp_path, monkeypatch, capsy
         model_files,
         "load_model",
         lambda path, device="cpu": real(
-            root / "model.safetensors" if path == str(folder) else path
+            root / "model.safetensors" if Path(path) == folder else path
         ),
     )
     assert (

@@ -53,9 +53,14 @@ def test_every_method_has_a_row_with_every_field(results):
     for row in res["rows"]:
         assert fields <= set(row), row["method"]
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["pretrain_accuracy"] <= 1.0
-        assert row["latency_b1"] > 0 and row["latency_b64"] > 0
+        for batch in ("latency_b1", "latency_b64"):  # a paired ratio to the base, with spread
+            latency = row[batch]
+            assert latency["q1"] <= latency["median"] <= latency["q3"], row["method"]
+            assert latency["median"] > 0 and latency["rounds"] == TINY_RUN.latency_repeats
+            assert isinstance(latency["within_noise"], bool)
         assert row["method"] in printed  # the table shows every row
     assert json.loads((out / "compare.json").read_text())["rows"] == res["rows"]
+    assert "paired ratios (one per alternating round)" in printed and "IQR" in printed
 
 
 def test_counts_and_bytes_follow_the_closed_forms(results):

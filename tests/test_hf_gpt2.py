@@ -285,14 +285,34 @@ def test_minilora_adapter_loads_in_peft(tmp_path, shape, targets, rslora, bias):
     assert_close(ours(again, idx), want, dtype)
 
 
-def test_adapting_the_tied_head_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "targets, words",
+    [
+        (["q_proj", "lm_head"], "lm_head shares its weight with tok_emb"),
+        (["tok_emb"], "tok_emb shares its weight with lm_head"),
+    ],
+)
+def test_merging_an_adapter_on_the_tied_weight_is_refused(tmp_path, targets, words):
+    """GPT-2's head and token embedding are one Parameter: an adapter on either trains,
+    saves and loads (tests/test_gpt2_peft_matrix.py), but merged it would change both uses.
+    merge_lora and merge_and_unload refuse it, naming the layers, and change nothing."""
     gpt2_folder(tmp_path / "hf")
     model = load_model(tmp_path / "hf")
-    config = ml.LoRAConfig(r=2, target_modules=["q_proj", "lm_head"])
-    ml.apply_lora(model, config)
-    with pytest.raises(ValueError, match="lm_head"):
-        save_adapter(model, tmp_path / "adapter", config)
-    assert not (tmp_path / "adapter").exists()
+    ml.apply_lora(model, ml.LoRAConfig(r=2, target_modules=targets))
+    randomize_lora(model, 5, "none")
+    idx = ids()
+    want, before = ours(model, idx), snapshot(model)
+    for merge in (ml.merge_lora, ml.merge_and_unload):
+        with pytest.raises(ValueError, match="nothing was merged") as e:
+            merge(model)
+        assert words in str(e.value)
+        assert snapshot(model) == before
+    np.testing.assert_array_equal(ours(model, idx), want)
+    # what the refusal prevents: the layer merged on its own changes the other use too
+    wte = model.tok_emb.weight.data.copy()
+    model.get_submodule(targets[-1]).merge()
+    assert np.abs(model.tok_emb.weight.data - wte).max() > 1e-2
+    assert np.abs(ours(model, idx) - want).max() > 1e-2
 
 
 # --------------------------------------------------------------------------------------
@@ -345,14 +365,20 @@ def test_peft_adapter_loads_in_minilora(tmp_path, shape, kwargs):
 @pytest.mark.parametrize(
     "changes, words",
     [
-        ({"use_dora": True}, ["use_dora=True"]),
-        ({"modules_to_save": ["lm_head"]}, ["modules_to_save"]),
+        ({"use_dora": True}, ["missing", "c_attn.lora_magnitude_vector"]),
+        ({"modules_to_save": ["lm_head"]}, ["missing 'lm_head.weight'"]),
+        ({"modules_to_save": ["c_fc"]}, ["modules_to_save ['c_fc'] match none of"]),
         ({"layers_pattern": "blocks", "layers_to_transform": [0]}, ["layers_pattern='blocks'"]),
         ({"target_modules": ["c_attn", "lm_head"]}, ["lm_head"]),
-        ({"target_modules": ["wte"]}, ["matches none of GPT-2's"]),
+        ({"target_modules": ["wte"]}, ["h.0.attn.c_attn is not adapted by target_modules"]),
+        ({"target_modules": ["ln_f"]}, ["matches none of GPT-2's LoRA modules"]),
+        (
+            {"target_modules": ["transformer.h.1.attn.c_attn"], "layers_to_transform": [0]},
+            ["h.0.attn.c_attn.lora_A.weight': transformer.h.0.attn.c_attn is not adapted"],
+        ),
         ({"r": 3}, ["lora_A", "expected (3, 32)"]),
         ({"fan_in_fan_out": "yes"}, ["fan_in_fan_out='yes'"]),
-        ({"rank_pattern": {"c_attn": 4}}, ["rank_pattern={'c_attn': 4} is not supported"]),
+        ({"rank_pattern": {"c_attn": 4}}, ["c_attn.lora_A.weight has shape (2, 32)", "(4, 32)"]),
     ],
     ids=lambda v: str(v)[:40],
 )
@@ -372,6 +398,22 @@ def test_unsupported_peft_adapter_is_refused(tmp_path, changes, words):
     for word in words:
         assert word in str(e.value)
     assert snapshot(model) == before
+
+
+def test_a_head_adapter_of_another_base_is_refused_naming_the_tied_weight(tmp_path):
+    """PEFT saves the tied head's weight (lm_head.base_layer.weight, GPT-2's wte) with an
+    lm_head adapter: it must be this model's embedding."""
+    gpt2_folder(tmp_path / "hf")
+    gpt2_folder(tmp_path / "other", seed=1)
+    peft_adapter(
+        tmp_path / "other", tmp_path / "adapter", torch.float32, r=2, target_modules=["lm_head"]
+    )
+    model = load_model(tmp_path / "hf")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head.base_layer.weight is the tied head's weight"):
+        load_adapter(model, tmp_path / "adapter")
+    assert snapshot(model) == before
+    load_adapter(load_model(tmp_path / "other"), tmp_path / "adapter")  # its own base: loads
 
 
 def test_layer_norm_epsilon_and_gelu_spelling_follow_config(tmp_path):
@@ -415,6 +457,12 @@ def test_gpt2_peft_benchmark_quick(tmp_path, monkeypatch):
         assert 0 < result[engine]["min_s"] <= result[engine]["median_s"]
         assert result["memory"][engine]["peak_mib"] >= result["memory"][engine]["loaded_mib"] > 0
     assert result["memory"]["minilora"]["step_traced_mib"] > 0
+    # --quick: the step and greedy generation at batch 1 and 8, at --threads (1) only
+    jobs = result["by_threads"][1]
+    assert sorted(jobs) == ["generate_b1", "generate_b8", "step"]
+    for t in jobs.values():
+        assert t["q1"] <= t["ratio"] <= t["q3"] and "x" in t["text"]
+    assert all(0 <= share <= 1 for share in result["same_tokens"].values())
 
 
 def test_greedy_generation_equals_transformers(tmp_path):

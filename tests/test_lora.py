@@ -135,6 +135,7 @@ def test_lora_config_defaults_and_peft_spellings():
         "alpha_pattern",
         "layers_to_transform",
         "layers_pattern",
+        "modules_to_save",
     }
 
 
@@ -226,13 +227,21 @@ def test_unknown_target_is_refused_listing_available_names(config, seed, bad):
         ),
     ],
 )
-def test_rank_above_min_in_out_is_refused_naming_module_and_shape(
+def test_rank_above_min_in_out_is_built_with_a_warning_naming_the_module(
     config, targets, r, bad_path, bad_shape
 ):
+    """PEFT builds a rank above min(out, in) (a loaded adapter may have one): so does
+    apply_lora, warning that the extra rank adds nothing; PiSSA, whose SVD has no more
+    directions, refuses it naming the module and its shape, changing nothing."""
+    model = make_gpt(GPTConfig(**config), 0)
+    with pytest.warns(UserWarning, match="above min") as caught:
+        apply_lora(model, LoRAConfig(r=r, target_modules=targets))
+    assert bad_path in str(caught[0].message)
+    assert model.get_submodule(bad_path).lora_A.shape == (r, bad_shape[1])
     model = make_gpt(GPTConfig(**config), 0)
     before = snapshot(model)
     with pytest.raises(ValueError) as info:
-        apply_lora(model, LoRAConfig(r=r, target_modules=targets))
+        apply_lora(model, LoRAConfig(r=r, target_modules=targets, init_lora_weights="pissa"))
     assert bad_path in str(info.value) and str(bad_shape) in str(info.value)
     assert f"r={r}" in str(info.value)
     assert snapshot(model) == before, "a refused apply_lora changed the model"

@@ -467,10 +467,36 @@ def test_half_precision_peft_adapter_is_upcast_and_loads(peft, tmp_path, dtype):
     close(logits_of(model), want, np.float32, "logits", model=True)
 
 
+@pytest.mark.parametrize(
+    "options, adapted",
+    [
+        (
+            dict(target_modules=["q_proj", "lm_head"], exclude_modules=["lm_head"]),
+            ["blocks.0.attn.q_proj", "blocks.1.attn.q_proj"],
+        ),
+        (
+            dict(target_modules=["q_proj", "fc1"], exclude_modules=r"blocks\.1\..*"),
+            ["blocks.0.attn.q_proj", "blocks.0.mlp.fc1"],
+        ),
+        (dict(target_modules=["fc1"], modules_to_save=["ln_f", "lm_head"]), None),
+    ],
+    ids=["exclude-list", "exclude-regex", "modules_to_save"],
+)
+def test_peft_adapter_with_exclude_or_saved_modules_loads(peft, tmp_path, options, adapted):
+    """PEFT's exclude_modules leaves targets out, its modules_to_save saves whole layers:
+    both honoured, so the logits are PEFT's."""
+    want = peft_adapter(peft, tmp_path, **options)
+    model = base_model()
+    config = peft_adapters.load_adapter(model, tmp_path)
+    close(logits_of(model), want, np.float32, "logits", model=True)
+    if adapted is not None:
+        assert [p for p, _ in lora_layers(model)] == adapted
+    assert config.modules_to_save == options.get("modules_to_save")
+
+
 REFUSED_PEFT = {
     "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
     "lora_bias": dict(lora_bias=True),
-    "exclude_modules": dict(target_modules="all-linear", exclude_modules=["lm_head"]),
     "trainable_token_indices": dict(trainable_token_indices={"tok_emb": [1, 2]}),
 }
 

@@ -106,13 +106,14 @@ def test_the_quick_start_check_can_fail():
     test_command = quick_start_commands(README)[1].split("&&")[-1].strip()
     other_python = '"$venv"/bin/python -m pytest -n 2'
     other_install = '"$venv"/bin/pip install -e ".[dev]"'
+    demo_install = '.venv/bin/pip install ".[plots]"'
     spoiled = [
-        ("CI skips an install step", README, script.replace(".venv/bin/pip install .\n", "")),
+        ("CI skips an install step", README, script.replace(demo_install + "\n", "")),
         ("CI runs another command", README, script.replace(test_command, "python -m pytest")),
         ("another Python differs", README, script.replace(other_python, other_python + " -x")),
         ("another Python skips a step", README, script.replace(other_install, "true")),
         ("an && list", README, script.replace(test_command, "true && " + test_command)),
-        ("a global install", README.replace(".venv/bin/pip install .", "pip install ."), script),
+        ("a global install", README.replace(demo_install, demo_install[10:]), script),
     ]
     for what, readme, bad_script in spoiled:
         assert bad_script != script or readme != README, what  # the spoiling changed something
@@ -176,6 +177,8 @@ def test_only_backend_imports_numpy_or_cupy():
         str(path.relative_to(ROOT)): found
         for path in sorted(package.rglob("*.py"))
         if path.name != "backend.py" or path.parent != package
+        # the grader's worker runs apart from the installed minilora: NumPy directly
+        if path != package / "course" / "worker.py"
         if (found := imports(path.read_text(encoding="utf-8")))
     }
     assert offenders == {}, f"only minilora/backend.py may import numpy or cupy: {offenders}"

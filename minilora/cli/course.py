@@ -4,10 +4,16 @@ commands, over minilora/course/ (guide: docs/teaching.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from minilora.cli.options import add_overwrite_option, check_out, non_negative_int
+from minilora.cli.options import (
+    add_overwrite_option,
+    check_out,
+    non_negative_int,
+    positive_float,
+)
 from minilora.course import assignments, grading
 from minilora.interop import safetensors_files
 
@@ -41,6 +47,12 @@ def _add_assignments_command(sub) -> None:
     )
     q.add_argument("name", help=f"the assignment: {', '.join(assignments.ASSIGNMENTS)}")
     q.add_argument("--out", required=True, metavar="ZIP", help="(required) zip file to write")
+    q.add_argument(
+        "--extra-tests",
+        metavar="DIR",
+        help="hidden tests (DIR/*.py, as minilora grade --extra-tests takes them) baked into "
+        "the zip: their results are shown to students once the grades are published",
+    )
     add_overwrite_option(q)
     q.set_defaults(func=_cmd_assignments_autograder)
 
@@ -72,8 +84,46 @@ def _add_grade_command(sub) -> None:
         metavar="DIR",
         help="hidden tests: functions check_a1_7_<anything>(ctx) in DIR/*.py grade task a1.7",
     )
+    p.add_argument(
+        "--port",
+        metavar="CMD",
+        help="a5: the port's command, with the words IN and OUT where its folders go "
+        "(default: the first line of DIR/port.txt), e.g. 'python my_port.py IN OUT'",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--gradescope", metavar="FILE", help="also write Gradescope's results.json")
+    p.add_argument(
+        "--gradescope",
+        metavar="FILE",
+        help="also write Gradescope's results.json (before grading starts, after each task, "
+        "and at the end)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=540,
+        metavar="SECONDS",
+        help="the whole run's time limit: checks not started by then are not graded (default: 540)",
+    )
+    p.add_argument(
+        "--check-timeout",
+        type=positive_float,
+        default=60,
+        metavar="SECONDS",
+        help="one check's time limit, the student's import included (default: 60)",
+    )
+    p.add_argument(
+        "--memory",
+        type=positive_float,
+        default=2,
+        metavar="GIB",
+        help="the memory (address space) of the process that runs the student's code, in "
+        "GiB (default: 2)",
+    )
+    p.add_argument(
+        "--user",
+        help="when grading as root, the unprivileged user the student's code runs as "
+        "(default: nobody, where nobody can run this Python)",
+    )
     p.set_defaults(func=_cmd_grade)
 
 
@@ -92,7 +142,8 @@ def _cmd_assignments_make(args) -> int:
         print(
             f"{args.name} is a porting assignment: nothing is stubbed; wrote {package}, the "
             f"working library to port from, and the handout {handout} ({assignment.points} "
-            f"points); grade the port's vector set with: minilora grade {args.name} SET"
+            f"points); write your port's command in {out / 'port.txt'} and grade it with: "
+            f"minilora grade {args.name} {out}"
         )
         return 0
     print(
@@ -106,19 +157,55 @@ def _cmd_assignments_make(args) -> int:
 def _cmd_assignments_autograder(args) -> int:
     assignments.get_assignment(args.name)
     out = check_out(args.out, "file", args.overwrite)
-    safetensors_files.atomic_write([(out, assignments.autograder_zip(args.name))])
+    data = assignments.autograder_zip(args.name, args.extra_tests)
+    safetensors_files.atomic_write([(out, data)])
     print(f"wrote {out}: a Gradescope autograder for {args.name} (upload it as a zip file)")
     return 0
+
+
+def _write_reports(args, report) -> None:
+    for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
+        if getattr(args, flag):
+            text = json.dumps(data(), indent=2, ensure_ascii=False) + "\n"
+            safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
+
+
+@contextlib.contextmanager
+def _failure_in_results(args):
+    """A submission that cannot be graded (no minilora/ package) still gets results.json,
+    saying why."""
+    try:
+        yield
+    except ValueError as e:
+        if args.gradescope:
+            data = {"score": 0, "output": str(e), "tests": []}
+            safetensors_files.atomic_write([(Path(args.gradescope), json.dumps(data).encode())])
+        raise
 
 
 def _cmd_grade(args) -> int:
     for flag in ("json", "gradescope"):
         if getattr(args, flag):
             check_out(getattr(args, flag), "file", overwrite=True)  # a report, made again
-    report = grading.grade(args.name, args.dir, args.task, args.seed, args.extra_tests)
+    if args.gradescope:  # a valid file whatever happens next (a grader killed outright)
+        unfinished = grading.unfinished(args.name, args.dir, args.task, grading.UNFINISHED)
+        safetensors_files.atomic_write(
+            [(Path(args.gradescope), json.dumps(unfinished.gradescope(), indent=2).encode())]
+        )
+    with grading.stop_on_signals(), _failure_in_results(args):
+        report = grading.grade(
+            args.name,
+            args.dir,
+            args.task,
+            args.seed,
+            args.extra_tests,
+            timeout=args.timeout,
+            check_timeout=args.check_timeout,
+            memory=int(args.memory * 2**30),
+            user=args.user,
+            progress=(lambda r: _write_reports(args, r)) if args.gradescope else None,
+            port=args.port,
+        )
     print(report.format())
-    for flag, data in (("json", report.to_dict), ("gradescope", report.gradescope)):
-        if getattr(args, flag):
-            text = json.dumps(data(), indent=2, ensure_ascii=False) + "\n"
-            safetensors_files.atomic_write([(Path(getattr(args, flag)), text.encode())])
+    _write_reports(args, report)
     return 0 if report.ok else 1

@@ -10,6 +10,7 @@ from minilora.cli.options import (
     add_run_options,
     check_out,
     comma_items,
+    fit_threads,
     non_negative_float,
     positive_float,
     positive_int,
@@ -106,7 +107,8 @@ def _add_finetune_command(sub) -> None:
     p.add_argument(
         "--base",
         help="base model file (default: the pretrained base); with --data (required): a "
-        "minilora model file or a Hugging Face GPT-2 folder",
+        "minilora model file, a Hugging Face GPT-2 folder or hub id (gpt2, org/name: the "
+        "hub extra, from its cache)",
     )
     p.add_argument(
         "--method",
@@ -168,7 +170,8 @@ def _add_merge_command(sub) -> None:
     )
     p.add_argument(
         "--base",
-        help="base model file or Hugging Face GPT-2 folder (default: the pretrained base)",
+        help="base model file, Hugging Face GPT-2 folder or hub id (gpt2, org/name: the hub "
+        "extra, from its cache) (default: the pretrained base)",
     )
     p.add_argument("--adapter", required=True, help="PEFT adapter folder")
     p.add_argument("--out", required=True, help="merged model file to write")
@@ -208,7 +211,8 @@ def _add_generate_command(sub) -> None:
     _model_args(p)
     p.add_argument(
         "--base",
-        help="text mode: a minilora model file or a Hugging Face GPT-2 folder (instead of --model)",
+        help="text mode: a minilora model file, a Hugging Face GPT-2 folder or hub id (gpt2, "
+        "org/name: the hub extra, from its cache) (instead of --model)",
     )
     p.add_argument(
         "--prompt",
@@ -256,6 +260,7 @@ def _load(args):
             f"the {len(VOCAB)} of the digit tasks ({VOCAB!r}); for a text model (a Hugging "
             "Face GPT-2 folder) use --base with generate or finetune --data"
         )
+    fit_threads(args, model)
     if args.adapter:
         peft_adapters.load_adapter(model, args.adapter)
     return model
@@ -315,6 +320,7 @@ def _cmd_finetune(args) -> int:
     base = (
         model_files.load_model(args.base, args.device) if args.base else demo.load_base(args.device)
     )
+    fit_threads(args, base)
     defaults = demo.DemoSettings()
     settings = demo.DemoSettings(
         steps=args.steps or DIGIT_DEFAULTS["steps"],

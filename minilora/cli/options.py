@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from minilora import backend, fast
+from minilora.lora import count_parameters
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # never written to (its base model is shipped)
 
@@ -83,6 +84,27 @@ def refuse_repeats(flag: str, keys: list[str]) -> None:
         seen.add(k)
 
 
+# --threads' default: models of at least this many parameters use every core. On a shared
+# 2-core machine (docs/performance.md) a step of the benchmarks' small shape (0.8M parameters)
+# ran ten times slower on two threads than on one, and a LoRA step on GPT-2 small (124M) ran
+# 1.55 times quicker on two while the other core was free (issue 26: 874 and 563 ms); the
+# threshold is a choice between them, below the smallest GPT-2 on the hub (distilgpt2, 82M).
+ALL_CORES_FROM = 50_000_000
+
+
+def default_threads(n_parameters: int, cores: int) -> int:
+    """--threads' default for a model of ``n_parameters``: 1 below :data:`ALL_CORES_FROM`
+    (small matrices: extra threads mostly wait), else ``cores``."""
+    return cores if n_parameters >= ALL_CORES_FROM else 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def add_run_options(p, out_help: str | None = None) -> None:
     """Flags every training or inference command shares (and --out, when it writes)."""
     p.add_argument(
@@ -94,9 +116,11 @@ def add_run_options(p, out_help: str | None = None) -> None:
     p.add_argument(
         "--threads",
         type=positive_int,
-        default=1,
-        help="BLAS threads (default 1: minilora's matrices are small, and extra threads "
-        "slow them down on a busy machine)",
+        default=None,
+        help=f"BLAS threads (default: fits the model: 1 below {ALL_CORES_FROM // 10**6}M "
+        "parameters, such as the digit tasks' models, whose small matrices extra threads only "
+        "slow down; every core this process may use from there, such as GPT-2 small's 124M; "
+        "on a machine other jobs keep busy, give 1; docs/text.md)",
     )
     p.add_argument(
         "--no-progress",
@@ -119,10 +143,18 @@ def add_overwrite_option(p) -> None:
 
 
 def set_up_run(args) -> None:
-    """Apply the shared flags: BLAS threads, host memory reuse, and a device that exists."""
-    fast.process.set_num_threads(args.threads)
+    """Apply the shared flags: BLAS threads (--threads, else 1 until :func:`fit_threads`
+    sees the model), host memory reuse, and a device that exists."""
+    fast.process.set_num_threads(args.threads or 1)
     fast.process.keep_freed_host_memory()  # reuse freed memory step after step (see its docstring)
     backend.check_device(args.device)
+
+
+def fit_threads(args, model) -> None:
+    """Without --threads, use :func:`default_threads` for ``model``, once it is loaded."""
+    if args.threads is None:
+        n_parameters = count_parameters(model)[1]
+        fast.process.set_num_threads(default_threads(n_parameters, usable_cores()))
 
 
 def check_out(path, kind: str, overwrite: bool) -> Path:

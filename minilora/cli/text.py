@@ -10,13 +10,14 @@ from minilora import backend
 from minilora.cli.options import (
     check_out,
     comma_items,
+    fit_threads,
     fraction,
     positive_int,
     refuse_mixed,
     set_up_run,
 )
 from minilora.data import IGNORE_INDEX
-from minilora.interop import hf_gpt2, model_files, peft_adapters
+from minilora.interop import hf_gpt2, hub, model_files, peft_adapters
 from minilora.lora import LoRAConfig
 from minilora.text import bpe, corpus
 
@@ -74,12 +75,14 @@ def _add_tokenizer_option(group) -> None:
 
 
 def _text_model(args, base: str):
-    """The base model and its tokenizer for text mode: ``base`` is a model file or a Hugging
-    Face folder; the tokenizer is --tokenizer, or tokenizer.json in the folder."""
+    """The base model and its tokenizer for text mode: ``base`` is a model file, a Hugging
+    Face folder or hub id (its folder in the cache); the tokenizer is --tokenizer, or
+    tokenizer.json in the folder."""
+    base = hub.local_path(base, "--base")
     if args.tokenizer is not None:
         path = Path(args.tokenizer)
-    elif Path(base).is_dir():
-        path = Path(base) / "tokenizer.json"
+    elif base.is_dir():
+        path = base / "tokenizer.json"
         if not path.exists():
             raise ValueError(f"{base} has no tokenizer.json; give --tokenizer TOKENIZER_JSON")
     else:
@@ -89,6 +92,7 @@ def _text_model(args, base: str):
         )
     tokenizer = bpe.load_tokenizer(path)  # before the model: it is the quicker to refuse
     model = model_files.load_model(base, args.device)
+    fit_threads(args, model)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "

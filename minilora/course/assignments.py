@@ -18,9 +18,6 @@ a student who finishes a1 has a minilora that runs. Two files differ on purpose,
 copy holds no answers and runs the student's code (:func:`copy_source`): ``fast/ops.py``
 loses the fast version of every reference op the assignment stubs (whose reference op, or a
 function it calls, is a target), and ``backend.py`` defaults to the reference ops.
-
-This module needs nothing but the standard library: the grader loads it, from the installed
-package, into the process where the student's package is imported.
 """
 
 from __future__ import annotations
@@ -328,10 +325,13 @@ def stub_message(task: Task, qualname: str) -> str:
     return f"Task {task.id}: {qualname} ({task.title}); see the handout, {name}.md beside minilora/"
 
 
-def stub_source(source: str, stubs: dict[str, str]) -> str:
+def stub_source(source: str, stubs: dict[str, str], reference: str | None = None) -> str:
     """``source`` with each ``{qualname: message}`` function's body replaced by
-    ``raise NotImplementedError(message)``, keeping its signature and docstring."""
+    ``raise NotImplementedError(message)``, keeping its signature and docstring; a
+    backward's stub also lists what the forward of ``reference`` (default: ``source``)
+    saves (:func:`saved_contract`)."""
     tree = ast.parse(source)
+    contract_tree = tree if reference is None else ast.parse(reference)
     lines = source.splitlines(keepends=True)
     edits = []
     for qualname, message in stubs.items():
@@ -346,11 +346,42 @@ def stub_source(source: str, stubs: dict[str, str]) -> str:
         if not rest:
             raise ValueError(f"{qualname} has only a docstring: nothing to stub")
         start, indent = rest[0].lineno - 1, " " * rest[0].col_offset
+        top = body[0].end_lineno if has_doc else node.lineno  # comments above the body go too
+        while start > top and lines[start - 1].lstrip().startswith("#"):
+            start -= 1
         literal = json.dumps(message, ensure_ascii=False)  # a valid Python string literal
-        edits.append((start, node.end_lineno, f"{indent}raise NotImplementedError({literal})\n"))
+        contract = "".join(f"{indent}{line}\n" for line in saved_contract(contract_tree, qualname))
+        edits.append(
+            (start, node.end_lineno, f"{contract}{indent}raise NotImplementedError({literal})\n")
+        )
     for start, end, text in sorted(edits, reverse=True):
         lines[start:end] = [text]
     return "".join(lines)
+
+
+def saved_contract(tree: ast.Module, qualname: str) -> list[str]:
+    """For a ``backward``, comment lines naming what the class's ``forward`` saves on
+    ``self`` (each ``self.name = ...`` line of the reference), which the backward may read;
+    nothing for any other function."""
+    owner, _, name = qualname.rpartition(".")
+    try:
+        forward = find_def(tree, f"{owner}.forward") if name == "backward" else None
+    except ValueError:
+        forward = None
+    saved = []
+    for n in ast.walk(forward) if forward is not None else ():
+        if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"
+            for t in n.targets
+        ):
+            saved.append(ast.unparse(n))
+    if not saved:
+        return []
+    head = [
+        "# What the reference forward saves for this backward (graded with your forward",
+        "# when you wrote it, else with the reference's; then read these names):",
+    ]
+    return head + [f"#   {line}" for line in saved]
 
 
 def target_file(module: str) -> str:
@@ -508,17 +539,26 @@ def changed_files(assignment: Assignment, package: Path) -> list[str]:
         if not theirs.is_file():
             changed.append(f"{name} (missing)")
             continue
-        ours = copy_source(assignment, name, path.read_text(encoding="utf-8"))
+        reference = path.read_text(encoding="utf-8")
+        ours = copy_source(assignment, name, reference)
         their_text = theirs.read_text(encoding="utf-8")
         if name in targets:
             try:
-                their_text = stub_source(their_text, targets[name])
+                their_text = stub_source(their_text, targets[name], reference)
             except (SyntaxError, ValueError):
                 changed.append(name)
                 continue
         if ours != their_text:
             changed.append(name)
     return changed
+
+
+PORT_TEMPLATE = """\
+# The command that runs your port (minilora grade a5 runs it in this folder). The grader
+# replaces IN by a folder of inputs it has just drawn and OUT by an empty folder for your
+# port's set: copy each case's inputs, add your outputs and gradients (the handout says how).
+python my_port.py IN OUT
+"""
 
 
 def _copy_package(destination: Path) -> None:
@@ -544,6 +584,9 @@ def make_copy(name: str, out) -> Path:
             text = copy_source(assignment, filename, path.read_text(encoding="utf-8"))
             path.write_text(text, encoding="utf-8")
         (work / "handout.md").write_text(handout_text(assignment), encoding="utf-8")
+        if assignment.port and not os.path.lexists(out / "port.txt"):  # the student edits it
+            (work / "port.txt").write_text(PORT_TEMPLATE, encoding="utf-8")
+            os.replace(work / "port.txt", out / "port.txt")
         os.replace(work / "handout.md", out / f"{name}.md")
         os.replace(work / "minilora", out / "minilora")
     finally:
@@ -588,37 +631,47 @@ def handout_text(assignment: Assignment) -> str:
 # ======================================================================================
 
 SETUP_SH = """#!/usr/bin/env bash
-# Gradescope runs this once, when the autograder image is built.
+# Gradescope runs this once, when the autograder image is built: the versions of minilora's
+# dependencies that the course used when this autograder was made, then minilora itself.
 set -euo pipefail
 apt-get update -q && apt-get install -y -q python3 python3-pip python3-venv
 python3 -m venv /autograder/venv
-/autograder/venv/bin/pip install -q /autograder/source/minilora-src
+/autograder/venv/bin/pip install -q {pins}
+/autograder/venv/bin/pip install -q --no-deps /autograder/source/minilora-src
 """
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
 # Gradescope runs this for every submission: the student's minilora/ folder is somewhere in
-# /autograder/submission (at its top, or a folder or two down).
+# /autograder/submission (at its top, or a folder or two down; with several, the grader
+# takes the shallowest and its report says which).
 set -uo pipefail
 results=/autograder/results/results.json
 mkdir -p /autograder/results
-found=$(find /autograder/submission -path '*/minilora/__init__.py' -not -path '*/__MACOSX/*' \
-  | head -n 1)
-if [ -z "$found" ]; then
-  echo '{{"score": 0, "output": "no minilora/ folder with an __init__.py in the submission:' \
-    'submit your minilora/ folder"}}' > "$results"
-  exit 0
-fi
-/autograder/venv/bin/minilora grade {name} "$(dirname "$(dirname "$found")")" \
-  --gradescope "$results"
+/autograder/venv/bin/minilora grade {name} /autograder/submission --gradescope "$results"{extra}
 exit 0  # the score is in results.json; a failing grade is not a failing autograder
 """
 
 
-def autograder_zip(name: str) -> bytes:
-    """A Gradescope autograder for assignment ``name``, as the bytes of a zip: ``setup.sh``,
-    ``run_autograder``, and the minilora source (``minilora-src/``) that setup.sh installs.
-    Needs the repository's ``pyproject.toml`` beside this package (a clone, or an editable
-    install)."""
+def pinned_requirements() -> list[str]:
+    """``name==version`` for each dependency of minilora, at the version installed here."""
+    from importlib import metadata
+
+    pins = []
+    for requirement in metadata.requires("minilora") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+        pins.append(f"{name}=={metadata.version(name)}")
+    return pins
+
+
+def autograder_zip(name: str, extra_tests=None) -> bytes:
+    """A Gradescope autograder for assignment ``name``, as the bytes of a zip: ``setup.sh``
+    (minilora's dependencies pinned to the versions installed here), ``run_autograder``,
+    the minilora source (``minilora-src/``) that setup.sh installs, and the hidden tests
+    (``hidden/``: the ``*.py`` files of ``extra_tests``, if given), shown to students only
+    once the grades are published. Needs the repository's ``pyproject.toml`` beside this
+    package (a clone, or an editable install)."""
     get_assignment(name)
     source = PACKAGE_DIR.parent
     if not (source / "pyproject.toml").is_file():
@@ -626,15 +679,25 @@ def autograder_zip(name: str) -> bytes:
             f"{source} has no pyproject.toml: build the autograder from a clone of the "
             "minilora repository (pip install -e .)"
         )
+    hidden = sorted(Path(extra_tests).glob("*.py")) if extra_tests is not None else []
+    if extra_tests is not None and not hidden:
+        raise ValueError(f"--extra-tests {extra_tests} holds no *.py file")
+    extra = " --extra-tests /autograder/source/hidden" if hidden else ""
+    scripts = {
+        "setup.sh": SETUP_SH.format(pins=" ".join(pinned_requirements())),
+        "run_autograder": RUN_AUTOGRADER.format(name=name, extra=extra),
+    }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
-        for script, text in (("setup.sh", SETUP_SH), ("run_autograder", RUN_AUTOGRADER)):
+        for script, text in scripts.items():
             info = zipfile.ZipInfo(script)
             info.external_attr = 0o755 << 16  # executable, as Gradescope requires
-            z.writestr(info, text.format(name=name))
+            z.writestr(info, text)
         for path in sorted(PACKAGE_DIR.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts:
                 z.write(path, f"minilora-src/minilora/{path.relative_to(PACKAGE_DIR)}")
-        for extra in ("pyproject.toml", "README.md"):
-            z.write(source / extra, f"minilora-src/{extra}")
+        for extra_file in ("pyproject.toml", "README.md"):
+            z.write(source / extra_file, f"minilora-src/{extra_file}")
+        for path in hidden:
+            z.write(path, f"hidden/{path.name}")
     return buffer.getvalue()

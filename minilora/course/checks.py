@@ -7,7 +7,8 @@ random shapes and values, not fixed outputs: gradients against central differenc
 float64 with a random upstream gradient (``gradcheck``), forward values against plain
 formulas written here, and the rules LoRA depends on (B starts at zero, frozen weights get
 no gradient and no optimizer state). ``CHECKS`` maps each task id of the manifest
-(``assignments.py``) to its checks; ``grading.py`` runs them, task by task, isolated.
+(``assignments.py``) that grades a package to its checks; ``grading.py`` runs them, task
+by task, isolated. A port's tasks (a5) are graded by running it: ``ports.py``.
 """
 
 from __future__ import annotations
@@ -1351,28 +1352,6 @@ def check_finetune(ctx: Context) -> None:
         )
 
 
-# ======================================================================================
-# a5: porting, graded by the port's reference-vector set
-# ======================================================================================
-
-
-def _port_check(*cases: str) -> Callable[[Context], None]:
-    def check(ctx: Context) -> None:
-        # imported here: vectors computes its cases on import, which a student's package
-        # with stubs cannot do (ports are graded in the caller's process, never a worker)
-        from minilora.interop import vectors
-
-        report = vectors.check_vectors(ctx.folder, cases=cases)
-        bad = report.failures
-        if bad:
-            shown = "; ".join(r.line() for r in bad[:3])
-            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-            raise CheckFailed(f"{len(bad)} of {len(report.results)} tensors wrong: {shown}{more}")
-
-    check.__name__ = f"check_port_{'_'.join(cases)}"
-    return check
-
-
 CHECKS: dict[str, list[Callable[[Context], None]]] = {
     "a1.1": [check_unbroadcast_hard_cases, check_unbroadcast],
     "a1.2": [check_add_mul_hard_cases, check_add_mul],
@@ -1396,7 +1375,4 @@ CHECKS: dict[str, list[Callable[[Context], None]]] = {
     "a3.7": [check_trainable_count_hard_cases, check_trainable_count],
     "a4.1": [check_adamw_hard_cases, check_adamw],
     "a4.2": [check_finetune],
-    "a5.1": [_port_check("linear", "lora_linear")],
-    "a5.2": [_port_check("lora_layer", "lora_layer_rslora")],
-    "a5.3": [_port_check("gpt_lora")],
 }

@@ -5,8 +5,9 @@ through ``ctx.student``, an object with the methods of :class:`InProcess`. Every
 check gets back is either a plain value (a NumPy array, a number, a string, None, a dtype,
 or a tuple, list or dict of those) or a stand-in for an object that lives with the student's
 code (a Tensor, a layer, a function), which it can call, read and set attributes of, index,
-iterate and combine with ``+ - * / @``. So that the same check runs whether the student's
-code runs in this process or in another one, a check keeps to these rules:
+iterate and combine with ``+ - * / @ ** -``. So that the same check runs whether the
+student's code runs in this process or in another one (the grader's worker, reached through
+``sandbox.Remote``, minilora/course/sandbox.py), a check keeps to these rules:
 
 - Arrays cross by value. Read a tensor's numbers with ``ctx.value(t)``; change them by
   assignment (``p.data = p.data + d``), never in place (``p.data[...] += d``).
@@ -14,6 +15,8 @@ code runs in this process or in another one, a check keeps to these rules:
   ``ctx.student.is_tensor(x)``, not ``isinstance``; ``ctx.student.id(x)``, not ``id(x)``.
 - No ``with`` on the student's objects (``no_grad``), and no function of the grader's handed
   to the student's code (a lambda that calls the student's code is fine: it runs here).
+- No ``==`` or ``<`` between the student's objects (compare their values), and no dunder
+  attribute read from them.
 """
 
 from __future__ import annotations

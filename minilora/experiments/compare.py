@@ -15,9 +15,10 @@ Each row says what was trained (``trainable_params``), what must be kept for thi
 (``storage_bytes``; ``base_bytes`` is what the task shares with every other task: the frozen
 base, float32 or NF4), held-out ``accuracy``, ``pretrain_accuracy`` on the pretraining tasks
 with the method active (forgetting), forward latency relative to the base at batch 1 and 64
-(medians of interleaved runs), and ``context_length``, the longest input accepted. A
-prefix takes positions, so inputs longer than its context are counted as wrong: that is the
-method's cost, not a bug of the table. See docs/relatives.md.
+(the median of paired ratios over alternating rounds, with its interquartile range, or
+"within noise": minilora/experiments/timing.py), and ``context_length``, the longest input
+accepted. A prefix takes positions, so inputs longer than its context are counted as wrong:
+that is the method's cost, not a bug of the table. See docs/relatives.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from minilora import backend
 from minilora.backend import manual_seed
 from minilora.compression import compress
 from minilora.data import DOWNSTREAM_TASK, IGNORE_INDEX, PRETRAIN_TASKS, DigitTasks
-from minilora.experiments.demo import load_base, median_latency, write_results
+from minilora.experiments import timing
+from minilora.experiments.demo import load_base, write_results
 from minilora.lora import LoRAConfig, apply_lora, count_parameters, merge_lora
 from minilora.model import GPT
 from minilora.relatives.adapters import AdapterConfig, apply_adapters
@@ -86,7 +88,7 @@ class CompareSettings:
         return cls(
             steps=40,
             eval_examples=128,
-            latency_repeats=5,
+            latency_repeats=15,
             sweep_ranks=(1, 4),
             sweep_bottlenecks=(1, 4),
             sweep_prefix=(1, 2),
@@ -268,8 +270,9 @@ def run_compare(
     seq_len = min(min(m.context_length for m in models.values()), dx.shape[1])
     latency = {}
     for batch in (1, 64):
-        x = dx[:batch, :seq_len]
-        latency[batch] = median_latency({"base": base, **models}, x, settings.latency_repeats)
+        fns = timing.forwards({"base": base, **models}, dx[:batch, :seq_len])
+        times = timing.alternate(fns, settings.latency_repeats)
+        latency[batch] = {m: timing.paired_ratio(times, m, "base") for m in METHODS}
 
     rows = []
     for method in METHODS:
@@ -280,8 +283,8 @@ def run_compare(
                 **info[method],
                 "accuracy": accuracy(model, dx, dy),
                 "pretrain_accuracy": accuracy(model, px, py),
-                "latency_b1": latency[1][method] / latency[1]["base"],
-                "latency_b64": latency[64][method] / latency[64]["base"],
+                "latency_b1": latency[1][method].as_dict(),
+                "latency_b64": latency[64][method].as_dict(),
                 "context_length": model.context_length,
             }
         )
@@ -291,11 +294,16 @@ def run_compare(
     )
     echo(table(rows))
     echo(
-        f"\nlatency: forward of {seq_len} positions, relative to the base model "
-        f"(median of {settings.latency_repeats} interleaved runs). Compression rows compress "
-        "the fully fine-tuned model after training; a prefix's inputs longer than its "
-        "context count as wrong."
+        "\nCompression rows compress the fully fine-tuned model after training; a prefix's "
+        "inputs longer than its context count as wrong."
     )
+    echo(
+        f"\nlatency of a forward of {seq_len} positions, relative to the base model: the "
+        f"median of {settings.latency_repeats} paired ratios (one per alternating round) and "
+        'their interquartile range; "within noise" where that range contains 1.00x or is '
+        "wider than the difference (this run cannot tell the model from the base)"
+    )
+    echo(latency_table(latency))
 
     sweep = run_sweep(base, full, settings, dx, dy, px, py, progress)
     results = {
@@ -363,16 +371,27 @@ def run_sweep(base, full, settings, dx, dy, px, py, progress) -> dict:
 def table(rows: list[dict]) -> str:
     head = (
         f"{'method':<18}{'trainable':>11}{'step ms':>9}{'stored bytes':>14}{'accuracy':>10}"
-        f"{'pretrain':>10}{'lat b1':>8}{'lat b64':>9}{'context':>9}"
+        f"{'pretrain':>10}{'context':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         step = "-" if r["step_ms"] is None else f"{r['step_ms']:.1f}"
         lines.append(
             f"{r['method']:<18}{r['trainable_params']:>11,}{step:>9}{r['storage_bytes']:>14,}"
-            f"{r['accuracy']:>10.1%}{r['pretrain_accuracy']:>10.1%}"
-            f"{r['latency_b1']:>7.2f}x{r['latency_b64']:>8.2f}x{r['context_length']:>9}"
+            f"{r['accuracy']:>10.1%}{r['pretrain_accuracy']:>10.1%}{r['context_length']:>9}"
         )
+    return "\n".join(lines)
+
+
+def latency_table(latency: dict[int, dict[str, timing.PairedRatio]]) -> str:
+    """One line per method: its paired ratio to the base at each batch size, with spread."""
+    batches = list(latency)
+    cells = {m: [str(latency[b][m]) for b in batches] for m in latency[batches[0]]}
+    width = 2 + max(len(c) for row in cells.values() for c in row)  # two spaces at least
+    head = f"{'method':<18}" + "".join(f"{f'batch {b}':<{width}}" for b in batches)
+    lines = [head.rstrip(), "-" * len(head.rstrip())]
+    for method, row in cells.items():
+        lines.append((f"{method:<18}" + "".join(f"{c:<{width}}" for c in row)).rstrip())
     return "\n".join(lines)
 
 

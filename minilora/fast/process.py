@@ -12,8 +12,10 @@ import os
 def set_num_threads(n: int):
     """Limit the BLAS threads NumPy uses (returns the limiter; ``None`` restores nothing).
 
-    minilora's matrices are small: one BLAS thread per process is usually fastest, and on a
+    Small matrices (the digit tasks' models) are fastest on one BLAS thread per process: on a
     shared or busy machine extra threads spin and can make each matmul ten times slower.
+    GPT-2 small's are large enough to gain from every core; the ``minilora`` command picks
+    the count by the model's size (``default_threads`` in minilora/cli/options.py).
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"threads={n!r} must be a positive integer")

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from minilora import backend
-from minilora.interop import hf_gpt2
+from minilora.interop import hf_gpt2, hub
 from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.peft_config import ADAPTER_CONFIG_NAME, PEFT_PREFIX
 from minilora.interop.safetensors_files import (
@@ -119,6 +119,10 @@ def load_model(path, device: str = "cpu") -> GPT:
     ``GPT`` on ``device``, in the file's dtype, in eval mode, with every parameter loaded
     (strict: no missing or unexpected keys).
 
+    ``path`` may also be a Hugging Face hub id (``"gpt2"``, ``"org/name"``), found in
+    huggingface_hub's cache (the ``hub`` extra; ``HF_HOME`` and ``HF_HUB_OFFLINE`` honoured)
+    when no local file or folder of that name exists (minilora/interop/hub.py).
+
     A GPT-2 is mapped into minilora's names (minilora/interop/hf_gpt2.py); its head stays tied to
     the token embedding, and its adapters are saved and loaded in GPT-2's names, so
     that PEFT loads them on ``GPT2LMHeadModel``.
@@ -129,7 +133,7 @@ def load_model(path, device: str = "cpu") -> GPT:
     be checked, and are trusted as written.
     """
     device = backend.check_device(device)
-    path = Path(path)
+    path = hub.local_path(path, "load_model")  # a local path wins over a hub id
     # lexists: a dangling or looping config.json link is a GPT-2 folder, refused as such
     if path.is_dir() and os.path.lexists(path / hf_gpt2.CONFIG_NAME):
         return _say_half_precision(_load_gpt2(path, device), path)

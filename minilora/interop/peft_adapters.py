@@ -11,6 +11,11 @@ moved into place (the commit point); the two files replace their predecessors; t
 goes. A save killed before the commit point leaves the old adapter; one killed after it
 leaves the journal, and ``load_adapter`` (or the next save) completes the move first, so
 the folder loads as the new adapter. Never new weights beside an old config.
+
+The weights record the config saved with them; ``load_adapter`` warns, naming each field,
+when ``adapter_config.json`` differs from it in a field that changes what the adapter
+computes (bookkeeping such as ``base_model_name_or_path`` is edited freely):
+docs/porting.md, "An edited config is named, never silent".
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 
 from minilora import backend
@@ -28,6 +34,8 @@ from minilora.interop.peft_config import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     PEFT_PREFIX,
+    SAVED_CONFIG_KEY,
+    edited_fields,
     peft_config_dict,
     read_adapter_config,
 )
@@ -117,27 +125,29 @@ def adapter_files(
             + "\n  ".join(problems)
         )
     arrays = lora_state_dict(model, config.bias)
+    arrays.update({n: p.data.copy() for n, p in _saved_parameters(model, config).items()})
     adapted = {p for p, _ in adapted_layers(model)}
     peft_config = peft_config_dict(config)
-    if hf_gpt2.is_gpt2(model) and (config.use_dora or config.init_lora_weights == "pissa"):
-        raise ValueError(
-            "save_adapter: DoRA and PiSSA adapters of a GPT-2 model are not supported yet"
-        )
+    if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
+        problems = hf_gpt2.pissa_problems(model)
+        if problems:
+            raise ValueError(
+                "save_adapter: PEFT would load this PiSSA adapter of a GPT-2 as another "
+                "function (PiSSA on attn.c_proj, mlp.c_fc and mlp.c_proj saves, and so does "
+                "one loaded from PEFT, untrained on c_attn):\n  " + "\n  ".join(problems)
+            )
     if path_initial_model_for_weight_conversion is not None:
         arrays, peft_config = _pissa_as_lora(
             model, config, Path(path_initial_model_for_weight_conversion), arrays, peft_config
         )
     if hf_gpt2.is_gpt2(model):  # in GPT2LMHeadModel's names: fused c_attn, Conv1D layers
-        if len(adapted) != len(lora_layers(model)) or _has_patterns(config):
-            raise ValueError(
-                "save_adapter: a GPT-2 model's adapter is saved in GPT2LMHeadModel's names, "
-                "for LoRA layers of one rank on c_attn, c_proj and c_fc; this one has an "
-                "embedding adapter, rank_pattern, alpha_pattern or layers_to_transform"
-            )
         arrays, adapted, peft_config = hf_gpt2.adapter_to_gpt2(model, config, peft_config)
     tensors = {peft_key(name, adapted): host_copy(arr) for name, arr in arrays.items()}
     text = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    weights = serialize(tensors, {"format": "pt"})  # what PEFT writes, for transformers
+    # "format": "pt" is what PEFT writes; the config recorded beside the weights lets
+    # load_adapter name the fields edited since (a hand edit, or files of two saves)
+    record = json.dumps(peft_config, sort_keys=True)
+    weights = serialize(tensors, {"format": "pt", SAVED_CONFIG_KEY: record})
     return {ADAPTER_WEIGHTS_NAME: weights, ADAPTER_CONFIG_NAME: text}
 
 
@@ -236,13 +246,19 @@ def load_adapter(model: Module, path, adapter_name: str | None = None) -> LoRACo
     config, tensors = _read_config(model, folder)  # 1. the folder as a LoRAConfig and tensors
     expected, problems = _adapter_plan(model, config)  # 2. what the model needs
     _check_tensors(folder, tensors, expected, config, problems)  # 3. every problem, or none
+    fused = {}  # PiSSA on a GPT-2: the residuals of the fused c_attn, as PEFT's
+    if hf_gpt2.is_gpt2(model) and config.init_lora_weights == "pissa":
+        fused = hf_gpt2.fused_pissa_residuals(model, config)
     _apply_adapter(model, config, tensors)  # 4. everything checked: now change the model
+    for path, residual in fused.items():
+        layer = model.get_submodule(path)
+        layer.weight.data, layer.fused_residual = residual, True  # saved as PEFT loads it
     return config
 
 
-def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
-    """(the config's path, its bytes, the tensors by PEFT key) of an adapter folder, a save
-    that was killed after its commit point completed first."""
+def _read_folder(folder: Path) -> tuple[Path, bytes, dict, dict]:
+    """(the config's path, its bytes, the tensors by PEFT key, the weights' metadata) of an
+    adapter folder, a save that was killed after its commit point completed first."""
     try:  # os.stat, not Path.exists: a symlink loop or a path under a file is an OSError
         mode = os.stat(folder).st_mode
     except FileNotFoundError:
@@ -264,38 +280,46 @@ def _read_folder(folder: Path) -> tuple[Path, bytes, dict]:
             )
         raise FileNotFoundError(f"load_adapter: {weights_path} does not exist{hint}")
     config_bytes = read_file(config_path, "load_adapter", "a JSON file", JSON_LIMIT)
-    tensors, _ = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
-    return config_path, config_bytes, tensors
+    tensors, metadata = read_safetensors(weights_path, "load_adapter", half_to_float32=True)
+    return config_path, config_bytes, tensors, metadata
 
 
 def _read_config(model: Module, folder: Path) -> tuple[LoRAConfig, dict]:
     """Step 1 of load_adapter: the folder's LoRAConfig, its targets resolved against
     ``model``, and its tensors by PEFT key in minilora's module names (a GPT-2 adapter's
     mapped from GPT-2's)."""
-    config_path, config_bytes, tensors = _read_folder(folder)
+    config_path, config_bytes, tensors, metadata = _read_folder(folder)
     # A PEFT adapter of GPT2LMHeadModel, for a model loaded from GPT-2: mapped into
     # minilora's names (checked first), then loaded as any other
-    gpt2 = hf_gpt2.is_gpt2(model) and any(
-        k.startswith((f"{PEFT_PREFIX}transformer.", f"{PEFT_PREFIX}h.")) for k in tensors
+    gpt2 = hf_gpt2.is_gpt2(model) and not any(
+        k.startswith(tuple(f"{PEFT_PREFIX}{n}." for n in ("blocks", "tok_emb", "pos_emb")))
+        for k in tensors
     )
-    fields, layers = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
-    if gpt2 and (fields.get("use_dora") or fields["init_lora_weights"] == "pissa"):
-        raise ValueError(
-            f"load_adapter: {config_path}: use_dora={fields.get('use_dora', False)!r}, "
-            f"init_lora_weights={fields['init_lora_weights']!r}: DoRA and PiSSA adapters of a "
-            "GPT-2 model are not supported yet; nothing was changed"
-        )
+    fields, selection = read_adapter_config(config_path, config_bytes, conv1d=gpt2)
+    if SAVED_CONFIG_KEY in metadata:  # saved by minilora: which fields were edited since?
+        edits = edited_fields(metadata[SAVED_CONFIG_KEY], json.loads(config_bytes))
+        if edits:  # loaded as the config says, as PEFT loads it; but never silently
+            warnings.warn(
+                f"load_adapter: {config_path} is not the config saved with its weights; "
+                "fields that change what the adapter computes differ (saved -> now): "
+                + "; ".join(edits)
+                + ". Loading it as it is now (as PEFT does); put the saved values back if "
+                "the edit was not meant",
+                stacklevel=3,
+            )
     if gpt2:
-        # converted at one rank (patterns that repeat r), the layers chosen by hf_gpt2
+        # the layers, ranks and alphas chosen by hf_gpt2 on GPT-2's paths
         per_layer = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern")
         fields = {k: v for k, v in fields.items() if k not in per_layer}
         fields, arrays, problems = hf_gpt2.adapter_from_gpt2(
-            model, fields, layers, tensors, PEFT_PREFIX
+            model, fields, selection, tensors, PEFT_PREFIX
         )
         _refuse(folder, problems, "the GPT-2 model")
         adapted = set(fields["target_modules"])
         tensors = {peft_key(name, adapted): arr for name, arr in arrays.items()}
     fields["target_modules"], problems = _resolve_targets(model, fields["target_modules"], tensors)
+    if selection["exclude_modules"] is not None and not gpt2 and not problems:
+        fields["target_modules"], problems = _exclude(model, fields, selection["exclude_modules"])
     _refuse(folder, problems)
     try:
         return LoRAConfig(**fields), tensors
@@ -358,6 +382,22 @@ def _resolve_targets(model: Module, targets, tensors: dict) -> tuple[list[str], 
     return chosen, []
 
 
+def _exclude(model: Module, fields: dict, exclude) -> tuple[list[str], list[str]]:
+    """PEFT's ``exclude_modules``: the full paths of the layers ``fields`` targets, less
+    those ``exclude`` names (a regular expression matched in full, or a list of names,
+    suffixes and paths as targets are matched), and the problems found."""
+    config = LoRAConfig(**fields)
+    chosen = [p for p, _ in adaptable_layers(model) if config.adapts(p)]
+    if isinstance(exclude, str):
+        excluded, problems = paths_matching(exclude, chosen)
+    else:
+        excluded, problems = [p for p in chosen if is_target(exclude, p)], []
+    kept = [p for p in chosen if p not in excluded]
+    if not kept and not problems:
+        problems = [f"exclude_modules={exclude!r} leaves none of {chosen} to adapt"]
+    return kept, [p.replace("target_modules", "exclude_modules") for p in problems]
+
+
 def _adapter_paths(model: Module, config: LoRAConfig) -> list:
     """(path, layer) of the layers the adapter is on: the model's LoRA layers when it has
     some, else the Linear and Embedding layers that ``config`` adapts."""
@@ -411,6 +451,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         expected[f"{p}.lora_B"] = (out_f, r)
         if config.use_dora:
             expected[f"{p}.lora_magnitude_vector"] = (out_f,)
+    expected.update({n: p.shape for n, p in _saved_parameters(model, config).items()})
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
@@ -420,6 +461,18 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
             if getattr(m, "bias", None) is not None:
                 expected[f"{p}.bias"] = m.bias.shape
     return expected, problems
+
+
+def _saved_parameters(model: Module, config: LoRAConfig) -> dict:
+    """{parameter path: Parameter} of the modules ``config.modules_to_save`` names (PEFT
+    saves them whole: ``base_model.model.<path>.weight``)."""
+    out = {}
+    for path, module in model.named_modules():
+        if path and is_target(config.modules_to_save or [], path):
+            for leaf in ("weight", "bias"):
+                if vars(module).get(leaf) is not None:
+                    out[f"{path}.{leaf}"] = vars(module)[leaf]
+    return out
 
 
 def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:

@@ -35,6 +35,8 @@ _PEFT_READ = frozenset(
         "alpha_pattern",
         "layers_to_transform",
         "layers_pattern",
+        "exclude_modules",
+        "modules_to_save",
     }
 )
 # Keys known not to change what a trained adapter computes, whatever their value:
@@ -59,15 +61,16 @@ _PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
         "qalora_group_size",  # used only with use_qalora
     }
 )
-# Every other key (lora_bias, exclude_modules, target_parameters,
-# alora_invocation_tokens, modules_to_save, ...) is refused unless its value is null, false
+# Every other key (lora_bias, target_parameters,
+# alora_invocation_tokens, trainable_token_indices, ...) is refused unless its value is null, false
 # or empty: an option minilora does not implement would otherwise load silently wrong.
 _UNSET = (None, False, "", [], {})
 # PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
-# whatever they drew, so they all load the same. PiSSA, OLoRA, LoftQ, CorDA and the like
-# rewrite the base weights when the adapter is created; of them minilora does PiSSA (on a
-# base model it redoes the SVD, as PEFT does), and refuses the others.
-_INITS = (True, False, "gaussian", "orthogonal", "pissa")
+# whatever they drew, so they all load the same (EVA draws A from activations, MiCA B from
+# the weight's smallest singular vectors; neither touches the weight). PiSSA, OLoRA, LoftQ,
+# CorDA and the like rewrite the base weights when the adapter is created; of them minilora
+# does PiSSA (on a base model it redoes the SVD, as PEFT does), and refuses the others.
+_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica", "pissa")
 
 
 def peft_config_dict(config: LoRAConfig) -> dict:
@@ -86,7 +89,7 @@ def peft_config_dict(config: LoRAConfig) -> dict:
         "fan_in_fan_out": False,
         "task_type": None,
         "base_model_name_or_path": None,
-        "modules_to_save": None,
+        "modules_to_save": config.modules_to_save,
         "inference_mode": True,
         "revision": None,
         "layers_to_transform": config.layers_to_transform,
@@ -96,10 +99,11 @@ def peft_config_dict(config: LoRAConfig) -> dict:
     }
 
 
-def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[dict, tuple]:
+def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[dict, dict]:
     """Parse and check adapter_config.json: (the LoRAConfig fields, with target_modules as
-    written, and (layers_to_transform, layers_pattern)), or a ValueError naming the file
-    and every problem. Each key is honoured, known to be harmless, or refused when set.
+    written, and the selection as written: {layers_to_transform, layers_pattern,
+    exclude_modules, rank_pattern, alpha_pattern}), or a ValueError naming the file and
+    every problem. Each key is honoured, known to be harmless, or refused when set.
     ``conv1d``: the adapter is GPT-2's, whose Conv1D layers PEFT adapts with
     ``fan_in_fan_out`` true whatever the file says (hf_gpt2 maps them)."""
     raw = json_object(path, data, "load_adapter")
@@ -132,19 +136,18 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
                 "implement would make the adapter compute something else); it must be "
                 "null, false or empty"
             )
-    # A GPT-2 adapter is converted at one rank and alpha: a pattern that repeats them is
-    # plain LoRA (minilora's own models take any pattern, checked by LoRAConfig below)
-    for key, name, want in (("rank_pattern", "r", r), ("alpha_pattern", "lora_alpha", alpha)):
+    for key, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
         pattern = raw.get(key)
-        if unset(pattern):
-            continue
-        if not isinstance(pattern, dict):
+        if not unset(pattern) and not isinstance(pattern, dict):
             problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
-        elif conv1d and any(v != want for v in pattern.values()):
-            problems.append(
-                f"{key}={pattern!r} is not supported for a GPT-2 adapter: minilora converts "
-                f"one {name} for every layer ({name}={want!r})"
-            )
+    saved = raw.get("modules_to_save")
+    if not unset(saved) and not (
+        isinstance(saved, list) and all(isinstance(t, str) for t in saved)
+    ):
+        problems.append(f"modules_to_save={saved!r} must be a list of module names")
+    exclude = raw.get("exclude_modules")
+    if not unset(exclude) and not is_name_selection(exclude):
+        problems.append(f"exclude_modules={exclude!r} must be a name, a list of names or a regex")
     layers = raw.get("layers_to_transform")
     if not unset(layers) and not is_layer_selection(layers):
         problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
@@ -155,8 +158,9 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
     if not any(init == i and type(init) is type(i) for i in _INITS):
         problems.append(
             f"init_lora_weights={init!r} is not supported by minilora: it loads adapters whose "
-            "init left the base weights as they were (true, false, 'gaussian', 'orthogonal') "
-            "and PiSSA ('pissa'); OLoRA, LoftQ and the like change the base weights otherwise"
+            "init left the base weights as they were (true, false, 'gaussian', 'orthogonal', "
+            "'eva', 'mica') and PiSSA ('pissa', with the exact SVD); OLoRA, LoftQ, CorDA and "
+            "the fast SVD ('pissa_niter_N', randomised) change the base weights otherwise"
         )
     for key in ("use_rslora", "use_dora"):
         if raw.get(key) is not None and not isinstance(raw[key], bool):
@@ -175,6 +179,8 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
     for key in ("lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
+    if not unset(saved):
+        fields["modules_to_save"] = saved
     if not unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
         fields["layers_to_transform"] = layers
         fields["layers_pattern"] = None if unset(layers_pattern) else layers_pattern
@@ -182,7 +188,42 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
         LoRAConfig(**fields)  # the remaining checks (bias, dropout); the targets come later
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_adapter: {path}: {e}") from None
-    return fields, (None if unset(layers) else layers, layers_pattern)
+    selection = {
+        "layers_to_transform": None if unset(layers) else layers,
+        "layers_pattern": layers_pattern,
+        "exclude_modules": None if unset(exclude) else exclude,
+        "rank_pattern": raw.get("rank_pattern") or {},
+        "alpha_pattern": raw.get("alpha_pattern") or {},
+    }
+    return fields, selection
+
+
+# The weights' safetensors __metadata__ key that records the adapter_config.json written
+# with them (PEFT and transformers ignore it): load_adapter names the fields edited since.
+SAVED_CONFIG_KEY = "minilora.adapter_config"
+
+
+def edited_fields(saved_text: str, current: dict) -> list[str]:
+    """The fields of ``current`` (an adapter_config.json, parsed) that differ from
+    ``saved_text`` (the config recorded beside the weights) and may change what the adapter
+    computes, as ``"name: saved -> now"``. Bookkeeping and init-only keys
+    (``base_model_name_or_path``, ``revision``, ``task_type``, ...) are edited freely."""
+    try:
+        saved = json.loads(saved_text)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        return [f"{SAVED_CONFIG_KEY} (the record itself is not a JSON object)"]
+    missing = object()
+    edits = []
+    for key in sorted((saved.keys() | current.keys()) - _PEFT_HARMLESS):
+        before, now = saved.get(key, missing), current.get(key, missing)
+        if before != now or type(before) is not type(now):
+            edits.append(
+                f"{key}: {'(absent)' if before is missing else json.dumps(before)} -> "
+                f"{'(absent)' if now is missing else json.dumps(now)}"
+            )
+    return edits
 
 
 def json_object(path: Path, data, caller: str) -> dict:
@@ -203,5 +244,3 @@ def unset(value) -> bool:
 
 def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
-
-

@@ -457,6 +457,9 @@ def compute_case(case: Case, seed: int = 0, dtype: str = "float64") -> dict:
     return tensors
 
 
+INPUT_ROLES = ("input", "grad_output")  # what a port is given; it computes the rest
+
+
 def _role(case: Case, name: str) -> str:
     if name == "grad_output":
         return "grad_output"
@@ -487,13 +490,15 @@ def _manifest_case(case: Case, tensors: dict) -> dict:
     }
 
 
-def reference_set(seed: int = 0, dtype: str = "float64") -> tuple[dict, dict]:
-    """(manifest, {case name: {tensor name: array}}) for the whole set, in memory."""
+def reference_set(seed: int = 0, dtype: str = "float64", cases=None) -> tuple[dict, dict]:
+    """(manifest, {case name: {tensor name: array}}) for the whole set (or the ``cases``
+    named), in memory."""
     if dtype not in TOLERANCES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(TOLERANCES)}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**31)")
-    data = {name: compute_case(case, seed, dtype) for name, case in CASES.items()}
+    names = _case_names(cases, "reference_set")
+    data = {name: compute_case(CASES[name], seed, dtype) for name in names}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -516,6 +521,24 @@ def write_vectors(folder, seed: int = 0, dtype: str = "float64") -> dict:
     case and ``manifest.json``. Byte-identical for the same seed and dtype. Returns the
     manifest."""
     manifest, data = reference_set(seed, dtype)
+    _write_set(folder, manifest, data)
+    return manifest
+
+
+def write_inputs(folder, seed: int, cases, dtype: str = "float64") -> dict:
+    """Write only what a port needs to compute ``cases``: each case's inputs and
+    ``grad_output``, and a manifest without the seed (the results stay here; the grader of
+    a5 compares the port's results with :func:`check_vectors` given the seed)."""
+    manifest, data = reference_set(seed, dtype, cases)
+    manifest["seed"] = None
+    for name, tensors in data.items():
+        roles = manifest["cases"][name]["tensors"]
+        data[name] = {k: a for k, a in tensors.items() if roles[k]["role"] in INPUT_ROLES}
+    _write_set(folder, manifest, data)
+    return manifest
+
+
+def _write_set(folder, manifest: dict, data: dict) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"vectors: {folder} exists and is not a folder")
@@ -527,7 +550,14 @@ def write_vectors(folder, seed: int = 0, dtype: str = "float64") -> dict:
     ]
     files.append((folder / MANIFEST_NAME, manifest_bytes(manifest)))
     atomic_write(files)
-    return manifest
+
+
+def _case_names(cases, caller: str) -> list[str]:
+    names = list(CASES) if cases is None else list(cases)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"{caller}: unknown cases {unknown}; known: {list(CASES)}")
+    return names
 
 
 # ======================================================================================
@@ -635,10 +665,12 @@ def compare(got, want, rtol: float, atol: float) -> tuple[bool, str]:
     )
 
 
-def check_vectors(folder, cases=None) -> VectorReport:
+def check_vectors(folder, cases=None, seed: int | None = None) -> VectorReport:
     """Check the set in ``folder`` against minilora, tensor by tensor.
 
-    The set's manifest gives the seed and dtype; minilora recomputes its own set for them
+    The set's manifest gives the seed and dtype (``seed`` given: that seed, in float64,
+    whatever the manifest says: how the a5 grader checks a port it gave fresh inputs);
+    minilora recomputes its own set for them
     and compares: inputs (and ``grad_output``) must be bitwise minilora's (copy them from
     minilora's set), outputs and gradients must agree within ``TOLERANCES[dtype]`` and
     have minilora's shape and dtype. ``cases`` limits the check to some case names (a port
@@ -649,17 +681,17 @@ def check_vectors(folder, cases=None) -> VectorReport:
     if folder.is_dir():  # a set whose writing was killed after its commit point: complete it
         finish_interrupted_write(folder, "vectors --check")
     manifest = _read_manifest(folder)
-    seed, dtype = manifest.get("seed"), manifest.get("dtype")
+    if seed is None:
+        seed, dtype = manifest.get("seed"), manifest.get("dtype")
+    else:
+        dtype = "float64"
     if dtype not in TOLERANCES:
         raise ValueError(
             f"vectors --check: manifest dtype={dtype!r}, expected one of {sorted(TOLERANCES)}"
         )
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
         raise ValueError(f"vectors --check: manifest seed={seed!r} must be an integer")
-    names = list(CASES) if cases is None else list(cases)
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        raise ValueError(f"vectors --check: unknown cases {unknown}; known: {list(CASES)}")
+    names = _case_names(cases, "vectors --check")
     tol = TOLERANCES[dtype]
     report = VectorReport(str(folder), seed, dtype)
     for name in names:
@@ -683,7 +715,7 @@ def check_vectors(folder, cases=None) -> VectorReport:
                     f"{backend.dtype_name(w.dtype)} {tuple(w.shape)}"
                 )
                 report.results.append(TensorResult(name, k, role, "mismatch", detail))
-            elif role in ("input", "grad_output"):
+            elif role in INPUT_ROLES:
                 same = bool((g == w).all())
                 detail = (
                     f"{role}, identical to minilora's"
@@ -722,5 +754,6 @@ __all__ = [
     "check_vectors",
     "compute_case",
     "reference_set",
+    "write_inputs",
     "write_vectors",
 ]

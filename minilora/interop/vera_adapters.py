@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from minilora import backend
+from minilora.interop import hf_gpt2
 from minilora.interop.files import JSON_LIMIT, read_file
 from minilora.interop.peft_config import (
     ADAPTER_CONFIG_NAME,
@@ -58,6 +59,15 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
     layers = vera_layers(model)
     if not layers:
         raise ValueError("save_vera: the model has no VeRA layers (call apply_vera first)")
+    names = {p: p for p, _ in layers}  # module path in the file: minilora's, or GPT-2's
+    gpt2 = hf_gpt2.is_gpt2(model)
+    if gpt2:
+        names, problems = hf_gpt2.vera_names(model, list(names))
+        if problems:
+            raise ValueError(
+                "save_vera: a GPT-2 model's VeRA adapter is saved in GPT2LMHeadModel's names, "
+                f"and {problems[0]}"
+            )
     wrong = [p for p, m in layers if not is_target(config.target_modules, p) or m.r != config.r]
     if wrong or any(m.merged for _, m in layers):
         raise ValueError(
@@ -67,7 +77,7 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
     tensors = {}
     for p, m in layers:
         for leaf in VERA_LEAVES:
-            tensors[f"{PEFT_PREFIX}{p}.{leaf}"] = backend.to_numpy(getattr(m, leaf).data).copy()
+            tensors[f"{PEFT_PREFIX}{names[p]}.{leaf}"] = backend.to_numpy(getattr(m, leaf).data)
     if config.save_projection:
         shared = layers[0][1]
         for key, t in zip(_PROJECTION_KEYS, (shared.vera_A, shared.vera_B), strict=True):
@@ -75,8 +85,8 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
     peft_config = {
         "peft_type": "VERA",
         **config.to_dict(),
-        "target_modules": list(config.target_modules),
-        "fan_in_fan_out": False,
+        "target_modules": list(names.values()) if gpt2 else list(config.target_modules),
+        "fan_in_fan_out": gpt2,  # GPT-2's Conv1D layers: PEFT sets it true
         "init_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -110,8 +120,17 @@ def load_vera(model: Module, path) -> VeraConfig:
     finish_interrupted_write(folder, "load_vera")  # a save killed after its commit point
     config_path = folder / ADAPTER_CONFIG_NAME
     data = read_file(config_path, "load_vera", "a JSON file", JSON_LIMIT)
-    config = _read_vera_config(config_path, data, model)
     tensors, _ = read_safetensors(folder / ADAPTER_WEIGHTS_NAME, "load_vera", half_to_float32=True)
+    gpt2 = hf_gpt2.is_gpt2(model) and not any(
+        k.startswith(tuple(f"{PEFT_PREFIX}{n}." for n in ("blocks", "tok_emb", "pos_emb")))
+        for k in tensors
+    )
+    config, names = _read_vera_config(config_path, data, model, gpt2)
+    for gpt2_path, mine in names.items():  # GPT-2's module names -> minilora's
+        for leaf in VERA_LEAVES:
+            key = f"{PEFT_PREFIX}{gpt2_path}.{leaf}"
+            if key in tensors:
+                tensors[f"{PEFT_PREFIX}{mine}.{leaf}"] = tensors.pop(key)
     problems = []
     if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
         problems.append("the model already has adapters; load_vera needs a base model")
@@ -156,24 +175,31 @@ def load_vera(model: Module, path) -> VeraConfig:
     return config
 
 
-def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
+def _read_vera_config(path: Path, data: bytes, model: Module, gpt2: bool) -> tuple:
     """adapter_config.json as a ``VeraConfig``: every key honoured, harmless, or refused
-    when set (ValueError naming the file and every problem). A string ``target_modules``
-    is PEFT's regular expression over module paths and becomes the paths it matches."""
+    when set (ValueError naming the file and every problem), and {GPT-2 module path:
+    minilora path} for a ``gpt2`` adapter (GPT2LMHeadModel's names, its targets matched
+    there as PEFT matches them). A string ``target_modules`` is PEFT's regular expression
+    over module paths and becomes the paths it matches."""
     raw = json_object(path, data, "load_vera")
     problems = []
     if raw.get("peft_type") != "VERA":
         problems.append(f"peft_type={raw.get('peft_type')!r}, expected 'VERA'")
     read = {"peft_type", "r", "target_modules", "projection_prng_key", "save_projection", "bias"}
     read |= {"d_initial", "vera_dropout"}  # init and training only, kept in the config
+    read |= {"fan_in_fan_out"} if gpt2 else set()  # GPT-2's Conv1D: PEFT sets it true
     for key, value in sorted(raw.items()):
         if key not in read | _HARMLESS and not unset(value):
             problems.append(
                 f"{key}={value!r} is not supported by minilora's VeRA; it must be unset"
             )
-    fields_ = {k: raw[k] for k in read - {"peft_type"} if raw.get(k) is not None}
-    targets = fields_.get("target_modules")
-    if isinstance(targets, str):
+    fields_ = {k: raw[k] for k in read - {"peft_type", "fan_in_fan_out"} if raw.get(k) is not None}
+    targets, names = fields_.get("target_modules"), {}
+    if gpt2 and targets is not None:
+        names, found = hf_gpt2.vera_targets_from_gpt2(model, targets)
+        fields_["target_modules"] = list(names.values())
+        problems += found
+    elif isinstance(targets, str):
         paths = [p for p, m in model.named_modules() if type(m) is Linear and p]
         fields_["target_modules"], found = paths_matching(targets, paths)
         problems += found
@@ -182,6 +208,6 @@ def _read_vera_config(path: Path, data: bytes, model: Module) -> VeraConfig:
             f"load_vera: {path} is not a usable VeRA config:\n  " + "\n  ".join(problems)
         )
     try:
-        return VeraConfig(**fields_)
+        return VeraConfig(**fields_), names
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_vera: {path}: {e}") from None

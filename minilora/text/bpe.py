@@ -394,7 +394,7 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
     setting it does not implement (:class:`UnsupportedTokenizer`: a WordPiece model, a
     normalizer, ...), the ``tokenizers`` library when it is installed, else that refusal.
     ``fast=False``: minilora's only. ``fast=True``: :class:`FastTokenizer` over the library
-    (``pip install "minilora[text]"``), an error without it.
+    (``pip install -e ".[text]"`` in a clone of minilora), an error without it.
 
     minilora's is the default because it is not the slower one here: it merges each
     distinct word once, and on a 1 MB text it encoded faster than the library did
@@ -409,8 +409,8 @@ def load_tokenizer(path, fast: bool | None = None) -> BPETokenizer | FastTokeniz
     tokenizers = _library()
     if tokenizers is None:
         raise ValueError(
-            "load_tokenizer(fast=True) needs the tokenizers library: pip install "
-            '"minilora[text]" (or use fast=False, minilora\'s own BPE)'
+            "load_tokenizer(fast=True) needs the tokenizers library: pip install -e "
+            '".[text]" in a clone of minilora (or use fast=False, minilora\'s own BPE)'
         )
     files.check_regular_file(path, "tokenizer", "a tokenizer.json file")
     try:

@@ -161,24 +161,11 @@ class LoRAEmbedding(Embedding, LoRALayer):
         return f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}"
 
 
-def tied_embeddings(model: Module, paths) -> list[str]:
-    """The embeddings among ``paths`` whose table another layer also uses (GPT's
-    ``tie_word_embeddings``): an adapter on them would be merged into that layer too, so
-    merged and unmerged models would differ. LoRA refuses them."""
-    owners = {}
-    for path, m in model.named_modules():
-        w = vars(m).get("weight")
-        if w is not None:
-            owners.setdefault(id(w), []).append(path)
-    chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
-    return [p for p in chosen if len(owners[id(model.get_submodule(p).weight)]) > 1]
-
-
 def embedding_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
     """What stops LoRA on the embeddings among ``paths`` (registered in
     ``lora.TARGET_CHECKS``): DoRA and PiSSA are implemented for ``LoRALinear`` only (for
-    the config's own rank and alpha there: :meth:`LoRAConfig.for_module`), and a tied
-    embedding (:func:`tied_embeddings`) would carry its adapter into the other layer."""
+    the config's own rank and alpha there: :meth:`LoRAConfig.for_module`). A tied
+    embedding is adapted, as PEFT adapts it; ``merge_lora`` refuses to merge it."""
     chosen = [p for p in paths if isinstance(model.get_submodule(p), Embedding)]
     problems = []
     if chosen and (config.use_dora or config.init_lora_weights == "pissa"):
@@ -186,12 +173,6 @@ def embedding_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
             f"{chosen} are embeddings, and minilora implements use_dora={config.use_dora!r} "
             f"and init_lora_weights={config.init_lora_weights!r} for Linear layers only; adapt "
             "the embeddings with plain LoRA (use_dora=False, init 'gaussian' or 'kaiming')"
-        )
-    tied = tied_embeddings(model, chosen)
-    if tied:
-        problems.append(
-            f"{tied} share their weight with another layer (tie_word_embeddings); an "
-            "embedding adapter there would also be merged into that layer"
         )
     return problems
 

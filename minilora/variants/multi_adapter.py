@@ -36,15 +36,20 @@ The rules (each refused with a ``ValueError`` naming the problem):
   (``LoRAEmbedding``) or VeRA layers is refused, and so is an added adapter that would put
   one in.
 * ``add_weighted_adapter`` refuses DoRA adapters: a DoRA update is not ``s·B·A`` alone
-  (its magnitude rescales the whole weight), so neither "cat" nor "svd" holds for it.
+  (its magnitude rescales the whole weight), so no combination of A's and B's holds it.
 * ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
   with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
   (by hand, or ``apply_lora`` after ``merge_and_unload``) start afresh as ``"default"``.
 
-:func:`add_weighted_adapter` makes a new adapter from weighted existing ones: ``"cat"``
-exactly (the weighted sum of the updates, rank Σ rᵢ) or ``"svd"`` (its best rank-k
-approximation). The math, and why PEFT's ``"linear"`` is not the weighted sum, are in
-docs/math.md, "Several adapters, and combining them".
+:func:`add_weighted_adapter` makes a new adapter from weighted existing ones, by every
+``combination_type`` PEFT has: ``"cat"`` exactly (the weighted sum of the updates, rank
+Σ rᵢ), ``"svd"`` (its best rank-k approximation), and PEFT's ``"linear"``, TIES, DARE and
+magnitude pruning (merge_methods.py), each as PEFT computes it, on GPT-2's fused ``c_attn``
+too. :func:`merge_and_unload` with ``adapter_names`` merges several adapters at once, and
+:func:`mixed_batch` runs each row of a batch through its own adapter (PEFT's
+``adapter_names=[...]``). The math, and why only "cat" is the weighted sum, are in
+docs/math.md, "Several adapters, and combining them" and "Combining adapters the ways PEFT
+does".
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import numbers
 from dataclasses import dataclass
 
 from minilora import backend
+from minilora.autograd import Tensor, no_grad
 from minilora.lora import (
     LoRAConfig,
     adapted_layers,
@@ -64,12 +70,12 @@ from minilora.lora import (
     lora_layers,
 )
 from minilora.nn import Module
+from minilora.variants import merge_methods
 from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
 from minilora.variants.vera import vera_layers
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
-COMBINATION_TYPES = ("cat", "svd")
 _SHELF = "_lora_adapter_shelf"  # the attribute of the model that holds the shelf
 
 
@@ -312,6 +318,112 @@ def unload(model: Module) -> Module:
 
 
 # ======================================================================================
+# Merging several adapters, and one adapter per row of a batch
+# ======================================================================================
+
+BASE_ADAPTER = "__base__"  # PEFT's name, in adapter_names, for a row the base model computes
+
+
+def merge_and_unload(
+    model: Module, safe_merge: bool = True, adapter_names: list[str] | None = None
+) -> Module:
+    """Merge the adapters ``adapter_names`` (the active one when None) into the base
+    weights, one after the other in that order, and remove every adapter: a plain model
+    computing ``W0 + Σ ΔWᵢ`` on each layer (PEFT's ``merge_and_unload(adapter_names=...)``).
+    All or nothing: with ``safe_merge`` a non-finite result leaves every weight as it was.
+    The active adapter must be unmerged and enabled."""
+    caller = "merge_and_unload"
+    shelf = _shelf(model, caller)
+    names = [shelf.active] if adapter_names is None else adapter_names
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise TypeError(f"{caller}: adapter_names={adapter_names!r} must be a non-empty list")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{caller}: adapter_names={names!r} names an adapter twice")
+    layers = [_adapter_layers(shelf, name, caller) for name in names]
+    _check_swappable(shelf, caller)
+    before = {}  # {path: the weight before any merge}, to put back if one is refused
+    try:
+        for by_path in layers:
+            _refresh(model, by_path)  # shelved layers read the model's (merged so far) weight
+            for path, layer in by_path.items():
+                before.setdefault(path, layer.weight.data.copy())
+                layer.weight.data[...] = layer.merged_weight(safe_merge)  # W ← W + ΔWᵢ
+    except ValueError:
+        for path, weight in before.items():
+            model.get_submodule(path).weight.data[...] = weight
+        raise
+    return unload(model)
+
+
+class MixedBatchLinear(Module):
+    """A layer's stand-in inside :func:`mixed_batch`: the rows of the batch whose adapter
+    adapts this layer go through that adapter's layer, the others through the base layer;
+    the outputs are put back in the batch's order. Inference only: no gradient flows."""
+
+    def __init__(self, routes: list, batch_size: int):
+        super().__init__()
+        self.routes = routes  # [(row indices, a LoRA layer or the base Linear)]: not children
+        self.batch_size = batch_size
+        self.training = False  # inference only (mixed_batch refuses a training model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"mixed_batch: the batch has {x.shape[0]} rows but adapter_names names "
+                f"{self.batch_size} adapters; give one name per row"
+            )
+        xp = backend.get_array_module(x.data)
+        out = None
+        with no_grad():
+            for rows, layer in self.routes:
+                y = layer(Tensor(x.data[rows])).data  # (n_rows, T, out)
+                if out is None:
+                    out = xp.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype)
+                out[rows] = y
+        return Tensor(out)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: Module, adapter_names: list[str]):
+    """Inside the block, row i of every batch the model runs (a forward, ``generate``)
+    goes through adapter ``adapter_names[i]``, or the base model for ``"__base__"``: PEFT's
+    ``model(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])``. Each
+    row computes exactly what its adapter alone computes. For inference: the model must be
+    in eval mode (as PEFT asks), its active adapter unmerged and enabled."""
+    caller = "mixed_batch"
+    shelf = _shelf(model, caller)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"{caller}: adapter_names={adapter_names!r} must be a list, one per row")
+    if not adapter_names:
+        raise ValueError(f"{caller}: adapter_names is empty; give one name per row")
+    chosen = {n: _adapter_layers(shelf, n, caller) for n in adapter_names if n != BASE_ADAPTER}
+    _check_swappable(shelf, caller)
+    if model.training:
+        raise ValueError(
+            f"{caller}: the model is in training mode; one adapter per row is for inference: "
+            "call model.eval() first"
+        )
+    for layers in chosen.values():
+        _refresh(model, layers)
+    adapted = set().union(*chosen.values())
+    originals = {p: m for p, m in model.named_modules() if p in adapted}
+    xp = backend.module_for(backend.device_of(next(iter(model.parameters())).data))
+    for path, current in originals.items():
+        base = current.get_base_layer() if hasattr(current, "get_base_layer") else current
+        routes = {}  # {id(layer): (layer, rows)}: rows that share a layer run together
+        for i, name in enumerate(adapter_names):
+            layer = chosen[name].get(path, base) if name in chosen else base
+            routes.setdefault(id(layer), (layer, []))[1].append(i)
+        routes = [(xp.asarray(rows), layer) for layer, rows in routes.values()]
+        model.set_submodule(path, MixedBatchLinear(routes, len(adapter_names)))
+    try:
+        yield model
+    finally:
+        for path, layer in originals.items():
+            model.set_submodule(path, layer)
+
+
+# ======================================================================================
 # Combining adapters
 # ======================================================================================
 
@@ -323,31 +435,41 @@ def add_weighted_adapter(
     adapter_name: str,
     combination_type: str = "svd",
     svd_rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    generator: backend.Generator | None = None,
 ) -> LoRAConfig:
-    """Add ``adapter_name``, made of ``Σ wᵢ ΔWᵢ`` with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own
-    scaling, rsLoRA included) on every layer any of them adapts; returns its config (to
-    save it with). As PEFT, the new adapter has ``lora_alpha = r``; and it has
+    """Add ``adapter_name``, made of the adapters ``adapters`` weighted by ``weights``, on
+    every layer any of them adapts; returns its config (to save it with). Every
+    ``combination_type`` PEFT offers, computed as PEFT computes it (docs/math.md,
+    "Combining adapters the ways PEFT does"), with ``ΔWᵢ = sᵢ Bᵢ Aᵢ`` (each adapter's own
+    scaling, rsLoRA included). As PEFT, the new adapter has ``lora_alpha = r``; and it has
     ``use_rslora=False``, so its scaling is exactly 1 (PEFT copies the first adapter's
     ``use_rslora``, which scales an rsLoRA combination by √r).
 
-    * ``"cat"``: exact. ``A = [w₁s₁A₁; w₂s₂A₂; …]`` (rows stacked), ``B = [B₁ B₂ …]``
-      (columns), so ``B A = Σ wᵢ sᵢ Bᵢ Aᵢ``; rank ``Σ rᵢ`` (a layer some adapters skip gets
-      zero rows and columns, as in PEFT).
-    * ``"svd"``: the best rank-k approximation of that sum (Eckart–Young), ``k = svd_rank``
-      or the largest rank: ``B = U_k S_k``, ``A = V_kᵀ``; the error in Frobenius norm is the
-      norm of the discarded singular values.
+    * ``"cat"``: exactly ``Σ wᵢ ΔWᵢ``: ``A = [w₁s₁A₁; w₂s₂A₂; …]`` (rows stacked),
+      ``B = [B₁ B₂ …]``; rank ``Σ rᵢ``.
+    * ``"svd"``: the best rank-k approximation of ``Σ wᵢ ΔWᵢ`` (Eckart–Young),
+      ``k = svd_rank`` or the largest rank: ``B = U_k S_k``, ``A = V_kᵀ``.
+    * ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``:
+      the ΔWᵢ merged by that method (merge_methods.py), then its rank-k SVD.
+    * ``"linear"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``:
+      the A's merged with weights ``sign(wᵢsᵢ)·√|wᵢsᵢ|`` and the B's with ``√|wᵢsᵢ|``,
+      separately, as PEFT does; all adapters need the same rank, kept. Not the weighted
+      sum of the updates: ``B A`` has cross terms ``Bᵢ Aⱼ`` (docs/math.md).
 
-    PEFT's ``"linear"`` (and its relatives) are refused: they average the A's and the
-    B's separately, which adds cross terms ``Bᵢ Aⱼ``; see docs/math.md.
+    ``density`` (in [0, 1], the fraction of entries kept) is required by the pruning
+    methods (ties, dare, magnitude_prune) and refused by the others;
+    ``majority_sign_method`` ("total" or "frequency") is TIES' sign election. DARE draws
+    its masks from ``generator`` (the default generator when None).
+
+    On a model whose PEFT twin fuses layers that minilora keeps apart (GPT-2's ``c_attn``
+    is q, k and v), every method works on the fused layer, as PEFT does: the result has
+    one A for q, k and v, and is saved at its rank.
     """
     caller = "add_weighted_adapter"
     shelf = _shelf(model, caller)
-    if combination_type not in COMBINATION_TYPES:
-        raise ValueError(
-            f"{caller}: combination_type={combination_type!r} must be one of "
-            f"{COMBINATION_TYPES} (PEFT's 'linear' averages the A's and the B's separately, "
-            "which is not the weighted sum of the updates: docs/math.md)"
-        )
+    _check_combination(combination_type, svd_rank, density, majority_sign_method, caller)
     if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
         raise TypeError(f"{caller}: adapters={adapters!r} must be a non-empty list of names")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
@@ -358,38 +480,32 @@ def add_weighted_adapter(
     for w in weights:
         if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w):
             raise ValueError(f"{caller}: weight {w!r} in weights must be a finite number")
-    if combination_type == "cat" and svd_rank is not None:
-        raise ValueError(f"{caller}: svd_rank={svd_rank!r} is used by 'svd' only; leave it None")
     layers = [_adapter_layers(shelf, name, caller) for name in adapters]
     dora = [n for n, by_path in zip(adapters, layers, strict=True) if _uses_dora(by_path)]
     if dora:
         raise ValueError(
             f"{caller}: adapters {dora} use DoRA, whose update is not s·B·A alone (the "
-            "magnitude rescales the whole weight), so neither 'cat' nor 'svd' combines them"
+            "magnitude rescales the whole weight), so no combination of B's and A's holds it"
         )
     _check_new_name(adapter_name, shelf, caller)
     for by_path in layers:  # shelved adapters, on the model's device
         _refresh(model, by_path)
 
-    chosen = set().union(*layers)
-    paths = [p for p, m in model.named_modules() if p in chosen]  # in the model's order
-    ranks = [max(layer.r for layer in by_path.values()) for by_path in layers]
-    r = sum(ranks) if combination_type == "cat" else svd_rank or max(ranks)
-    if combination_type == "svd":
-        for path in paths:  # a rank-k SVD needs k <= min(out, in)
-            check_rank(r, model.get_submodule(path).weight.shape, path)
-    factors = {}
-    for path in paths:
+    factors = [peft_factors(model, by_path) for by_path in layers]
+    units, r = _combination_plan(model, factors, adapters, combination_type, svd_rank)
+    gen = generator or backend.default_generator()
+    result = {}  # {path: (A, B)}
+    for unit, pieces in units.items():  # in the model's order, as PEFT draws DARE's masks
         terms = [
-            (float(w), by_path[path])
-            for w, by_path in zip(weights, layers, strict=True)
-            if path in by_path
+            (float(w), *by_unit[unit][:3])
+            for w, by_unit in zip(weights, factors, strict=True)
+            if unit in by_unit
         ]
-        if combination_type == "cat":
-            factors[path] = _cat(terms, r)
-        else:
-            factors[path] = _svd(terms, r)
+        A, B = _combine(combination_type, terms, r, density, majority_sign_method, gen)
+        for path, rows in pieces:  # a fused layer: one A for all, B split by output rows
+            result[path] = (A.copy(), B[rows].copy())
 
+    paths = [p for p, _ in model.named_modules() if p in result]
     first = next(iter(layers[0].values()))
     config = LoRAConfig(
         r=r, lora_alpha=r, lora_dropout=first.lora_dropout, target_modules=paths, bias="none"
@@ -397,30 +513,156 @@ def add_weighted_adapter(
     with adding_adapter(model, adapter_name):
         add_lora_layers(model, paths, config, backend.Generator(0))  # the init is overwritten
     for path, layer in shelf.shelved[adapter_name].items():
-        layer.lora_A.data, layer.lora_B.data = factors[path]
+        layer.lora_A.data, layer.lora_B.data = result[path]
     return config
+
+
+# PEFT's names, in PEFT's order; the ones that prune take a density, the TIES ones a sign
+COMBINATION_TYPES = (
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+_PRUNING = ("ties", "dare_ties", "dare_linear", "magnitude_prune")
+
+# How PEFT holds the LoRA factors of a model whose PEFT twin fuses layers minilora keeps
+# apart (GPT-2's c_attn is q, k and v): {config class: function(model, {path: LoRALinear})
+# -> {fused layer: (A (r, in), B (out, r), [(path, its output rows)])}}, registered by the
+# module that loads such models (interop/hf_gpt2.py). Other models: one layer per path.
+PEFT_FACTORS: dict = {}
+
+
+def _check_combination(kind, svd_rank, density, majority_sign_method, caller: str) -> None:
+    if kind not in COMBINATION_TYPES:
+        raise ValueError(f"{caller}: combination_type={kind!r} must be one of {COMBINATION_TYPES}")
+    if svd_rank is not None and not kind.endswith("svd"):
+        raise ValueError(
+            f"{caller}: svd_rank={svd_rank!r} is used by the '*svd' types only; leave it None"
+        )
+    prunes = kind.removesuffix("_svd") in _PRUNING
+    if prunes and (
+        not isinstance(density, numbers.Real) or isinstance(density, bool) or not 0 <= density <= 1
+    ):
+        raise ValueError(
+            f"{caller}: combination_type={kind!r} prunes: density={density!r} must be the "
+            "fraction of entries kept, a number in [0, 1]"
+        )
+    if not prunes and density is not None:
+        raise ValueError(
+            f"{caller}: density={density!r} is used by {list(_PRUNING)} (and their '_svd' "
+            f"forms) only, not {kind!r}; leave it None"
+        )
+    if majority_sign_method not in merge_methods.MAJORITY_SIGN_METHODS:
+        raise ValueError(
+            f"{caller}: majority_sign_method={majority_sign_method!r} must be one of "
+            f"{merge_methods.MAJORITY_SIGN_METHODS}"
+        )
+
+
+def peft_factors(model: Module, layers: dict) -> dict:
+    """One adapter's factors as PEFT holds them: {layer: (A (r, in), B (out, r), scaling,
+    [(path, the output rows it computes)])}; one layer per path, or the fused layers of
+    ``PEFT_FACTORS`` (all their paths listed, adapted or not: PEFT adapts the whole layer)."""
+    fused = PEFT_FACTORS.get(type(getattr(model, "config", None)))
+    if fused is None:
+        return {
+            path: (layer.lora_A.data, layer.lora_B.data, layer.scaling, [(path, slice(None))])
+            for path, layer in layers.items()
+        }
+    out = {}
+    for unit, (A, B, pieces) in fused(model, layers).items():
+        scalings = sorted({layers[path].scaling for path, _ in pieces if path in layers})
+        if len(scalings) > 1:  # one PEFT layer has one scaling
+            raise ValueError(
+                f"add_weighted_adapter: the layers of {unit} ({[p for p, _ in pieces]}) have "
+                f"scalings {scalings}; PEFT holds them as one layer with one scaling"
+            )
+        out[unit] = (A, B, scalings[0], pieces)
+    return out
+
+
+def _combination_plan(model, factors: list, adapters: list, kind: str, svd_rank) -> tuple:
+    """({layer: pieces} in the model's order, the new rank), or a ValueError before anything
+    is computed: ranks that differ where the method needs one, an SVD rank too large."""
+    ranks = [max(f[0].shape[0] for f in by_unit.values()) for by_unit in factors]
+    if kind == "cat":
+        r = sum(ranks)
+    elif kind.endswith("svd"):
+        r = svd_rank or max(ranks)
+    elif len(set(ranks)) > 1:
+        raise ValueError(
+            f"add_weighted_adapter: combination_type={kind!r} adds the A's and the B's "
+            f"entry by entry, so every adapter needs the same rank; {adapters} have ranks "
+            f"{ranks} (use 'cat' or 'svd')"
+        )
+    else:
+        r = ranks[0]
+    position = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    units = {}
+    for by_unit in factors:
+        for unit, (A, B, _, pieces) in by_unit.items():
+            if kind in ("linear", *_PRUNING) and A.shape[0] != r:
+                raise ValueError(
+                    f"add_weighted_adapter: {unit} has rank {A.shape[0]}, not {r}, in one "
+                    f"adapter; combination_type={kind!r} needs one rank everywhere"
+                )
+            if kind.endswith("svd"):  # a rank-k SVD needs k <= min(out, in)
+                check_rank(r, (B.shape[0], A.shape[1]), unit)
+            units.setdefault(unit, pieces)
+    order = sorted(units, key=lambda u: min(position[p] for p, _ in units[u]))
+    return {unit: units[unit] for unit in order}, r
 
 
 def _uses_dora(layers: dict) -> bool:
     return any(isinstance(layer, DoRALinear) for layer in layers.values())
 
 
+def _combine(kind: str, terms: list, r: int, density, sign_method: str, generator) -> tuple:
+    """(A (r, in), B (out, r)) of one layer from its terms [(w, A, B, s)], by ``kind``."""
+    if kind == "cat":
+        return _cat(terms, r)
+    method = kind.removesuffix("_svd")
+    weights = [w for w, _, _, _ in terms]
+    if kind.endswith("svd"):
+        deltas = [s * backend.matmul(B, A, "lora.merge") for _, A, B, s in terms]  # (out, in)
+        method = "linear" if method == "svd" else method
+        delta = merge_methods.merge(method, deltas, weights, density, sign_method, generator)
+        return _svd(delta, r)
+    # A's and B's merged separately: √|wᵢsᵢ| on each, the sign of wᵢsᵢ on A (as PEFT)
+    roots = [math.sqrt(abs(w * s)) for w, _, _, s in terms]
+    signed = [
+        root if w * s >= 0 else -root for root, (w, _, _, s) in zip(roots, terms, strict=True)
+    ]
+    As, Bs = [A for _, A, _, _ in terms], [B for _, _, B, _ in terms]
+    A = merge_methods.merge(method, As, signed, density, sign_method, generator)
+    B = merge_methods.merge(method, Bs, roots, density, sign_method, generator)
+    return A.astype(As[0].dtype, copy=False), B.astype(Bs[0].dtype, copy=False)
+
+
 def _cat(terms: list, r: int) -> tuple:
     """A (r, in) = the wᵢsᵢAᵢ stacked, B (out, r) = the Bᵢ side by side, zero-padded to r."""
-    out_f, in_f = terms[0][1].weight.shape
-    dtype, device = terms[0][1].lora_A.dtype, terms[0][1].lora_A.device
+    out_f, in_f = terms[0][2].shape[0], terms[0][1].shape[1]
+    dtype, device = terms[0][1].dtype, backend.device_of(terms[0][1])
     A, B = backend.zeros((r, in_f), dtype, device), backend.zeros((out_f, r), dtype, device)
     row = 0
-    for w, layer in terms:  # the weight and the scaling go into A, as in PEFT
-        A[row : row + layer.r] = layer.lora_A.data * w * layer.scaling  # (r_i, in)
-        B[:, row : row + layer.r] = layer.lora_B.data  # (out, r_i)
-        row += layer.r
+    for w, lora_A, lora_B, s in terms:  # the weight and the scaling go into A, as in PEFT
+        rank = lora_A.shape[0]
+        A[row : row + rank] = lora_A * w * s  # (r_i, in)
+        B[:, row : row + rank] = lora_B  # (out, r_i)
+        row += rank
     return A, B
 
 
-def _svd(terms: list, k: int) -> tuple:
-    """The top-k SVD of Σ wᵢ ΔWᵢ: A = V_kᵀ (k, in), B = U_k S_k (out, k)."""
-    delta = sum(w * layer.get_delta_weight() for w, layer in terms)  # (out, in)
+def _svd(delta, k: int) -> tuple:
+    """The top-k SVD of ``delta`` (out, in): A = V_kᵀ (k, in), B = U_k S_k (out, k)."""
     xp = backend.get_array_module(delta)
     U, S, Vh = xp.linalg.svd(delta, full_matrices=False)  # U (out, m), S (m,), Vh (m, in)
     return Vh[:k].copy(), U[:, :k] * S[:k]
