@@ -100,7 +100,7 @@ def test_a_backward_missing_an_attribute_is_told_what_the_forward_saves(tmp_path
 
 
 def hidden_tests(folder: Path) -> Path:
-    """Two hidden checks of a3.5 (2 points, one check of its own): one passes, one fails."""
+    """Two hidden checks of a3.5 (2 points, two checks of its own): one passes, one fails."""
     folder.mkdir()
     (folder / "hidden_a3.py").write_text(
         "def check_a3_5_merged_flag(ctx):\n"
@@ -118,14 +118,14 @@ def test_points_are_split_among_a_tasks_checks(tmp_path, capsys):
     argv = ["grade", "a3", str(folder), "--task", "a3.5", "--seed", "1"]
     assert cli.main([*argv, "--extra-tests", str(hidden), "--gradescope", str(results)]) == 1
     out = capsys.readouterr().out
-    assert re.search(r"a3\.5 .* 1\.33 of 2  FAIL", out), out
-    assert "total: 1.33 of 2 points" in out
+    assert re.search(r"a3\.5 .* 1\.5 of 2  FAIL", out), out  # 3 of 4 checks, 0.5 each
+    assert "total: 1.5 of 2 points" in out
     written = json.loads(results.read_text())
-    assert written["score"] == 1.33
+    assert written["score"] == 1.5
     tests = [t for t in written["tests"] if t["max_score"] > 0]
     assert [(t["visibility"], t["score"], t["max_score"]) for t in tests] == [
-        ("visible", 0.67, 0.67),
-        ("after_published", 0.67, 1.33),
+        ("visible", 1.0, 1.0),
+        ("after_published", 0.5, 1.0),
     ]
     assert tests[1]["output"] == "check_a3_5_never: a hidden property"
     assert all(t["execution_time"] > 0 for t in tests) and written["execution_time"] > 0
