@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,40 +44,45 @@ def caught(report, task_id: str, said: str) -> bool:
     return list(lost) == [task_id] and any(said in line for line in lost[task_id])
 
 
+TABLE = FIRST_MUTATIONS + MUTATIONS
+
+
+# Each grading runs in a process of its own (ProcessPoolExecutor): grade() kills every
+# process its workers leave behind, so two gradings must never share a process.
+def grade_mutation(job) -> tuple[int, int, bool]:
+    i, seed, copy = job
+    name, assignment, task_id, *_, said = TABLE[i]
+    report = grading.grade(assignment, copy, FAST[assignment], seed)
+    return i, seed, caught(report, task_id, said)
+
+
+def grade_reference(job) -> list[str]:
+    copy, name, task, seed = job
+    report = grading.grade(name, copy, task, seed)
+    return [f"{name} seed {seed} {t.id}: {t.failures[0]}" for t in report.tasks if t.failures]
+
+
 def audit_mutations(folder: Path, seeds: range, jobs: int) -> list[tuple[str, list[int]]]:
     """(name, the seeds it escaped on) for every mutation."""
-    table = FIRST_MUTATIONS + MUTATIONS
     copies = []
-    for i, (_, _, _, filename, right, wrong, _) in enumerate(table):
+    for i, (_, _, _, filename, right, wrong, _) in enumerate(TABLE):
         copy = reference_copy(folder / f"m{i}")
         mutate(copy, filename, right, wrong)
         copies.append(copy)
-
-    def run(job):
-        i, seed = job
-        name, assignment, task_id, *_, said = table[i]
-        report = grading.grade(assignment, copies[i], FAST[assignment], seed)
-        return i, seed, caught(report, task_id, said)
-
-    escaped = {i: [] for i in range(len(table))}
-    with ThreadPoolExecutor(jobs) as pool:
-        jobs_ = [(i, seed) for i in range(len(table)) for seed in seeds]
-        for i, seed, ok in pool.map(run, jobs_):
+    escaped = {i: [] for i in range(len(TABLE))}
+    with ProcessPoolExecutor(jobs) as pool:
+        jobs_ = [(i, seed, copies[i]) for i in range(len(TABLE)) for seed in seeds]
+        for i, seed, ok in pool.map(grade_mutation, jobs_):
             if not ok:
                 escaped[i].append(seed)
-    return [(table[i][0], escaped[i]) for i in range(len(table))]
+    return [(TABLE[i][0], escaped[i]) for i in range(len(TABLE))]
 
 
 def audit_reference(copy: Path, runs: list[tuple[str, str | None, int]], jobs: int):
     """The reference in ``copy`` graded on each (assignment, task, seed): its failures."""
-
-    def run(job):
-        name, task, seed = job
-        report = grading.grade(name, copy, task, seed)
-        return [f"{name} seed {seed} {t.id}: {t.failures[0]}" for t in report.tasks if t.failures]
-
-    with ThreadPoolExecutor(jobs) as pool:
-        return [line for failures in pool.map(run, runs) for line in failures]
+    with ProcessPoolExecutor(jobs) as pool:
+        jobs_ = [(copy, *run) for run in runs]
+        return [line for failures in pool.map(grade_reference, jobs_) for line in failures]
 
 
 def time_assignments(copy: Path, repeats: int) -> dict[str, float]:
