@@ -317,8 +317,9 @@ def run_checks(task, checks, seed: int, check_one) -> list[CheckResult]:
 
 
 def failure_lines(task, results: list[CheckResult]) -> list[str]:
-    """The failures of a task's checks, and its hint under any that is not a stub's."""
-    failures = [r.failure for r in results if r.failure is not None]
+    """The failures of a task's checks, each said once (a stub fails every check alike), and
+    the task's hint under any that is not a stub's."""
+    failures = list(dict.fromkeys(r.failure for r in results if r.failure is not None))
     if any(not f.startswith(("not implemented", "not graded")) for f in failures):
         failures.append(f"hint: {task.hint}")
     return failures
