@@ -101,12 +101,12 @@ def expect_close(
     if tuple(got.shape) != tuple(want.shape):
         raise CheckFailed(f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     if not bool(np.isfinite(got).all()):
-        where = np.unravel_index(int((~np.isfinite(got)).argmax()), got.shape)
+        where = tuple(map(int, np.unravel_index(int((~np.isfinite(got)).argmax()), got.shape)))
         raise CheckFailed(f"{what} is {got[where]} at index {where}, expected {fmt(want[where])}")
     err = abs(got - want)
     allowed = atol + rtol * abs(want)
     if (err > allowed).any():
-        where = np.unravel_index(int((err - allowed).argmax()), got.shape)
+        where = tuple(map(int, np.unravel_index(int((err - allowed).argmax()), got.shape)))
         rel = err[where] / max(abs(want[where]), 1e-300)
         raise CheckFailed(
             f"{what} is wrong at index {where}: got {fmt(got[where])}, expected "
@@ -154,7 +154,7 @@ def expect_grads(ctx: Context, op: str, fn: Callable, inputs: dict, frozen=()) -
         )
         err, allowed = abs(analytic - numeric), gradcheck.ATOL + gradcheck.RTOL * abs(numeric)
         if (err > allowed).any():
-            where = np.unravel_index(int((err - allowed).argmax()), analytic.shape)
+            where = tuple(map(int, np.unravel_index(int((err - allowed).argmax()), analytic.shape)))
             rel = err[where] / max(abs(numeric[where]), 1e-300)
             raise CheckFailed(
                 f"{op}: d{name} (shape {analytic.shape}) is wrong at index {where}: analytic "
