@@ -16,14 +16,17 @@ window.MathJax = {
   },
 };
 
-// Material's instant navigation swaps pages without reloading: typeset each new page.
+// Typesetting is left to Material's document$, which emits for the first page and for each
+// page instant navigation swaps in. (Typesetting at startup as well, then clearing the
+// cache on the first emission, would drop the glyphs' styles and leave every formula blank.)
+window.MathJax.startup = { typeset: false };
 if (typeof document$ !== "undefined") {
   document$.subscribe(() => {
-    if (window.MathJax && MathJax.typesetPromise) {
+    MathJax.startup.promise.then(() => {
       MathJax.startup.output.clearCache();
       MathJax.typesetClear();
       MathJax.texReset();
-      MathJax.typesetPromise();
-    }
+      return MathJax.typesetPromise();
+    });
   });
 }
