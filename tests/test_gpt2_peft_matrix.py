@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from minilora import backend
 from minilora.interop.model_files import load_model
 from minilora.interop.peft_adapters import load_adapter, save_adapter
 from minilora.interop.vera_adapters import load_vera, save_vera
@@ -31,6 +30,8 @@ from minilora.interop.vera_adapters import load_vera, save_vera
 torch = pytest.importorskip("torch", reason="GPT-2 tests need PyTorch: pip install -e '.[oracle]'")
 transformers = pytest.importorskip("transformers", reason="GPT-2 tests need transformers")
 peft = pytest.importorskip("peft", reason="GPT-2 adapter tests need PEFT")
+
+from test_hf_gpt2 import ours, theirs  # noqa: E402  (each model's logits, in eval mode)
 
 pytestmark = pytest.mark.oracle
 
@@ -208,16 +209,6 @@ def gpt2(tmp_path_factory):
     model.save_pretrained(folder, safe_serialization=True)
     rng = np.random.default_rng(1)
     return folder, rng.integers(0, SHAPE["vocab_size"], (2, 13), dtype=np.int64)
-
-
-def ours(model, idx) -> np.ndarray:
-    with ml.no_grad():
-        return backend.to_numpy(model.eval()(idx)[0].data)
-
-
-def theirs(model, idx) -> np.ndarray:
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(idx)).logits.numpy()
 
 
 def peft_saved(folder, adapter, kind: str, kwargs: dict):
