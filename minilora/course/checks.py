@@ -92,6 +92,11 @@ def fmt(v) -> str:
     return f"{float(v):.6g}"
 
 
+def _worst(err, allowed) -> tuple[int, ...]:
+    """The index (plain integers) where ``err`` exceeds ``allowed`` the most."""
+    return tuple(map(int, np.unravel_index(int((err - allowed).argmax()), err.shape)))
+
+
 def expect_close(
     ctx: Context, got, want, what: str, rtol: float = 1e-7, atol: float = 1e-10
 ) -> None:
@@ -106,7 +111,7 @@ def expect_close(
     err = abs(got - want)
     allowed = atol + rtol * abs(want)
     if (err > allowed).any():
-        where = tuple(map(int, np.unravel_index(int((err - allowed).argmax()), got.shape)))
+        where = _worst(err, allowed)
         rel = err[where] / max(abs(want[where]), 1e-300)
         raise CheckFailed(
             f"{what} is wrong at index {where}: got {fmt(got[where])}, expected "
@@ -154,7 +159,7 @@ def expect_grads(ctx: Context, op: str, fn: Callable, inputs: dict, frozen=()) -
         )
         err, allowed = abs(analytic - numeric), gradcheck.ATOL + gradcheck.RTOL * abs(numeric)
         if (err > allowed).any():
-            where = tuple(map(int, np.unravel_index(int((err - allowed).argmax()), analytic.shape)))
+            where = _worst(err, allowed)
             rel = err[where] / max(abs(numeric[where]), 1e-300)
             raise CheckFailed(
                 f"{op}: d{name} (shape {analytic.shape}) is wrong at index {where}: analytic "
