@@ -66,6 +66,7 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     init_lora_weights: str = "gaussian"  # A ~ N(0, 1/r²) (PEFT's "gaussian"), "kaiming", "pissa"
     use_dora: bool = False  # DoRA (minilora/variants/dora.py): a trainable magnitude per row
+    lora_bias: bool = False  # a trainable bias on lora_B (minilora/variants/lora_bias.py)
     # per-module overrides, matched as PEFT matches them (see minilora/variants/patterns.py)
     rank_pattern: dict = field(default_factory=dict)  # {module pattern: r}
     alpha_pattern: dict = field(default_factory=dict)  # {module pattern: lora_alpha}

@@ -516,6 +516,7 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
         "use_rslora": False,
         "init_lora_weights": "gaussian",
         "use_dora": False,
+        "lora_bias": False,
         "fan_in_fan_out": False,
         "task_type": None,
         "base_model_name_or_path": None,
@@ -748,7 +749,6 @@ def test_bad_adapter_config_is_refused_naming_the_field(tmp_path, adapter_dir, c
 # them, naming the option (activated LoRA applied to every token differed by 38%).
 SET_OPTIONS = {
     "alora_invocation_tokens": [1, 2],
-    "lora_bias": True,
     "target_parameters": ["blocks.0.mlp.fc1.weight"],
     "trainable_token_indices": [3],
     "use_bdlora": {"block_size": 2},

@@ -220,7 +220,7 @@ def test_a_permission_error_is_one_line(monkeypatch, capsys):
 
 def test_a_multi_line_error_becomes_one_line(files, tmp_path, capsys):
     config = json.loads((files["adapter"] / "adapter_config.json").read_text())
-    config.update(r=3, lora_bias=True)
+    config.update(r=3, use_qalora=True)
     folder = tmp_path / "a"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(config))
@@ -228,7 +228,7 @@ def test_a_multi_line_error_becomes_one_line(files, tmp_path, capsys):
     (folder / "adapter_model.safetensors").write_bytes(weights.read_bytes())
     status, err = run(capsys, ["eval", "--adapter", str(folder)])
     assert status == 2 and len(err.splitlines()) == 1
-    assert "lora_bias=True" in err and "; " in err
+    assert "use_qalora=True" in err and "; " in err
 
 
 def test_values_are_honoured_not_swapped_for_defaults(monkeypatch, tmp_path, capsys):

@@ -188,11 +188,6 @@ REFUSED: dict[str, tuple[str, list[str], str]] = {
     ),
     "tokens": _TOKENS,
     "tokens-wte": _TOKENS,
-    "lora_bias": (
-        "load",
-        ["lora_bias=True is not supported"],
-        "not implemented: a trainable bias on lora_B",
-    ),
     "vera-c_attn": _VERA_QKV,
     "vera-all": _VERA_QKV,
 }

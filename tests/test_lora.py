@@ -131,6 +131,7 @@ def test_lora_config_defaults_and_peft_spellings():
         "use_rslora",
         "init_lora_weights",
         "use_dora",
+        "lora_bias",
         "rank_pattern",
         "alpha_pattern",
         "layers_to_transform",

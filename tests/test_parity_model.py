@@ -496,7 +496,6 @@ def test_peft_adapter_with_exclude_or_saved_modules_loads(peft, tmp_path, option
 
 REFUSED_PEFT = {
     "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
-    "lora_bias": dict(lora_bias=True),
     "trainable_token_indices": dict(trainable_token_indices={"tok_emb": [1, 2]}),
 }
 

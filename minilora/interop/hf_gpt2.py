@@ -295,9 +295,9 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     to r' with zero rows of A and zero columns of B, which add nothing. Each module's
     ``lora_alpha`` is chosen so that PEFT's scaling (α/r', or α/√r' with rslora) is its
     first adapted piece's (``alpha_pattern`` by full path where modules differ); a piece
-    of ``c_attn`` with another scaling has it folded into its rows of B. DoRA's
-    magnitudes are placed by rows like B (a piece without an adapter gets its rows'
-    norms: m / ‖W‖ = 1)."""
+    of ``c_attn`` with another scaling has it folded into its rows of B (and of
+    ``lora_bias``'s bias on B). DoRA's magnitudes are placed by rows like B (a piece
+    without an adapter gets its rows' norms: m / ‖W‖ = 1)."""
     layers = dict(adapted_layers(model))
     check_targets(model, list(layers), "save_adapter")
     modules = gpt2_modules(model.config)
@@ -322,6 +322,8 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
         for layer, rows in mine:  # 1 unless the pieces' scalings differ
             B[rows] *= layer.scaling / first.scaling
         arrays[f"{path}.{a_name}"], arrays[f"{path}.{b_name}"] = A, B
+        if config.lora_bias:  # lora_B's bias by rows like B (zero for a piece without one)
+            arrays[f"{path}.lora_B_bias"] = _fused_lora_bias(mine, first, B)
         if config.use_dora and kind != "embedding":
             arrays[f"{path}.lora_magnitude_vector"] = _fused_magnitude(model, pieces, layers)
         ratio = rank / first.r
@@ -379,6 +381,15 @@ def _saved_to_gpt2(model, names) -> dict:
             if p is not None:
                 out[f"{ours[path]}.{leaf}"] = backend.to_numpy(p.data)
     return out
+
+
+def _fused_lora_bias(mine: list, first, B):
+    """``lora_bias``'s bias of one GPT-2 module (out,): each adapted piece's ``lora_B_bias``
+    in its rows, rescaled like its rows of B to the scaling of the module's ``first`` piece."""
+    bias = backend.module_for("cpu").zeros(B.shape[0], dtype=B.dtype)
+    for layer, rows in mine:
+        bias[rows] = backend.to_numpy(layer.lora_B_bias.data) * (layer.scaling / first.scaling)
+    return bias
 
 
 def _fused_magnitude(model, pieces: list, layers: dict):
@@ -527,8 +538,8 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
     file's ``layers_to_transform``, ``layers_pattern``, ``exclude_modules``,
     ``rank_pattern`` and ``alpha_pattern``, applied as PEFT applies them to GPT-2's module
     paths. A fused ``c_attn`` adapter becomes one on each of q, k and v, with A shared and
-    B (and DoRA's magnitude) split by rows; nothing is converted unless every key and
-    shape is right."""
+    B (and DoRA's magnitude, ``lora_bias``'s bias on B) split by rows; nothing is
+    converted unless every key and shape is right."""
     modules = gpt2_modules(model.config)
     chosen, problems = _gpt2_chosen(list(modules), fields["target_modules"], selection)
     r, alpha = fields["r"], fields["lora_alpha"]
@@ -566,6 +577,8 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
                 for leaf in _adapter_names(kind):  # A shared, B split by rows
                     part = found[f"{path}.{leaf}"]
                     ours[f"{mine}.{leaf}"] = part if leaf.endswith("A") else part[rows]
+                if f"{path}.lora_B.bias" in found:  # lora_bias: split by rows like B
+                    ours[f"{mine}.lora_B_bias"] = found[f"{path}.lora_B.bias"][rows]
                 if f"{path}.lora_magnitude_vector" in found:
                     ours[f"{mine}.lora_magnitude_vector"] = found[f"{path}.lora_magnitude_vector"][
                         rows
@@ -611,6 +624,8 @@ def _gpt2_expected(model, chosen: list[str], ranks: dict, fields: dict) -> dict:
         )
         if fields.get("use_dora") and kind != "embedding":
             want[f"{path}.lora_magnitude_vector"] = (n_out,)
+        if fields.get("lora_bias") and kind != "embedding":
+            want[f"{path}.lora_B.bias"] = (n_out,)
     bias = fields.get("bias", "none")
     if bias != "none":
         convs = [p for p, (kind, _, _) in modules.items() if kind == "conv1d"]

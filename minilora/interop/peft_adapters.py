@@ -59,6 +59,7 @@ from minilora.lora import (
 from minilora.nn import Embedding, Linear, Module
 from minilora.variants import multi_adapter, pissa
 from minilora.variants.dora import DoRALinear
+from minilora.variants.lora_bias import LoRABiasLinear
 from minilora.variants.patterns import paths_matching
 
 # The adapter's matrices, whose shapes say the rank (a Linear's, an embedding's)
@@ -451,6 +452,8 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         expected[f"{p}.lora_B"] = (out_f, r)
         if config.use_dora:
             expected[f"{p}.lora_magnitude_vector"] = (out_f,)
+        if config.lora_bias:
+            expected[f"{p}.lora_B_bias"] = (out_f,)
     expected.update({n: p.shape for n, p in _saved_parameters(model, config).items()})
     if config.bias == "all":
         for name, param in model.named_parameters():
@@ -489,6 +492,7 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
         own = config.for_module(path)
         has = {a: getattr(layer, a) for a in ("r", "lora_alpha", "use_rslora")}
         has["use_dora"] = isinstance(layer, DoRALinear)
+        has["lora_bias"] = isinstance(layer, LoRABiasLinear)
         for attr, value in has.items():
             if value != getattr(own, attr):
                 problems.append(
@@ -510,6 +514,7 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
 def param_name(key: str) -> str | None:
     """The model's parameter path for a PEFT key, or None when the key is not PEFT's:
     ``base_model.model.<path>.lora_A.weight`` -> ``<path>.lora_A``,
+    ``base_model.model.<path>.lora_B.bias`` -> ``<path>.lora_B_bias`` (``lora_bias``),
     ``base_model.model.<path>.base_layer.bias`` -> ``<path>.bias`` (PEFT's spelling of an
     adapted layer's own bias) and ``base_model.model.<path>.bias`` -> ``<path>.bias``."""
     if not key.startswith(PEFT_PREFIX):
@@ -518,7 +523,9 @@ def param_name(key: str) -> str | None:
     owner, _, leaf = name.rpartition(".")
     if owner.endswith((".lora_A", ".lora_B")) and leaf == "weight":
         return owner
-    if leaf in ("lora_A", "lora_B"):
+    if owner.endswith(".lora_B") and leaf == "bias":  # lora_bias: PEFT's lora_B is a Linear
+        return f"{owner}_bias"
+    if leaf in ("lora_A", "lora_B", "lora_B_bias"):
         return None  # a bare .lora_A without .weight is not PEFT's spelling
     return name
 
@@ -529,6 +536,8 @@ def peft_key(name: str, adapted=frozenset()) -> str:
     owner, _, leaf = name.rpartition(".")
     if leaf in ("lora_A", "lora_B"):
         return f"{PEFT_PREFIX}{name}.weight"
+    if leaf == "lora_B_bias":
+        return f"{PEFT_PREFIX}{owner}.lora_B.bias"
     if leaf in ("lora_embedding_A", "lora_embedding_B"):  # PEFT: Parameters, no .weight
         return PEFT_PREFIX + name
     if owner in adapted and leaf != "lora_magnitude_vector":  # PEFT keeps m beside lora_A

@@ -31,6 +31,7 @@ _PEFT_READ = frozenset(
         "use_rslora",
         "init_lora_weights",
         "use_dora",
+        "lora_bias",
         "rank_pattern",
         "alpha_pattern",
         "layers_to_transform",
@@ -61,7 +62,7 @@ _PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
         "qalora_group_size",  # used only with use_qalora
     }
 )
-# Every other key (lora_bias, target_parameters,
+# Every other key (target_parameters,
 # alora_invocation_tokens, trainable_token_indices, ...) is refused unless its value is null, false
 # or empty: an option minilora does not implement would otherwise load silently wrong.
 _UNSET = (None, False, "", [], {})
@@ -86,6 +87,7 @@ def peft_config_dict(config: LoRAConfig) -> dict:
         "use_rslora": config.use_rslora,
         "init_lora_weights": init,
         "use_dora": config.use_dora,
+        "lora_bias": config.lora_bias,
         "fan_in_fan_out": False,
         "task_type": None,
         "base_model_name_or_path": None,
@@ -162,7 +164,7 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
             "'eva', 'mica') and PiSSA ('pissa', with the exact SVD); OLoRA, LoftQ, CorDA and "
             "the fast SVD ('pissa_niter_N', randomised) change the base weights otherwise"
         )
-    for key in ("use_rslora", "use_dora"):
+    for key in ("use_rslora", "use_dora", "lora_bias"):
         if raw.get(key) is not None and not isinstance(raw[key], bool):
             problems.append(f"{key}={raw[key]!r} must be true or false")
     if problems:
@@ -176,7 +178,8 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
         "target_modules": targets,
         "init_lora_weights": init if init in ("gaussian", "pissa") else "kaiming",
     }
-    for key in ("lora_dropout", "bias", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"):
+    keys = ("lora_dropout", "bias", "use_rslora", "use_dora", "lora_bias")
+    for key in (*keys, "rank_pattern", "alpha_pattern"):
         if raw.get(key) is not None:
             fields[key] = raw[key]
     if not unset(saved):

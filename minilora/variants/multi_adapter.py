@@ -36,7 +36,8 @@ The rules (each refused with a ``ValueError`` naming the problem):
   (``LoRAEmbedding``) or VeRA layers is refused, and so is an added adapter that would put
   one in.
 * ``add_weighted_adapter`` refuses DoRA adapters: a DoRA update is not ``s·B·A`` alone
-  (its magnitude rescales the whole weight), so no combination of A's and B's holds it.
+  (its magnitude rescales the whole weight), so no combination of A's and B's holds it;
+  nor does one hold ``lora_bias``'s bias on ``lora_B``, which is refused too.
 * ``merge_and_unload`` (and :func:`unload`) leave a base model: the shelved adapters go
   with the LoRA layers, as in PEFT. LoRA layers that replaced the ones the shelf knows
   (by hand, or ``apply_lora`` after ``merge_and_unload``) start afresh as ``"default"``.
@@ -73,6 +74,7 @@ from minilora.nn import Module
 from minilora.variants import merge_methods
 from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
+from minilora.variants.lora_bias import LoRABiasLinear
 from minilora.variants.vera import vera_layers
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
@@ -246,7 +248,7 @@ def adding_adapter(model: Module, adapter_name: str):
         yield model
         _check_supported(model, "add_adapter")  # the block added an embedding adapter
         added = dict(lora_layers(model))
-        biases = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        biases = [n for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad]
         if shelf is not None and biases:  # a loaded adapter with bias "all" or "lora_only"
             raise ValueError(
                 f"add_adapter: the new adapter {adapter_name!r} trains biases {biases}, which "
@@ -282,7 +284,9 @@ def add_adapter(model: Module, adapter_name: str, config: LoRAConfig, generator=
             "must be the only adapter (apply it to a model without adapters)"
         )
     if lora_layers(model):
-        trained = [n for n, p in model.named_parameters() if n.endswith("bias") and p.requires_grad]
+        trained = [
+            n for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad
+        ]
         if config.bias != "none" or trained:
             raise ValueError(
                 f"add_adapter: biases are shared by every adapter, so a model with several "
@@ -341,16 +345,22 @@ def merge_and_unload(
         raise ValueError(f"{caller}: adapter_names={names!r} names an adapter twice")
     layers = [_adapter_layers(shelf, name, caller) for name in names]
     _check_swappable(shelf, caller)
-    before = {}  # {path: the weight before any merge}, to put back if one is refused
+    before = {}  # {path: (weight, bias) before any merge}, to put back if one is refused
     try:
         for by_path in layers:
             _refresh(model, by_path)  # shelved layers read the model's (merged so far) weight
             for path, layer in by_path.items():
-                before.setdefault(path, layer.weight.data.copy())
+                bias = None if layer.bias is None else layer.bias.data.copy()
+                before.setdefault(path, (layer.weight.data.copy(), bias))
                 layer.weight.data[...] = layer.merged_weight(safe_merge)  # W ← W + ΔWᵢ
+                if isinstance(layer, LoRABiasLinear):  # and b ← b + s·b_B (lora_bias)
+                    layer.bias.data[...] = layer.merged_bias()
     except ValueError:
-        for path, weight in before.items():
-            model.get_submodule(path).weight.data[...] = weight
+        for path, (weight, bias) in before.items():
+            module = model.get_submodule(path)
+            module.weight.data[...] = weight
+            if bias is not None:
+                module.bias.data[...] = bias
         raise
     return unload(model)
 
@@ -486,6 +496,16 @@ def add_weighted_adapter(
         raise ValueError(
             f"{caller}: adapters {dora} use DoRA, whose update is not s·B·A alone (the "
             "magnitude rescales the whole weight), so no combination of B's and A's holds it"
+        )
+    biased = [
+        n
+        for n, by_path in zip(adapters, layers, strict=True)
+        if any(isinstance(layer, LoRABiasLinear) for layer in by_path.values())
+    ]
+    if biased:
+        raise ValueError(
+            f"{caller}: adapters {biased} have lora_bias, a bias on lora_B that is not part of "
+            "s·B·A, so no combination of B's and A's holds it (PEFT's drops it)"
         )
     _check_new_name(adapter_name, shelf, caller)
     for by_path in layers:  # shelved adapters, on the model's device
