@@ -87,7 +87,7 @@ def refuse_repeats(flag: str, keys: list[str]) -> None:
 # --threads' default: models of at least this many parameters use every core. On a shared
 # 2-core machine (docs/performance.md) a step of the benchmarks' small shape (0.8M parameters)
 # ran ten times slower on two threads than on one, and a LoRA step on GPT-2 small (124M) ran
-# 1.55 times quicker on two while the other core was free (issue 26: 874 and 563 ms); the
+# 1.66 times quicker on two while the other core was free (730 and 439 ms); the
 # threshold is a choice between them, below the smallest GPT-2 on the hub (distilgpt2, 82M).
 ALL_CORES_FROM = 50_000_000
 
