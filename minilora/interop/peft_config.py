@@ -162,7 +162,8 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
             f"init_lora_weights={init!r} is not supported by minilora: it loads adapters whose "
             "init left the base weights as they were (true, false, 'gaussian', 'orthogonal', "
             "'eva', 'mica') and PiSSA ('pissa', with the exact SVD); OLoRA, LoftQ, CorDA and "
-            "the fast SVD ('pissa_niter_N', randomised) change the base weights otherwise"
+            "the fast SVD ('pissa_niter_N', randomised: PEFT's own loads of such an adapter "
+            "differ with torch's seed) change the base weights otherwise"
         )
     for key in ("use_rslora", "use_dora", "lora_bias"):
         if raw.get(key) is not None and not isinstance(raw[key], bool):
