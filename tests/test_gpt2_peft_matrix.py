@@ -165,12 +165,6 @@ _PISSA_QKV = (
     "minilora trains q, k and v with an A each; saved, they stack to one c_attn adapter of "
     "rank 3r, and PEFT redoes PiSSA's SVD at the file's rank when it loads: another base",
 )
-_VERA_QKV = (
-    "load",
-    ["one vera_lambda_d", "rows [0, 3C)"],
-    "PEFT's VeRA on the fused c_attn shares one lambda_d across q, k, v and reads vera_B's "
-    "rows [0, 3C); minilora's VeRA layers on q, k, v are apart, each reading rows [0, C)",
-)
 _TOKENS = (
     "load",
     ["trainable_token_indices", "is not supported"],
@@ -193,8 +187,6 @@ REFUSED: dict[str, tuple[str, list[str], str]] = {
         ["lora_bias=True is not supported"],
         "not implemented: a trainable bias on lora_B",
     ),
-    "vera-c_attn": _VERA_QKV,
-    "vera-all": _VERA_QKV,
 }
 
 
