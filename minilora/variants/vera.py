@@ -370,7 +370,8 @@ def apply_vera(
     ``fused``: groups of layer paths that are one layer in PEFT (GPT-2's ``c_attn`` as q,
     k and v: ``hf_gpt2.vera_fused(model)``); the layers of a targeted group share one λ_d
     Parameter and read consecutive rows of vera_B, as the one layer does (groups the
-    targets miss are ignored, and half a group is refused).
+    targets miss are ignored, and half a group is refused; why it is PEFT's layer exactly:
+    docs/math.md#vera).
     Returns the replaced paths; refuses (ValueError, nothing changed) targets that match
     nothing and a model that already has VeRA layers. As in PEFT, r may exceed a layer's
     min(out, in) (VeRA's r is often 256 or more)."""
