@@ -310,6 +310,28 @@ def test_merge_of_fused_layers_uses_their_rows_and_the_shared_lambda_d():
     np.testing.assert_allclose(k.weight.data, W0, rtol=1e-14, atol=1e-14)
 
 
+def test_merge_and_unload_vera_leaves_plain_linears_computing_the_same():
+    """Fused pieces merge their own rows; a non-finite merge anywhere changes nothing."""
+    model, _ = fused_model(targets=("q_proj", "k_proj", "v_proj", "fc1"))
+    unmerged = logits_of(model, IDX)
+    before = snapshot(model)
+    last = vera.vera_layers(model)[-1][1]
+    kept = last.vera_lambda_b.data.copy()
+    last.vera_lambda_b.data[0] = np.inf
+    with np.errstate(invalid="ignore"), pytest.raises(ValueError, match=r"fc1's W \+ ΔW contains"):
+        vera.merge_and_unload_vera(model)  # 0 · inf in ΔW: NaN
+    last.vera_lambda_b.data[...] = kept
+    assert snapshot(model) == before and len(vera.vera_layers(model)) == 8
+    k = model.get_submodule(QKV[1])
+    want = k.weight.data + k.get_delta_weight()
+    assert vera.merge_and_unload_vera(model) is model
+    assert not vera.vera_layers(model)
+    assert not any("vera" in n for n, _ in model.named_parameters())
+    assert type(model.get_submodule(QKV[1])) is ml.Linear
+    np.testing.assert_array_equal(model.get_submodule(QKV[1]).weight.data, want)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
+
+
 def test_half_a_fused_group_is_refused_changing_nothing():
     model = make_gpt(TINY_2x2)
     before = snapshot(model)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.lora import check_bias_mode, is_target
+from minilora.lora import check_bias_mode, check_merged, is_target
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
@@ -287,6 +287,13 @@ class VeraLinear(Linear):
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
+    def get_base_layer(self) -> Linear:
+        """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
+        linear = Linear.__new__(Linear)
+        kept = ("in_features", "out_features", "weight", "bias", "training")
+        vars(linear).update({k: v for k, v in vars(self).items() if k in kept})
+        return linear
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, r={self.r}, offset={self.vera_offset}, merged={self.merged}"
@@ -411,6 +418,24 @@ def merge_vera(model: Module) -> None:
 def unmerge_vera(model: Module) -> None:
     for _, layer in vera_layers(model):
         layer.unmerge()
+
+
+def merge_and_unload_vera(model: Module) -> Module:
+    """Merge every VeRA layer and put plain ``Linear`` layers back (in place; returns
+    model), PEFT's ``merge_and_unload``: the same outputs, no λ vectors. A fused layer's
+    pieces each merge their own rows of ΔW with the group's one λ_d. All or nothing: every
+    merged weight is computed and checked before any is written."""
+    layers = vera_layers(model)
+    merged = [
+        layer.weight.data if layer.merged else layer.weight.data + layer.get_delta_weight()
+        for _, layer in layers
+    ]
+    for (path, _), weight in zip(layers, merged, strict=True):
+        check_merged(weight, True, f"{path}'s W + ΔW")
+    for (path, layer), weight in zip(layers, merged, strict=True):
+        layer.weight.data[...] = weight
+        model.set_submodule(path, layer.get_base_layer())
+    return model
 
 
 def vera_parameter_count(model: Module) -> int:
