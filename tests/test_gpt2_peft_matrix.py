@@ -150,6 +150,10 @@ MATRIX = {
     "vera-mlp": ("VeraConfig", dict(target_modules=["c_fc", "mlp.c_proj"], r=4)),
     "vera-c_attn": ("VeraConfig", dict(target_modules=["c_attn"], r=4)),
     "vera-all": ("VeraConfig", dict(target_modules=ALL, r=4)),
+    "vera-c_attn-no-projection": (
+        "VeraConfig",
+        dict(target_modules=["c_attn"], r=4, save_projection=False),
+    ),
     "vera-no-projection": (
         "VeraConfig",
         dict(target_modules=["c_fc"], r=4, save_projection=False),

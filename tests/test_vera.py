@@ -332,12 +332,22 @@ def test_merge_and_unload_vera_leaves_plain_linears_computing_the_same():
     np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
 
 
-def test_half_a_fused_group_is_refused_changing_nothing():
+BAD_GROUPS = {
+    "half a group": (
+        ["q_proj", "v_proj"],
+        [QKV],
+        r"all or none.*adapt only \['blocks.0.attn.q_proj'",
+    ),
+    "a layer twice": (["q_proj", "k_proj"], [QKV[:2], QKV[1:2]], "puts a layer in two groups"),
+}
+
+
+@pytest.mark.parametrize("targets, fused, message", BAD_GROUPS.values(), ids=BAD_GROUPS.keys())
+def test_bad_fused_groups_are_refused_changing_nothing(targets, fused, message):
     model = make_gpt(TINY_2x2)
     before = snapshot(model)
-    config = vera.VeraConfig(r=2, target_modules=["q_proj", "v_proj"])
-    with pytest.raises(ValueError, match=r"all or none.*adapt only \['blocks.0.attn.q_proj'"):
-        vera.apply_vera(model, config, fused=[QKV])
+    with pytest.raises(ValueError, match=message):
+        vera.apply_vera(model, vera.VeraConfig(r=2, target_modules=targets), fused=fused)
     assert snapshot(model) == before and not vera.vera_layers(model)
 
 

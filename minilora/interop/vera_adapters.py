@@ -150,7 +150,7 @@ def load_vera(model: Module, path) -> VeraConfig:
     expected = {}
     for name, pieces in layout.items():
         expected[f"{PEFT_PREFIX}{name}.vera_lambda_d"] = (config.r,)
-        expected[f"{PEFT_PREFIX}{name}.vera_lambda_b"] = (sum(out.get(p, 0) for p, _ in pieces),)
+        expected[f"{PEFT_PREFIX}{name}.vera_lambda_b"] = (sum(out[p] for p, _ in pieces),)
     if chosen:
         max_out, max_in = projection_shape(chosen, row_offsets(chosen, fused))
         if config.save_projection:

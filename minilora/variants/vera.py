@@ -13,12 +13,11 @@ PEFT's names and layout (``peft.VeraConfig``): the shared ``vera_A`` (r, max in)
 and each layer slices ``vera_A[:, :in]`` and ``vera_B[:out, :]``. A fused layer that
 minilora holds as several (GPT-2's ``c_attn`` as q, k and v: ``apply_vera``'s ``fused``)
 is one PEFT layer: its pieces share one λ_d and read consecutive rows of ``vera_B``, from
-``vera_offset``. They are drawn with
-kaiming-uniform, A first then B, from ``torch.Generator().manual_seed(projection_prng_key)``;
-:func:`vera_projections` draws the same numbers bit for bit without PyTorch
-(``backend.torch_uniform_stream``). Adapter folders are PEFT's, saved and loaded by
-minilora/interop/vera_adapters.py (``save_vera``, ``load_vera``).
-The math and the backward: docs/math.md#vera.
+``vera_offset``. The projections are drawn with kaiming-uniform, A first then B, from
+``torch.Generator().manual_seed(projection_prng_key)``; :func:`vera_projections` draws the
+same numbers bit for bit without PyTorch (``backend.torch_uniform_stream``). Adapter folders
+are PEFT's, saved and loaded by minilora/interop/vera_adapters.py (``save_vera``,
+``load_vera``). The math and the backward: docs/math.md#vera.
 """
 
 from __future__ import annotations
@@ -331,7 +330,9 @@ def fused_groups(chosen: list, fused) -> list[list[str]]:
         )
     flat = [p for g in groups for p in g]
     if len(set(flat)) != len(flat):
-        raise ValueError(f"apply_vera: fused={fused!r} puts a layer in two groups")
+        raise ValueError(
+            f"apply_vera: fused={fused!r} puts a layer in two groups; nothing was changed"
+        )
     return groups
 
 
