@@ -316,3 +316,29 @@ def test_minilora_adapter_on_gpt2_loads_in_peft(tmp_path, gpt2, key):
     moved(model, 7)
     assert np.abs(ours(model, idx) - ours(load_model(folder), idx)).max() > 1e-3
     minilora_to_peft(tmp_path, gpt2, "c_attn", model, config)
+
+
+def test_vera_on_c_attn_gets_peft_s_gradients(tmp_path, gpt2):
+    """PEFT's one c_attn layer trains as minilora's fused q, k, v: the shared λ_d's gradient
+    (the sum of the three uses) and the λ_b's (q's, k's, v's stacked) are PEFT's."""
+    folder, idx = gpt2
+    hf = peft_saved(folder, tmp_path / "theirs", "VeraConfig", dict(MATRIX["vera-c_attn"][1]))
+    model = load_model(folder)
+    load_vera(model, tmp_path / "theirs")
+    rng = np.random.default_rng(4)
+    weights = rng.standard_normal((*idx.shape, SHAPE["vocab_size"])).astype(np.float32)
+    (model(idx)[0] * ml.Tensor(weights)).sum().backward()  # every logit, weighted
+    (hf(torch.from_numpy(idx)).logits * torch.from_numpy(weights)).sum().backward()
+    grads = {n: p.grad.numpy() for n, p in hf.named_parameters() if p.grad is not None}
+    for i in range(SHAPE["n_layer"]):
+        q, k, v = (model.get_submodule(f"blocks.{i}.attn.{n}_proj") for n in "qkv")
+        theirs_ = f"base_model.model.transformer.h.{i}.attn.c_attn.vera_lambda_"
+        for got, want in [
+            (q.vera_lambda_d.grad, grads[theirs_ + "d.default"]),
+            (
+                np.concatenate([m.vera_lambda_b.grad for m in (q, k, v)]),
+                grads[theirs_ + "b.default"],
+            ),
+        ]:
+            assert np.abs(want).max() > 1e-2  # a gradient worth comparing
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

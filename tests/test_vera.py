@@ -1,7 +1,8 @@
 """VeRA (minilora/variants/vera.py): the reference op's backward against central differences, the
 zero-init equivalence, the parameter count L̂·(r + out), merge and unmerge, the shared
-projections drawn bit for bit as PEFT draws them, and PEFT parity on a whole model (logits,
-gradients, adapter folders both ways)."""
+projections drawn bit for bit as PEFT draws them, fused layers (GPT-2's c_attn as q, k, v:
+one λ_d, rows of vera_B from an offset) and their files in GPT-2's names, and PEFT parity on
+a whole model (logits, gradients, adapter folders both ways)."""
 
 from __future__ import annotations
 
