@@ -340,6 +340,12 @@ BAD_GROUPS = {
         r"all or none.*adapt only \['blocks.0.attn.q_proj'",
     ),
     "a layer twice": (["q_proj", "k_proj"], [QKV[:2], QKV[1:2]], "puts a layer in two groups"),
+    "no layer": (
+        ["q_proj"],
+        [["blocks.0.attn.q_proj", "blocks.0.attn.qq"]],
+        r"\['blocks.0.attn.qq'\], which are not Linear",
+    ),
+    "a string": (["q_proj"], "blocks.0.attn.q_proj", "must be a list of groups of layer paths"),
 }
 
 

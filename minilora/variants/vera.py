@@ -316,9 +316,24 @@ def vera_targets(model: Module, target_modules) -> tuple[list, list[str]]:
     return [(p, m) for p, m in linears if is_target(target_modules, p)], unmatched
 
 
-def fused_groups(chosen: list, fused) -> list[list[str]]:
+def fused_groups(model: Module, chosen: list, fused) -> list[list[str]]:
     """The groups of ``fused`` (lists of layer paths) that the chosen layers fill; a group
-    partly chosen, or a layer in two groups, is refused (ValueError)."""
+    partly chosen, a path that is no layer of ``model`` and a layer in two groups are
+    refused (ValueError)."""
+    layers = {p for p, m in model.named_modules() if isinstance(m, Linear)}
+    if isinstance(fused, str) or not all(
+        isinstance(g, (list, tuple)) and all(isinstance(p, str) for p in g) for g in fused
+    ):
+        raise ValueError(
+            f"apply_vera: fused={fused!r} must be a list of groups of layer paths, such as "
+            "hf_gpt2.vera_fused(model); nothing was changed"
+        )
+    unknown = [p for g in fused for p in g if p not in layers]
+    if unknown:
+        raise ValueError(
+            f"apply_vera: fused names {unknown}, which are not Linear layers of the model; "
+            "nothing was changed"
+        )
     paths = [p for p, _ in chosen]
     groups = [list(g) for g in fused if any(p in paths for p in g)]
     partial = [g for g in groups if not all(p in paths for p in g)]
@@ -390,7 +405,7 @@ def apply_vera(
     chosen, unmatched = vera_targets(model, config.target_modules)
     if unmatched:
         raise ValueError(f"apply_vera: target_modules {unmatched} match no Linear layer")
-    groups = fused_groups(chosen, fused)
+    groups = fused_groups(model, chosen, fused)
     offsets = row_offsets(chosen, groups)
     max_out, max_in = projection_shape(chosen, offsets)
     if projections is None and (problem := projection_problem(config.r, max_out, max_in)):
