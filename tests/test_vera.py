@@ -1,7 +1,8 @@
 """VeRA (minilora/variants/vera.py): the reference op's backward against central differences, the
 zero-init equivalence, the parameter count L̂·(r + out), merge and unmerge, the shared
-projections drawn bit for bit as PEFT draws them, and PEFT parity on a whole model (logits,
-gradients, adapter folders both ways)."""
+projections drawn bit for bit as PEFT draws them, fused layers (GPT-2's c_attn as q, k, v:
+one λ_d, rows of vera_B from an offset) and their files in GPT-2's names, and PEFT parity on
+a whole model (logits, gradients, adapter folders both ways)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 import minilora as ml
 from minilora.gradcheck import gradcheck
-from minilora.interop import model_files, vera_adapters
+from minilora.interop import hf_gpt2, model_files, vera_adapters
+from minilora.interop.safetensors_files import read_safetensors, serialize
 from minilora.lora import count_parameters
 from minilora.variants import vera
 
@@ -213,6 +215,150 @@ def test_apply_vera_refuses_unknown_targets_changing_nothing():
 
 
 # --------------------------------------------------------------------------------------
+# Fused layers: GPT-2's c_attn as q, k and v (one PEFT layer, one λ_d)
+# --------------------------------------------------------------------------------------
+
+QKV = [f"blocks.0.attn.{n}_proj" for n in "qkv"]
+
+
+def fused_model(dtype=np.float64, targets=("q_proj", "k_proj", "v_proj"), config=TINY_2x2):
+    """``config``'s GPT with VeRA on ``targets``, each block's q, k, v fused; λ's random."""
+    model = randomize_weights(make_gpt(config, 0, dtype), 0)
+    vera_config = vera.VeraConfig(r=3, target_modules=list(targets), projection_prng_key=5)
+    groups = [[f"blocks.{i}.attn.{n}_proj" for n in "qkv"] for i in range(config.n_layer)]
+    vera.apply_vera(model, vera_config, fused=groups)
+    randomize_lambdas(model, 4)
+    return model, vera_config
+
+
+def test_fused_layers_share_one_lambda_d_and_read_consecutive_rows():
+    """q, k, v of a block are PEFT's one c_attn: one λ_d Parameter (counted once, seen
+    once by an optimizer), rows [0, C), [C, 2C), [2C, 3C) of a vera_B of 3C rows."""
+    model, _ = fused_model()
+    q, k, v = (model.get_submodule(p) for p in QKV)
+    assert q.vera_lambda_d is k.vera_lambda_d is v.vera_lambda_d
+    assert q.vera_lambda_b is not k.vera_lambda_b
+    C = TINY_2x2.n_embd
+    assert [m.vera_offset for m in (q, k, v)] == [0, C, 2 * C]
+    assert q.vera_B.shape == (3 * C, 3)  # PEFT sizes vera_B to c_attn's 3C outputs
+    for j, m in enumerate((q, k, v)):
+        np.testing.assert_array_equal(m.projections()[1].data, q.vera_B.data[j * C : (j + 1) * C])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(p is q.vera_lambda_d for p in trainable) == 1
+    assert count_parameters(model)[0] == 2 * (3 + 3 * C) == vera.vera_parameter_count(model)
+    assert vera.fused_vera_layers(model) == [QKV, [p.replace("0", "1", 1) for p in QKV]]
+    # the three pieces compute PEFT's one layer on the stacked [W_q; W_k; W_v]
+    x = np.random.default_rng(0).normal(size=(2, 5, C))
+    one = vera.vera_linear(
+        ml.Tensor(x),
+        ml.Tensor(np.concatenate([m.weight.data for m in (q, k, v)])),
+        ml.Tensor(np.concatenate([m.bias.data for m in (q, k, v)])),
+        ml.Tensor(q.vera_A.data),
+        ml.Tensor(q.vera_B.data),
+        q.vera_lambda_d,
+        ml.Tensor(np.concatenate([m.vera_lambda_b.data for m in (q, k, v)])),
+    )
+    pieces = np.concatenate([m(ml.Tensor(x)).data for m in (q, k, v)], axis=-1)
+    np.testing.assert_allclose(pieces, one.data, rtol=1e-13, atol=1e-13)
+
+
+def test_gradcheck_fused_layers_and_the_shared_lambda_d_sums_the_three_uses():
+    """Central differences on every input of q, k, v fused (x, the one λ_d, each λ_b; the
+    frozen A and B get no gradient), and λ_d's gradient is the sum of each piece's."""
+    model, _ = fused_model()
+    layers = [model.get_submodule(p) for p in QKV]
+    rng = np.random.default_rng(1)
+    C, r = TINY_2x2.n_embd, 3
+    x = rng.normal(size=(2, 3, C))
+    lambdas = [rng.normal(size=(r,))] + [rng.normal(size=(C,)) for _ in range(3)]
+    A, B = layers[0].vera_A.data.copy(), layers[0].vera_B.data.copy()
+
+    def fn(x, ld, lb_q, lb_k, lb_v, A, B):
+        for layer, lb in zip(layers, (lb_q, lb_k, lb_v), strict=True):
+            layer.vera_lambda_d, layer.vera_lambda_b = ld, lb
+            layer.vera_A, layer.vera_B = A, B
+        return ml.functional.cat([layer(x) for layer in layers], axis=-1)  # (2, 3, 3C)
+
+    assert gradcheck(fn, [x, *lambdas, A, B], no_grads=(5, 6))
+
+    g = rng.normal(size=(2, 3, 3 * C))
+    ld = ml.Tensor(lambdas[0], requires_grad=True)
+    out = fn(ml.Tensor(x), ld, *(ml.Tensor(lb) for lb in lambdas[1:]), ml.Tensor(A), ml.Tensor(B))
+    out.backward(g)
+    N = x.size // C
+    u = x.reshape(N, C) @ A[:, :C].T  # (N, r)
+    each = []
+    for j in range(3):  # dλ_d of piece j alone: Σ_rows ((g_j ⊙ λ_b_j) B_j) ⊙ u
+        rows = slice(j * C, (j + 1) * C)  # piece j's outputs, and its rows of vera_B
+        gv = (g[..., rows].reshape(N, C) * lambdas[1 + j]) @ B[rows]  # (N, r)
+        each.append((gv * u).sum(axis=0))
+    assert all(np.abs(e).max() > 1e-3 for e in each)  # each piece contributes
+    np.testing.assert_allclose(ld.grad, sum(each), rtol=1e-12, atol=1e-12)
+
+
+def test_merge_of_fused_layers_uses_their_rows_and_the_shared_lambda_d():
+    model, _ = fused_model(targets=("q_proj", "k_proj", "v_proj", "fc1"))
+    unmerged = logits_of(model, IDX)
+    k = model.get_submodule(QKV[1])
+    W0, C = k.weight.data.copy(), TINY_2x2.n_embd
+    assert k.vera_B.shape[0] == 4 * C  # fc1's 4C outputs: more than c_attn's 3C
+    vera.merge_vera(model)
+    B_k, A = k.vera_B.data[C : 2 * C], k.vera_A.data[:, :C]
+    want = W0 + (k.vera_lambda_b.data[:, None] * B_k) @ (k.vera_lambda_d.data[:, None] * A)
+    np.testing.assert_allclose(k.weight.data, want, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
+    vera.unmerge_vera(model)
+    np.testing.assert_allclose(k.weight.data, W0, rtol=1e-14, atol=1e-14)
+
+
+def test_merge_and_unload_vera_leaves_plain_linears_computing_the_same():
+    """Fused pieces merge their own rows; a non-finite merge anywhere changes nothing."""
+    model, _ = fused_model(targets=("q_proj", "k_proj", "v_proj", "fc1"))
+    unmerged = logits_of(model, IDX)
+    before = snapshot(model)
+    last = vera.vera_layers(model)[-1][1]
+    kept = last.vera_lambda_b.data.copy()
+    last.vera_lambda_b.data[0] = np.inf
+    with np.errstate(invalid="ignore"), pytest.raises(ValueError, match=r"fc1's W \+ ΔW contains"):
+        vera.merge_and_unload_vera(model)  # 0 · inf in ΔW: NaN
+    last.vera_lambda_b.data[...] = kept
+    assert snapshot(model) == before and len(vera.vera_layers(model)) == 8
+    k = model.get_submodule(QKV[1])
+    want = k.weight.data + k.get_delta_weight()
+    assert vera.merge_and_unload_vera(model) is model
+    assert not vera.vera_layers(model)
+    assert not any("vera" in n for n, _ in model.named_parameters())
+    assert type(model.get_submodule(QKV[1])) is ml.Linear
+    np.testing.assert_array_equal(model.get_submodule(QKV[1]).weight.data, want)
+    np.testing.assert_allclose(logits_of(model, IDX), unmerged, rtol=1e-12, atol=1e-12)
+
+
+BAD_GROUPS = {
+    "half a group": (
+        ["q_proj", "v_proj"],
+        [QKV],
+        r"all or none.*adapt only \['blocks.0.attn.q_proj'",
+    ),
+    "a layer twice": (["q_proj", "k_proj"], [QKV[:2], QKV[1:2]], "puts a layer in two groups"),
+    "no layer": (
+        ["q_proj"],
+        [["blocks.0.attn.q_proj", "blocks.0.attn.qq"]],
+        r"\['blocks.0.attn.qq'\], which are not Linear",
+    ),
+    "a string": (["q_proj"], "blocks.0.attn.q_proj", "must be a list of groups of layer paths"),
+}
+
+
+@pytest.mark.parametrize("targets, fused, message", BAD_GROUPS.values(), ids=BAD_GROUPS.keys())
+def test_bad_fused_groups_are_refused_changing_nothing(targets, fused, message):
+    model = make_gpt(TINY_2x2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        vera.apply_vera(model, vera.VeraConfig(r=2, target_modules=targets), fused=fused)
+    assert snapshot(model) == before and not vera.vera_layers(model)
+
+
+# --------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------
 
@@ -251,6 +397,70 @@ def test_a_bad_vera_folder_is_refused_leaving_the_model_untouched(tmp_path, chan
     with pytest.raises(ValueError) as info:
         vera_adapters.load_vera(fresh, tmp_path)
     assert message in str(info.value)
+    assert snapshot(fresh) == before and not vera.vera_layers(fresh)
+
+
+GPT2 = hf_gpt2.GPT2Config(**TINY_2x2.to_dict())  # a model loaded from a GPT-2 folder
+
+
+def test_a_gpt2_c_attn_adapter_is_one_c_attn_entry_and_loads_back_fused(tmp_path):
+    """Saved in GPT-2's names, q, k, v of a block are one c_attn entry (one λ_d, the λ_b's
+    stacked, 3C); loaded, they are fused again: the same logits, one shared λ_d."""
+    model, config = fused_model(np.float32, ("q_proj", "k_proj", "v_proj", "fc2"), GPT2)
+    vera_adapters.save_vera(model, tmp_path, config)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    modules = [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_proj")]
+    assert sorted(raw["target_modules"]) == modules
+    tensors, _ = read_safetensors(tmp_path / "adapter_model.safetensors", "test")
+    q, k, v = (model.get_submodule(p) for p in QKV)
+    prefix = "base_model.model.transformer.h.0.attn.c_attn."
+    np.testing.assert_array_equal(tensors[prefix + "vera_lambda_d"], q.vera_lambda_d.data)
+    stacked = np.concatenate([m.vera_lambda_b.data for m in (q, k, v)])  # (3C,)
+    np.testing.assert_array_equal(tensors[prefix + "vera_lambda_b"], stacked)
+    fresh = randomize_weights(make_gpt(GPT2, 0, np.float32), 0)
+    vera_adapters.load_vera(fresh, tmp_path)
+    np.testing.assert_array_equal(logits_of(fresh, IDX), logits_of(model, IDX))
+    assert vera.fused_vera_layers(fresh) == vera.fused_vera_layers(model)
+
+
+def test_vera_on_q_and_v_of_a_gpt2_is_refused_on_save_saying_what_works(tmp_path):
+    """minilora's own VeRA on q_proj and v_proj (a λ_d each, rows from 0) is no layout of
+    PEFT's c_attn; save_vera says so, and how to adapt c_attn as PEFT does."""
+    model = make_gpt(GPT2)
+    config = vera.VeraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    vera.apply_vera(model, config)
+    with pytest.raises(ValueError) as info:
+        vera_adapters.save_vera(model, tmp_path, config)
+    message = str(info.value)
+    for words in (
+        "['blocks.0.attn.q_proj', 'blocks.0.attn.v_proj', 'blocks.1.attn.q_proj'",
+        "not laid out as PEFT's",
+        "one vera_lambda_d for its 3C outputs, which read rows [0, 3C) of vera_B",
+        "apply_vera(model, config, fused=hf_gpt2.vera_fused(model))",
+    ):
+        assert words in message
+    assert not any(tmp_path.iterdir())
+
+
+def test_fused_layers_of_another_model_are_refused_on_save(tmp_path):
+    model, config = fused_model(np.float32)
+    with pytest.raises(ValueError, match="share one vera_lambda_d .* only as GPT-2's c_attn"):
+        vera_adapters.save_vera(model, tmp_path, config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_c_attn_lambda_b_of_the_wrong_length_is_refused_before_it_is_split(tmp_path):
+    model, config = fused_model(np.float32, config=GPT2)
+    vera_adapters.save_vera(model, tmp_path, config)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors, _ = read_safetensors(path, "test")
+    key = "base_model.model.transformer.h.1.attn.c_attn.vera_lambda_b"
+    tensors[key] = np.zeros(3 * TINY_2x2.n_embd + 1, np.float32)
+    path.write_bytes(serialize(tensors, {"format": "pt"}))
+    fresh = make_gpt(GPT2)
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match=f"{key} has shape \\(25,\\), expected \\(24,\\)"):
+        vera_adapters.load_vera(fresh, tmp_path)
     assert snapshot(fresh) == before and not vera.vera_layers(fresh)
 
 

@@ -26,9 +26,9 @@ the fused ``c_attn`` is a rank-r adapter on each of q, k and v (A shared, B and 
 magnitude split by rows), and adapters on q, k and v are one adapter on ``c_attn`` (one A
 when they share it, else the A's stacked and the B's placed block by block). Per-module
 ranks and alphas travel as ``rank_pattern`` / ``alpha_pattern`` by full path;
-``modules_to_save`` of the LayerNorms, embeddings and head by GPT-2 name; VeRA on the
-single layers. Why each is exact, and what is refused: docs/porting.md, "GPT-2 checkpoints
-and their PEFT adapters".
+``modules_to_save`` of the LayerNorms, embeddings and head by GPT-2 name; VeRA, with
+``c_attn``'s one λ_d shared by q, k and v. Why each is exact, and what is refused:
+docs/porting.md, "GPT-2 checkpoints and their PEFT adapters".
 
 This module maps names, shapes and arrays; reading and writing the files is model_files.py's
 and peft_adapters.py's.
@@ -716,42 +716,56 @@ def _gpt2_chosen(paths: list[str], targets, selection: dict) -> tuple[list[str],
 
 
 # ======================================================================================
-# VeRA adapters: PEFT's on GPT2LMHeadModel's single layers
+# VeRA adapters: PEFT's on GPT2LMHeadModel, c_attn as q, k and v with one λ_d
 # ======================================================================================
 
 
 _VERA_FUSED = (
-    "PEFT's VeRA there scales all 3C outputs of the fused c_attn with one vera_lambda_d and "
-    "reads rows [0, 3C) of the shared vera_B, while minilora's VeRA layers on q, k and v "
-    "have a vera_lambda_d each and read rows [0, C): VeRA crosses on attn.c_proj, mlp.c_fc, "
-    "mlp.c_proj and lm_head"
+    "PEFT's VeRA adapts GPT-2's fused c_attn as one layer: one vera_lambda_d for its 3C "
+    "outputs, which read rows [0, 3C) of vera_B. Adapt q_proj, k_proj and v_proj together "
+    "as that layer, with apply_vera(model, config, fused=hf_gpt2.vera_fused(model)) (or "
+    "load_vera of a PEFT adapter), or leave c_attn out: o_proj, fc1, fc2 and lm_head cross alone"
 )
 
 
+def vera_fused(model) -> list[list[str]]:
+    """The groups of minilora layers that are one layer of GPT-2 (each block's q, k and v:
+    its ``c_attn``), as ``apply_vera``'s ``fused`` takes them."""
+    modules = gpt2_modules(model.config).values()
+    return [[p for p, _ in pieces] for _, _, pieces in modules if len(pieces) > 1]
+
+
 def vera_names(model, paths) -> tuple[dict, list[str]]:
-    """({minilora path: GPT-2 module path} for the VeRA layers at ``paths``, the problems:
-    layers of the fused ``c_attn`` (q, k, v) do not cross, see ``_VERA_FUSED``)."""
-    names, fused = {}, []
+    """({GPT-2 module path: [minilora paths of its VeRA layers]} for the VeRA layers at
+    ``paths``, the problems): a layer of its own reads vera_B from row 0 with a λ_d of its
+    own; the pieces of ``c_attn`` are all adapted, share one λ_d and read rows from 0, C
+    and 2C (see ``_VERA_FUSED``)."""
+    names, wrong = {}, []
+    lambda_d = {p: id(model.get_submodule(p).vera_lambda_d) for p in paths}
     for gpt2, (_, _, pieces) in gpt2_modules(model.config).items():
         mine = [p for p, _ in pieces if p in paths]
-        if mine and len(pieces) > 1:
-            fused += mine
-        elif mine:
-            names[mine[0]] = gpt2
-    return names, [f"{fused} are parts of GPT-2's c_attn: {_VERA_FUSED}"] if fused else []
+        if not mine:
+            continue
+        ours = {lambda_d[p] for p in mine}  # one, used by no layer outside the module
+        alone = len(ours) == 1 and sum(lambda_d[p] in ours for p in paths) == len(mine)
+        rows = [model.get_submodule(p).vera_offset for p in mine]
+        if alone and mine == [p for p, _ in pieces] and rows == [r.start for _, r in pieces]:
+            names[gpt2] = mine
+        else:
+            wrong += mine
+    if not wrong:
+        return names, []
+    return names, [f"the VeRA layers {wrong} are not laid out as PEFT's: {_VERA_FUSED}"]
 
 
 def vera_targets_from_gpt2(model, targets) -> tuple[dict, list[str]]:
-    """({GPT-2 module path: minilora path} of the layers PEFT's VeRA ``target_modules``
-    adapts on GPT2LMHeadModel, the problems)."""
+    """({GPT-2 module path: [(minilora path, its rows of the module's outputs)]} of the
+    layers PEFT's VeRA ``target_modules`` adapts on GPT2LMHeadModel, the problems)."""
     modules = gpt2_modules(model.config)
     paths = [p for p, (kind, _, _) in modules.items() if kind != "embedding"]
     none = {"layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
     chosen, problems = _gpt2_chosen(paths, targets, none)
-    fused = [p for p in chosen if len(modules[p][2]) > 1]
-    if fused:
-        problems.append(f"target_modules={targets!r} adapt {fused}: {_VERA_FUSED}")
-    return {p: modules[p][2][0][0] for p in chosen if p not in fused}, problems
+    return {p: modules[p][2] for p in chosen}, problems
 
 
 def fused_pissa_residuals(model, config: LoRAConfig) -> dict:

@@ -36,11 +36,12 @@ from minilora.lora import is_target
 from minilora.nn import Linear, Module
 from minilora.variants.patterns import paths_matching
 from minilora.variants.vera import (
-    VERA_LEAVES,
     VeraConfig,
     apply_vera,
+    fused_vera_layers,
     projection_problem,
     projection_shape,
+    row_offsets,
     vera_layers,
     vera_targets,
 )
@@ -59,7 +60,8 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
     layers = vera_layers(model)
     if not layers:
         raise ValueError("save_vera: the model has no VeRA layers (call apply_vera first)")
-    names = {p: p for p, _ in layers}  # module path in the file: minilora's, or GPT-2's
+    # module path in the file (minilora's, or GPT-2's) -> the VeRA layers it holds
+    names = {p: [p] for p, _ in layers}
     gpt2 = hf_gpt2.is_gpt2(model)
     if gpt2:
         names, problems = hf_gpt2.vera_names(model, list(names))
@@ -68,6 +70,11 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
                 "save_vera: a GPT-2 model's VeRA adapter is saved in GPT2LMHeadModel's names, "
                 f"and {problems[0]}"
             )
+    elif fused := fused_vera_layers(model):
+        raise ValueError(
+            f"save_vera: the VeRA layers {fused[0]} share one vera_lambda_d (fused), and PEFT "
+            "holds a fused layer only as GPT-2's c_attn (a model loaded from a GPT-2 folder)"
+        )
     wrong = [p for p, m in layers if not is_target(config.target_modules, p) or m.r != config.r]
     if wrong or any(m.merged for _, m in layers):
         raise ValueError(
@@ -75,9 +82,13 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
             f"does not describe the model's VeRA layers {wrong}, or a layer is merged"
         )
     tensors = {}
-    for p, m in layers:
-        for leaf in VERA_LEAVES:
-            tensors[f"{PEFT_PREFIX}{names[p]}.{leaf}"] = backend.to_numpy(getattr(m, leaf).data)
+    for name, paths in names.items():  # a fused layer: one λ_d, the pieces' λ_b stacked
+        pieces = [model.get_submodule(p) for p in paths]
+        lambda_b = [m.vera_lambda_b.data for m in pieces]  # (out,) each
+        xp = backend.get_array_module(*lambda_b)
+        prefix = f"{PEFT_PREFIX}{name}."
+        tensors[prefix + "vera_lambda_d"] = backend.to_numpy(pieces[0].vera_lambda_d.data)
+        tensors[prefix + "vera_lambda_b"] = backend.to_numpy(xp.concatenate(lambda_b))
     if config.save_projection:
         shared = layers[0][1]
         for key, t in zip(_PROJECTION_KEYS, (shared.vera_A, shared.vera_B), strict=True):
@@ -85,7 +96,7 @@ def save_vera(model: Module, path, config: VeraConfig) -> None:
     peft_config = {
         "peft_type": "VERA",
         **config.to_dict(),
-        "target_modules": list(names.values()) if gpt2 else list(config.target_modules),
+        "target_modules": list(names) if gpt2 else list(config.target_modules),
         "fan_in_fan_out": gpt2,  # GPT-2's Conv1D layers: PEFT sets it true
         "init_weights": True,
         "layers_to_transform": None,
@@ -126,23 +137,22 @@ def load_vera(model: Module, path) -> VeraConfig:
         for k in tensors
     )
     config, names = _read_vera_config(config_path, data, model, gpt2)
-    for gpt2_path, mine in names.items():  # GPT-2's module names -> minilora's
-        for leaf in VERA_LEAVES:
-            key = f"{PEFT_PREFIX}{gpt2_path}.{leaf}"
-            if key in tensors:
-                tensors[f"{PEFT_PREFIX}{mine}.{leaf}"] = tensors.pop(key)
     problems = []
     if vera_layers(model) or any("lora_" in n for n, _ in model.named_parameters()):
         problems.append("the model already has adapters; load_vera needs a base model")
     chosen, unmatched = vera_targets(model, config.target_modules)
     if unmatched:
         problems.append(f"target_modules {unmatched} match no Linear layer in the model")
+    # module path in the file -> [(minilora layer, its rows of the module's outputs)]
+    layout = names if gpt2 else {p: [(p, slice(None))] for p, _ in chosen}
+    fused = [[p for p, _ in pieces] for pieces in layout.values() if len(pieces) > 1]
+    out = {p: m.weight.shape[0] for p, m in chosen}
     expected = {}
-    for p, m in chosen:
-        expected[f"{PEFT_PREFIX}{p}.vera_lambda_d"] = (config.r,)
-        expected[f"{PEFT_PREFIX}{p}.vera_lambda_b"] = (m.weight.shape[0],)
+    for name, pieces in layout.items():
+        expected[f"{PEFT_PREFIX}{name}.vera_lambda_d"] = (config.r,)
+        expected[f"{PEFT_PREFIX}{name}.vera_lambda_b"] = (sum(out[p] for p, _ in pieces),)
     if chosen:
-        max_out, max_in = projection_shape(chosen)
+        max_out, max_in = projection_shape(chosen, row_offsets(chosen, fused))
         if config.save_projection:
             expected[_PROJECTION_KEYS[0]] = (config.r, max_in)
             expected[_PROJECTION_KEYS[1]] = (max_out, config.r)
@@ -164,23 +174,29 @@ def load_vera(model: Module, path) -> VeraConfig:
     projections = None
     if config.save_projection:
         projections = tuple(tensors[k] for k in _PROJECTION_KEYS)
-    apply_vera(model, config, projections=projections)
-    params = dict(model.named_parameters())
-    for key, arr in tensors.items():
-        if key in _PROJECTION_KEYS:
-            continue
-        p = params[key[len(PEFT_PREFIX) :]]
-        p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()
+    apply_vera(model, config, projections=projections, fused=fused)
+    for name, pieces in layout.items():  # a fused layer's λ_d is its pieces' one Parameter
+        prefix = f"{PEFT_PREFIX}{name}."
+        for path, rows in pieces:
+            layer = model.get_submodule(path)
+            _copy_into(layer.vera_lambda_d, tensors[prefix + "vera_lambda_d"])
+            _copy_into(layer.vera_lambda_b, tensors[prefix + "vera_lambda_b"][rows])
     model.eval()
     return config
+
+
+def _copy_into(p, arr) -> None:
+    """``p``'s data becomes a copy of the host array ``arr``, in ``p``'s dtype and device."""
+    p.data = backend.array(arr, dtype=p.dtype, device=p.device).copy()
 
 
 def _read_vera_config(path: Path, data: bytes, model: Module, gpt2: bool) -> tuple:
     """adapter_config.json as a ``VeraConfig``: every key honoured, harmless, or refused
     when set (ValueError naming the file and every problem), and {GPT-2 module path:
-    minilora path} for a ``gpt2`` adapter (GPT2LMHeadModel's names, its targets matched
-    there as PEFT matches them). A string ``target_modules`` is PEFT's regular expression
-    over module paths and becomes the paths it matches."""
+    [(minilora path, its rows of the module's outputs)]} for a ``gpt2`` adapter
+    (GPT2LMHeadModel's names, its targets matched there as PEFT matches them). A string
+    ``target_modules`` is PEFT's regular expression over module paths and becomes the
+    paths it matches."""
     raw = json_object(path, data, "load_vera")
     problems = []
     if raw.get("peft_type") != "VERA":
@@ -197,7 +213,7 @@ def _read_vera_config(path: Path, data: bytes, model: Module, gpt2: bool) -> tup
     targets, names = fields_.get("target_modules"), {}
     if gpt2 and targets is not None:
         names, found = hf_gpt2.vera_targets_from_gpt2(model, targets)
-        fields_["target_modules"] = list(names.values())
+        fields_["target_modules"] = [p for pieces in names.values() for p, _ in pieces]
         problems += found
     elif isinstance(targets, str):
         paths = [p for p, m in model.named_modules() if type(m) is Linear and p]

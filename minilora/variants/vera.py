@@ -10,12 +10,14 @@ so the adapted model starts equal to the base; λ_d starts at ``d_initial`` (0.1
 
 PEFT's names and layout (``peft.VeraConfig``): the shared ``vera_A`` (r, max in) and
 ``vera_B`` (max out, r) are sized to the largest in and out features among the targets,
-and each layer slices ``vera_A[:, :in]`` and ``vera_B[:out, :]``. They are drawn with
-kaiming-uniform, A first then B, from ``torch.Generator().manual_seed(projection_prng_key)``;
-:func:`vera_projections` draws the same numbers bit for bit without PyTorch
-(``backend.torch_uniform_stream``). Adapter folders are PEFT's, saved and loaded by
-minilora/interop/vera_adapters.py (``save_vera``, ``load_vera``).
-The math and the backward: docs/math.md#vera.
+and each layer slices ``vera_A[:, :in]`` and ``vera_B[:out, :]``. A fused layer that
+minilora holds as several (GPT-2's ``c_attn`` as q, k and v: ``apply_vera``'s ``fused``)
+is one PEFT layer: its pieces share one λ_d and read consecutive rows of ``vera_B``, from
+``vera_offset``. The projections are drawn with kaiming-uniform, A first then B, from
+``torch.Generator().manual_seed(projection_prng_key)``; :func:`vera_projections` draws the
+same numbers bit for bit without PyTorch (``backend.torch_uniform_stream``). Adapter folders
+are PEFT's, saved and loaded by minilora/interop/vera_adapters.py (``save_vera``,
+``load_vera``). The math and the backward: docs/math.md#vera.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.lora import check_bias_mode, is_target
+from minilora.lora import check_bias_mode, check_merged, is_target
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
@@ -198,14 +200,23 @@ class VeraLinear(Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: Linear, vera_A: Tensor, vera_B: Tensor, config: VeraConfig, generator=None
+        cls,
+        linear: Linear,
+        vera_A: Tensor,
+        vera_B: Tensor,
+        config: VeraConfig,
+        generator=None,
+        offset: int = 0,
     ) -> VeraLinear:
+        """``offset``: the first row of ``vera_B`` this layer reads (0, or its place in a
+        fused layer, whose pieces read consecutive rows)."""
         layer = cls.__new__(cls)
         vars(layer).update(vars(linear))
         out_f, _ = layer.weight.shape
         dtype, device = layer.weight.dtype, layer.weight.device
         layer.r = config.r
         layer.vera_A, layer.vera_B = vera_A, vera_B  # (r, max in), (max out, r): shared
+        layer.vera_offset = offset  # this layer reads vera_B[offset : offset + out]
         lambda_d = backend.ones((config.r,), dtype, device) * config.d_initial
         layer.vera_lambda_d = Parameter(lambda_d.astype(dtype))  # (r,)
         layer.vera_lambda_b = Parameter(backend.zeros((out_f,), dtype, device))  # (out,)
@@ -217,14 +228,16 @@ class VeraLinear(Linear):
         return layer
 
     def projections(self) -> tuple[Tensor, Tensor]:
-        """This layer's slices: ``vera_A[:, :in]`` (r, in) and ``vera_B[:out, :]`` (out, r).
+        """This layer's slices: ``vera_A[:, :in]`` (r, in) and ``vera_B[o : o + out, :]``
+        (out, r), o its ``vera_offset``.
 
         The shared projections are constants, not parameters, so ``Module.to`` does not move
         them: they follow the weight's device here (once: the move updates the shared Tensor)."""
         out_f, in_f = self.weight.shape
         for t in (self.vera_A, self.vera_B):
             t.data = backend.to_device(t.data, self.weight.device)
-        return Tensor(self.vera_A.data[:, :in_f]), Tensor(self.vera_B.data[:out_f, :])
+        o = self.vera_offset
+        return Tensor(self.vera_A.data[:, :in_f]), Tensor(self.vera_B.data[o : o + out_f, :])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
@@ -273,8 +286,17 @@ class VeraLinear(Linear):
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
+    def get_base_layer(self) -> Linear:
+        """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
+        linear = Linear.__new__(Linear)
+        kept = ("in_features", "out_features", "weight", "bias", "training")
+        vars(linear).update({k: v for k, v in vars(self).items() if k in kept})
+        return linear
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, merged={self.merged}"
+        return (
+            f"{super().extra_repr()}, r={self.r}, offset={self.vera_offset}, merged={self.merged}"
+        )
 
 
 # ======================================================================================
@@ -294,9 +316,58 @@ def vera_targets(model: Module, target_modules) -> tuple[list, list[str]]:
     return [(p, m) for p, m in linears if is_target(target_modules, p)], unmatched
 
 
-def projection_shape(chosen: list) -> tuple[int, int]:
-    """(max out, max in) over the chosen layers: the size of the shared projections."""
-    return max(m.weight.shape[0] for _, m in chosen), max(m.weight.shape[1] for _, m in chosen)
+def fused_groups(model: Module, chosen: list, fused) -> list[list[str]]:
+    """The groups of ``fused`` (lists of layer paths) that the chosen layers fill; a group
+    partly chosen, a path that is no layer of ``model`` and a layer in two groups are
+    refused (ValueError)."""
+    layers = {p for p, m in model.named_modules() if isinstance(m, Linear)}
+    if isinstance(fused, str) or not all(
+        isinstance(g, (list, tuple)) and all(isinstance(p, str) for p in g) for g in fused
+    ):
+        raise ValueError(
+            f"apply_vera: fused={fused!r} must be a list of groups of layer paths, such as "
+            "hf_gpt2.vera_fused(model); nothing was changed"
+        )
+    unknown = [p for g in fused for p in g if p not in layers]
+    if unknown:
+        raise ValueError(
+            f"apply_vera: fused names {unknown}, which are not Linear layers of the model; "
+            "nothing was changed"
+        )
+    paths = [p for p, _ in chosen]
+    groups = [list(g) for g in fused if any(p in paths for p in g)]
+    partial = [g for g in groups if not all(p in paths for p in g)]
+    if partial:
+        raise ValueError(
+            f"apply_vera: the fused layers {partial[0]} are one layer, adapted all or none, "
+            f"but target_modules adapt only {[p for p in partial[0] if p in paths]}; "
+            "nothing was changed"
+        )
+    flat = [p for g in groups for p in g]
+    if len(set(flat)) != len(flat):
+        raise ValueError(
+            f"apply_vera: fused={fused!r} puts a layer in two groups; nothing was changed"
+        )
+    return groups
+
+
+def row_offsets(chosen: list, groups: list[list[str]]) -> dict:
+    """{path: the first row of ``vera_B`` it reads}: 0, or in a fused group the rows of the
+    layers before it, as the pieces of one PEFT layer (0, C, 2C for GPT-2's q, k, v)."""
+    offsets = {p: 0 for p, _ in chosen}
+    outs = {p: m.weight.shape[0] for p, m in chosen}
+    for group in groups:
+        for i, path in enumerate(group):
+            offsets[path] = sum(outs[p] for p in group[:i])
+    return offsets
+
+
+def projection_shape(chosen: list, offsets: dict | None = None) -> tuple[int, int]:
+    """(max rows, max in) over the chosen layers: the size of the shared projections (a
+    layer reads rows [offset, offset + out) of vera_B)."""
+    offsets = offsets or {}
+    rows = max(offsets.get(p, 0) + m.weight.shape[0] for p, m in chosen)
+    return rows, max(m.weight.shape[1] for _, m in chosen)
 
 
 def projection_problem(r: int, max_out: int, max_in: int) -> str | None:
@@ -313,10 +384,17 @@ def projection_problem(r: int, max_out: int, max_in: int) -> str | None:
     )
 
 
-def apply_vera(model: Module, config: VeraConfig, generator=None, projections=None) -> list[str]:
+def apply_vera(
+    model: Module, config: VeraConfig, generator=None, projections=None, fused=()
+) -> list[str]:
     """Replace every ``Linear`` that ``config.target_modules`` names by a ``VeraLinear``
     sharing one pair of frozen projections, and freeze everything but the λ vectors.
     ``projections``: (vera_A, vera_B) to use instead of drawing them (a loaded adapter's).
+    ``fused``: groups of layer paths that are one layer in PEFT (GPT-2's ``c_attn`` as q,
+    k and v: ``hf_gpt2.vera_fused(model)``); the layers of a targeted group share one λ_d
+    Parameter and read consecutive rows of vera_B, as the one layer does (groups the
+    targets miss are ignored, and half a group is refused; why it is PEFT's layer exactly:
+    docs/math.md#vera).
     Returns the replaced paths; refuses (ValueError, nothing changed) targets that match
     nothing and a model that already has VeRA layers. As in PEFT, r may exceed a layer's
     min(out, in) (VeRA's r is often 256 or more)."""
@@ -327,18 +405,22 @@ def apply_vera(model: Module, config: VeraConfig, generator=None, projections=No
     chosen, unmatched = vera_targets(model, config.target_modules)
     if unmatched:
         raise ValueError(f"apply_vera: target_modules {unmatched} match no Linear layer")
-    max_out, max_in = projection_shape(chosen)
+    groups = fused_groups(model, chosen, fused)
+    offsets = row_offsets(chosen, groups)
+    max_out, max_in = projection_shape(chosen, offsets)
     if projections is None and (problem := projection_problem(config.r, max_out, max_in)):
         raise ValueError(f"apply_vera: {problem}; nothing was changed")
     if projections is None:
         projections = vera_projections(config.r, max_in, max_out, config.projection_prng_key)
     dtype, device = chosen[0][1].weight.dtype, chosen[0][1].weight.device
     A, B = (Tensor(backend.array(a, dtype=dtype, device=device)) for a in projections)
+    layers = {}
     for path, m in chosen:
-        parent, _, name = path.rpartition(".")
-        setattr(
-            model.get_submodule(parent), name, VeraLinear.from_linear(m, A, B, config, generator)
-        )
+        layers[path] = VeraLinear.from_linear(m, A, B, config, generator, offsets[path])
+        model.set_submodule(path, layers[path])
+    for group in groups:  # one λ_d, as the one PEFT layer has: its gradient sums the uses
+        for path in group[1:]:
+            layers[path].vera_lambda_d = layers[group[0]].vera_lambda_d
     for name, p in model.named_parameters():
         p.requires_grad_(name.rsplit(".", 1)[-1] in VERA_LEAVES)
     return [p for p, _ in chosen]
@@ -354,6 +436,36 @@ def unmerge_vera(model: Module) -> None:
         layer.unmerge()
 
 
+def merge_and_unload_vera(model: Module) -> Module:
+    """Merge every VeRA layer and put plain ``Linear`` layers back (in place; returns
+    model), PEFT's ``merge_and_unload``: the same outputs, no λ vectors. A fused layer's
+    pieces each merge their own rows of ΔW with the group's one λ_d. All or nothing: every
+    merged weight is computed and checked before any is written."""
+    layers = vera_layers(model)
+    merged = [
+        layer.weight.data if layer.merged else layer.weight.data + layer.get_delta_weight()
+        for _, layer in layers
+    ]
+    for (path, _), weight in zip(layers, merged, strict=True):
+        check_merged(weight, True, f"{path}'s W + ΔW")
+    for (path, layer), weight in zip(layers, merged, strict=True):
+        layer.weight.data[...] = weight
+        model.set_submodule(path, layer.get_base_layer())
+    return model
+
+
 def vera_parameter_count(model: Module) -> int:
-    """The closed form L̂·(r + out): the trainable parameters of the model's VeRA layers."""
-    return sum(layer.r + layer.weight.shape[0] for _, layer in vera_layers(model))
+    """The closed form L̂·(r + out): the trainable parameters of the model's VeRA layers,
+    a fused layer's pieces counted as one layer (one λ_d, their λ_b's rows together)."""
+    layers = [layer for _, layer in vera_layers(model)]
+    lambda_ds = {id(layer.vera_lambda_d): layer.r for layer in layers}
+    return sum(lambda_ds.values()) + sum(layer.weight.shape[0] for layer in layers)
+
+
+def fused_vera_layers(model: Module) -> list[list[str]]:
+    """The paths of the VeRA layers that share one λ_d (a fused layer's pieces), group by
+    group in the model's order; a layer on its own is in none."""
+    groups = {}
+    for path, layer in vera_layers(model):
+        groups.setdefault(id(layer.vera_lambda_d), []).append(path)
+    return [g for g in groups.values() if len(g) > 1]
