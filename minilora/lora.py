@@ -530,6 +530,19 @@ def tied_layers(model: Module, paths) -> dict[str, list[str]]:
     return tied
 
 
+def check_untied(model: Module, paths, caller: str) -> None:
+    """Refuse (ValueError) to merge an adapter on one of ``paths`` whose weight another
+    layer shares (:func:`tied_layers`): merged, the update would reach both uses."""
+    tied = tied_layers(model, paths)
+    if tied:
+        shares = "; ".join(f"{p} shares its weight with {', '.join(o)}" for p, o in tied.items())
+        raise ValueError(
+            f"{caller}: {shares} (tie_word_embeddings), so merging its adapter would change "
+            "both and move the logits; nothing was merged. Keep this adapter unmerged (the "
+            "adapted model computes the right logits) or adapt layers that are not tied"
+        )
+
+
 def merge_lora(model: Module, safe_merge: bool = True) -> None:
     """Merge every unmerged adapter into its weight (see :meth:`LoRALinear.merge`).
 
@@ -539,14 +552,7 @@ def merge_lora(model: Module, safe_merge: bool = True) -> None:
     compute what the adapted one does (PEFT merges it anyway, with a warning).
     """
     pending = [(path, layer) for path, layer in adapted_layers(model) if not layer.merged]
-    tied = tied_layers(model, [path for path, _ in pending])
-    if tied:
-        shares = "; ".join(f"{p} shares its weight with {', '.join(o)}" for p, o in tied.items())
-        raise ValueError(
-            f"merge_lora: {shares} (tie_word_embeddings), so merging its adapter would change "
-            "both and move the logits; nothing was merged. Keep this adapter unmerged (the "
-            "adapted model computes the right logits) or adapt layers that are not tied"
-        )
+    check_untied(model, [path for path, _ in pending], "merge_lora")
     layers = [layer for _, layer in pending]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):

@@ -593,3 +593,17 @@ def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
     with pytest.raises(ValueError, match="blocks.0.attn.q_proj"):
         model_files.save_model(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("merge", [vera.merge_vera, vera.merge_and_unload_vera])
+def test_merging_vera_on_a_tied_head_is_refused_changing_nothing(merge):
+    """VeRA on GPT-2's lm_head, tied to the token embedding: merged, ΔW would reach the
+    embedding too and move the logits; both merges refuse, naming the two layers."""
+    model = randomize_weights(make_gpt(TINY_2x2, tie_word_embeddings=True), 1)
+    vera.apply_vera(model, vera.VeraConfig(r=4, target_modules=["lm_head", "fc1"]))
+    randomize_lambdas(model, 2)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lm_head shares its weight with tok_emb"):
+        merge(model)
+    assert snapshot(model) == before
+    assert not any(layer.merged for _, layer in vera.vera_layers(model))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from minilora import backend
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.lora import check_bias_mode, check_merged, is_target
+from minilora.lora import check_bias_mode, check_merged, check_untied, is_target
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
@@ -427,7 +427,11 @@ def apply_vera(
 
 
 def merge_vera(model: Module) -> None:
-    for _, layer in vera_layers(model):
+    """Merge every VeRA layer (W ← W + ΔW); a layer on a tied weight (GPT-2's ``lm_head``)
+    is refused before anything changes, as :func:`minilora.lora.merge_lora` refuses it."""
+    layers = vera_layers(model)
+    check_untied(model, [path for path, layer in layers if not layer.merged], "merge_vera")
+    for _, layer in layers:
         layer.merge()
 
 
@@ -440,8 +444,11 @@ def merge_and_unload_vera(model: Module) -> Module:
     """Merge every VeRA layer and put plain ``Linear`` layers back (in place; returns
     model), PEFT's ``merge_and_unload``: the same outputs, no λ vectors. A fused layer's
     pieces each merge their own rows of ΔW with the group's one λ_d. All or nothing: every
-    merged weight is computed and checked before any is written."""
+    merged weight is computed and checked before any is written, and a layer on a tied
+    weight is refused (see :func:`merge_vera`)."""
     layers = vera_layers(model)
+    pending = [path for path, layer in layers if not layer.merged]
+    check_untied(model, pending, "merge_and_unload_vera")
     merged = [
         layer.weight.data if layer.merged else layer.weight.data + layer.get_delta_weight()
         for _, layer in layers
