@@ -171,12 +171,6 @@ _VERA_QKV = (
     "PEFT's VeRA on the fused c_attn shares one lambda_d across q, k, v and reads vera_B's "
     "rows [0, 3C); minilora's VeRA layers on q, k, v are apart, each reading rows [0, C)",
 )
-_TOKENS = (
-    "load",
-    ["trainable_token_indices", "is not supported"],
-    "not implemented: PEFT's trainable tokens replace rows of the embedding (and of the tied "
-    "head); minilora has no such layer",
-)
 REFUSED: dict[str, tuple[str, list[str], str]] = {
     "pissa": _PISSA_QKV,
     "pissa-all": _PISSA_QKV,
@@ -186,8 +180,6 @@ REFUSED: dict[str, tuple[str, list[str], str]] = {
         "PEFT's fast SVD draws a random sketch from torch's generator when it loads the "
         "adapter, and the base it leaves depends on those draws",
     ),
-    "tokens": _TOKENS,
-    "tokens-wte": _TOKENS,
     "lora_bias": (
         "load",
         ["lora_bias=True is not supported"],
@@ -292,7 +284,7 @@ def test_peft_option_crosses_both_ways(tmp_path, gpt2, key):
 
 # minilora's own adapters on a GPT-2 (apply_lora, in minilora's names), saved, load in PEFT:
 # the pieces of c_attn with their own ranks, scalings and DoRA magnitudes, a partly
-# adapted c_attn, embeddings, and modules_to_save with the tied head
+# adapted c_attn, embeddings, modules_to_save with the tied head, and trainable tokens
 OURS = {
     "dora-q-fc2": dict(target_modules=["q_proj", "fc2"], use_dora=True),
     "patterns-q-v": dict(
@@ -304,6 +296,7 @@ OURS = {
         target_modules=["tok_emb", "pos_emb", "k_proj"], modules_to_save=["ln_f", "lm_head"]
     ),
     "rank-above-min": dict(target_modules=["fc2"], r=40, use_rslora=True),
+    "tokens-tied-head": dict(target_modules=["fc1"], trainable_token_indices={"tok_emb": [4, 1]}),
 }
 
 
