@@ -39,6 +39,28 @@ TOKEN_EMBEDDING = "tok_emb"  # what the list form adapts: the model's token embe
 DELTA = "trainable_tokens_delta"  # PEFT's name of the new rows, (n, C)
 
 
+def row_map(V: int, token_indices, xp):
+    """rows (V,): rows[v] = V + i where v = token_indices[i], else v, so that the table
+    with the rows replaced is ``cat([W, delta])[rows]``."""
+    rows = xp.arange(V, dtype=xp.int64)
+    n = len(token_indices)
+    rows[xp.asarray(token_indices, dtype=xp.int64)] = V + xp.arange(n, dtype=xp.int64)
+    return rows
+
+
+def replaced_table(weight, delta, token_indices) -> Tensor:
+    """W' (V, C): ``weight`` (V, C) with rows ``token_indices`` replaced by ``delta`` (n, C)."""
+    rows = row_map(weight.shape[0], token_indices, backend.get_array_module(weight.data))  # (V,)
+    return F.getitem(F.cat([weight, delta], axis=0), rows)  # [W; delta] (V + n, C), then rows
+
+
+def token_embedding(ids, weight, delta, token_indices) -> Tensor:
+    """W'[ids] (..., C) without building W': the ids are mapped into ``cat([W, delta])``."""
+    rows = row_map(weight.shape[0], token_indices, backend.get_array_module(weight.data))  # (V,)
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    return F.embedding(rows[ids], F.cat([weight, delta], axis=0))
+
+
 class TrainableTokens(Module):
     """What the wrapped layers share (PEFT's ``TrainableTokensLayer``): ``token_indices``
     (n ints), the Parameter ``trainable_tokens_delta`` (n, C), the new rows, and
@@ -49,22 +71,6 @@ class TrainableTokens(Module):
         rows = weight.data[self.token_indices]  # (n, C), a copy (integer indexing)
         self.trainable_tokens_delta = Parameter(rows.copy())  # starts equal to the base
         self.trainable_tokens_original = rows
-
-    def table(self, weight: Tensor) -> Tensor:
-        """W' (V, C): ``weight`` with rows token_indices replaced by the delta."""
-        return F.getitem(self.joined(weight), self.row_map(weight))
-
-    def joined(self, weight: Tensor) -> Tensor:
-        """[W; delta] (V + n, C): every row of W' is one of its rows."""
-        return F.cat([weight, self.trainable_tokens_delta], axis=0)
-
-    def row_map(self, weight: Tensor):
-        """rows (V,): rows[v] = V + i where v = token_indices[i], else v; W' = [W; delta][rows]."""
-        xp = backend.get_array_module(weight.data)
-        V, n = weight.shape[0], len(self.token_indices)
-        rows = xp.arange(V, dtype=xp.int64)
-        rows[xp.asarray(self.token_indices, dtype=xp.int64)] = V + xp.arange(n, dtype=xp.int64)
-        return rows
 
     def merged_weight(self, weight: Parameter, safe_merge: bool = True):
         """W' as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
@@ -146,9 +152,10 @@ class TrainableTokensEmbedding(TrainableTokensLayer, Embedding):
     def forward(self, ids) -> Tensor:
         if not self.uses_table():
             return F.embedding(ids, self.weight)
-        ids = ids.data if isinstance(ids, Tensor) else ids
-        rows = self.token_adapter.row_map(self.weight)  # (V,)
-        return F.embedding(rows[ids], self.token_adapter.joined(self.weight))
+        adapter = self.token_adapter
+        return token_embedding(
+            ids, self.weight, adapter.trainable_tokens_delta, adapter.token_indices
+        )
 
 
 class TrainableTokensLinear(TrainableTokensLayer, Linear):
@@ -157,7 +164,10 @@ class TrainableTokensLinear(TrainableTokensLayer, Linear):
     base_class = Linear
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.token_adapter.table(self.weight) if self.uses_table() else self.weight
+        weight = self.weight
+        if self.uses_table():
+            adapter = self.token_adapter
+            weight = replaced_table(weight, adapter.trainable_tokens_delta, adapter.token_indices)
         return F.linear(x, weight, self.bias)
 
 
@@ -243,9 +253,8 @@ def token_problems(model: Module, paths, config: LoRAConfig) -> list[str]:
                 "whole table or some of its rows, not both (as PEFT refuses)"
             )
         tied = tied_layers(model, [path]).get(path, [])
-        heads = [
-            p for p in tied if type(model.get_submodule(p)) not in (Linear, TrainableTokensLinear)
-        ]
+        plain = (Linear, TrainableTokensLinear)
+        heads = [p for p in tied if p in paths or type(model.get_submodule(p)) not in plain]
         if heads:
             problems.append(
                 f"{heads} share {path}'s weight and are adapted; trainable tokens on a tied "
