@@ -25,6 +25,7 @@ from minilora.lora import (
     unmerge_lora,
 )
 from minilora.nn import Embedding, Linear
+from minilora.variants import multi_adapter
 from minilora.variants.trainable_tokens import (
     TrainableTokensEmbedding,
     TrainableTokensLinear,
@@ -267,3 +268,12 @@ def test_save_refuses_a_config_without_the_models_tokens(tmp_path):
     other = LoRAConfig(r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"config says trainable_token_indices None for tok_emb"):
         save_adapter(model, tmp_path, other)
+
+
+def test_a_model_with_trainable_tokens_gets_no_second_named_adapter():
+    """The named adapters swap LoRA layers; the delta would be shared by all of them."""
+    model, _ = tied_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"embedding adapters \['tok_emb'\]"):
+        multi_adapter.add_adapter(model, "other", LoRAConfig(r=2, target_modules=["v_proj"]))
+    assert snapshot(model) == before and isinstance(model.tok_emb, TrainableTokensEmbedding)
