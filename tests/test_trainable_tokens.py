@@ -25,6 +25,7 @@ from minilora.lora import (
     unmerge_lora,
 )
 from minilora.nn import Embedding, Linear
+from minilora.study import accounting
 from minilora.variants import multi_adapter
 from minilora.variants.trainable_tokens import (
     TrainableTokensEmbedding,
@@ -277,3 +278,11 @@ def test_a_model_with_trainable_tokens_gets_no_second_named_adapter():
     with pytest.raises(ValueError, match=r"embedding adapters \['tok_emb'\]"):
         multi_adapter.add_adapter(model, "other", LoRAConfig(r=2, target_modules=["v_proj"]))
     assert snapshot(model) == before and isinstance(model.tok_emb, TrainableTokensEmbedding)
+
+
+def test_closed_form_counts_refuse_trainable_tokens():
+    """The accounting's closed forms count LoRA matrices only: a config with tokens is
+    refused there (count_parameters counts it, above), not counted short by n·C."""
+    with pytest.raises(ValueError, match=r"trainable_token_indices=\[4, 1, 7\]"):
+        accounting.LoRASpec.from_config(LoRAConfig(trainable_token_indices=TOKENS))
+    assert accounting.LoRASpec.from_config(LoRAConfig()).r == 8
