@@ -62,9 +62,9 @@ _PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
         "qalora_group_size",  # used only with use_qalora
     }
 )
-# Every other key (lora_bias, target_parameters,
-# alora_invocation_tokens, ...) is refused unless its value is null, false
-# or empty: an option minilora does not implement would otherwise load silently wrong.
+# Every other key (lora_bias, target_parameters, alora_invocation_tokens, ...) is refused
+# unless its value is null, false or empty: an option minilora does not implement would
+# otherwise load silently wrong.
 _UNSET = (None, False, "", [], {})
 # PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
 # whatever they drew, so they all load the same (EVA draws A from activations, MiCA B from
