@@ -52,6 +52,10 @@ TARGET_CHECKS = []  # problems(model, paths, config) -> list[str], before any ch
 LORA_INITS = {}  # init_lora_weights name -> init(layer), after A and B are drawn (PiSSA)
 LORA_LAYERS = {}  # base class -> wrap(base, config, generator) -> adapted layer (Linear below;
 #                   the variants add Embedding and replace Linear's to build DoRA layers)
+MODEL_EDITS = []  # edit(model, config): after the LoRA layers are in, before freezing (tokens)
+ADAPTER_PARAMETERS = set()  # leaf names of adapter parameters not named lora_* (tokens' delta)
+OTHER_LAYERS = []  # adapter layers that are not LoRA layers (trainable tokens), merged,
+#                    unmerged, unloaded and disabled with them (:func:`adapter_layers`)
 
 
 @dataclass
@@ -75,6 +79,9 @@ class LoRAConfig:
     # modules trained in full and saved with the adapter (a head, a LayerNorm), named as
     # targets are; a weight one of them shares with another module is copied (untied) first
     modules_to_save: list[str] | None = None
+    # rows of the token embedding trained in full (minilora/variants/trainable_tokens.py):
+    # [ids] for tok_emb, or {embedding name: [ids]}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self):
         if self.init_lora_weights is True:  # PEFT's default spelling of the kaiming init
@@ -378,6 +385,13 @@ def adapted_layers(model: Module):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
+def adapter_layers(model: Module):
+    """(path, layer) for every layer that merging, unloading and disabling act on: the
+    adapted layers and the variants' other adapter layers (``OTHER_LAYERS``)."""
+    kinds = (LoRALayer, *OTHER_LAYERS)
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, kinds)]
+
+
 def adaptable_layers(model: Module):
     """(path, layer) for every layer of a kind ``LORA_LAYERS`` can wrap (a plain ``Linear``;
     an ``Embedding`` with the variants): what LoRA can target."""
@@ -455,6 +469,8 @@ def add_lora_layers(model: Module, paths: list[str], config: LoRAConfig, generat
         p for p, _ in model.named_modules() if p and is_target(config.modules_to_save or [], p)
     ]
     untie(model, saved)
+    for edit in MODEL_EDITS:  # trainable tokens wrap their embedding (and a tied head)
+        edit(model, config)
     mark_only_lora_as_trainable(model, config.bias)
     for path in saved:  # trained in full (PEFT's modules_to_save)
         for p in model.get_submodule(path).parameters():
@@ -491,9 +507,11 @@ def mark_only_lora_as_trainable(model: Module, bias: str = "none") -> None:
 
 
 def is_lora_parameter(name: str) -> bool:
-    """True for an adapter's parameter: PEFT names them all ``lora_*`` (``lora_A``,
-    ``lora_B``, and the variants' ``lora_embedding_A``, ``lora_magnitude_vector``, ...)."""
-    return "lora_" in name.rsplit(".", 1)[-1]
+    """True for an adapter's parameter: PEFT names them ``lora_*`` (``lora_A``, ``lora_B``,
+    and the variants' ``lora_embedding_A``, ``lora_magnitude_vector``, ...), or one of
+    ``ADAPTER_PARAMETERS`` (the trainable tokens' ``trainable_tokens_delta``)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return "lora_" in leaf or leaf in ADAPTER_PARAMETERS
 
 
 def lora_state_dict(model: Module, bias: str = "none") -> dict:
@@ -551,8 +569,11 @@ def merge_lora(model: Module, safe_merge: bool = True) -> None:
     anything changes: merged, it would change both uses, so the merged model would not
     compute what the adapted one does (PEFT merges it anyway, with a warning).
     """
-    pending = [(path, layer) for path, layer in adapted_layers(model) if not layer.merged]
-    check_untied(model, [path for path, _ in pending], "merge_lora")
+    pending = [(path, layer) for path, layer in adapter_layers(model) if not layer.merged]
+    # only a LoRA layer's merge changes another use of a tied weight (trainable tokens
+    # write the rows that every use computes with)
+    lora_paths = [p for p, layer in pending if isinstance(layer, LoRALayer)]
+    check_untied(model, lora_paths, "merge_lora")
     layers = [layer for _, layer in pending]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):
@@ -560,7 +581,7 @@ def merge_lora(model: Module, safe_merge: bool = True) -> None:
 
 
 def unmerge_lora(model: Module) -> None:
-    for _, layer in adapted_layers(model):
+    for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
@@ -570,7 +591,7 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
     The result is an ordinary GPT: same outputs as the adapted model, no LoRA parameters.
     """
     merge_lora(model, safe_merge)
-    for path, layer in adapted_layers(model):
+    for path, layer in adapter_layers(model):
         model.set_submodule(path, layer.get_base_layer())
     return model
 
@@ -579,8 +600,8 @@ def merge_and_unload(model: Module, safe_merge: bool = True) -> Module:
 def disable_adapters(model: Module):
     """Run the base model: inside the block every adapter is bypassed (PEFT's
     ``disable_adapter``). Merged layers cannot be disabled; unmerge them first."""
-    layers = [layer for _, layer in adapted_layers(model)]
-    merged = [path for path, layer in adapted_layers(model) if layer.merged]
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = [path for path, layer in adapter_layers(model) if layer.merged]
     if merged:
         raise RuntimeError(f"cannot disable adapters that are merged: {merged}; unmerge first")
     previous = [layer.disable_adapters for layer in layers]

@@ -527,6 +527,7 @@ def test_adapter_files_have_peft_keys_shapes_and_config(adapter_dir, trained, lo
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
+        "trainable_token_indices": None,
     }
     header, body = split((adapter_dir / "adapter_model.safetensors").read_bytes())
     # "format": "pt" is what PEFT writes; the checksum is that of the data section (every
@@ -750,7 +751,6 @@ def test_bad_adapter_config_is_refused_naming_the_field(tmp_path, adapter_dir, c
 SET_OPTIONS = {
     "alora_invocation_tokens": [1, 2],
     "target_parameters": ["blocks.0.mlp.fc1.weight"],
-    "trainable_token_indices": [3],
     "use_bdlora": {"block_size": 2},
     "layer_replication": [[0, 1]],
     "use_qalora": True,

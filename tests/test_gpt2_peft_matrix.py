@@ -169,12 +169,6 @@ _PISSA_QKV = (
     "minilora trains q, k and v with an A each; saved, they stack to one c_attn adapter of "
     "rank 3r, and PEFT redoes PiSSA's SVD at the file's rank when it loads: another base",
 )
-_TOKENS = (
-    "load",
-    ["trainable_token_indices", "is not supported"],
-    "not implemented: PEFT's trainable tokens replace rows of the embedding (and of the tied "
-    "head); minilora has no such layer",
-)
 REFUSED: dict[str, tuple[str, list[str], str]] = {
     "pissa": _PISSA_QKV,
     "pissa-all": _PISSA_QKV,
@@ -185,8 +179,6 @@ REFUSED: dict[str, tuple[str, list[str], str]] = {
         "adapter, and the base it leaves depends on those draws: PEFT's own loads differ "
         "(test_peft_loads_a_pissa_niter_adapter_by_chance)",
     ),
-    "tokens": _TOKENS,
-    "tokens-wte": _TOKENS,
 }
 
 
@@ -302,7 +294,7 @@ def test_peft_loads_a_pissa_niter_adapter_by_chance(tmp_path, gpt2):
 
 # minilora's own adapters on a GPT-2 (apply_lora, in minilora's names), saved, load in PEFT:
 # the pieces of c_attn with their own ranks, scalings and DoRA magnitudes, a partly
-# adapted c_attn, embeddings, and modules_to_save with the tied head
+# adapted c_attn, embeddings, modules_to_save with the tied head, and trainable tokens
 OURS = {
     "dora-q-fc2": dict(target_modules=["q_proj", "fc2"], use_dora=True),
     "patterns-q-v": dict(
@@ -314,6 +306,7 @@ OURS = {
         target_modules=["tok_emb", "pos_emb", "k_proj"], modules_to_save=["ln_f", "lm_head"]
     ),
     "rank-above-min": dict(target_modules=["fc2"], r=40, use_rslora=True),
+    "tokens-tied-head": dict(target_modules=["fc1"], trainable_token_indices={"tok_emb": [4, 1]}),
 }
 
 

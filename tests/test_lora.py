@@ -137,6 +137,7 @@ def test_lora_config_defaults_and_peft_spellings():
         "layers_to_transform",
         "layers_pattern",
         "modules_to_save",
+        "trainable_token_indices",
     }
 
 

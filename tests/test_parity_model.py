@@ -479,12 +479,14 @@ def test_half_precision_peft_adapter_is_upcast_and_loads(peft, tmp_path, dtype):
             ["blocks.0.attn.q_proj", "blocks.0.mlp.fc1"],
         ),
         (dict(target_modules=["fc1"], modules_to_save=["ln_f", "lm_head"]), None),
+        (dict(target_modules=["fc1"], trainable_token_indices={"tok_emb": [1, 2]}), None),
     ],
-    ids=["exclude-list", "exclude-regex", "modules_to_save"],
+    ids=["exclude-list", "exclude-regex", "modules_to_save", "trainable_token_indices"],
 )
 def test_peft_adapter_with_exclude_or_saved_modules_loads(peft, tmp_path, options, adapted):
-    """PEFT's exclude_modules leaves targets out, its modules_to_save saves whole layers:
-    both honoured, so the logits are PEFT's."""
+    """PEFT's exclude_modules leaves targets out, its modules_to_save saves whole layers,
+    its trainable_token_indices some rows of the embedding: all honoured, so the logits
+    are PEFT's."""
     want = peft_adapter(peft, tmp_path, **options)
     model = base_model()
     config = peft_adapters.load_adapter(model, tmp_path)
@@ -496,7 +498,6 @@ def test_peft_adapter_with_exclude_or_saved_modules_loads(peft, tmp_path, option
 
 REFUSED_PEFT = {
     "alora_invocation_tokens": dict(alora_invocation_tokens=[1, 2]),
-    "trainable_token_indices": dict(trainable_token_indices={"tok_emb": [1, 2]}),
 }
 
 

@@ -26,9 +26,10 @@ the fused ``c_attn`` is a rank-r adapter on each of q, k and v (A shared, B and 
 magnitude split by rows), and adapters on q, k and v are one adapter on ``c_attn`` (one A
 when they share it, else the A's stacked and the B's placed block by block). Per-module
 ranks and alphas travel as ``rank_pattern`` / ``alpha_pattern`` by full path;
-``modules_to_save`` of the LayerNorms, embeddings and head by GPT-2 name; VeRA, with
-``c_attn``'s one λ_d shared by q, k and v. Why each is exact, and what is refused:
-docs/porting.md, "GPT-2 checkpoints and their PEFT adapters".
+``modules_to_save`` of the LayerNorms, embeddings and head by GPT-2 name; trainable tokens
+(``trainable_token_indices``) of ``wte`` as ``tok_emb``'s; VeRA, with ``c_attn``'s one λ_d
+shared by q, k and v. Why each is exact, and what is refused: docs/porting.md, "GPT-2
+checkpoints and their PEFT adapters".
 
 This module maps names, shapes and arrays; reading and writing the files is model_files.py's
 and peft_adapters.py's.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from minilora import backend
 from minilora.lora import LoRAConfig, adapted_layers, is_target
 from minilora.model import GPTConfig
-from minilora.variants import multi_adapter, pissa
+from minilora.variants import multi_adapter, pissa, trainable_tokens
 from minilora.variants.patterns import in_layers, paths_matching, pattern_value
 
 CONFIG_NAME = "config.json"
@@ -333,6 +334,8 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
     arrays.update(_gpt2_biases(model, config.bias, adapted))
     saved = _saved_to_gpt2(model, config.modules_to_save)
     arrays.update(saved)
+    tokens, token_arrays = _tokens_to_gpt2(model, config)
+    arrays.update(token_arrays)
 
     alpha = next(iter(alphas.values()))
     peft_config = {
@@ -346,8 +349,56 @@ def adapter_to_gpt2(model, config: LoRAConfig, peft_config: dict) -> tuple[dict,
         "target_modules": _gpt2_targets(adapted, model.config.n_layer),
         "fan_in_fan_out": True,  # Conv1D: PEFT sets it for GPT-2 whatever it is told
         "modules_to_save": sorted({n.rpartition(".")[0] for n in saved}) or None,
+        "trainable_token_indices": tokens,
     }
     return arrays, adapted, peft_config
+
+
+_TOKEN_DELTA = f"token_adapter.{trainable_tokens.DELTA}"  # after the embedding's path
+
+
+def _gpt2_embeddings(config: GPTConfig) -> dict:
+    """{GPT-2 path: minilora path} of the embeddings (``transformer.wte``: ``tok_emb``)."""
+    modules = gpt2_modules(config)
+    return {p: pieces[0][0] for p, (kind, _, pieces) in modules.items() if kind == "embedding"}
+
+
+def _tokens_to_gpt2(model, config: LoRAConfig) -> tuple:
+    """The model's trainable tokens in GPT-2's names: (``trainable_token_indices`` as PEFT
+    reads it, {GPT-2 parameter path: host array}). The list form is the input
+    embedding's in both (``tok_emb``, ``wte``); a dict's keys become GPT-2's leaf names."""
+    spec = config.trainable_token_indices
+    theirs = {mine: path for path, mine in _gpt2_embeddings(model.config).items()}
+    targets, _ = trainable_tokens.token_targets(model, config)  # checked by the caller
+    arrays = {}
+    for path in targets:
+        delta = model.get_submodule(path).token_adapter.trainable_tokens_delta
+        arrays[f"{theirs[path]}.{_TOKEN_DELTA}"] = backend.to_numpy(delta.data)
+    if isinstance(spec, dict):
+        spec = {theirs[p].rsplit(".", 1)[-1]: indices for p, indices in targets.items()}
+    return spec, arrays
+
+
+def _tokens_from_gpt2(model, spec) -> tuple:
+    """PEFT's ``trainable_token_indices`` of GPT2LMHeadModel in minilora's names: (the
+    field, {GPT-2 parameter path: (minilora parameter path, shape)}, problems)."""
+    if spec is None:
+        return None, {}, []
+    embeddings = _gpt2_embeddings(model.config)
+    named = spec if isinstance(spec, dict) else {"transformer.wte": spec}  # PEFT: the input's
+    field, arrays, problems = {}, {}, []
+    for key, indices in named.items():
+        matched = [p for p in embeddings if is_target([key], p)]
+        if not matched:
+            problems.append(
+                f"trainable_token_indices names {key!r}, which is none of GPT-2's "
+                "embeddings (wte, wpe)"
+            )
+        for path in matched:
+            field[embeddings[path]] = indices
+            shape = (len(indices), model.config.n_embd)
+            arrays[f"{path}.{_TOKEN_DELTA}"] = (f"{embeddings[path]}.{_TOKEN_DELTA}", shape)
+    return (field if isinstance(spec, dict) else spec), arrays, problems
 
 
 def _padded(layer, a_name: str, b_name: str, rank: int) -> tuple:
@@ -549,6 +600,11 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
     saved, saved_paths, found_problems = _saved_from_gpt2(model, fields.get("modules_to_save"))
     want.update(saved)
     problems += found_problems
+    tokens, token_arrays, found_problems = _tokens_from_gpt2(
+        model, fields.get("trainable_token_indices")
+    )
+    want.update({name: shape for name, (_, shape) in token_arrays.items()})
+    problems += found_problems
     if "lm_head" in chosen and model.config.tie_word_embeddings and "lm_head.weight" not in want:
         want["lm_head.weight"] = None  # PEFT may save the tied weight: it must be wte's
     found = {}
@@ -597,7 +653,10 @@ def adapter_from_gpt2(model, fields: dict, selection: dict, tensors: dict, prefi
     for name in saved:  # the modules PEFT copied: minilora's parameter paths
         owner, _, leaf = name.rpartition(".")
         ours[f"{table[owner]}.{leaf}"] = found[name]
+    for name, (mine, _) in token_arrays.items():
+        ours[mine] = found[name]
     fields = {**fields, "target_modules": targets, "modules_to_save": saved_paths or None}
+    fields["trainable_token_indices"] = tokens
     return {**fields, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}, ours, []
 
 

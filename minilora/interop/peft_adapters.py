@@ -57,7 +57,7 @@ from minilora.lora import (
     target_problems,
 )
 from minilora.nn import Embedding, Linear, Module
-from minilora.variants import multi_adapter, pissa
+from minilora.variants import multi_adapter, pissa, trainable_tokens
 from minilora.variants.dora import DoRALinear
 from minilora.variants.lora_bias import LoRABiasLinear
 from minilora.variants.patterns import paths_matching
@@ -455,6 +455,7 @@ def _adapter_plan(model: Module, config: LoRAConfig) -> tuple[dict, list[str]]:
         if config.lora_bias:
             expected[f"{p}.lora_B_bias"] = (out_f,)
     expected.update({n: p.shape for n, p in _saved_parameters(model, config).items()})
+    expected.update(trainable_tokens.expected_arrays(model, config))  # (n, C) each
     if config.bias == "all":
         for name, param in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
@@ -501,6 +502,7 @@ def _existing_lora_problems(model: Module, config: LoRAConfig) -> list[str]:
                 )
         if layer.merged:
             problems.append(f"the LoRA layer {path} is merged; call unmerge_lora(model) first")
+    problems += trainable_tokens.existing_problems(model, config)
     plain = [p for p, _ in adaptable_layers(model) if config.adapts(p)]
     if plain:
         problems.append(f"target_modules names layers that have no LoRA in the model: {plain}")

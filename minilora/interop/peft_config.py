@@ -38,6 +38,7 @@ _PEFT_READ = frozenset(
         "layers_pattern",
         "exclude_modules",
         "modules_to_save",
+        "trainable_token_indices",
     }
 )
 # Keys known not to change what a trained adapter computes, whatever their value:
@@ -62,9 +63,9 @@ _PEFT_HARMLESS = PEFT_BOOKKEEPING | frozenset(
         "qalora_group_size",  # used only with use_qalora
     }
 )
-# Every other key (target_parameters,
-# alora_invocation_tokens, trainable_token_indices, ...) is refused unless its value is null, false
-# or empty: an option minilora does not implement would otherwise load silently wrong.
+# Every other key (target_parameters, alora_invocation_tokens, ...) is refused unless its
+# value is null, false or empty: an option minilora does not implement would otherwise load
+# silently wrong.
 _UNSET = (None, False, "", [], {})
 # PEFT inits that leave the base weights as they were: a trained adapter's A and B replace
 # whatever they drew, so they all load the same (EVA draws A from activations, MiCA B from
@@ -98,6 +99,7 @@ def peft_config_dict(config: LoRAConfig) -> dict:
         "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
+        "trainable_token_indices": config.trainable_token_indices,
     }
 
 
@@ -185,6 +187,8 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
             fields[key] = raw[key]
     if not unset(saved):
         fields["modules_to_save"] = saved
+    if not unset(raw.get("trainable_token_indices")):  # checked by LoRAConfig below
+        fields["trainable_token_indices"] = raw["trainable_token_indices"]
     if not unset(layers) and not isinstance(targets, str):  # PEFT ignores it for a regex
         fields["layers_to_transform"] = layers
         fields["layers_pattern"] = None if unset(layers_pattern) else layers_pattern

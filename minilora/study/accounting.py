@@ -149,13 +149,16 @@ class LoRASpec:
     @classmethod
     def from_config(cls, config: LoRAConfig) -> LoRASpec:
         """The spec of a config with one rank per leaf name in every layer; a config with
-        ``rank_pattern`` or ``layers_to_transform`` is refused (count such a model with
-        ``lora.count_parameters``); ``alpha_pattern`` changes no count."""
-        if config.rank_pattern or config.layers_to_transform not in (None, []):
+        ``rank_pattern``, ``layers_to_transform`` or ``trainable_token_indices`` is refused
+        (count such a model with ``lora.count_parameters``); ``alpha_pattern`` changes no
+        count."""
+        tokens = config.trainable_token_indices
+        if config.rank_pattern or config.layers_to_transform not in (None, []) or tokens:
             raise ValueError(
                 f"LoRASpec: rank_pattern={config.rank_pattern!r}, layers_to_transform="
-                f"{config.layers_to_transform!r}: the closed-form counts take one rank per "
-                "module name in every layer; count this model with lora.count_parameters"
+                f"{config.layers_to_transform!r}, trainable_token_indices={tokens!r}: the "
+                "closed-form counts take one rank per module name in every layer and no "
+                "trainable tokens; count this model with lora.count_parameters"
             )
         return cls(list(config.target_modules), config.r, config.bias, config.lora_dropout)
 

@@ -75,6 +75,7 @@ from minilora.variants import merge_methods
 from minilora.variants.dora import DoRALinear
 from minilora.variants.embedding import LoRAEmbedding
 from minilora.variants.lora_bias import LoRABiasLinear
+from minilora.variants.trainable_tokens import token_layers
 from minilora.variants.vera import vera_layers
 
 DEFAULT_ADAPTER = "default"  # PEFT's name for the adapter get_peft_model creates
@@ -92,8 +93,10 @@ class _Shelf:
 
 
 def _check_supported(model: Module, caller: str) -> None:
-    """Refuse a model with layers the shelf cannot swap: embedding adapters and VeRA."""
+    """Refuse a model with layers the shelf cannot swap: embedding adapters (LoRA or
+    trainable tokens) and VeRA."""
     embeddings = [p for p, m in adapted_layers(model) if isinstance(m, LoRAEmbedding)]
+    embeddings += list(token_layers(model))  # trainable tokens: the rows are one adapter's
     vera = [p for p, _ in vera_layers(model)]
     if embeddings or vera:
         raise ValueError(
