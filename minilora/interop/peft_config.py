@@ -140,24 +140,9 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
                 "implement would make the adapter compute something else); it must be "
                 "null, false or empty"
             )
-    for key, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
-        pattern = raw.get(key)
-        if not unset(pattern) and not isinstance(pattern, dict):
-            problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
-    saved = raw.get("modules_to_save")
-    if not unset(saved) and not (
-        isinstance(saved, list) and all(isinstance(t, str) for t in saved)
-    ):
-        problems.append(f"modules_to_save={saved!r} must be a list of module names")
-    exclude = raw.get("exclude_modules")
-    if not unset(exclude) and not is_name_selection(exclude):
-        problems.append(f"exclude_modules={exclude!r} must be a name, a list of names or a regex")
-    layers = raw.get("layers_to_transform")
-    if not unset(layers) and not is_layer_selection(layers):
-        problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
-    layers_pattern = raw.get("layers_pattern")
-    if not unset(layers_pattern) and not is_name_selection(layers_pattern):
-        problems.append(f"layers_pattern={layers_pattern!r} must be a name or a list of names")
+    problems += _selection_problems(raw)
+    saved, exclude = raw.get("modules_to_save"), raw.get("exclude_modules")
+    layers, layers_pattern = raw.get("layers_to_transform"), raw.get("layers_pattern")
     init = raw.get("init_lora_weights", True)  # PEFT's default is true (kaiming)
     if not any(init == i and type(init) is type(i) for i in _INITS):
         problems.append(
@@ -204,6 +189,32 @@ def read_adapter_config(path: Path, data: bytes, conv1d: bool = False) -> tuple[
         "alpha_pattern": raw.get("alpha_pattern") or {},
     }
     return fields, selection
+
+
+def _selection_problems(raw: dict) -> list[str]:
+    """What is wrong with the keys of ``raw`` (an adapter_config.json) that choose modules
+    and their settings: the patterns, ``modules_to_save``, ``exclude_modules``,
+    ``layers_to_transform`` and ``layers_pattern``."""
+    problems = []
+    for key, name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        pattern = raw.get(key)
+        if not unset(pattern) and not isinstance(pattern, dict):
+            problems.append(f"{key}={pattern!r} must be a dict from module patterns to {name}")
+    saved = raw.get("modules_to_save")
+    if not unset(saved) and not (
+        isinstance(saved, list) and all(isinstance(t, str) for t in saved)
+    ):
+        problems.append(f"modules_to_save={saved!r} must be a list of module names")
+    exclude = raw.get("exclude_modules")
+    if not unset(exclude) and not is_name_selection(exclude):
+        problems.append(f"exclude_modules={exclude!r} must be a name, a list of names or a regex")
+    layers = raw.get("layers_to_transform")
+    if not unset(layers) and not is_layer_selection(layers):
+        problems.append(f"layers_to_transform={layers!r} must be a layer index or a list of them")
+    layers_pattern = raw.get("layers_pattern")
+    if not unset(layers_pattern) and not is_name_selection(layers_pattern):
+        problems.append(f"layers_pattern={layers_pattern!r} must be a name or a list of names")
+    return problems
 
 
 # The weights' safetensors __metadata__ key that records the adapter_config.json written
