@@ -54,7 +54,7 @@ LORA_LAYERS = {}  # base class -> wrap(base, config, generator) -> adapted layer
 #                   the variants add Embedding and replace Linear's to build DoRA layers)
 MODEL_EDITS = []  # edit(model, config): after the LoRA layers are in, before freezing (tokens)
 ADAPTER_PARAMETERS = set()  # leaf names of adapter parameters not named lora_* (tokens' delta)
-OTHER_LAYERS = []  # adapter layers that are not LoRA layers (trainable tokens), merged,
+OTHER_LAYERS = []  # adapter layers that are not LoRA layers (trainable tokens, VeRA), merged,
 #                    unmerged, unloaded and disabled with them (:func:`adapter_layers`)
 
 
@@ -570,10 +570,10 @@ def merge_lora(model: Module, safe_merge: bool = True) -> None:
     compute what the adapted one does (PEFT merges it anyway, with a warning).
     """
     pending = [(path, layer) for path, layer in adapter_layers(model) if not layer.merged]
-    # only a LoRA layer's merge changes another use of a tied weight (trainable tokens
-    # write the rows that every use computes with)
-    lora_paths = [p for p, layer in pending if isinstance(layer, LoRALayer)]
-    check_untied(model, lora_paths, "merge_lora")
+    # a merge changes every use of a tied weight, unless the layer says it writes what every
+    # use computes with (``merge_keeps_ties``: trainable tokens' rows)
+    moved = [p for p, layer in pending if not getattr(layer, "merge_keeps_ties", False)]
+    check_untied(model, moved, "merge_lora")
     layers = [layer for _, layer in pending]
     merged = [layer.merged_weight(safe_merge) for layer in layers]
     for layer, weight in zip(layers, merged, strict=True):

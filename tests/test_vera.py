@@ -595,7 +595,9 @@ def test_save_model_refuses_a_model_with_vera_layers(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
-@pytest.mark.parametrize("merge", [vera.merge_vera, vera.merge_and_unload_vera])
+@pytest.mark.parametrize(
+    "merge", [vera.merge_vera, vera.merge_and_unload_vera, ml.merge_lora, ml.merge_and_unload]
+)
 def test_merging_vera_on_a_tied_head_is_refused_changing_nothing(merge):
     """VeRA on GPT-2's lm_head, tied to the token embedding: merged, ΔW would reach the
     embedding too and move the logits; both merges refuse, naming the two layers."""
@@ -607,3 +609,23 @@ def test_merging_vera_on_a_tied_head_is_refused_changing_nothing(merge):
         merge(model)
     assert snapshot(model) == before
     assert not any(layer.merged for _, layer in vera.vera_layers(model))
+
+
+def test_the_models_merge_helpers_merge_vera_too():
+    """minilora.merge_lora / unmerge_lora / disable_adapters / merge_and_unload act on VeRA
+    layers as on LoRA's (PEFT's merge_and_unload merges any adapter): none is left behind."""
+    model, _ = vera_model()
+    randomize_lambdas(model, 3)
+    adapted = logits_of(model, IDX)
+    with ml.disable_adapters(model):
+        base = logits_of(model, IDX)
+    assert np.abs(adapted - base).max() > 1e-3
+    ml.merge_lora(model)
+    assert all(layer.merged for _, layer in vera.vera_layers(model))
+    np.testing.assert_allclose(logits_of(model, IDX), adapted, rtol=1e-12, atol=1e-12)
+    ml.unmerge_lora(model)
+    np.testing.assert_allclose(logits_of(model, IDX), adapted, rtol=1e-12, atol=1e-12)
+    assert ml.merge_and_unload(model) is model
+    assert not vera.vera_layers(model)
+    assert not any("vera" in n for n, _ in model.named_parameters())
+    np.testing.assert_allclose(logits_of(model, IDX), adapted, rtol=1e-12, atol=1e-12)

@@ -94,6 +94,7 @@ class TrainableTokensLayer:
     them with the LoRA layers (``lora.OTHER_LAYERS``)."""
 
     base_class = Module  # the plain layer it wraps (and :meth:`get_base_layer` gives back)
+    merge_keeps_ties = True  # merged rows are what every use of a tied table computes with
 
     @classmethod
     def wrap(cls, base: Module, token_adapter: TrainableTokens):

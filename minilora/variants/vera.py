@@ -26,7 +26,7 @@ import math
 import warnings
 from dataclasses import dataclass, field, fields
 
-from minilora import backend
+from minilora import backend, lora
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
 from minilora.lora import check_bias_mode, check_merged, check_untied, is_target
@@ -266,16 +266,19 @@ class VeraLinear(Linear):
         scaled_A = self.vera_lambda_d.data[:, None] * A.astype(dtype)  # (r, in)
         return mm(scaled_B, scaled_A, "vera.merge")
 
-    def merge(self) -> None:
-        """W ← W + ΔW (refused, W unchanged, if the result is not finite)."""
+    def merge(self, safe_merge: bool = True) -> None:
+        """W ← W + ΔW (refused, W unchanged, if ``safe_merge`` and the result is not finite)."""
         if self.merged:
             warnings.warn("VeraLinear.merge(): already merged; nothing was done", stacklevel=2)
             return
-        merged = self.weight.data + self.get_delta_weight()
-        xp = backend.get_array_module(merged)
-        if not bool(xp.isfinite(merged).all()):
-            raise ValueError("merge refused: W + ΔW contains NaN or inf; W was left unchanged")
-        self.weight.data[...] = merged
+        self._set_merged(self.merged_weight(safe_merge))
+
+    def merged_weight(self, safe_merge: bool = True):
+        """W + ΔW as a new array, refused (ValueError) if ``safe_merge`` and not finite."""
+        return check_merged(self.weight.data + self.get_delta_weight(), safe_merge, "W + ΔW")
+
+    def _set_merged(self, merged) -> None:
+        self.weight.data[...] = merged  # in place: optimizers keep their references
         self.merged = True
 
     def unmerge(self) -> None:
@@ -476,3 +479,8 @@ def fused_vera_layers(model: Module) -> list[list[str]]:
     for path, layer in vera_layers(model):
         groups.setdefault(id(layer.vera_lambda_d), []).append(path)
     return [g for g in groups.values() if len(g) > 1]
+
+
+# minilora.merge_lora, unmerge_lora, merge_and_unload and disable_adapters act on VeRA's
+# layers too, as PEFT's merge_and_unload acts on any adapter
+lora.OTHER_LAYERS.append(VeraLinear)
