@@ -107,6 +107,14 @@ def test_finetune_saves_a_gpt2_embedding_adapter_in_gpt2s_names(tmp_path, monkey
     assert any("wpe.lora_embedding_A" in name for name in names), sorted(names)
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before it runs: SIGINT handled by default and not blocked, as in a
+    command typed in a terminal (a process inherits an ignored or blocked SIGINT from its
+    parent, and then Python leaves Ctrl-C ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_ctrl_c_during_a_real_run_leaves_no_partial_file(tmp_path):
     """``python -m minilora demo`` in a process of its own, sent SIGINT once it trains."""
@@ -118,16 +126,19 @@ def test_ctrl_c_during_a_real_run_leaves_no_partial_file(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=_as_from_a_terminal,
     )
+    seen = []
     try:
         for line in child.stdout:  # the base is scored; the fine-tuning runs next
+            seen.append(line)
             if line.startswith("base accuracy"):
                 break
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:
         child.kill()
-    assert child.returncode == 130
+    assert child.returncode == 130, (seen[-2:], err[-1000:])
     assert err == "minilora demo: interrupted\n"
     assert list(out.rglob("*")) == []  # stopped before its first file: nothing half-written
 
