@@ -339,8 +339,22 @@ def test_as_root_the_worker_cannot_write_outside_its_scratch(tmp_path):
     assert target.read_text() == "the grader's"
 
 
+@pytest.fixture
+def own_tmp(monkeypatch):
+    """A temporary folder for this test alone, for the graders it starts (``TMPDIR``) and for
+    this process (``tempfile.tempdir``): a grader started by a test running beside it, which
+    sweeps the scratch folders of killed graders first, does not look there."""
+    folder = Path(tempfile.mkdtemp(prefix="minilora-tmp-"))
+    folder.chmod(0o1777)  # as /tmp: a worker dropped to another user reads its scratch copy
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.skipif(not LINUX, reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_path, markers):
+def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(
+    tmp_path, markers, own_tmp
+):
     folder = attacked(
         tmp_path / "sub",
         f"""
@@ -352,7 +366,11 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
     )
     results = tmp_path / "results.json"
     command = [sys.executable, "-m", "minilora", "grade", "a3", str(folder)]
-    grader = subprocess.Popen([*command, "--gradescope", str(results)], stdout=subprocess.PIPE)
+    grader = subprocess.Popen(
+        [*command, "--gradescope", str(results)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(own_tmp)},
+    )
     try:
         while not (markers / "worker").exists() and grader.poll() is None:
             time.sleep(0.05)
@@ -368,7 +386,7 @@ def test_a_killed_grader_takes_its_worker_along_and_leaves_valid_results(tmp_pat
     else:
         os.kill(pid, signal.SIGKILL)
         pytest.fail(f"the worker {pid} outlived the grader")
-    stale = list(Path(tempfile.gettempdir()).glob(f"minilora-grade-{grader.pid}-*"))
+    stale = list(own_tmp.glob(f"minilora-grade-{grader.pid}-*"))
     assert stale  # the killed grader's scratch folder, removed by the next grader
     grading.remove_stale_scratch()
     assert not any(p.exists() for p in stale)
