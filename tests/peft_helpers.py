@@ -24,6 +24,7 @@ def peft_config(peft, config: ml.LoRAConfig):
         alpha_pattern=dict(config.alpha_pattern),
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
+        lora_bias=config.lora_bias,
     )
 
 

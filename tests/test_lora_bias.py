@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import TINY_2x2, make_gpt, randomize_weights
+from helpers import TINY_2x2, logits_of, make_gpt, randomize_weights
 
 import minilora as ml
 from minilora import LoRAConfig, Tensor
@@ -93,18 +93,12 @@ def trained_model(seed=5):
     return base, model
 
 
-def logits(model):
-    model.eval()
-    with ml.no_grad():
-        return model(IDX)[0].data
-
-
 def test_merge_adds_s_times_b_b_to_the_bias_and_unmerge_takes_it_back():
     _, model = trained_model()
-    want = logits(model)
+    want = logits_of(model, IDX)
     biases = {p: m.bias.data.copy() for p, m in lora_layers(model)}
     ml.merge_lora(model)
-    np.testing.assert_allclose(logits(model), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-5, atol=1e-5)
     for path, layer in lora_layers(model):
         np.testing.assert_allclose(
             layer.bias.data, biases[path] + layer.scaling * layer.lora_B_bias.data, rtol=1e-6
@@ -114,7 +108,7 @@ def test_merge_adds_s_times_b_b_to_the_bias_and_unmerge_takes_it_back():
         np.testing.assert_allclose(layer.bias.data, biases[path], rtol=1e-6, atol=1e-6)
     ml.merge_and_unload(model)
     assert not lora_layers(model)
-    np.testing.assert_allclose(logits(model), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits_of(model, IDX), want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_diverged_bias_refuses_the_merge_leaving_weight_and_bias():
@@ -185,7 +179,7 @@ def test_adapter_round_trip_keys_config_and_logits(tmp_path):
     loaded = copy.deepcopy(base)
     config = peft_adapters.load_adapter(loaded, tmp_path)
     assert config.lora_bias
-    np.testing.assert_array_equal(logits(loaded), logits(model))
+    np.testing.assert_array_equal(logits_of(loaded, IDX), logits_of(model, IDX))
 
 
 def test_a_file_without_its_bias_is_refused(tmp_path):
@@ -211,31 +205,8 @@ def test_adapter_folders_both_ways_with_peft(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from examples.torch_gpt import TorchGPT, load_minilora_state
+    from peft_helpers import cross_both_ways
 
     base, model = trained_model()
-    peft_adapters.save_adapter(model, tmp_path / "ours", BIASED)
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    loaded = peft.PeftModel.from_pretrained(port, tmp_path / "ours").eval()
-    with torch.no_grad():
-        theirs = loaded(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits(model), theirs, rtol=1e-5, atol=1e-5)
-
-    port = TorchGPT(TINY_2x2)
-    load_minilora_state(port, base.state_dict())
-    config = peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], lora_bias=True
-    )
-    theirs = peft.get_peft_model(port, config)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
-    theirs.save_pretrained(tmp_path / "theirs")
-    target = copy.deepcopy(base)
-    assert peft_adapters.load_adapter(target, tmp_path / "theirs").lora_bias
-    with torch.no_grad():
-        want = theirs.eval()(torch.tensor(IDX))[0].numpy()
-    np.testing.assert_allclose(logits(target), want, rtol=1e-5, atol=1e-5)
+    read = cross_both_ways(torch, peft, model, BIASED, base, tmp_path, IDX, std=0.3)
+    assert read.lora_bias

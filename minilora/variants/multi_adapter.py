@@ -355,9 +355,8 @@ def merge_and_unload(
             for path, layer in by_path.items():
                 bias = None if layer.bias is None else layer.bias.data.copy()
                 before.setdefault(path, (layer.weight.data.copy(), bias))
-                layer.weight.data[...] = layer.merged_weight(safe_merge)  # W ← W + ΔWᵢ
-                if isinstance(layer, LoRABiasLinear):  # and b ← b + s·b_B (lora_bias)
-                    layer.bias.data[...] = layer.merged_bias()
+                layer._set_merged(layer.merged_weight(safe_merge))  # W ← W + ΔWᵢ (b too)
+                layer.merged = False  # W holds it now; the layer goes with unload below
     except ValueError:
         for path, (weight, bias) in before.items():
             module = model.get_submodule(path)

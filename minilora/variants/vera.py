@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from minilora import backend, lora
 from minilora import functional as F
 from minilora.autograd import Function, Tensor, is_grad_enabled
-from minilora.lora import check_bias_mode, check_merged, check_untied, is_target
+from minilora.lora import LoRALinear, check_bias_mode, check_merged, check_untied, is_target
 from minilora.model import check_positive_int
 from minilora.nn import Linear, Module, Parameter
 
@@ -289,12 +289,8 @@ class VeraLinear(Linear):
         self.weight.data -= self.get_delta_weight()
         self.merged = False
 
-    def get_base_layer(self) -> Linear:
-        """A plain ``Linear`` with the current weight (merge first to keep the adapter)."""
-        linear = Linear.__new__(Linear)
-        kept = ("in_features", "out_features", "weight", "bias", "training")
-        vars(linear).update({k: v for k, v in vars(self).items() if k in kept})
-        return linear
+    # a plain Linear with the current weight (merge first to keep the adapter), as LoRA's
+    get_base_layer = LoRALinear.get_base_layer
 
     def extra_repr(self) -> str:
         return (
